@@ -1,0 +1,5 @@
+"""``python -m bridge`` is the same as the ``aleno-bridge`` console script."""
+
+from bridge.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,255 @@
+"""The ``aleno-bridge`` command line (``python -m bridge`` does the same).
+
+Exit codes: 0 success; 2 invalid configuration or usage; 3 the upstream refused the
+API key or could not be reached within the configured attempts; 1 anything else.
+Every failure prints one paragraph naming the cause and the fix, never a traceback
+(``--debug`` shows it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from bridge import __version__, logs
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_CONFIG = 2
+EXIT_UPSTREAM = 3
+
+log = logging.getLogger("aleno_bridge.cli")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="aleno-bridge",
+        description="Republish Aleno real-time prices as CloudEvents onto your message bus.",
+    )
+    p.add_argument("--version", action="version", version=f"aleno-bridge {__version__}")
+    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the bridge until SIGINT/SIGTERM, then drain")
+    run.add_argument("-c", "--config", required=True, help="configuration file (YAML)")
+
+    val = sub.add_parser("validate", help="check a configuration file; exit 2 if invalid")
+    val.add_argument("-c", "--config", required=True)
+
+    sim = sub.add_parser("simulate", help="run the Aleno-compatible pricing simulator")
+    sim.add_argument("--host", default="127.0.0.1")
+    sim.add_argument("--port", type=int, default=8765)
+    sim.add_argument("--api-key", action="append", dest="api_keys", metavar="KEY",
+                     help="accepted API key (repeatable; default: demo-key)")
+    sim.add_argument("--interval", type=float, default=1.0, help="seconds between updates")
+    sim.add_argument("--max-subscriptions", type=int, default=250,
+                     help="per-connection limit of tickers + equities")
+    sim.add_argument("--tickers", help="comma-separated ticker universe (default: built-in)")
+    sim.add_argument("--equities", help="comma-separated equity universe (default: built-in)")
+    sim.add_argument("--seed", type=int, help="random seed for reproducible prices")
+
+    demo = sub.add_parser("demo", help="simulator + bridge + console sink in one process")
+    demo.add_argument("--duration", type=float, help="stop after this many seconds")
+    demo.add_argument("--style", choices=["lines", "table"], default="lines")
+    demo.add_argument("--interval", type=float, default=1.0)
+
+    sub.add_parser("plugins", help="list the sink drivers found through entry points")
+
+    tap = sub.add_parser("tap", help="print envelopes as they pass through a configured bridge")
+    tap.add_argument("-c", "--config", required=True)
+    tap.add_argument("--route", help="only events of this route (name or routeN)")
+    tap.add_argument("--sink", help="only events routed to this sink")
+    tap.add_argument("--limit", type=int, help="stop after this many envelopes")
+    tap.add_argument("--publish", action="store_true",
+                     help="also publish to the configured sinks (default: observe only)")
+
+    top = sub.add_parser("top", help="live per-sink rates, queues, drops and lag of a bridge")
+    top.add_argument("--url", default="http://127.0.0.1:9464/metrics")
+    top.add_argument("--interval", type=float, default=2.0)
+    top.add_argument("--once", action="store_true", help="print one table and exit")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return int(_COMMANDS[args.command](args))
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except Exception as exc:
+        if args.debug:
+            raise
+        from bridge.config import ConfigError
+        from bridge.source import SourceError
+
+        if isinstance(exc, ConfigError):
+            print(f"aleno-bridge: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+        if isinstance(exc, SourceError):
+            print(f"aleno-bridge: {logs.redact(str(exc))}", file=sys.stderr)
+            return EXIT_UPSTREAM
+        print(
+            f"aleno-bridge: {args.command} failed: {type(exc).__name__}: {logs.redact(str(exc))}"
+            "\n(run with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        return EXIT_ERROR
+
+
+# -- commands ----------------------------------------------------------------
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from bridge.config import load_config
+
+    settings = load_config(args.config)
+    routes = len(settings.routes)
+    sinks = ", ".join(f"{n} ({s.common.driver})" for n, s in settings.sinks.items())
+    print(f"{args.config}: valid. sinks: {sinks}; routes: {routes}; tickers: "
+          f"{len(settings.config.source.tickers)}; equities: {len(settings.config.source.equities)}")
+    return EXIT_OK
+
+
+def _run(args: argparse.Namespace) -> int:
+    from bridge.config import load_config
+
+    settings = load_config(args.config)
+    logs.add_secrets(settings.secrets())
+    logs.setup(settings.config.log.level, settings.config.log.format)
+    return asyncio.run(_run_bridge(settings))
+
+
+async def _run_bridge(settings: Any, sinks: Any = None, taps: Any = ()) -> int:
+    from bridge.app import Bridge
+
+    bridge = Bridge(settings, sinks=sinks)
+    for tap in taps:
+        bridge.add_tap(tap)
+    stop = asyncio.Event()
+    _install_signals(stop)
+    log.info("aleno-bridge %s starting: %d sink(s), %d route(s)", __version__,
+             len(bridge.workers), len(settings.routes))
+    lost = await bridge.run(stop)
+    log.info("aleno-bridge stopped; undelivered events: %s", sum(lost.values()),
+             extra={"undelivered": lost})
+    return EXIT_OK
+
+
+def _install_signals(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from bridge.simulator import Simulator
+
+    logs.setup("INFO", "auto")
+
+    def split(v: str | None) -> list[str] | None:
+        return [s.strip() for s in v.split(",") if s.strip()] if v else None
+
+    sim = Simulator(
+        host=args.host, port=args.port, api_keys=args.api_keys or ["demo-key"],
+        interval=args.interval, max_subscriptions=args.max_subscriptions,
+        tickers=split(args.tickers), equities=split(args.equities), seed=args.seed,
+    )
+
+    async def serve() -> None:
+        stop = asyncio.Event()
+        _install_signals(stop)
+        async with sim:
+            print(f"aleno simulator on {sim.url}{sim.path} ({len(sim.tickers)} tickers, "
+                  f"{len(sim.equities)} equities, interval {sim.interval:g}s)", flush=True)
+            await stop.wait()
+
+    asyncio.run(serve())
+    return EXIT_OK
+
+
+DEMO_TICKERS = ["BTC/USD", "ETH/USD", "SOL/USD", "XRP/USD", "DOGE/USD", "LINK/USD"]
+DEMO_EQUITIES = ["AAPL", "MSFT", "NVDA", "TSLA"]
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from bridge.config import parse_config
+    from bridge.simulator import Simulator
+
+    logs.setup("WARNING", "text")
+
+    async def demo() -> int:
+        sim = Simulator(port=0, api_keys=["demo-key"], interval=args.interval)
+        async with sim:
+            text = f"""
+source: {{url: "{sim.url}", api_key: demo-key, tickers: {DEMO_TICKERS}, equities: {DEMO_EQUITIES}}}
+sinks:
+  screen: {{driver: console, style: {args.style}, batch: {{linger_ms: 0}}}}
+routes:
+  - {{match: {{kind: ticker}}, sinks: [screen], topic: "prices.ticker.{{base}}-{{quote}}"}}
+  - {{match: {{kind: equity}}, sinks: [screen], topic: "prices.equity.{{symbol}}"}}
+http: {{enabled: false}}
+"""
+            settings = parse_config(text, source="demo configuration")
+            print(f"aleno-bridge demo: simulator on {sim.url}/v1/socket -> bridge -> console. "
+                  "Ctrl-C to stop.", flush=True)
+            stop = asyncio.Event()
+            _install_signals(stop)
+            if args.duration:
+                asyncio.get_running_loop().call_later(args.duration, stop.set)
+            from bridge.app import Bridge
+
+            bridge = Bridge(settings)
+            await bridge.run(stop)
+        return EXIT_OK
+
+    return asyncio.run(demo())
+
+
+def _plugins(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from bridge.sinks import Drivers
+
+    table = Table(title="sink drivers (entry-point group bridge.sinks)")
+    for col in ("name", "distribution", "version", "target", "status"):
+        table.add_column(col)
+    failed = 0
+    for info in Drivers().infos():
+        status = "ok" if info.driver is not None else f"failed: {info.error}"
+        failed += info.driver is None
+        table.add_row(info.name, info.distribution, info.version, info.target, status)
+    Console(width=160).print(table)
+    return EXIT_OK
+
+
+def _tap(args: argparse.Namespace) -> int:
+    from bridge.tap import run_tap
+
+    return run_tap(args)
+
+
+def _top(args: argparse.Namespace) -> int:
+    from bridge.top import run_top
+
+    return run_top(args)
+
+
+_COMMANDS = {
+    "run": _run,
+    "validate": _validate,
+    "simulate": _simulate,
+    "demo": _demo,
+    "plugins": _plugins,
+    "tap": _tap,
+    "top": _top,
+}
+
+__all__ = ["main"]

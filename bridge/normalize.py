@@ -1,0 +1,235 @@
+"""Wire records -> validated :class:`~bridge.envelope.Event`.
+
+Nothing from the wire can raise out of here: a record that fails validation is
+dropped and counted by reason (``Normalizer.invalid``), and the first record of each
+reason is logged once with a sample. ``tests/unit/test_normalize.py`` proves it with
+hypothesis over arbitrary JSON.
+
+A ``new_token_states`` payload is an array of Aleno ``Ticker`` states::
+
+    [{"id": "BTC/USD",
+      "aggregated": {"price": 87107.08, "h24UsdVolume": 41234567890.5},
+      "cex": {"price": 87110.2, "h24UsdVolume": 35123456789.1},
+      "dex": {"price": 87098.7, "h24UsdVolume": 6111111101.4, "usdTvl": 912345678.9},
+      "sentTimestampMs": 1732480000000}]
+
+A ``new_equity_states`` payload is an array of::
+
+    [{"sentTimestampMs": 1732480000000, "symbol": "AAPL", "price": 229.87}]
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from typing import Any, Final
+
+from bridge.envelope import DEFAULT_SOURCE, Event, iso_time
+
+log = logging.getLogger("aleno_bridge.normalize")
+
+TICKER_EVENT: Final = "new_token_states"
+EQUITY_EVENT: Final = "new_equity_states"
+
+#: symbols longer than this are not prices, they are garbage or an attack
+MAX_SYMBOL_LEN: Final = 64
+#: 2000-01-01 .. 2200-01-01 in ms: anything else is not a real send time
+_MIN_TS: Final = 946_684_800_000
+_MAX_TS: Final = 7_258_118_400_000
+
+_isfinite = math.isfinite
+
+
+class Invalid(Exception):  # noqa: N818 - a reason, raised and caught inside this module only
+    """A record failed validation; ``reason`` is the metric label."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _number(value: Any, reason_prefix: str) -> float:
+    t = type(value)
+    if t is float:
+        if not _isfinite(value):
+            raise Invalid(f"non_finite_{reason_prefix}")
+        return value  # type: ignore[no-any-return]
+    if t is int:
+        return float(value)
+    if value is None:
+        raise Invalid(f"missing_{reason_prefix}")
+    raise Invalid(f"non_numeric_{reason_prefix}")
+
+
+def _optional_number(value: Any) -> float | None:
+    if value is None:
+        return None
+    t = type(value)
+    if t is float:
+        if not _isfinite(value):
+            raise Invalid("non_finite_field")
+        return value  # type: ignore[no-any-return]
+    if t is int:
+        return float(value)
+    raise Invalid("bad_field_type")
+
+
+def _timestamp(value: Any) -> int:
+    t = type(value)
+    if t is int:
+        ts: int = value
+    elif t is float and _isfinite(value) and value == int(value):
+        ts = int(value)
+    elif value is None:
+        raise Invalid("missing_timestamp")
+    else:
+        raise Invalid("bad_timestamp")
+    if not _MIN_TS <= ts <= _MAX_TS:
+        raise Invalid("bad_timestamp")
+    return ts
+
+
+def _symbol(value: Any) -> str:
+    if type(value) is not str:
+        raise Invalid("missing_symbol" if value is None else "bad_symbol")
+    symbol = value.strip().upper()
+    if not symbol:
+        raise Invalid("missing_symbol")
+    if len(symbol) > MAX_SYMBOL_LEN or not symbol.isprintable():
+        raise Invalid("bad_symbol")
+    return symbol
+
+
+def _venue(value: Any, tvl: bool) -> dict[str, float | None] | None:
+    if value is None:
+        return None
+    if type(value) is not dict:
+        raise Invalid("bad_field_type")
+    out = {
+        "price": _optional_number(value.get("price")),
+        "h24UsdVolume": _optional_number(value.get("h24UsdVolume")),
+    }
+    if tvl:
+        out["usdTvl"] = _optional_number(value.get("usdTvl"))
+    return out
+
+
+class Normalizer:
+    """Turns decoded payloads into events and counts what it drops.
+
+    ``source`` is the envelope's CloudEvents ``source`` (the upstream URL and path);
+    ``clock`` returns the receive time in ms (injectable for tests).
+    """
+
+    def __init__(
+        self,
+        source: str = DEFAULT_SOURCE,
+        clock: Callable[[], int] | None = None,
+    ) -> None:
+        self.source = source
+        self._clock = clock or (lambda: time.time_ns() // 1_000_000)
+        self.invalid: dict[str, int] = {}
+        self.received: dict[str, int] = {"ticker": 0, "equity": 0}
+        self._logged: set[str] = set()
+
+    def _reject(self, kind: str, reason: str, record: Any) -> None:
+        key = f"{kind}:{reason}"
+        self.invalid[key] = self.invalid.get(key, 0) + 1
+        if key not in self._logged:
+            self._logged.add(key)
+            sample = repr(record)
+            if len(sample) > 300:
+                sample = sample[:300] + "..."
+            log.warning(
+                "dropped an invalid %s record (%s); later ones with this reason are only "
+                "counted. sample: %s",
+                kind, reason, sample,
+                extra={"kind": kind, "reason": reason},
+            )
+
+    def tickers(self, payload: Any) -> list[Event]:
+        """Events of a ``new_token_states`` payload; invalid records are dropped."""
+        return self._batch("ticker", payload, self.ticker)
+
+    def equities(self, payload: Any) -> list[Event]:
+        """Events of a ``new_equity_states`` payload; invalid records are dropped."""
+        return self._batch("equity", payload, self.equity)
+
+    def _batch(
+        self, kind: str, payload: Any, one: Callable[[Any, int], Event]
+    ) -> list[Event]:
+        if type(payload) is not list:
+            # a single object instead of an array is tolerated; anything else is not
+            if type(payload) is dict:
+                payload = [payload]
+            else:
+                self._reject(kind, "not_an_array", payload)
+                return []
+        received = self._clock()
+        self.received[kind] += len(payload)
+        events = []
+        for record in payload:
+            try:
+                events.append(one(record, received))
+            except Invalid as exc:
+                self._reject(kind, exc.reason, record)
+            except Exception as exc:  # defence in depth: nothing from the wire escapes
+                self._reject(kind, f"unexpected_{type(exc).__name__}", record)
+        return events
+
+    def ticker(self, record: Any, received_ms: int) -> Event:
+        if type(record) is not dict:
+            raise Invalid("not_an_object")
+        symbol = _symbol(record.get("id"))
+        base, sep, quote = symbol.partition("/")
+        if not sep or not base or not quote or "/" in quote:
+            raise Invalid("bad_symbol")
+        agg = record.get("aggregated")
+        if type(agg) is not dict:
+            raise Invalid("missing_price" if agg is None else "bad_field_type")
+        price = _number(agg.get("price"), "price")
+        if price <= 0:
+            raise Invalid("non_positive_price")
+        sent = _timestamp(record.get("sentTimestampMs"))
+        aggregated = {"price": price, "h24UsdVolume": _optional_number(agg.get("h24UsdVolume"))}
+        cex = _venue(record.get("cex"), False)
+        dex = _venue(record.get("dex"), True)
+        data = {
+            "kind": "ticker",
+            "symbol": symbol,
+            "base": base,
+            "quote": quote,
+            "price": price,
+            "sentTimestampMs": sent,
+            "receivedTimestampMs": received_ms,
+            "aggregated": aggregated,
+            "cex": cex,
+            "dex": dex,
+        }
+        prices = (price, cex["price"] if cex else None, dex["price"] if dex else None)
+        return Event(
+            "ticker", symbol, base, quote, sent, received_ms, iso_time(sent), data, record,
+            prices, self.source,
+        )
+
+    def equity(self, record: Any, received_ms: int) -> Event:
+        if type(record) is not dict:
+            raise Invalid("not_an_object")
+        symbol = _symbol(record.get("symbol"))
+        price = _number(record.get("price"), "price")
+        if price <= 0:
+            raise Invalid("non_positive_price")
+        sent = _timestamp(record.get("sentTimestampMs"))
+        data = {
+            "kind": "equity",
+            "symbol": symbol,
+            "price": price,
+            "sentTimestampMs": sent,
+            "receivedTimestampMs": received_ms,
+        }
+        return Event(
+            "equity", symbol, symbol, "", sent, received_ms, iso_time(sent), data, record,
+            (price,), self.source,
+        )

@@ -1,0 +1,294 @@
+"""The sink plugin contract and driver discovery.
+
+A sink driver is a subclass of :class:`Sink` registered under the entry-point group
+``bridge.sinks`` (``kafka = "my_dist.module:KafkaSink"``). The core never imports a
+driver by name: built-in drivers are registered exactly like a third party's.
+
+What a driver writes::
+
+    class EchoOptions(SinkOptions):
+        url: str
+
+    class EchoSink(Sink[EchoOptions]):
+        options_model = EchoOptions
+
+        async def connect(self) -> None: ...
+        async def publish(self, batch: Sequence[Message]) -> None: ...
+        async def close(self) -> None: ...
+
+What a driver gets from the core (:mod:`bridge.runner`): a bounded buffer with the
+configured ``when_full`` policy, batching, retries with capped jittered backoff,
+reconnection, metrics and health.
+
+Lifecycle promises the runner keeps:
+
+- ``__init__`` does no I/O; it only stores the validated options.
+- ``connect()`` is called before the first ``publish`` and again after any
+  ``publish`` or ``connect`` that raised; ``close()`` is called before each reconnect.
+- ``publish(batch)`` returns only once the bus accepted every message of ``batch``
+  (delivery report, PUBACK, publish ack or flush) and raises otherwise. A batch that
+  raised is retried whole, so a driver may deliver some messages twice, never zero
+  times. Messages of one symbol are given in order and must be sent in order.
+- ``close()`` is called once at shutdown and may be called again: it must be
+  idempotent and must not raise on a sink that never connected.
+- An exception that is an instance of :attr:`Sink.retriable_errors` makes the
+  runner reconnect and retry; any other exception drops the batch (counted as
+  ``dropped{reason="rejected"}``) because retrying it can never succeed.
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    from bridge.envelope import Event
+
+ENTRY_POINT_GROUP = "bridge.sinks"
+
+
+class SinkOptions(BaseModel):
+    """Base of every driver's options model: unknown keys are errors, not ignored.
+
+    Declare passwords and tokens as :class:`pydantic.SecretStr` so they never print.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+OptionsT = TypeVar("OptionsT", bound=SinkOptions)
+
+
+@dataclass(slots=True)
+class Message:
+    """One envelope addressed to one topic of one sink.
+
+    ``topic`` and ``key`` are the route's templates rendered with placeholder values
+    already made safe by the driver's :meth:`Sink.safe_token`. ``attributes`` holds
+    the CloudEvents context attributes in ``cloudevents-binary`` format (empty in
+    the other formats); ``content_type`` is the MIME type of ``body``.
+    """
+
+    topic: str
+    key: str | None
+    body: bytes
+    content_type: str
+    event: Event
+    attributes: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def id(self) -> str:
+        return self.event.id
+
+
+class SinkError(Exception):
+    """A sink failed; ``retriable`` tells the runner whether to reconnect and retry."""
+
+    retriable: ClassVar[bool] = True
+
+    def __init__(self, sink: str, message: str) -> None:
+        super().__init__(f"sink {sink!r}: {message}")
+        self.sink = sink
+
+
+class SinkConnectionError(SinkError, ConnectionError):
+    """The bus is unreachable or dropped the connection (retriable)."""
+
+
+class SinkRejectedError(SinkError):
+    """The bus refused the messages for good (too large, not authorized...)."""
+
+    retriable = False
+
+
+class Sink(ABC, Generic[OptionsT]):
+    """A driver that publishes message batches to one bus.
+
+    Class attributes a driver may override:
+
+    ``options_model``
+        the pydantic model of the driver's own options (required).
+    ``retriable_errors``
+        exception types after which reconnecting and retrying can succeed.
+    ``topic_separator``
+        the character that splits a topic into levels on this bus (for the docs).
+    """
+
+    options_model: ClassVar[type[SinkOptions]]
+    retriable_errors: ClassVar[tuple[type[BaseException], ...]] = (
+        ConnectionError,
+        TimeoutError,
+        OSError,
+    )
+    #: formats this driver can carry (all three by default).
+    formats: ClassVar[tuple[str, ...]] = ("cloudevents-json", "cloudevents-binary", "raw")
+
+    def __init__(self, name: str, options: OptionsT) -> None:
+        self.name = name
+        self.options = options
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, options={self.options!r})"
+
+    @abstractmethod
+    async def connect(self) -> None:
+        """Open the connection; raise if the bus cannot be reached."""
+
+    @abstractmethod
+    async def publish(self, batch: Sequence[Message]) -> None:
+        """Deliver every message of ``batch``; return only once the bus accepted all."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Release the connection. Idempotent; never raises for a sink never connected."""
+
+    @classmethod
+    def safe_token(cls, value: str) -> str:
+        """Make one placeholder value safe inside a topic of this bus (default: as is)."""
+        return value
+
+    @classmethod
+    def check_topic(cls, topic: str) -> str | None:
+        """Why ``topic`` can never be published on this bus, or ``None`` if it can."""
+        if not topic:
+            return "the topic is empty"
+        return None
+
+    def is_retriable(self, exc: BaseException) -> bool:
+        if isinstance(exc, SinkError):
+            return exc.retriable
+        return isinstance(exc, self.retriable_errors)
+
+
+def replace_chars(pattern: str, replacement: str) -> Callable[[str], str]:
+    """A :meth:`Sink.safe_token` rule that replaces every match of ``pattern``."""
+    rx = re.compile(pattern)
+
+    def rule(value: str) -> str:
+        return rx.sub(replacement, value)
+
+    return rule
+
+
+# ---------------------------------------------------------------------------
+# Discovery
+
+
+@dataclass(frozen=True, slots=True)
+class DriverInfo:
+    """What ``aleno-bridge plugins`` shows about one entry point."""
+
+    name: str
+    target: str
+    distribution: str
+    version: str
+    driver: type[Sink[Any]] | None
+    error: str | None
+
+
+class UnknownDriverError(LookupError):
+    def __init__(self, name: str, available: Sequence[str]) -> None:
+        self.name = name
+        self.available = list(available)
+        names = ", ".join(self.available) or "none"
+        super().__init__(
+            f"unknown sink driver {name!r}; available drivers: {names} "
+            "(install the plugin that provides it, then check `aleno-bridge plugins`)"
+        )
+
+
+class DriverLoadError(ImportError):
+    def __init__(self, name: str, reason: str) -> None:
+        self.name_ = name
+        self.reason = reason
+        super().__init__(f"sink driver {name!r} failed to load: {reason}")
+
+
+class Drivers:
+    """The sink drivers available to this process.
+
+    By default they come from the ``bridge.sinks`` entry points through stevedore;
+    tests pass ``injected`` drivers instead, like stevedore's ``make_test_instance``.
+    A driver that fails to import is recorded with its reason and does not hide the
+    others; asking for it raises :class:`DriverLoadError`.
+    """
+
+    def __init__(self, injected: Mapping[str, type[Sink[Any]]] | None = None) -> None:
+        self._infos: dict[str, DriverInfo] = {}
+        if injected is not None:
+            for name, cls in injected.items():
+                self._infos[name] = _info(name, cls, f"{cls.__module__}:{cls.__qualname__}", "", "")
+        else:
+            self._discover()
+
+    def _discover(self) -> None:
+        from stevedore import ExtensionManager
+
+        failures: dict[str, str] = {}
+
+        def on_failure(_mgr: Any, ep: Any, exc: BaseException) -> None:
+            failures[ep.name] = f"{type(exc).__name__}: {exc}"
+
+        mgr = ExtensionManager(
+            namespace=ENTRY_POINT_GROUP,
+            invoke_on_load=False,
+            on_load_failure_callback=on_failure,
+        )
+        loaded = {ext.name: ext for ext in mgr.extensions}
+        from importlib.metadata import entry_points
+
+        for ep in entry_points(group=ENTRY_POINT_GROUP):
+            dist = getattr(ep, "dist", None)
+            dist_name = dist.metadata["Name"] if dist is not None else "?"
+            dist_version = dist.version if dist is not None else "?"
+            if ep.name in loaded:
+                self._infos[ep.name] = _info(
+                    ep.name, loaded[ep.name].plugin, ep.value, dist_name, dist_version
+                )
+            else:
+                reason = failures.get(ep.name, "not loaded")
+                self._infos[ep.name] = DriverInfo(
+                    ep.name, ep.value, dist_name, dist_version, None, reason
+                )
+
+    def names(self) -> list[str]:
+        return sorted(n for n, i in self._infos.items() if i.driver is not None)
+
+    def infos(self) -> list[DriverInfo]:
+        return [self._infos[n] for n in sorted(self._infos)]
+
+    def get(self, name: str) -> type[Sink[Any]]:
+        info = self._infos.get(name)
+        if info is None:
+            raise UnknownDriverError(name, self.names())
+        if info.driver is None:
+            raise DriverLoadError(name, info.error or "unknown reason")
+        return info.driver
+
+
+def _info(name: str, obj: Any, target: str, dist: str, version: str) -> DriverInfo:
+    problem = check_driver(obj)
+    if problem is not None:
+        return DriverInfo(name, target, dist, version, None, problem)
+    return DriverInfo(name, target, dist, version, obj, None)
+
+
+def check_driver(obj: Any) -> str | None:
+    """Why ``obj`` is not a usable sink driver class, or ``None`` (checked at load)."""
+    if not (isinstance(obj, type) and issubclass(obj, Sink)):
+        return f"{obj!r} is not a subclass of bridge.sinks.Sink"
+    if getattr(obj, "__abstractmethods__", None):
+        missing = ", ".join(sorted(obj.__abstractmethods__))
+        return f"{obj.__qualname__} does not implement: {missing}"
+    model = getattr(obj, "options_model", None)
+    if not (isinstance(model, type) and issubclass(model, SinkOptions)):
+        return f"{obj.__qualname__}.options_model must be a subclass of SinkOptions"
+    return None
+
+
+Policy = Literal["block", "drop_oldest", "drop_newest", "conflate"]
