@@ -1,0 +1,212 @@
+"""The reusable conformance suite for sink drivers (pytest + pytest-asyncio).
+
+A driver author subclasses :class:`SinkConformance` in a test module, names the
+driver, and provides two fixtures: ``options`` (a dict of the driver's options that
+reach a real, running bus) and ``probe`` (a :class:`BusProbe`: an independent
+consumer on that bus, built with the bus's own client library, not with the driver)::
+
+    from bridge.testing.conformance import BusProbe, Received, SinkConformance
+
+    class TestWebhook(SinkConformance):
+        driver = WebhookSink
+
+        @pytest.fixture
+        def options(self, server):
+            return {"url": server.url}
+
+        @pytest.fixture
+        async def probe(self, server):
+            yield MyProbe(server)
+
+The suite checks what the core relies on: unknown options are refused, ``__init__``
+does no I/O, ``close()`` is idempotent, secrets stay out of ``repr``, a batch makes
+the round trip through the real bus, per-symbol order is kept, and after the bus
+drops the connection the core's worker reconnects the driver and delivers again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from abc import ABC, abstractmethod
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import orjson
+import pytest
+from pydantic import ValidationError
+
+from bridge.config import SinkCommon, SinkSpec
+from bridge.runner import SinkWorker
+from bridge.sinks import Sink, SinkOptions, check_driver
+from bridge.testing.sample import messages, sample_events
+
+
+@dataclass
+class Received:
+    """One message as an independent consumer saw it on the bus."""
+
+    topic: str
+    body: bytes
+    key: str | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+    def envelope(self) -> dict[str, Any]:
+        env: dict[str, Any] = orjson.loads(self.body)
+        return env
+
+
+class BusProbe(ABC):
+    """An independent consumer of the bus under test."""
+
+    @abstractmethod
+    async def subscribe(self, topic: str) -> None:
+        """Start receiving ``topic``; called before anything is published to it."""
+
+    @abstractmethod
+    async def received(self, count: int, timeout: float) -> list[Received]:
+        """Wait until ``count`` messages arrived (or ``timeout``); return all so far."""
+
+    async def drop_connections(self) -> bool:
+        """Make the bus drop the sink's connection (restart the broker, kick clients).
+
+        Return ``False`` if this bus cannot do it: the reconnect test is then skipped.
+        """
+        return False
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release the probe's own connection."""
+
+
+def unique_topic() -> str:
+    """A topic name valid on Kafka, NATS and MQTT alike, unique per test."""
+    return f"aleno-conformance-{uuid.uuid4().hex[:12]}"
+
+
+class SinkConformance:
+    """Subclass and set :attr:`driver`; provide the ``options`` and ``probe`` fixtures.
+
+    Optional: ``secret_values`` fixture (values that must never appear in ``repr``);
+    :attr:`batch_size`, :attr:`timeout_s`, :attr:`format`.
+    """
+
+    driver: ClassVar[type[Sink[Any]]]
+    batch_size: ClassVar[int] = 40
+    timeout_s: ClassVar[float] = 20.0
+    format: ClassVar[str] = "cloudevents-json"
+
+    @pytest.fixture
+    def secret_values(self) -> list[str]:
+        return []
+
+    def make(self, options: Mapping[str, Any], name: str = "conformance") -> Sink[Any]:
+        opts = self.driver.options_model.model_validate(dict(options))
+        return self.driver(name, opts)
+
+    # -- contract ----------------------------------------------------------------
+
+    def test_driver_is_valid(self) -> None:
+        assert check_driver(self.driver) is None, check_driver(self.driver)
+        assert issubclass(self.driver.options_model, SinkOptions)
+
+    def test_unknown_option_is_refused(self, options: Mapping[str, Any]) -> None:
+        with pytest.raises(ValidationError):
+            self.driver.options_model.model_validate({**options, "no_such_option": 1})
+
+    async def test_init_does_no_io_and_close_is_idempotent(
+        self, options: Mapping[str, Any]
+    ) -> None:
+        sink = self.make(options)
+        await sink.close()
+        await sink.close()
+
+    def test_secrets_not_in_repr(
+        self, options: Mapping[str, Any], secret_values: list[str]
+    ) -> None:
+        sink = self.make(options)
+        text = repr(sink) + str(sink.options) + repr(sink.options)
+        for secret in secret_values:
+            assert secret not in text
+
+    def test_topic_rule_is_safe(self) -> None:
+        for value in ("BTC/USD", "BRK.B", "A B", "X+#>*", ""):
+            safe = self.driver.safe_token(value)
+            assert isinstance(safe, str)
+            assert self.driver.safe_token(safe) == safe, "safe_token must be idempotent"
+
+    # -- the real bus ------------------------------------------------------------
+
+    async def test_round_trip_and_order(
+        self, options: Mapping[str, Any], probe: BusProbe
+    ) -> None:
+        topic = unique_topic()
+        await probe.subscribe(topic)
+        events = sample_events(symbols=4, updates=self.batch_size // 4)
+        batch = messages(events, topic, self.format)
+        sink = self.make(options)
+        try:
+            await asyncio.wait_for(sink.connect(), self.timeout_s)
+            await asyncio.wait_for(sink.publish(batch), self.timeout_s)
+            got = await probe.received(len(batch), self.timeout_s)
+        finally:
+            await sink.close()
+            await sink.close()
+        assert len(got) >= len(batch), f"{len(got)} of {len(batch)} messages arrived"
+        ids = [r.envelope()["id"] for r in got]
+        assert set(ids) == {m.id for m in batch}
+        assert all(r.topic == topic for r in got)
+        per_symbol: dict[str, list[int]] = defaultdict(list)
+        for r in got:
+            data = r.envelope()["data"]
+            per_symbol[data["symbol"]].append(data["sentTimestampMs"])
+        for symbol, stamps in per_symbol.items():
+            assert stamps == sorted(stamps), f"order of {symbol} not kept: {stamps}"
+
+    async def test_reconnect_after_the_bus_drops(
+        self, options: Mapping[str, Any], probe: BusProbe
+    ) -> None:
+        topic = unique_topic()
+        await probe.subscribe(topic)
+        name = "conformance"
+        common = SinkCommon(
+            driver=name,
+            format=self.format,  # type: ignore[arg-type]
+            batch={"max_events": 10, "linger_ms": 0},  # type: ignore[arg-type]
+            retry={"initial_backoff_s": 0.1, "max_backoff_s": 1.0,  # type: ignore[arg-type]
+                   "publish_timeout_s": 5.0, "connect_timeout_s": 5.0},
+        )
+        sink = self.make(options, name)
+        spec = SinkSpec(name, common, self.driver, sink.options)
+        worker = SinkWorker(spec, sink)
+        worker.start()
+        first = messages(sample_events(symbols=2, updates=5), topic, self.format)
+        second = messages(sample_events(symbols=2, updates=5, start_ms=1_800_000_000_000),
+                          topic, self.format)
+        try:
+            for m in first:
+                worker.offer(m)
+            await _until(lambda: worker.stats.published == len(first), self.timeout_s)
+            if not await probe.drop_connections():
+                pytest.skip("this probe cannot make the bus drop connections")
+            for m in second:
+                worker.offer(m)
+            await _until(lambda: worker.stats.published >= len(first) + len(second), 60.0)
+            got = await probe.received(len(first) + len(second), self.timeout_s)
+        finally:
+            await worker.stop(5.0)
+        ids = {r.envelope()["id"] for r in got}
+        missing = {m.id for m in second} - ids
+        assert not missing, f"{len(missing)} message(s) published after the drop never arrived"
+        assert worker.stats.dropped.get("rejected", 0) == 0
+
+
+async def _until(cond: Any, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            msg = f"condition not met within {timeout}s"
+            raise AssertionError(msg)
+        await asyncio.sleep(0.02)

@@ -1,0 +1,25 @@
+"""Shared fixtures. Broker fixtures live in tests/support/<bus>.py and are imported here.
+
+Brokers: a test uses the broker named by its environment variable, else one already
+listening on the standard port of 127.0.0.1, else it starts its own from a
+pip-installable package on a free port. ALENO_BRIDGE_TEST_OWN_BROKERS=1 skips the
+first two steps (what a fresh machine does). Tests that kill or restart a broker
+always start their own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+
+from bridge.simulator import Simulator
+
+# broker fixtures (one import line per bus)
+
+
+@pytest.fixture
+async def simulator() -> AsyncIterator[Simulator]:
+    """A real Aleno-compatible server on a free port, fast interval, fixed seed."""
+    async with Simulator(port=0, api_keys=["test-key", "other-key"], interval=0.2, seed=7) as sim:
+        yield sim
