@@ -1,0 +1,40 @@
+# Every target sets itself up: a fresh machine needs only Python 3.11+ and make.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: demo test test-own-brokers unit lint bench clean
+
+$(STAMP): pyproject.toml plugins/examples/webhook/pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[all,test]'
+	$(BIN)/python -m pip install --quiet ./plugins/examples/webhook
+	touch $(STAMP)
+
+## the zero-setup demo: simulator + bridge + console sink, live prices, Ctrl-C to stop
+demo: $(STAMP)
+	$(BIN)/aleno-bridge demo
+
+## the whole test suite; brokers are found running or started by the tests themselves
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+## what a fresh machine does: ignore brokers already running, start our own
+test-own-brokers: $(STAMP)
+	ALENO_BRIDGE_TEST_OWN_BROKERS=1 $(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+unit: $(STAMP)
+	$(BIN)/python -m pytest -q tests/unit
+
+lint: $(STAMP)
+	$(BIN)/ruff check bridge plugins tests bench
+	$(BIN)/mypy
+
+bench: $(STAMP)
+	$(BIN)/python bench/pipeline.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,229 @@
+"""Per-sink workers: buffer policies, accounting, retries, isolation, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+
+from bridge.config import SinkCommon, SinkSpec
+from bridge.runner import SinkWorker
+from bridge.sinks import Drivers, SinkRejectedError
+from bridge.testing import MemoryOptions, MemorySink, messages, sample_events
+
+
+def worker(policy: str = "drop_oldest", max_events: int = 100, batch: int = 10,
+           sink: MemorySink | None = None, **retry: Any) -> tuple[SinkWorker, MemorySink]:
+    sink = sink or MemorySink("m")
+    common = SinkCommon.model_validate({
+        "driver": "memory",
+        "buffer": {"max_events": max_events, "when_full": policy},
+        "batch": {"max_events": batch, "linger_ms": 0},
+        "retry": {"initial_backoff_s": 0.01, "max_backoff_s": 0.05, **retry},
+    })
+    spec = SinkSpec("m", common, MemorySink, MemoryOptions())
+    return SinkWorker(spec, sink), sink
+
+
+def balanced(w: SinkWorker) -> bool:
+    s = w.stats
+    return s.offered == s.published + sum(s.dropped.values()) + s.conflated + w.depth
+
+
+async def until(cond: Any, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.005)
+
+
+def msgs(symbols: int, updates: int) -> list[Any]:
+    return messages(sample_events(symbols=symbols, updates=updates), "t")
+
+
+async def test_batches_are_delivered_in_order() -> None:
+    w, sink = worker(batch=7)
+    w.start()
+    ms = msgs(3, 10)
+    for m in ms:
+        w.offer(m)
+    await until(lambda: w.stats.published == len(ms))
+    assert [m.id for m in sink.received] == [m.id for m in ms]
+    assert max(sink.batches) <= 7
+    assert balanced(w)
+    await w.stop(1)
+
+
+async def test_drop_oldest_keeps_the_newest_and_counts() -> None:
+    w, sink = worker("drop_oldest", max_events=5)
+    ms = msgs(1, 12)
+    for m in ms:
+        assert w.offer(m) is None
+    assert w.stats.dropped == {"buffer_full": 7} and balanced(w)
+    w.start()
+    await until(lambda: w.depth == 0)
+    assert [m.id for m in sink.received] == [m.id for m in ms[-5:]]
+    assert balanced(w)
+    await w.stop(1)
+
+
+async def test_drop_newest_keeps_what_is_queued() -> None:
+    w, sink = worker("drop_newest", max_events=5)
+    ms = msgs(1, 12)
+    for m in ms:
+        w.offer(m)
+    w.start()
+    await until(lambda: w.depth == 0)
+    assert [m.id for m in sink.received] == [m.id for m in ms[:5]]
+    assert w.stats.dropped == {"buffer_full": 7} and balanced(w)
+    await w.stop(1)
+
+
+async def test_block_waits_for_room_and_loses_nothing() -> None:
+    w, sink = worker("block", max_events=3, batch=2)
+    sink.hold()
+    w.start()
+    ms = msgs(1, 10)
+    waited = 0
+    for m in ms:
+        pending = w.offer(m)
+        if pending is not None:
+            waited += 1
+            if waited == 1:
+                sink.release()
+            await asyncio.wait_for(pending, 5)
+    await until(lambda: w.stats.published == 10)
+    assert waited > 0
+    assert [m.id for m in sink.received] == [m.id for m in ms]
+    assert w.stats.dropped == {} and balanced(w)
+    await w.stop(1)
+
+
+async def test_conflate_keeps_only_the_latest_per_symbol_while_behind() -> None:
+    w, sink = worker("conflate", max_events=100)
+    ms = msgs(4, 25)  # 4 symbols, 25 updates each, round by round
+    for m in ms:
+        w.offer(m)
+    assert w.depth == 4 and w.stats.conflated == 96 and balanced(w)
+    w.start()
+    await until(lambda: w.depth == 0)
+    latest = {m.event.symbol: m.id for m in ms}
+    assert sorted(m.id for m in sink.received) == sorted(latest.values())
+    assert balanced(w)
+    await w.stop(1)
+
+
+async def test_conflate_full_of_distinct_symbols_drops_the_oldest() -> None:
+    w, _ = worker("conflate", max_events=3)
+    for m in msgs(5, 1):
+        w.offer(m)
+    assert w.depth == 3 and w.stats.dropped == {"buffer_full": 2} and balanced(w)
+
+
+async def test_failed_batches_are_retried_not_lost() -> None:
+    w, sink = worker(batch=5)
+    sink.fail_next(3)
+    w.start()
+    ms = msgs(2, 10)
+    for m in ms:
+        w.offer(m)
+    await until(lambda: w.stats.published == 20)
+    assert [m.id for m in sink.received] == [m.id for m in ms]
+    assert w.stats.failed_batches == 3 and sink.connects >= 2 and w.stats.reconnects >= 1
+    assert balanced(w)
+    await w.stop(1)
+
+
+async def test_a_rejected_batch_is_dropped_and_counted() -> None:
+    w, sink = worker(batch=5)
+    sink.fail_next(1, SinkRejectedError("m", "too large"))
+    w.start()
+    for m in msgs(1, 10):
+        w.offer(m)
+    await until(lambda: w.stats.published == 5)
+    assert w.stats.dropped == {"rejected": 5} and balanced(w)
+    await w.stop(1)
+
+
+async def test_a_down_bus_does_not_slow_a_healthy_sink_beside_it() -> None:
+    """The healthy sink's throughput with a dead neighbour equals its throughput alone."""
+
+    async def run(with_dead: bool) -> float:
+        healthy, hs = worker("drop_oldest", max_events=100_000, batch=500)
+        dead, ds = worker("drop_oldest", max_events=1000, batch=500,
+                          sink=MemorySink("dead"), connect_timeout_s=0.05)
+        ds.down = True
+        healthy.start()
+        if with_dead:
+            dead.start()
+        ms = msgs(10, 2000)
+        started = time.perf_counter()
+        for m in ms:
+            healthy.offer(m)
+            if with_dead:
+                dead.offer(m)
+        await until(lambda: healthy.stats.published == len(ms), 20)
+        elapsed = time.perf_counter() - started
+        if with_dead:
+            assert dead.stats.published == 0 and dead.stats.dropped["buffer_full"] > 0
+            assert balanced(dead)
+        await healthy.stop(1)
+        await dead.stop(0.1)
+        return len(ms) / elapsed
+
+    alone = max([await run(False) for _ in range(3)])
+    beside = max([await run(True) for _ in range(3)])
+    assert beside > 0.6 * alone, f"healthy sink: {alone:.0f}/s alone, {beside:.0f}/s beside"
+
+
+async def test_stop_drains_then_reports_what_was_not_delivered() -> None:
+    w, sink = worker(batch=10)
+    w.start()
+    for m in msgs(2, 10):
+        w.offer(m)
+    assert await w.stop(2) == 0
+    assert w.stats.published == 20 and len(sink.received) == 20
+    assert sink.closes >= 1
+
+    w2, sink2 = worker()
+    sink2.down = True
+    w2.start()
+    for m in msgs(2, 5):
+        w2.offer(m)
+    assert await w2.stop(0.2) == 10
+    assert w2.stats.dropped == {"shutdown": 10} and balanced(w2)
+
+
+async def test_close_is_called_once_per_failure_and_at_stop() -> None:
+    w, sink = worker()
+    w.start()
+    w.offer(msgs(1, 1)[0])
+    await until(lambda: w.stats.published == 1)
+    await w.stop(1)
+    await w.stop(1)  # a second stop is harmless
+    assert sink.closes >= 1
+
+
+def test_injected_drivers_replace_entry_points() -> None:
+    d = Drivers(injected={"memory": MemorySink})
+    assert d.names() == ["memory"] and d.get("memory") is MemorySink
+
+
+@pytest.mark.parametrize("policy", ["drop_oldest", "drop_newest", "conflate"])
+async def test_counters_add_up_over_a_run_with_drops(policy: str) -> None:
+    w, sink = worker(policy, max_events=20, batch=5)
+    sink.options = MemoryOptions(latency_ms=2)
+    w.start()
+    for m in msgs(7, 60):
+        w.offer(m)
+        if w.stats.offered % 50 == 0:
+            await asyncio.sleep(0.003)
+        assert balanced(w)
+    await w.stop(5)
+    s = w.stats
+    assert s.offered == 420
+    assert s.offered == s.published + sum(s.dropped.values()) + s.conflated
+    assert s.published == len(sink.received)
+    assert sum(s.dropped.values()) + s.conflated > 0
