@@ -366,9 +366,20 @@ def parse_config(
         config = Config.model_validate(tree)
     except ValidationError as exc:
         problems.extend(_errors(exc))
+    drivers = drivers or Drivers()
     if config is None:
+        # report the sinks' driver problems too, not only the first layer's
+        raw_sinks = tree.get("sinks")
+        if isinstance(raw_sinks, dict):
+            commons = {}
+            for name, raw in raw_sinks.items():
+                try:
+                    commons[str(name)] = SinkCommon.model_validate(raw)
+                except ValidationError:
+                    continue  # already reported by the whole-file validation
+            _resolve_sinks(commons, drivers, problems)
         raise ConfigError(problems, source)
-    settings = _resolve(config, drivers or Drivers(), problems)
+    settings = _resolve(config, drivers, problems)
     if problems:
         raise ConfigError(problems, source)
     return settings
@@ -382,8 +393,24 @@ def _resolve(config: Config, drivers: Drivers, problems: list[str]) -> Settings:
         except OSError as exc:
             problems.append(f"source.api_key_file: cannot read the file: {exc.strerror or exc}")
 
+    specs = _resolve_sinks(config.sinks, drivers, problems)
+    routes = config.routes or [RouteConfig(sinks=list(config.sinks))]
+    for i, route in enumerate(routes):
+        for j, sink in enumerate(route.sinks):
+            if sink not in config.sinks:
+                known = ", ".join(config.sinks)
+                problems.append(f"routes[{i}].sinks[{j}]: no sink named {sink!r} (sinks: {known})")
+            elif sink in specs:
+                problems.extend(_topic_problems(i, route, specs[sink], config.source))
+    return Settings(config=config, sinks=specs, routes=routes, api_key=api_key)
+
+
+def _resolve_sinks(
+    sinks: Mapping[str, SinkCommon], drivers: Drivers, problems: list[str]
+) -> dict[str, SinkSpec]:
+    """Load each sink's driver and validate the driver's own options."""
     specs: dict[str, SinkSpec] = {}
-    for name, common in config.sinks.items():
+    for name, common in sinks.items():
         where = f"sinks.{name}"
         try:
             driver = drivers.get(common.driver)
@@ -402,16 +429,7 @@ def _resolve(config: Config, drivers: Drivers, problems: list[str]) -> Settings:
             problems.extend(_errors(exc, where))
             continue
         specs[name] = SinkSpec(name, common, driver, options)
-
-    routes = config.routes or [RouteConfig(sinks=list(config.sinks))]
-    for i, route in enumerate(routes):
-        for j, sink in enumerate(route.sinks):
-            if sink not in config.sinks:
-                known = ", ".join(config.sinks)
-                problems.append(f"routes[{i}].sinks[{j}]: no sink named {sink!r} (sinks: {known})")
-            elif sink in specs:
-                problems.extend(_topic_problems(i, route, specs[sink], config.source))
-    return Settings(config=config, sinks=specs, routes=routes, api_key=api_key)
+    return specs
 
 
 def _topic_problems(i: int, route: RouteConfig, spec: SinkSpec, source: SourceConfig) -> list[str]:

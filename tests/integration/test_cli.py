@@ -1,0 +1,141 @@
+"""The command line as a user runs it: real processes, real sockets."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+
+from tests.support.proc import Proc, free_port, wait_port
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).parents[2]
+CLI = [sys.executable, "-m", "bridge"]
+
+
+def cli(*args: str, timeout: float = 60, env: dict[str, str] | None = None
+        ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})}, cwd=ROOT)
+
+
+@pytest.fixture
+def sim_proc(tmp_path: Path) -> Iterator[tuple[Proc, int]]:
+    port = free_port()
+    with Proc([*CLI, "simulate", "--port", str(port), "--api-key", "cli-key", "--interval",
+               "0.2"], tmp_path / "sim.log") as p:
+        wait_port(port, 20)
+        yield p, port
+
+
+def test_validate_every_example_config() -> None:
+    configs = sorted((ROOT / "config").glob("*.yaml"))
+    assert len(configs) >= 2
+    for path in configs:
+        r = cli("validate", "-c", str(path))
+        assert r.returncode == 0, f"{path.name}: {r.stdout}{r.stderr}"
+        assert "valid" in r.stdout
+
+
+def test_validate_prints_every_problem_with_its_path(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("""
+source: {api_key: "${NOT_SET_ANYWHERE}", stale_after_s: nope}
+sinks:
+  f: {driver: jsonl}
+  g: {driver: no-such-driver}
+  h: {driver: console, style: sparkles}
+routes:
+  - {sinks: [f, zzz], topic: "{nope}"}
+""")
+    r = cli("validate", "-c", str(bad))
+    assert r.returncode == 2
+    for expected in ("source.api_key: environment variable NOT_SET_ANYWHERE is not set",
+                     "source.stale_after_s:", "sinks.f.path: field required",
+                     "sinks.g.driver: unknown sink driver 'no-such-driver'",
+                     "sinks.h.style:", "routes[0].topic: unknown placeholder {nope}"):
+        assert expected in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_plugins_lists_the_builtin_drivers_with_their_distribution() -> None:
+    r = cli("plugins")
+    assert r.returncode == 0, r.stderr
+    for name in ("console", "jsonl"):
+        assert re.search(rf"{name}\s.*aleno-bridge", r.stdout), r.stdout
+
+
+def test_bad_key_exits_non_zero_with_a_clear_message(sim_proc: tuple[Proc, int],
+                                                     tmp_path: Path) -> None:
+    _, port = sim_proc
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"""
+source: {{url: "http://127.0.0.1:{port}", api_key: "${{KEY}}", tickers: [BTC/USD],
+          max_auth_failures: 2, backoff: {{initial_s: 0.1, max_s: 0.2}}}}
+sinks: {{out: {{driver: jsonl, path: {tmp_path}/out.jsonl}}}}
+http: {{enabled: false}}
+""")
+    r = cli("run", "-c", str(cfg), env={"KEY": "definitely-wrong-key"}, timeout=30)
+    assert r.returncode == 3
+    assert "refused the API key" in r.stderr and "source.api_key" in r.stderr
+    assert "definitely-wrong-key" not in r.stdout + r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_sigterm_drains_and_exits_zero(sim_proc: tuple[Proc, int], tmp_path: Path) -> None:
+    _, port = sim_proc
+    http_port = free_port()
+    out = tmp_path / "out.jsonl"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"""
+source: {{url: "http://127.0.0.1:{port}", api_key: cli-key, tickers: [BTC/USD, ETH/USD],
+          equities: [AAPL]}}
+sinks:
+  out: {{driver: jsonl, path: "{out}", batch: {{max_events: 1000, linger_ms: 300}}}}
+http: {{port: {http_port}}}
+log: {{format: json}}
+""")
+    with Proc([*CLI, "run", "-c", str(cfg)], tmp_path / "bridge.log") as bridge:
+        wait_port(http_port, 20)
+        deadline = time.monotonic() + 15
+        while not (out.exists() and out.stat().st_size > 0):
+            assert time.monotonic() < deadline, bridge.output()
+            time.sleep(0.1)
+        time.sleep(1.0)
+        bridge.signal(signal.SIGTERM)
+        assert bridge.wait(20) == 0, bridge.output()
+    log_lines = [orjson.loads(line) for line in bridge.output().splitlines()
+                 if line.startswith("{")]
+    drained = [x for x in log_lines if "drained" in x["msg"]]
+    assert drained, bridge.output()
+    published = drained[0]["published"]
+    lines = out.read_bytes().splitlines()
+    assert published == len(lines) > 0
+    ids = [orjson.loads(x)["id"] for x in lines]
+    assert len(set(ids)) == len(ids)
+
+
+def test_demo_shows_ticker_and_equity_prices_within_5s() -> None:
+    started = time.monotonic()
+    r = subprocess.run([*CLI, "demo", "--duration", "4"], capture_output=True, text=True,
+                       timeout=60, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert time.monotonic() - started < 30
+    assert re.search(r"ticker\s+BTC/USD\s+[\d,]+\.\d+", r.stdout), r.stdout
+    assert re.search(r"equity\s+AAPL\s+[\d,]+\.\d+", r.stdout), r.stdout
+
+
+def test_simulate_refuses_when_the_port_is_taken(sim_proc: tuple[Proc, int]) -> None:
+    _, port = sim_proc
+    r = cli("simulate", "--port", str(port), timeout=20)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "simulate failed" in r.stderr
