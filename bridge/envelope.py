@@ -149,7 +149,17 @@ class Event:
 
 
 def _structured(event: Event) -> Encoded:
-    return Encoded(orjson.dumps(event.envelope()), CLOUDEVENTS_JSON, _EMPTY)
+    body = orjson.dumps({
+        "specversion": SPECVERSION,
+        "id": event.id,
+        "source": event.source,
+        "type": TYPES[event.kind],
+        "subject": event.symbol,
+        "time": event.time,
+        "datacontenttype": JSON,
+        "data": event.data,
+    })
+    return Encoded(body, CLOUDEVENTS_JSON, _EMPTY)
 
 
 def _binary(event: Event) -> Encoded:

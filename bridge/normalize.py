@@ -133,6 +133,7 @@ class Normalizer:
         self.invalid: dict[str, int] = {}
         self.received: dict[str, int] = {"ticker": 0, "equity": 0}
         self._logged: set[str] = set()
+        self._symbols: dict[str, tuple[str, str, str]] = {}
 
     def _reject(self, kind: str, reason: str, record: Any) -> None:
         key = f"{kind}:{reason}"
@@ -179,14 +180,48 @@ class Normalizer:
                 self._reject(kind, f"unexpected_{type(exc).__name__}", record)
         return events
 
-    def ticker(self, record: Any, received_ms: int) -> Event:
-        if type(record) is not dict:
-            raise Invalid("not_an_object")
-        symbol = _symbol(record.get("id"))
+    def _ticker_symbol(self, raw: Any) -> tuple[str, str, str]:
+        cached = self._symbols.get(raw) if type(raw) is str else None
+        if cached is not None:
+            return cached
+        symbol = _symbol(raw)
         base, sep, quote = symbol.partition("/")
         if not sep or not base or not quote or "/" in quote:
             raise Invalid("bad_symbol")
+        if len(self._symbols) < 100_000:
+            self._symbols[raw] = (symbol, base, quote)
+        return symbol, base, quote
+
+    def ticker(self, record: Any, received_ms: int) -> Event:
+        if type(record) is not dict:
+            raise Invalid("not_an_object")
+        symbol, base, quote = self._ticker_symbol(record.get("id"))
         agg = record.get("aggregated")
+        cex = record.get("cex")
+        dex = record.get("dex")
+        sent = record.get("sentTimestampMs")
+        # fast path for the common record (every number a float, both venues present);
+        # anything else takes the field-by-field path below, which names the reason
+        if type(agg) is dict and type(cex) is dict and type(dex) is dict and type(sent) is int:
+            p, av = agg.get("price"), agg.get("h24UsdVolume")
+            cp, cv = cex.get("price"), cex.get("h24UsdVolume")
+            dp, dv, dt = dex.get("price"), dex.get("h24UsdVolume"), dex.get("usdTvl")
+            if (
+                type(p) is float and type(av) is float and type(cp) is float
+                and type(cv) is float and type(dp) is float and type(dv) is float
+                and type(dt) is float and p > 0.0 and _MIN_TS <= sent <= _MAX_TS
+            ):
+                total = p + av + cp + cv + dp + dv + dt
+                if total - total == 0.0:  # all finite (inf/nan make this nan)
+                    data = {
+                        "kind": "ticker", "symbol": symbol, "base": base, "quote": quote,
+                        "price": p, "sentTimestampMs": sent, "receivedTimestampMs": received_ms,
+                        "aggregated": {"price": p, "h24UsdVolume": av},
+                        "cex": {"price": cp, "h24UsdVolume": cv},
+                        "dex": {"price": dp, "h24UsdVolume": dv, "usdTvl": dt},
+                    }
+                    return Event("ticker", symbol, base, quote, sent, received_ms,
+                                 iso_time(sent), data, record, (p, cp, dp), self.source)
         if type(agg) is not dict:
             raise Invalid("missing_price" if agg is None else "bad_field_type")
         price = _number(agg.get("price"), "price")
