@@ -1,0 +1,118 @@
+"""``aleno-bridge top``: a refreshing terminal view of a running bridge's /metrics.
+
+Per sink: state, events/s published, queue depth and fill, drops, conflated,
+failures; upstream: state, events/s received, invalid records, lag (p50/p99 estimated
+from the histogram). Reads only the Prometheus endpoint, so it works against any
+bridge you can reach, in a pod through ``kubectl port-forward`` too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import urllib.request
+from dataclasses import dataclass, field
+
+from prometheus_client.parser import text_string_to_metric_families
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+
+@dataclass
+class Snapshot:
+    at: float
+    values: dict[tuple[str, tuple[tuple[str, str], ...]], float] = field(default_factory=dict)
+
+    def get(self, name: str, **labels: str) -> float:
+        total = 0.0
+        for (n, lbls), v in self.values.items():
+            if n == name and all(dict(lbls).get(k) == val for k, val in labels.items()):
+                total += v
+        return total
+
+    def label_values(self, name: str, label: str) -> list[str]:
+        return sorted({dict(lbls)[label] for (n, lbls), _ in self.values.items()
+                       if n == name and label in dict(lbls)})
+
+
+def scrape(url: str, timeout: float = 5.0) -> Snapshot:
+    with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - user's URL
+        text = resp.read().decode()
+    snap = Snapshot(time.monotonic())
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            snap.values[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return snap
+
+
+def _quantile(snap: Snapshot, name: str, q: float) -> float | None:
+    buckets: dict[float, float] = {}
+    for (n, lbls), v in snap.values.items():
+        if n == f"{name}_bucket":
+            le = float(dict(lbls)["le"])
+            buckets[le] = buckets.get(le, 0.0) + v
+    if not buckets:
+        return None
+    total = buckets.get(float("inf"), 0.0)
+    if total <= 0:
+        return None
+    for le in sorted(buckets):
+        if buckets[le] >= q * total:
+            return le
+    return None
+
+
+def render(prev: Snapshot | None, cur: Snapshot) -> Group:
+    dt = (cur.at - prev.at) if prev else 0.0
+
+    def rate(name: str, **labels: str) -> str:
+        if prev is None or dt <= 0:
+            return "-"
+        return f"{(cur.get(name, **labels) - prev.get(name, **labels)) / dt:,.1f}"
+
+    state = next((s for s in cur.label_values("aleno_bridge_upstream_state", "state")
+                  if cur.get("aleno_bridge_upstream_state", state=s) == 1), "?")
+    p50 = _quantile(cur, "aleno_bridge_upstream_lag_seconds", 0.5)
+    p99 = _quantile(cur, "aleno_bridge_upstream_lag_seconds", 0.99)
+    head = Text(
+        f"upstream {state}  received/s {rate('aleno_bridge_events_received_total')}  "
+        f"invalid {cur.get('aleno_bridge_events_invalid_total'):,.0f}  "
+        f"lag p50 <= {p50 if p50 is not None else '-'}s  p99 <= {p99 if p99 is not None else '-'}s"
+        f"  reconnects {cur.get('aleno_bridge_upstream_reconnects_total'):,.0f}"
+    )
+    table = Table(title="sinks")
+    for col in ("sink", "state", "published/s", "published", "queue", "fill", "dropped",
+                "conflated", "failures"):
+        table.add_column(col, justify="left" if col in ("sink", "state") else "right")
+    for sink in cur.label_values("aleno_bridge_sink_up", "sink"):
+        st = next((s for s in cur.label_values("aleno_bridge_sink_state", "state")
+                   if cur.get("aleno_bridge_sink_state", sink=sink, state=s) == 1), "?")
+        depth = cur.get("aleno_bridge_sink_queue_depth", sink=sink)
+        cap = cur.get("aleno_bridge_sink_queue_capacity", sink=sink) or 1
+        table.add_row(
+            sink, st, rate("aleno_bridge_sink_events_published_total", sink=sink),
+            f"{cur.get('aleno_bridge_sink_events_published_total', sink=sink):,.0f}",
+            f"{depth:,.0f}", f"{depth / cap:.0%}",
+            f"{cur.get('aleno_bridge_sink_events_dropped_total', sink=sink):,.0f}",
+            f"{cur.get('aleno_bridge_sink_events_conflated_total', sink=sink):,.0f}",
+            f"{cur.get('aleno_bridge_sink_publish_failures_total', sink=sink):,.0f}",
+        )
+    return Group(head, table)
+
+
+def run_top(args: argparse.Namespace) -> int:
+    console = Console()
+    prev = None
+    if args.once:
+        first = scrape(args.url)
+        time.sleep(min(args.interval, 1.0))
+        console.print(render(first, scrape(args.url)))
+        return 0
+    with Live(console=console, refresh_per_second=4, screen=False) as live:
+        while True:
+            cur = scrape(args.url)
+            live.update(render(prev, cur))
+            prev = cur
+            time.sleep(args.interval)
