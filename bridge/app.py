@@ -102,14 +102,16 @@ class Bridge:
             for tap in self._taps:
                 for ev in events:
                     tap(ev)
-            for ev in events:
-                for waiter in dispatch(ev):
-                    await waiter
+            try:
+                for ev in events:
+                    for waiter in dispatch(ev):
+                        await waiter
+            finally:
+                self._intake.task_done()
 
     async def flush_intake(self) -> None:
         """Wait until every queued upstream batch has been routed (for tests and drain)."""
-        while not self._intake.empty():
-            await asyncio.sleep(0.005)
+        await self._intake.join()
 
     # -- health ------------------------------------------------------------------
 

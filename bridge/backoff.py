@@ -6,10 +6,11 @@ import random
 
 
 class Backoff:
-    """``next()`` returns a delay drawn uniformly from ``[initial/2, min(cap, initial * 2**n)]``.
+    """``next()`` draws a delay uniformly from ``[initial/2, min(cap, initial * 2**n)]``.
 
-    Full jitter (with a floor of half the first delay, so a flapping bus is never hammered) spreads the reconnects of many bridges after a shared outage; the
-    cap bounds the wait; :meth:`reset` after a success starts again from ``initial``.
+    Full jitter spreads the reconnects of many bridges after a shared outage (the
+    floor of half the first delay keeps a flapping bus from being hammered); the cap
+    bounds the wait; :meth:`reset` after a success starts again from ``initial``.
     """
 
     def __init__(self, initial_s: float, max_s: float, rng: random.Random | None = None) -> None:
@@ -19,10 +20,10 @@ class Backoff:
         self._rng = rng or random.Random()
 
     def ceiling(self) -> float:
-        return min(self.max_s, self.initial_s * (2 ** min(self.attempts, 32)))
+        return min(self.max_s, self.initial_s * 2.0 ** min(self.attempts, 32))
 
     def next(self) -> float:
-        delay = self._rng.uniform(self.initial_s / 2, self.ceiling())
+        delay: float = self._rng.uniform(self.initial_s / 2, self.ceiling())
         self.attempts += 1
         return delay
 

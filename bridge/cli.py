@@ -111,8 +111,9 @@ def _validate(args: argparse.Namespace) -> int:
     settings = load_config(args.config)
     routes = len(settings.routes)
     sinks = ", ".join(f"{n} ({s.common.driver})" for n, s in settings.sinks.items())
+    src = settings.config.source
     print(f"{args.config}: valid. sinks: {sinks}; routes: {routes}; tickers: "
-          f"{len(settings.config.source.tickers)}; equities: {len(settings.config.source.equities)}")
+          f"{len(src.tickers)}; equities: {len(src.equities)}")
     return EXIT_OK
 
 

@@ -28,7 +28,7 @@ from pydantic import (
 )
 
 from bridge.envelope import FORMATS, Format
-from bridge.sinks import Drivers, DriverLoadError, Sink, SinkOptions, UnknownDriverError
+from bridge.sinks import DriverLoadError, Drivers, Sink, SinkOptions, UnknownDriverError
 
 PLACEHOLDERS = ("kind", "symbol", "base", "quote")
 
@@ -359,7 +359,8 @@ def parse_config(
     if tree is None:
         tree = {}
     if not isinstance(tree, dict):
-        raise ConfigError(["<root>: the file must hold a mapping (source:, sinks:, routes:)"], source)
+        problem = "<root>: the file must hold a mapping (source:, sinks:, routes:)"
+        raise ConfigError([problem], source)
     tree, problems = interpolate(tree, os.environ if env is None else env)
     config: Config | None = None
     try:

@@ -25,7 +25,8 @@ log = logging.getLogger("aleno_bridge.http")
 def make_app(bridge: Bridge) -> web.Application:
     async def healthz(_: web.Request) -> web.Response:
         alive = bridge.alive()
-        return web.json_response({"status": "ok" if alive else "dead"}, status=200 if alive else 503)
+        return web.json_response({"status": "ok" if alive else "dead"},
+                                 status=200 if alive else 503)
 
     async def readyz(_: web.Request) -> web.Response:
         ok, checks = bridge.readiness()

@@ -58,7 +58,7 @@ class BridgeCollector(Collector):
     def __init__(self, bridge: Bridge) -> None:
         self.bridge = bridge
 
-    def collect(self) -> Iterator[Metric]:  # noqa: C901 - one family after the other
+    def collect(self) -> Iterator[Metric]:
         b = self.bridge
         src = b.source.stats if b.source is not None else None
 
@@ -151,7 +151,8 @@ class BridgeCollector(Collector):
         published = CounterMetricFamily("aleno_bridge_sink_events_published",
                                         "Events the bus confirmed.", labels=["sink"])
         dropped = CounterMetricFamily("aleno_bridge_sink_events_dropped",
-                                      "Events a sink dropped, by reason.", labels=["sink", "reason"])
+                                      "Events a sink dropped, by reason.",
+                                      labels=["sink", "reason"])
         conflated = CounterMetricFamily("aleno_bridge_sink_events_conflated",
                                         "Queued events replaced by a newer update of the same "
                                         "symbol (when_full: conflate).", labels=["sink"])

@@ -42,7 +42,7 @@ _MAX_TS: Final = 7_258_118_400_000
 _isfinite = math.isfinite
 
 
-class Invalid(Exception):  # noqa: N818 - a reason, raised and caught inside this module only
+class Invalid(Exception):
     """A record failed validation; ``reason`` is the metric label."""
 
     def __init__(self, reason: str) -> None:

@@ -43,9 +43,12 @@ def matches(match: Match, kind: str, symbol: str) -> bool:
 class Offer(Protocol):
     """What the router hands messages to (a sink worker)."""
 
-    name: str
-    format: str
-    safe_token: Callable[[str], str]
+    @property
+    def name(self) -> str: ...
+    @property
+    def format(self) -> str: ...
+    @property
+    def safe_token(self) -> Callable[[str], str]: ...
 
     def offer(self, message: Message) -> Any: ...
 

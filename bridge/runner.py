@@ -153,6 +153,7 @@ class SinkWorker:
 
     def _take(self) -> list[Message]:
         n = self.batch_max
+        batch: list[Message]
         if self._conflated:
             batch = []
             while self._conflated and len(batch) < n:

@@ -270,7 +270,8 @@ class AlenoSource:
                     auth_failures = 0
                     self._set_state("disconnected", f"cannot connect to {self.config.url}: "
                                     f"{reason}")
-                if self.config.max_connect_attempts and attempts >= self.config.max_connect_attempts:
+                limit = self.config.max_connect_attempts
+                if limit and attempts >= limit:
                     msg = (
                         f"could not connect to the upstream {self.config.url} after {attempts} "
                         f"attempt(s); last error: {reason}. Check source.url and the network, "
@@ -295,7 +296,7 @@ class AlenoSource:
                                 "feed(s)")
                 backoff.reset()
                 reason = await self._watch()
-            except (socketio.exceptions.SocketIOError, asyncio.TimeoutError, OSError) as exc:
+            except (TimeoutError, socketio.exceptions.SocketIOError, OSError) as exc:
                 log.warning("upstream subscription failed: %s: %s", type(exc).__name__, exc)
             finally:
                 self._sio = None

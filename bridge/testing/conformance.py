@@ -173,9 +173,9 @@ class SinkConformance:
         name = "conformance"
         common = SinkCommon(
             driver=name,
-            format=self.format,  # type: ignore[arg-type]
-            batch={"max_events": 10, "linger_ms": 0},  # type: ignore[arg-type]
-            retry={"initial_backoff_s": 0.1, "max_backoff_s": 1.0,  # type: ignore[arg-type]
+            format=self.format,
+            batch={"max_events": 10, "linger_ms": 0},
+            retry={"initial_backoff_s": 0.1, "max_backoff_s": 1.0,
                    "publish_timeout_s": 5.0, "connect_timeout_s": 5.0},
         )
         sink = self.make(options, name)

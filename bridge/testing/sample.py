@@ -36,11 +36,13 @@ def sample_events(
     for u in range(updates):
         sent = start_ms + u * step_ms
         if kind == "ticker":
-            payload = [ticker_record(f"T{i}/USD", 100.0 + i + u / 100, sent) for i in range(symbols)]
-            events += norm.tickers(payload)
+            tickers = [ticker_record(f"T{i}/USD", 100.0 + i + u / 100, sent)
+                       for i in range(symbols)]
+            events += norm.tickers(tickers)
         else:
-            payload = [equity_record(f"EQ{i}", 50.0 + i + u / 100, sent) for i in range(symbols)]
-            events += norm.equities(payload)
+            equities = [equity_record(f"EQ{i}", 50.0 + i + u / 100, sent)
+                        for i in range(symbols)]
+            events += norm.equities(equities)
     return events
 
 

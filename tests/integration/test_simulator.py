@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -123,7 +124,7 @@ async def test_updates_arrive_at_the_configured_cadence(client: Client) -> None:
     ticks = [(t, d) for k, t, d in client.states if k == "ticker"]
     eqs = [d for k, _, d in client.states if k == "equity"]
     assert 4 <= len(ticks) <= 8, len(ticks)  # interval 0.2 s
-    gaps = [b[0] - a[0] for a, b in zip(ticks, ticks[1:], strict=False)]
+    gaps = [b[0] - a[0] for a, b in itertools.pairwise(ticks)]
     assert all(0.1 < g < 0.4 for g in gaps), gaps
     state = ticks[-1][1][0]
     assert set(state) == {"id", "aggregated", "cex", "dex", "sentTimestampMs"}
