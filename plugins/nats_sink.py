@@ -1,0 +1,587 @@
+"""``nats``: publish every envelope to a NATS subject, core NATS or JetStream (nats-py).
+
+Delivery guarantee
+------------------
+``publish(batch)`` returns only once the server accepted every message of the batch:
+
+- core NATS (``jetstream: false``, the default): the messages are written, then a
+  PING/PONG round trip (``flush``) proves the server read all of them; a publish
+  permission violation the server reports for this batch makes it fail. Core NATS
+  then delivers to the subscribers connected at that moment (at most once beyond
+  the server: a subscriber that is away misses the message).
+- JetStream (``jetstream: true``): every message gets its own publish ack from the
+  stream (publishes are pipelined, at most ``max_inflight`` awaiting their ack). Each
+  message carries ``Nats-Msg-Id`` = the envelope id, so a batch the core retries after
+  a failure, or another replica of the bridge, is stored once per id within the
+  stream's ``duplicate_window``: at-least-once publishing, effectively once in the
+  stream.
+
+Reconnection is owned by the core's runner, not by nats-py: the client is created with
+``allow_reconnect=False``. nats-py's own reconnection would buffer publishes in its
+pending buffer while disconnected (so "published" would not mean "accepted"), raise
+``OutboundBufferLimitError`` once 2 MiB are pending, and with its default
+``max_reconnect_attempts=60`` close the client for good after about two minutes of
+outage. Here a lost connection makes ``publish`` fail at once (retriable); the runner
+keeps the batch, calls ``close()`` then ``connect()`` with capped backoff, forever.
+Pings every ``ping_interval_s`` (nats-py's default is 120 s) detect a dead link.
+
+Subjects
+--------
+A placeholder value is made safe by :meth:`NatsSink.safe_token`: ``.``, whitespace,
+``*``, ``>`` and control characters become ``_`` (``BRK.B`` -> ``BRK_B``), so a symbol
+can never add a token or a wildcard to the subject. ``/`` is kept (``BTC/USD``).
+:meth:`NatsSink.check_topic` refuses a rendered subject with an empty token (leading,
+trailing or double dot), whitespace or control characters, or a wildcard.
+
+Formats
+-------
+``cloudevents-json``
+    body = the envelope, header ``content-type: application/cloudevents+json``.
+``cloudevents-binary``
+    body = ``data``, header ``content-type: application/json`` and one ``ce-<name>``
+    header per CloudEvents attribute (NATS protocol binding: ``ce-specversion``,
+    ``ce-id``, ``ce-source``, ``ce-type``, ``ce-subject``, ``ce-time``).
+``raw``
+    body = the upstream record, header ``content-type: application/json``.
+
+In every format the route's key travels in the header named by ``key_header``
+(``aleno-key``; NATS has no message key) and, with JetStream, ``Nats-Msg-Id`` is set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import re
+import ssl
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any, Final, Literal, TypeVar
+from urllib.parse import urlsplit
+
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from nats.js.api import PubAck, StorageType, StreamConfig
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+from bridge.sinks import (
+    Message,
+    Sink,
+    SinkConnectionError,
+    SinkError,
+    SinkOptions,
+    SinkRejectedError,
+)
+
+log = logging.getLogger("aleno_bridge.sinks.nats")
+
+T = TypeVar("T")
+
+#: JetStream error codes (nats-server ``server/errors.json``)
+JS_MESSAGE_TOO_LARGE: Final = 10054
+JS_STREAM_NAME_IN_USE: Final = 10058
+JS_SUBJECTS_OVERLAP: Final = 10065
+
+_UNSAFE = re.compile(r"[.*>\s\x00-\x1f\x7f-\x9f]")
+_BAD_SUBJECT_CHARS = re.compile(r"[\s\x00-\x1f\x7f-\x9f]")
+_HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_STREAM_NAME = re.compile(r"^[^.*>\s/\\\x00-\x1f]+$")
+_SCHEMES: Final = ("nats", "tls", "ws", "wss")
+#: how long ``close()`` may wait for nats-py before the socket is aborted
+CLOSE_TIMEOUT_S: Final = 2.0
+
+
+class StreamOptions(BaseModel):
+    """A JetStream stream the sink creates at connect if it does not exist.
+
+    Creating it again with the same settings is a no-op; a stream of that name with
+    other settings is left alone and makes ``connect`` fail with a clear error.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=_STREAM_NAME.pattern)
+    subjects: list[str] = Field(min_length=1)
+    #: drop messages older than this (``None``: keep until other limits apply)
+    max_age_s: float | None = Field(None, gt=0)
+    #: the window in which a repeated ``Nats-Msg-Id`` is recognized as a duplicate
+    duplicate_window_s: float = Field(120.0, gt=0)
+    storage: Literal["file", "memory"] = "file"
+
+    @model_validator(mode="after")
+    def _window_fits_age(self) -> StreamOptions:
+        if self.max_age_s is not None and self.duplicate_window_s > self.max_age_s:
+            msg = "duplicate_window_s cannot be larger than max_age_s"
+            raise ValueError(msg)
+        return self
+
+
+class NatsOptions(SinkOptions):
+    """Options of the ``nats`` driver (see docs/drivers/nats.md)."""
+
+    #: one URL or a list (a comma-separated string is split): ``nats://host:4222``,
+    #: ``tls://host:4222``; credentials go in ``user``/``password``/``token``, not the URL
+    servers: list[str] = Field(min_length=1)
+    #: the connection name the server shows in its monitoring
+    name: str = "aleno-bridge"
+    user: str | None = None
+    password: SecretStr | None = None
+    token: SecretStr | None = None
+    #: a ``.creds`` file (user JWT + nkey seed); needs the ``nkeys`` package
+    creds_file: Path | None = None
+    #: a file holding an nkey seed (``SU...``); needs the ``nkeys`` package
+    nkeys_seed: Path | None = None
+    tls_ca_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    #: verify the server certificate and host name; ``false`` only when set explicitly
+    tls_verify: bool = True
+    #: the name to verify the server certificate against (default: the URL's host)
+    tls_hostname: str | None = None
+    #: publish with a JetStream publish ack per message instead of core publish + flush
+    jetstream: bool = False
+    stream: StreamOptions | None = None
+    ping_interval_s: float = Field(5.0, gt=0)
+    max_outstanding_pings: int = Field(3, ge=1)
+    #: per-server bound on TCP connect, TLS handshake and the CONNECT exchange
+    connect_timeout_s: float = Field(5.0, gt=0)
+    #: bound on the flush (core) or on all publish acks (JetStream) of one batch
+    flush_timeout_s: float = Field(10.0, gt=0)
+    #: JetStream publishes awaiting their ack at once
+    max_inflight: int = Field(1000, ge=1)
+    #: header carrying the route's key (NATS has no message key); ``null``: not sent
+    key_header: str | None = "aleno-key"
+
+    @field_validator("servers", mode="before")
+    @classmethod
+    def _split(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return [s.strip() for s in v.split(",") if s.strip()]
+        return v
+
+    @field_validator("servers")
+    @classmethod
+    def _urls(cls, v: list[str]) -> list[str]:
+        out = []
+        for i, url in enumerate(v):
+            full = url if "://" in url else f"nats://{url}"
+            try:
+                parts = urlsplit(full)
+                parts.port  # noqa: B018 - raises on a bad port
+            except ValueError:
+                msg = f"servers[{i}] is not a valid URL"
+                raise ValueError(msg) from None
+            if parts.scheme not in _SCHEMES or not parts.hostname:
+                schemes = ", ".join(_SCHEMES)
+                msg = f"servers[{i}] must look like nats://host:4222 (schemes: {schemes})"
+                raise ValueError(msg)
+            if parts.username or parts.password:
+                msg = (f"servers[{i}] holds credentials; put them in user/password or token "
+                       "so that they stay secret")
+                raise ValueError(msg)
+            out.append(full)
+        return out
+
+    @field_validator("key_header")
+    @classmethod
+    def _header_name(cls, v: str | None) -> str | None:
+        if v is not None and not _HEADER_NAME.match(v):
+            msg = "must be a valid header name (letters, digits, - _ .)"
+            raise ValueError(msg)
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> NatsOptions:
+        if (self.user is None) != (self.password is None):
+            msg = "user and password go together"
+            raise ValueError(msg)
+        chosen = {
+            "user/password": self.user is not None,
+            "token": self.token is not None,
+            "creds_file": self.creds_file is not None,
+            "nkeys_seed": self.nkeys_seed is not None,
+        }
+        methods = [name for name, on in chosen.items() if on]
+        if len(methods) > 1:
+            msg = f"choose one authentication method, not {' and '.join(methods)}"
+            raise ValueError(msg)
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            msg = "tls_cert_file and tls_key_file go together (client certificate)"
+            raise ValueError(msg)
+        if self.stream is not None and not self.jetstream:
+            msg = "stream is only used with jetstream: true"
+            raise ValueError(msg)
+        if self.creds_file is not None or self.nkeys_seed is not None:
+            try:
+                import nkeys  # noqa: F401
+            except ImportError:
+                msg = "creds_file and nkeys_seed need the nkeys package (pip install nkeys)"
+                raise ValueError(msg) from None
+        return self
+
+    @property
+    def uses_tls(self) -> bool:
+        return (
+            any(s.startswith(("tls://", "wss://")) for s in self.servers)
+            or self.tls_ca_file is not None
+            or self.tls_cert_file is not None
+            or not self.tls_verify
+            or self.tls_hostname is not None
+        )
+
+
+class NatsSink(Sink[NatsOptions]):
+    """Publishes batches to NATS; see the module docstring for the guarantees."""
+
+    options_model = NatsOptions
+    topic_separator = "."
+    retriable_errors = (ConnectionError, TimeoutError, OSError, nats.errors.Error)
+
+    def __init__(self, name: str, options: NatsOptions) -> None:
+        super().__init__(name, options)
+        self._nc: Client | None = None
+        self._js: JetStreamContext | None = None
+        self._lost = asyncio.Event()
+        self._denied: list[str] = []
+        self._valid_topics: set[str] = set()
+
+    # -- subjects ----------------------------------------------------------------
+
+    @classmethod
+    def safe_token(cls, value: str) -> str:
+        """Replace ``.``, whitespace, ``*``, ``>`` and control characters by ``_``."""
+        return _UNSAFE.sub("_", value)
+
+    @classmethod
+    def check_topic(cls, topic: str) -> str | None:
+        """Why ``topic`` is not a valid NATS publish subject, or ``None``."""
+        if not topic:
+            return "the subject is empty"
+        if _BAD_SUBJECT_CHARS.search(topic):
+            return "a NATS subject cannot contain whitespace or control characters"
+        tokens = topic.split(".")
+        if any(not t for t in tokens):
+            return "a NATS subject cannot have an empty token (leading, trailing or double dot)"
+        if any("*" in t or ">" in t for t in tokens):
+            return "a publish subject cannot contain the wildcards * or >"
+        return None
+
+    # -- connection --------------------------------------------------------------
+
+    async def connect(self) -> None:
+        """Connect to one of ``servers`` (random order); set up the stream if configured.
+
+        Raises :class:`SinkConnectionError` naming the sink and the cause (refused
+        credentials, failed TLS verification, no server reachable), never a secret.
+        """
+        await self.close()
+        opts = self.options
+        tls = self._tls_context() if opts.uses_tls else None
+        nc = Client()
+        lost = self._lost = asyncio.Event()
+        errors: list[BaseException] = []
+        denied = self._denied = []
+
+        async def on_error(exc: Exception) -> None:
+            errors.append(exc)
+            del errors[:-20]
+            if _is_permission(exc):
+                denied.append(str(exc))
+            log.debug("sink %s: nats client error: %s: %s", self.name, type(exc).__name__, exc)
+
+        async def on_lost() -> None:
+            lost.set()
+
+        servers = list(opts.servers)
+        random.shuffle(servers)
+        kwargs: dict[str, Any] = {
+            "servers": servers,
+            "name": opts.name,
+            "allow_reconnect": False,
+            # with reconnection off this only bounds the first connect: each server is
+            # tried twice, then NoServersError
+            "max_reconnect_attempts": 1,
+            "reconnect_time_wait": 0.1,
+            "dont_randomize": True,
+            "connect_timeout": opts.connect_timeout_s,
+            "ping_interval": opts.ping_interval_s,
+            "max_outstanding_pings": opts.max_outstanding_pings,
+            "flush_timeout": opts.flush_timeout_s,
+            "error_cb": on_error,
+            "disconnected_cb": on_lost,
+            "closed_cb": on_lost,
+        }
+        if tls is not None:
+            kwargs["tls"] = tls
+            if opts.tls_hostname:
+                kwargs["tls_hostname"] = opts.tls_hostname
+        if opts.user is not None and opts.password is not None:
+            kwargs["user"] = opts.user
+            kwargs["password"] = opts.password.get_secret_value()
+        if opts.token is not None:
+            kwargs["token"] = opts.token.get_secret_value()
+        if opts.creds_file is not None:
+            kwargs["user_credentials"] = str(opts.creds_file)
+        if opts.nkeys_seed is not None:
+            kwargs["nkeys_seed"] = str(opts.nkeys_seed)
+        # two attempts per server plus the waits between them
+        bound = 2 * len(servers) * (opts.connect_timeout_s + 0.2) + 1.0
+        try:
+            await asyncio.wait_for(nc.connect(**kwargs), bound)
+        except Exception as exc:
+            await _abort(nc)
+            msg = f"cannot connect to {', '.join(opts.servers)}: {self._explain(exc, errors)}"
+            raise SinkConnectionError(self.name, msg) from exc
+        self._nc = nc
+        if opts.jetstream:
+            self._js = nc.jetstream(timeout=opts.flush_timeout_s,
+                                    publish_async_max_pending=opts.max_inflight)
+            if opts.stream is not None:
+                try:
+                    await self._ensure_stream(nc, opts.stream)
+                except BaseException:
+                    await self.close()
+                    raise
+        log.debug("sink %s: connected to %s (server %s)", self.name,
+                  _url(nc), nc.connected_server_version)
+
+    def _tls_context(self) -> ssl.SSLContext:
+        opts = self.options
+        try:
+            ctx = ssl.create_default_context(
+                cafile=str(opts.tls_ca_file) if opts.tls_ca_file else None
+            )
+            if opts.tls_cert_file is not None and opts.tls_key_file is not None:
+                ctx.load_cert_chain(str(opts.tls_cert_file), str(opts.tls_key_file))
+        except (OSError, ssl.SSLError) as exc:
+            msg = f"cannot load the TLS files: {type(exc).__name__}: {exc}"
+            raise SinkConnectionError(self.name, msg) from exc
+        if not opts.tls_verify:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        return ctx
+
+    def _explain(self, exc: BaseException, errors: list[BaseException]) -> str:
+        """A one-line cause of a failed connect, without any secret."""
+        causes = [exc, *reversed(errors)]
+        for e in causes:
+            text = str(e)
+            if "authorization violation" in text.lower() or isinstance(
+                e, nats.errors.AuthorizationError
+            ):
+                return ("the server refused the credentials (Authorization Violation); "
+                        "check user/password, token, creds_file or nkeys_seed")
+            if isinstance(e, ssl.SSLCertVerificationError):
+                return (f"TLS verification of the server certificate failed "
+                        f"({e.verify_message}); "
+                        "set tls_ca_file to the CA that signed the server certificate")
+            if isinstance(e, ssl.SSLError):
+                return f"TLS failed: {e}"
+        if isinstance(exc, (asyncio.TimeoutError, nats.errors.NoServersError)):
+            for e in reversed(errors):
+                if not isinstance(e, nats.errors.NoServersError):
+                    return f"{type(e).__name__}: {e}"
+            if isinstance(exc, asyncio.TimeoutError):
+                return f"timed out (connect_timeout_s={self.options.connect_timeout_s})"
+        return f"{type(exc).__name__}: {exc}"
+
+    async def _ensure_stream(self, nc: Client, stream: StreamOptions) -> None:
+        config = StreamConfig(
+            name=stream.name,
+            subjects=list(stream.subjects),
+            max_age=stream.max_age_s,
+            duplicate_window=stream.duplicate_window_s,
+            storage=StorageType.FILE if stream.storage == "file" else StorageType.MEMORY,
+        )
+        try:
+            await nc.jsm(timeout=self.options.flush_timeout_s).add_stream(config)
+        except nats.js.errors.APIError as exc:
+            if exc.err_code == JS_STREAM_NAME_IN_USE:
+                why = (f"stream {stream.name!r} exists with other settings; align `stream:` "
+                       "with it or remove `stream:` to use the stream as it is")
+            elif exc.err_code == JS_SUBJECTS_OVERLAP:
+                why = (f"the subjects of stream {stream.name!r} overlap another stream's; "
+                       "remove `stream:` to publish into the existing stream")
+            elif isinstance(exc, nats.js.errors.ServiceUnavailableError):
+                why = "JetStream is not enabled on the server (start nats-server with -js)"
+            else:
+                why = f"creating stream {stream.name!r} failed: {exc.description or exc}"
+            raise SinkError(self.name, why) from exc
+        except (nats.errors.NoRespondersError, nats.errors.TimeoutError) as exc:
+            why = "JetStream is not enabled on the server or not answering (nats-server -js)"
+            raise SinkError(self.name, why) from exc
+
+    async def close(self) -> None:
+        """Close the connection within ``CLOSE_TIMEOUT_S``; idempotent, never raises."""
+        nc, self._nc, self._js = self._nc, None, None
+        if nc is None:
+            return
+        try:
+            await asyncio.wait_for(nc.close(), CLOSE_TIMEOUT_S)
+        except Exception as exc:  # a broken connection may fail to close cleanly
+            log.debug("sink %s: close: %s: %s", self.name, type(exc).__name__, exc)
+            await _abort(nc)
+
+    # -- publishing -----------------------------------------------------------------
+
+    async def publish(self, batch: Sequence[Message]) -> None:
+        """Return once the server accepted every message (flush or JetStream acks).
+
+        Fails at once when the connection is lost. Messages that can never be
+        published (too large, invalid subject, permission denied) do not stop the
+        others: the rest of the batch is delivered first, then
+        :class:`SinkRejectedError` names what was refused.
+        """
+        nc = self._nc
+        if nc is None or not nc.is_connected or self._lost.is_set():
+            raise SinkConnectionError(self.name, "not connected to NATS")
+        jetstream = self._js is not None
+        refused: list[str] = []
+        sendable: list[tuple[Message, dict[str, str]]] = []
+        limit = nc.max_payload
+        for m in batch:
+            headers = self._headers(m, jetstream)
+            problem = self._problem(m, headers, limit)
+            if problem is None:
+                sendable.append((m, headers))
+            else:
+                refused.append(f"{m.id}: {problem}")
+        try:
+            if self._js is not None:
+                refused += await self._bounded(self._publish_js(self._js, sendable), "publish acks")
+            else:
+                self._denied.clear()
+                for m, headers in sendable:
+                    await nc.publish(m.topic, m.body, headers=headers)
+                # nats-py types the timeout as int; it is passed to asyncio.wait_for
+                flush = nc.flush(self.options.flush_timeout_s)  # type: ignore[arg-type]
+                await self._bounded(flush, "flush")
+                # the server answers a denied PUB with -ERR before the PONG of the flush
+                refused += self._denied
+        except (nats.errors.ConnectionClosedError, nats.errors.OutboundBufferLimitError,
+                nats.errors.StaleConnectionError, nats.errors.FlushTimeoutError) as exc:
+            msg = f"connection lost while publishing: {exc}"
+            raise SinkConnectionError(self.name, msg) from exc
+        if refused:
+            more = f" (+{len(refused) - 3} more)" if len(refused) > 3 else ""
+            shown = "; ".join(refused[:3]) + more
+            msg = (f"{len(refused)} of {len(batch)} message(s) refused for good "
+                   f"(the others were delivered): {shown}")
+            raise SinkRejectedError(self.name, msg)
+
+    def _problem(self, m: Message, headers: dict[str, str], max_payload: int) -> str | None:
+        topic = m.topic
+        if topic not in self._valid_topics:
+            problem = self.check_topic(topic)
+            if problem is not None:
+                return f"subject {topic!r}: {problem}"
+            if len(self._valid_topics) > 100_000:
+                self._valid_topics.clear()
+            self._valid_topics.add(topic)
+        # the server counts the header block too (NATS/1.0 line, "k: v" lines, CRLFs)
+        size = len(m.body) + 12 + sum(len(k) + len(v) + 4 for k, v in headers.items())
+        if size > max_payload:
+            return f"{size} bytes is more than the server's max_payload of {max_payload}"
+        return None
+
+    def _headers(self, m: Message, jetstream: bool) -> dict[str, str]:
+        h = {"content-type": m.content_type}
+        for name, value in m.attributes.items():
+            h[f"ce-{name}"] = value
+        key_header = self.options.key_header
+        if key_header is not None and m.key is not None:
+            h[key_header] = m.key
+        if jetstream:
+            h["Nats-Msg-Id"] = m.id
+        return h
+
+    async def _publish_js(
+        self, js: JetStreamContext, batch: Sequence[tuple[Message, dict[str, str]]]
+    ) -> list[str]:
+        """Pipeline the publishes in order, then wait for every ack."""
+        pending: list[tuple[Message, asyncio.Future[PubAck]]] = []
+        try:
+            for m, headers in batch:
+                fut = await js.publish_async(m.topic, m.body, headers=headers)
+                pending.append((m, fut))
+            results = await asyncio.gather(*(f for _, f in pending), return_exceptions=True)
+        finally:
+            # an abandoned ack future would hold a slot of publish_async_max_pending
+            for _, f in pending:
+                if not f.done():
+                    f.cancel()
+        refused = []
+        for (m, _), res in zip(pending, results, strict=True):
+            if not isinstance(res, BaseException):
+                continue
+            if isinstance(res, nats.js.errors.APIError) and res.err_code == JS_MESSAGE_TOO_LARGE:
+                refused.append(f"{m.id}: the stream refused it as too large")
+            elif isinstance(res, nats.js.errors.NoStreamResponseError):
+                msg = (f"no JetStream stream captures subject {m.topic!r} (create one, or set "
+                       "`stream:` in the sink options)")
+                raise SinkError(self.name, msg) from res
+            elif isinstance(res, nats.js.errors.APIError):
+                msg = f"JetStream refused {m.id} on {m.topic!r}: {res.description or res}"
+                raise SinkError(self.name, msg) from res
+            else:
+                msg = f"JetStream publish of {m.id} failed: {type(res).__name__}: {res}"
+                raise SinkConnectionError(self.name, msg) from res
+        return refused
+
+    async def _bounded(self, aw: Awaitable[T], what: str) -> T:
+        """Await ``aw`` for at most ``flush_timeout_s``; fail at once if the link drops."""
+        task = asyncio.ensure_future(aw)
+        lost = asyncio.ensure_future(self._lost.wait())
+        try:
+            done, _ = await asyncio.wait(
+                {task, lost}, timeout=self.options.flush_timeout_s,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            lost.cancel()
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        if task in done:
+            return task.result()
+        if lost in done:
+            msg = f"connection lost while waiting for the {what}"
+        else:
+            msg = f"no {what} within flush_timeout_s={self.options.flush_timeout_s}"
+        raise SinkConnectionError(self.name, msg)
+
+
+def _is_permission(exc: BaseException) -> bool:
+    return "permissions violation" in str(exc).lower()
+
+
+def _url(nc: Client) -> str:
+    url = nc.connected_url
+    return f"{url.scheme}://{url.hostname}:{url.port}" if url is not None else "?"
+
+
+async def _abort(nc: Client) -> None:
+    """Tear down a client that did not close cleanly: cancel its tasks, drop the socket.
+
+    Uses nats-py internals (guarded) because ``Client.close()`` waits for a socket
+    drain that a dead peer can hold forever.
+    """
+    for attr in ("_reading_task", "_ping_interval_task", "_flusher_task", "_reconnection_task"):
+        task = getattr(nc, attr, None)
+        if isinstance(task, asyncio.Task) and not task.done():
+            task.cancel()
+    transport = getattr(nc, "_transport", None)
+    for attr in ("_io_writer", "_bare_io_writer"):
+        writer = getattr(transport, attr, None)
+        raw = getattr(writer, "transport", None)
+        abort: Callable[[], None] | None = getattr(raw, "abort", None)
+        if abort is not None:
+            with contextlib.suppress(Exception):
+                abort()
+    with contextlib.suppress(Exception):
+        nc._status = Client.CLOSED

@@ -1,0 +1,861 @@
+"""The ``nats`` driver against real nats-server processes.
+
+Shared server: ``nats_url`` (see tests/support/nats.py). Tests that kill a server, or
+need auth or TLS, start a private one on a free port with ``nats_servers``. The
+independent consumer is always a plain nats-py client (core subscription or reading
+the JetStream stream), never the driver under test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import ipaddress
+import logging
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from aleno_bridge_plugins.nats_sink import NatsOptions, NatsSink
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js.api import StorageType, StreamConfig
+from pydantic import ValidationError
+
+from bridge.app import Bridge
+from bridge.config import (
+    ConfigError,
+    RetryConfig,
+    SinkCommon,
+    SinkSpec,
+    load_config,
+    parse_config,
+)
+from bridge.runner import SinkWorker
+from bridge.simulator import Simulator
+from bridge.sinks import SinkConnectionError, SinkError, SinkRejectedError
+from bridge.testing.conformance import BusProbe, Received, SinkConformance, unique_topic
+from bridge.testing.sample import messages, sample_events
+from tests.support.nats import NatsServer
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
+
+ROOT = Path(__file__).resolve().parents[2]
+KEY_HEADER = "aleno-key"
+
+
+# ---------------------------------------------------------------------------
+# helpers: an independent consumer written with nats-py itself
+
+
+async def _quiet(_exc: Exception) -> None:
+    """nats-py logs every reconnect attempt as an error by default."""
+
+
+async def client(url: str, **kw: Any) -> Client:
+    """A nats-py client that reconnects by itself (the consumer side)."""
+    nc = Client()
+    opts: dict[str, Any] = {
+        "servers": [url], "connect_timeout": 2, "reconnect_time_wait": 0.2,
+        "max_reconnect_attempts": -1, "error_cb": _quiet,
+    }
+    opts.update(kw)
+    await asyncio.wait_for(nc.connect(**opts), 10)
+    return nc
+
+
+async def close_client(nc: Client | None) -> None:
+    if nc is not None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(nc.close(), 5)
+
+
+def to_received(subject: str, data: bytes, headers: dict[str, str] | None) -> Received:
+    h = dict(headers or {})
+    return Received(subject, data, h.get(KEY_HEADER), h)
+
+
+async def until(cond: Callable[[], bool], timeout: float, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            msg = f"{what} not met within {timeout}s"
+            raise AssertionError(msg)
+        await asyncio.sleep(0.02)
+
+
+async def read_stream(nc: Client, stream: str) -> list[Received]:
+    """Every message stored in ``stream``, in stream order."""
+    jsm = nc.jsm(timeout=5)
+    info = await jsm.stream_info(stream)
+    first, last = info.state.first_seq, info.state.last_seq
+    out: list[Received] = []
+    seqs = list(range(first, last + 1)) if info.state.messages else []
+    for i in range(0, len(seqs), 64):
+        chunk = await asyncio.gather(*(jsm.get_msg(stream, s) for s in seqs[i:i + 64]))
+        out += [to_received(m.subject or "", m.data or b"", m.headers) for m in chunk]
+    return out
+
+
+async def delete_stream(url: str, stream: str) -> None:
+    with contextlib.suppress(Exception):
+        nc = await client(url, max_reconnect_attempts=1)
+        try:
+            await nc.jsm(timeout=5).delete_stream(stream)
+        finally:
+            await close_client(nc)
+
+
+class CoreProbe(BusProbe):
+    """A core-NATS subscriber. Across a server restart it reconnects and re-subscribes
+    (nats-py does it), and ``drop_connections`` returns only once it did, so what the
+    sink publishes after the restart reaches it."""
+
+    def __init__(self, url: str, server: NatsServer | None = None, **connect: Any) -> None:
+        self.url = url
+        self.server = server
+        self.connect_kw = connect
+        self.nc: Client | None = None
+        self.got: list[Received] = []
+        self._reconnected = asyncio.Event()
+
+    async def _client(self) -> Client:
+        if self.nc is None:
+            async def on_reconnect() -> None:
+                self._reconnected.set()
+
+            self.nc = await client(self.url, reconnected_cb=on_reconnect, **self.connect_kw)
+        return self.nc
+
+    async def subscribe(self, topic: str) -> None:
+        nc = await self._client()
+
+        async def on_msg(msg: Msg) -> None:
+            self.got.append(to_received(msg.subject, msg.data, msg.headers))
+
+        await nc.subscribe(topic, cb=on_msg)
+        await nc.flush(5)
+
+    async def received(self, count: int, timeout: float) -> list[Received]:
+        with contextlib.suppress(AssertionError):
+            await until(lambda: len(self.got) >= count, timeout)
+        return list(self.got)
+
+    async def drop_connections(self) -> bool:
+        if self.server is None:
+            return False
+        nc = await self._client()
+        self._reconnected.clear()
+        await asyncio.to_thread(self.server.restart)
+        await asyncio.wait_for(self._reconnected.wait(), 20)
+        await nc.flush(5)
+        return True
+
+    async def close(self) -> None:
+        await close_client(self.nc)
+
+
+class StreamProbe(CoreProbe):
+    """A JetStream consumer: ``subscribe`` creates a file-store stream capturing the
+    topic; ``received`` reads what the stream stored, which survives a restart of the
+    (private) server, so nothing published while the probe was away is missed."""
+
+    stream: str | None = None
+
+    async def subscribe(self, topic: str) -> None:
+        nc = await self._client()
+        self.stream = f"CONFORMANCE_{uuid.uuid4().hex[:10]}"
+        config = StreamConfig(name=self.stream, subjects=[topic], storage=StorageType.FILE,
+                              duplicate_window=60)
+        await nc.jsm(timeout=5).add_stream(config)
+
+    async def received(self, count: int, timeout: float) -> list[Received]:
+        assert self.stream is not None
+        nc = await self._client()
+        deadline = time.monotonic() + timeout
+        while True:
+            got = await read_stream(nc, self.stream)
+            if len(got) >= count or time.monotonic() > deadline:
+                return got
+            await asyncio.sleep(0.1)
+
+    async def close(self) -> None:
+        if self.stream is not None:
+            await delete_stream(self.url, self.stream)
+        await super().close()
+
+
+def make_sink(name: str = "nats-test", **options: Any) -> NatsSink:
+    return NatsSink(name, NatsOptions.model_validate(options))
+
+
+# ---------------------------------------------------------------------------
+# the conformance suite, core NATS and JetStream
+
+FAST = {"ping_interval_s": 1.0, "connect_timeout_s": 2.0, "flush_timeout_s": 5.0}
+
+
+@pytest.fixture
+def broker(
+    request: pytest.FixtureRequest, nats_url: str, nats_servers: Callable[..., NatsServer],
+) -> tuple[str, NatsServer | None]:
+    """The shared server, except for the reconnect test, which restarts a private one."""
+    if request.node.name.startswith("test_reconnect"):
+        server = nats_servers()
+        return server.url, server
+    return nats_url, None
+
+
+class TestNatsCoreConformance(SinkConformance):
+    driver = NatsSink
+
+    @pytest.fixture
+    def options(self, broker: tuple[str, NatsServer | None]) -> dict[str, Any]:
+        return {"servers": broker[0], **FAST}
+
+    @pytest.fixture
+    async def probe(self, broker: tuple[str, NatsServer | None]) -> AsyncIterator[BusProbe]:
+        p = CoreProbe(*broker)
+        yield p
+        await p.close()
+
+
+class TestNatsJetStreamConformance(SinkConformance):
+    driver = NatsSink
+
+    @pytest.fixture
+    def options(self, broker: tuple[str, NatsServer | None]) -> dict[str, Any]:
+        return {"servers": broker[0], "jetstream": True, **FAST}
+
+    @pytest.fixture
+    async def probe(self, broker: tuple[str, NatsServer | None]) -> AsyncIterator[BusProbe]:
+        p = StreamProbe(*broker)
+        yield p
+        await p.close()
+
+
+# ---------------------------------------------------------------------------
+# subject rule and options (no server)
+
+
+@pytest.mark.parametrize(("value", "safe"), [
+    ("BTC/USD", "BTC/USD"),
+    ("BRK.B", "BRK_B"),
+    ("A B\tC", "A_B_C"),
+    ("X*>Y", "X__Y"),
+    ("bad\x00\x1f\x7f", "bad___"),
+    ("", ""),
+])
+def test_safe_token(value: str, safe: str) -> None:
+    assert NatsSink.safe_token(value) == safe
+    assert NatsSink.check_topic(f"prices.{NatsSink.safe_token(value) or 'x'}") is None
+
+
+@pytest.mark.parametrize(("topic", "problem"), [
+    ("prices.ticker.BTC/USD", None),
+    ("", "empty"),
+    (".prices", "empty token"),
+    ("prices.", "empty token"),
+    ("prices..x", "empty token"),
+    ("prices.a b", "whitespace"),
+    ("prices.*", "wildcard"),
+    ("prices.>", "wildcard"),
+    ("prices.a*b", "wildcard"),
+])
+def test_check_topic(topic: str, problem: str | None) -> None:
+    found = NatsSink.check_topic(topic)
+    if problem is None:
+        assert found is None
+    else:
+        assert found is not None and problem in found
+
+
+def test_a_template_that_can_never_be_valid_is_a_config_error() -> None:
+    text = """
+source: {api_key: k, equities: [AAPL]}
+sinks: {bus: {driver: nats, servers: "nats://127.0.0.1:4222"}}
+routes: [{sinks: [bus], topic: "prices.{kind}.{quote}"}]
+"""
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, env={})
+    assert "empty token" in str(info.value)
+    assert "routes[0].topic" in str(info.value)
+
+
+def test_options() -> None:
+    opts = NatsOptions.model_validate({"servers": "nats://a:4222, tls://b:4222"})
+    assert opts.servers == ["nats://a:4222", "tls://b:4222"]
+    assert opts.tls_verify is True and opts.jetstream is False and opts.name == "aleno-bridge"
+    assert NatsOptions.model_validate({"servers": "127.0.0.1:4222"}).servers == [
+        "nats://127.0.0.1:4222"
+    ]
+    bad: Iterable[dict[str, Any]] = [
+        {},
+        {"servers": []},
+        {"servers": "http://a:4222"},
+        {"servers": "nats://a:4222", "user": "u"},
+        {"servers": "nats://a:4222", "user": "u", "password": "p", "token": "t"},
+        {"servers": "nats://a:4222", "stream": {"name": "S", "subjects": ["a.>"]}},
+        {"servers": "nats://a:4222", "jetstream": True,
+         "stream": {"name": "S", "subjects": ["a.>"], "max_age_s": 10}},
+        {"servers": "nats://a:4222", "tls_cert_file": "c.pem"},
+        {"servers": "nats://a:4222", "key_header": "bad header"},
+    ]
+    for raw in bad:
+        with pytest.raises(ValidationError):
+            NatsOptions.model_validate(raw)
+
+
+def test_credentials_in_url_are_refused_without_echoing_them() -> None:
+    with pytest.raises(ValidationError) as info:
+        NatsOptions.model_validate({"servers": "nats://alice:hunter2-secret@host:4222"})
+    errors = info.value.errors(include_input=False, include_url=False)
+    assert "credentials" in str(errors)
+    assert "hunter2-secret" not in str(errors)
+
+
+def test_secrets_never_in_repr() -> None:
+    sink = make_sink(servers="nats://a:4222", user="alice", password="pw-Secret-1")
+    token_sink = make_sink(servers="nats://a:4222", token="tok-Secret-2")
+    text = repr(sink) + str(sink.options) + repr(token_sink) + str(token_sink.options)
+    assert "pw-Secret-1" not in text and "tok-Secret-2" not in text
+    assert "alice" in text
+
+
+def test_example_config_validates() -> None:
+    settings = load_config(ROOT / "config" / "nats.yaml", env={})
+    drivers = {spec.driver for spec in settings.sinks.values()}
+    assert NatsSink in drivers
+
+
+# ---------------------------------------------------------------------------
+# end to end: simulator -> Bridge -> NATS -> an independent consumer
+
+
+async def run_bridge(text: str, done: Callable[[Bridge], bool], timeout: float) -> Bridge:
+    """Run a bridge built from ``text`` until ``done(bridge)``, then stop it (drained)."""
+    bridge = Bridge(parse_config(text, env={}))
+    stop = asyncio.Event()
+    task = asyncio.create_task(bridge.run(stop))
+    try:
+        await until(lambda: task.done() or done(bridge), timeout, "bridge condition")
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    return bridge
+
+
+def e2e_config(sim: Simulator, url: str, prefix: str, fmt: str, extra: str = "") -> str:
+    return f"""
+source:
+  url: {sim.url}
+  api_key: test-key
+  tickers: [BTC/USD, ETH/USD]
+  equities: [BRK.B, AAPL]
+sinks:
+  bus:
+    driver: nats
+    servers: {url}
+    format: {fmt}
+    ping_interval_s: 1
+    {extra}
+routes:
+  - sinks: [bus]
+    topic: "{prefix}.{{kind}}.{{symbol}}"
+    key: "{{symbol}}"
+http: {{enabled: false}}
+shutdown_timeout_s: 5
+"""
+
+
+SUBJECTS = {
+    "BTC/USD": "ticker.BTC/USD", "ETH/USD": "ticker.ETH/USD",
+    "BRK.B": "equity.BRK_B", "AAPL": "equity.AAPL",
+}
+
+
+def check_message(r: Received, prefix: str, fmt: str, sim: Simulator) -> str:
+    """Check one received message in format ``fmt``; return its symbol."""
+    body = orjson.loads(r.body)
+    h = r.headers
+    if fmt == "cloudevents-json":
+        assert h["content-type"] == "application/cloudevents+json"
+        assert not any(k.startswith("ce-") for k in h)
+        symbol = body["subject"]
+        kind = body["data"]["kind"]
+        assert body["specversion"] == "1.0"
+        assert body["type"] == f"ai.aleno.{kind}.v1"
+        assert body["source"] == f"{sim.url}/v1/socket"
+        assert body["id"] == f"{kind}:{symbol}:{body['data']['sentTimestampMs']}"
+        assert body["data"]["symbol"] == symbol
+    elif fmt == "cloudevents-binary":
+        assert h["content-type"] == "application/json"
+        symbol = h["ce-subject"]
+        kind = body["kind"]
+        assert h["ce-specversion"] == "1.0"
+        assert h["ce-type"] == f"ai.aleno.{kind}.v1"
+        assert h["ce-source"] == f"{sim.url}/v1/socket"
+        assert h["ce-id"] == f"{kind}:{symbol}:{body['sentTimestampMs']}"
+        assert h["ce-time"].endswith("Z")
+        assert body["symbol"] == symbol and "specversion" not in body
+    else:
+        assert h["content-type"] == "application/json"
+        assert not any(k.startswith("ce-") for k in h)
+        # the upstream record as Aleno sent it: tickers carry "id", equities "symbol"
+        symbol = body.get("id") or body["symbol"]
+        assert "sentTimestampMs" in body and "data" not in body
+    assert r.key == symbol, "the route key travels in the aleno-key header"
+    assert r.topic == f"{prefix}.{SUBJECTS[symbol]}"
+    return str(symbol)
+
+
+@pytest.mark.parametrize("fmt", ["cloudevents-json", "cloudevents-binary", "raw"])
+async def test_end_to_end_core(fmt: str, simulator: Simulator, nats_url: str) -> None:
+    prefix = f"aleno-e2e.{uuid.uuid4().hex[:8]}"
+    probe = CoreProbe(nats_url)
+    await probe.subscribe(f"{prefix}.>")
+    try:
+        def all_symbols(_b: Bridge) -> bool:
+            return len({r.topic for r in probe.got}) == len(SUBJECTS) and len(probe.got) >= 8
+
+        await run_bridge(e2e_config(simulator, nats_url, prefix, fmt), all_symbols, 20)
+    finally:
+        await probe.close()
+    seen = {check_message(r, prefix, fmt, simulator) for r in probe.got}
+    assert seen == set(SUBJECTS)
+    assert not any("Nats-Msg-Id" in r.headers for r in probe.got)
+
+
+async def test_end_to_end_jetstream_creates_the_stream(
+    simulator: Simulator, nats_url: str,
+) -> None:
+    """JetStream mode with ``stream:``: the sink creates the stream, every stored
+    message carries ``Nats-Msg-Id`` = the CloudEvents id."""
+    tag = uuid.uuid4().hex[:8]
+    prefix, stream = f"aleno-e2e-js.{tag}", f"ALENO_E2E_{tag}"
+    extra = (f"jetstream: true\n    stream: {{name: {stream}, subjects: ['{prefix}.>'], "
+             "max_age_s: 600, storage: memory}")
+    nc = await client(nats_url)
+    try:
+        bridge = await run_bridge(
+            e2e_config(simulator, nats_url, prefix, "cloudevents-binary", extra),
+            lambda b: b.workers["bus"].stats.published >= 12, 20,
+        )
+        got = await read_stream(nc, stream)
+    finally:
+        await delete_stream(nats_url, stream)
+        await close_client(nc)
+    assert len(got) == bridge.workers["bus"].stats.published
+    for r in got:
+        check_message(r, prefix, "cloudevents-binary", simulator)
+        assert r.headers["Nats-Msg-Id"] == r.headers["ce-id"]
+
+
+# ---------------------------------------------------------------------------
+# JetStream: dedup, stream creation
+
+
+async def test_jetstream_dedups_a_replayed_batch(nats_url: str) -> None:
+    tag = uuid.uuid4().hex[:8]
+    subject, stream = f"aleno-dedup.{tag}", f"ALENO_DEDUP_{tag}"
+    stream_opts = {"name": stream, "subjects": [subject], "storage": "memory"}
+    batch = messages(sample_events(symbols=5, updates=6), subject, "cloudevents-json")
+    sink = make_sink(servers=nats_url, jetstream=True, stream=stream_opts)
+    again = make_sink(servers=nats_url, jetstream=True, stream=stream_opts)
+    nc = await client(nats_url)
+    try:
+        await sink.connect()
+        await sink.publish(batch)
+        await sink.publish(batch)  # a retried batch
+        await again.connect()  # another replica: same stream settings are fine
+        await again.publish(batch[:10])
+        info = await nc.jsm().stream_info(stream)
+        stored = await read_stream(nc, stream)
+    finally:
+        await sink.close()
+        await again.close()
+        await delete_stream(nats_url, stream)
+        await close_client(nc)
+    assert info.state.messages == len(batch)
+    assert [r.headers["Nats-Msg-Id"] for r in stored] == [m.id for m in batch]
+
+
+async def test_stream_with_other_settings_is_a_clear_error(nats_url: str) -> None:
+    tag = uuid.uuid4().hex[:8]
+    stream = f"ALENO_OTHER_{tag}"
+    first = make_sink(servers=nats_url, jetstream=True,
+                      stream={"name": stream, "subjects": [f"o.{tag}"], "storage": "memory"})
+    second = make_sink(servers=nats_url, jetstream=True,
+                       stream={"name": stream, "subjects": [f"o.{tag}"], "storage": "memory",
+                               "max_age_s": 3600})
+    try:
+        await first.connect()
+        with pytest.raises(SinkError) as info:
+            await second.connect()
+    finally:
+        await first.close()
+        await second.close()
+        await delete_stream(nats_url, stream)
+    assert "exists with other settings" in str(info.value)
+    assert second.is_retriable(info.value)
+
+
+async def test_no_stream_for_the_subject_is_retriable(nats_url: str) -> None:
+    sink = make_sink(servers=nats_url, jetstream=True, flush_timeout_s=3)
+    batch = messages(sample_events(symbols=1, updates=2), f"aleno-nostream.{uuid.uuid4().hex}")
+    try:
+        await sink.connect()
+        with pytest.raises(SinkError) as info:
+            await sink.publish(batch)
+    finally:
+        await sink.close()
+    assert "no JetStream stream captures subject" in str(info.value)
+    assert sink.is_retriable(info.value)
+
+
+# ---------------------------------------------------------------------------
+# refusals, bounded waits
+
+
+async def test_too_large_is_rejected_and_the_rest_delivered(nats_url: str) -> None:
+    topic = unique_topic()
+    probe = CoreProbe(nats_url)
+    await probe.subscribe(topic)
+    sink = make_sink(servers=nats_url)
+    batch = messages(sample_events(symbols=3, updates=1), topic)
+    batch[1].body = b"x" * (2 * 1024 * 1024)
+    try:
+        await sink.connect()
+        with pytest.raises(SinkRejectedError) as info:
+            await sink.publish(batch)
+        got = await probe.received(2, 5)
+    finally:
+        await sink.close()
+        await probe.close()
+    assert not sink.is_retriable(info.value)
+    assert batch[1].id in str(info.value) and "max_payload" in str(info.value)
+    assert {r.envelope()["id"] for r in got} == {batch[0].id, batch[2].id}
+
+
+async def test_a_dead_server_fails_publish_fast_and_close_is_bounded(
+    nats_servers: Callable[..., NatsServer],
+) -> None:
+    """No nats-py pending buffer: with the server gone, publish fails at once
+    (retriable) instead of "succeeding" into a client-side buffer."""
+    server = nats_servers(jetstream=False)
+    sink = make_sink(servers=server.url, flush_timeout_s=5)
+    batch = messages(sample_events(symbols=2, updates=2), unique_topic())
+    await sink.connect()
+    await sink.publish(batch)
+    server.kill()
+    started = time.monotonic()
+    with pytest.raises(SinkConnectionError) as info:
+        for _ in range(50):  # the first may still be written before the socket closes
+            await sink.publish(batch)
+            await asyncio.sleep(0.05)
+    failed_after = time.monotonic() - started
+    started = time.monotonic()
+    await sink.close()
+    await sink.close()
+    closed_after = time.monotonic() - started
+    assert sink.is_retriable(info.value)
+    assert failed_after < 3.0, failed_after
+    assert closed_after < 3.0, closed_after
+    with pytest.raises(SinkConnectionError):
+        await sink.publish(batch)
+
+
+async def test_connect_to_a_silent_server_is_bounded() -> None:
+    """A peer that accepts TCP but never speaks NATS must not hang connect()."""
+    writers: list[asyncio.StreamWriter] = []
+
+    async def accept(_r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        writers.append(w)
+
+    server = await asyncio.start_server(accept, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    sink = make_sink(servers=f"nats://127.0.0.1:{port}", connect_timeout_s=0.5)
+    started = time.monotonic()
+    try:
+        with pytest.raises(SinkConnectionError) as info:
+            await sink.connect()
+    finally:
+        await sink.close()
+        for w in writers:
+            w.close()
+        server.close()
+        await server.wait_closed()
+    assert time.monotonic() - started < 4.0
+    assert "nats-test" in str(info.value)
+
+
+async def test_unreachable_server_names_the_cause(nats_servers: Callable[..., NatsServer]) -> None:
+    server = nats_servers(jetstream=False)
+    server.stop()
+    sink = make_sink(servers=server.url)
+    with pytest.raises(SinkConnectionError) as info:
+        await sink.connect()
+    await sink.close()
+    assert "nats-test" in str(info.value) and server.url in str(info.value)
+    assert "Connect call failed" in str(info.value) or "refused" in str(info.value).lower()
+
+
+# ---------------------------------------------------------------------------
+# authentication and TLS (private servers)
+
+PASSWORD = "correct-Horse-9"
+WRONG = "wrong-Battery-7"
+
+
+async def test_user_password(nats_servers: Callable[..., NatsServer]) -> None:
+    server = nats_servers(jetstream=False, args=["--user", "alice", "--pass", PASSWORD])
+    topic = unique_topic()
+    probe = CoreProbe(server.url, user="alice", password=PASSWORD)
+    await probe.subscribe(topic)
+    sink = make_sink(servers=server.url, user="alice", password=PASSWORD)
+    batch = messages(sample_events(symbols=2, updates=2), topic)
+    try:
+        await sink.connect()
+        await sink.publish(batch)
+        got = await probe.received(len(batch), 5)
+    finally:
+        await sink.close()
+        await probe.close()
+    assert [r.envelope()["id"] for r in got] == [m.id for m in batch]
+
+
+async def test_wrong_password_is_a_clear_error_without_the_password(
+    nats_servers: Callable[..., NatsServer], caplog: pytest.LogCaptureFixture,
+) -> None:
+    server = nats_servers(jetstream=False, args=["--user", "alice", "--pass", PASSWORD])
+    caplog.set_level(logging.DEBUG)
+    sink = make_sink("nats-auth", servers=server.url, user="alice", password=WRONG)
+    with pytest.raises(SinkConnectionError) as info:
+        await sink.connect()
+    await sink.close()
+    text = str(info.value)
+    assert "nats-auth" in text and "refused the credentials" in text
+    assert WRONG not in text and PASSWORD not in text
+
+    # the runner's state line for the same failure
+    retry = RetryConfig(initial_backoff_s=0.1, max_backoff_s=0.2)
+    common = SinkCommon(driver="nats", retry=retry)
+    worker = SinkWorker(SinkSpec("nats-auth", common, NatsSink, sink.options), sink)
+    worker.start()
+    try:
+        await until(lambda: worker.stats.connects == 0 and worker.state == "failing", 10)
+        await asyncio.sleep(0.5)  # a few retries
+    finally:
+        await worker.stop(1.0)
+    lines = [r.getMessage() for r in caplog.records]
+    state = [ln for ln in lines if "nats-auth" in ln and "failing" in ln]
+    assert state and "Authorization Violation" in state[0]
+    assert len(state) == 1, "the failure is logged once per state change, not per retry"
+    for line in lines:
+        assert WRONG not in line and PASSWORD not in line
+
+
+async def test_token(nats_servers: Callable[..., NatsServer]) -> None:
+    server = nats_servers(jetstream=False, args=["--auth", "tok-Secret-55"])
+    good = make_sink(servers=server.url, token="tok-Secret-55")
+    bad = make_sink(servers=server.url, token="tok-Wrong-66")
+    try:
+        await good.connect()
+        await good.publish(messages(sample_events(symbols=1, updates=1), unique_topic()))
+        with pytest.raises(SinkConnectionError) as info:
+            await bad.connect()
+    finally:
+        await good.close()
+        await bad.close()
+    assert "refused the credentials" in str(info.value)
+    assert "tok-Wrong-66" not in str(info.value)
+
+
+def make_ca_and_server_cert(directory: Path) -> tuple[Path, Path, Path]:
+    """A throw-away CA and a server certificate for 127.0.0.1/localhost it signed."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "aleno-bridge test CA")])
+    ca = (
+        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+        .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(
+            digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
+            key_encipherment=False, data_encipherment=False, key_agreement=False,
+            encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()),
+                       critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+        .issuer_name(ca_name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([
+            x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False)
+        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]),
+                       critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                       critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    ca_path, cert_path = directory / "ca.pem", directory / "server.pem"
+    key_path = directory / "server.key"
+    ca_path.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    return ca_path, cert_path, key_path
+
+
+async def test_tls(nats_servers: Callable[..., NatsServer], tmp_path: Path) -> None:
+    """Publishing over TLS works with ``tls_ca_file``; without it the server's
+    certificate fails verification (verification is on by default)."""
+    pytest.importorskip("cryptography")
+    ca, cert, key = make_ca_and_server_cert(tmp_path)
+    server = nats_servers(jetstream=False,
+                          args=["--tls", "--tlscert", str(cert), "--tlskey", str(key)])
+    import ssl
+
+    probe_ctx = ssl.create_default_context(cafile=str(ca))
+    topic = unique_topic()
+    probe = CoreProbe(server.url, tls=probe_ctx)
+    await probe.subscribe(topic)
+    batch = messages(sample_events(symbols=2, updates=2), topic)
+    trusted = make_sink(servers=server.url, tls_ca_file=str(ca))
+    untrusted = make_sink(servers=f"tls://127.0.0.1:{server.port}")
+    unverified = make_sink(servers=server.url, tls_verify=False)
+    try:
+        await trusted.connect()
+        await trusted.publish(batch)
+        got = await probe.received(len(batch), 5)
+        with pytest.raises(SinkConnectionError) as info:
+            await untrusted.connect()
+        await unverified.connect()  # explicitly asked for: works, unverified
+        await unverified.publish(batch[:1])
+    finally:
+        for s in (trusted, untrusted, unverified):
+            await s.close()
+        await probe.close()
+    assert [r.envelope()["id"] for r in got] == [m.id for m in batch]
+    assert "verification of the server certificate failed" in str(info.value)
+    assert "tls_ca_file" in str(info.value)
+
+
+# ---------------------------------------------------------------------------
+# broker outage in a running bridge
+
+
+async def test_broker_killed_mid_stream(
+    simulator: Simulator, nats_servers: Callable[..., NatsServer], tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """SIGKILL the NATS server mid-stream and restart it on the same port 3 s later.
+
+    The consumer is the JetStream stream itself, read after the fact: its file store
+    (in tmp_path, fsynced on every write) survives the kill, so a message the stream
+    acknowledged before the kill, and every message published after the restart,
+    are there to be counted, whether or not any subscriber was connected at the time.
+    A core subscriber would miss whatever was published while it was reconnecting.
+
+    Checked: the bridge reconnects by itself; the jsonl sink of the same bridge keeps
+    publishing during the outage (a dead bus never stalls another sink); every
+    envelope the bridge produced (the jsonl file holds them all), including those
+    produced during the outage, is in the stream at least once. Duplicates are
+    counted and reported, not forbidden (JetStream dedup by Nats-Msg-Id should make
+    them zero).
+    """
+    server = nats_servers(jetstream=True, name="outage")
+    tag = uuid.uuid4().hex[:8]
+    prefix, stream = f"aleno-outage.{tag}", f"ALENO_OUTAGE_{tag}"
+    jsonl = tmp_path / "all.jsonl"
+    text = f"""
+source: {{url: {simulator.url}, api_key: test-key, tickers: [BTC/USD, ETH/USD, SOL/USD],
+          equities: [AAPL, MSFT]}}
+sinks:
+  bus:
+    driver: nats
+    servers: {server.url}
+    jetstream: true
+    stream: {{name: {stream}, subjects: ["{prefix}.>"], duplicate_window_s: 120}}
+    ping_interval_s: 1
+    connect_timeout_s: 1
+    flush_timeout_s: 2
+    buffer: {{max_events: 100000, when_full: drop_oldest}}
+    batch: {{max_events: 50, linger_ms: 0}}
+    retry: {{initial_backoff_s: 0.1, max_backoff_s: 0.5, publish_timeout_s: 3,
+             connect_timeout_s: 3}}
+  file:
+    driver: jsonl
+    path: {jsonl}
+routes:
+  - sinks: [bus, file]
+    topic: "{prefix}.{{kind}}.{{symbol}}"
+http: {{enabled: false}}
+shutdown_timeout_s: 10
+"""
+    bridge = Bridge(parse_config(text, env={}))
+    bus, file = bridge.workers["bus"], bridge.workers["file"]
+    stop = asyncio.Event()
+    task = asyncio.create_task(bridge.run(stop))
+    file_growth: list[int] = []
+    try:
+        await until(lambda: bus.stats.published >= 20 or task.done(), 20, "first publishes")
+        await asyncio.to_thread(server.kill)
+        file_at_kill = file.stats.published
+        for _ in range(6):  # 3 s of outage
+            await asyncio.sleep(0.5)
+            file_growth.append(file.stats.published)
+        bus_during = bus.stats.published
+        await asyncio.to_thread(server.start)
+        file_at_restart = file.stats.published
+        await until(lambda: bus.stats.reconnects >= 1 or task.done(), 20, "reconnect")
+        # let the backlog drain and a little more flow through the healthy link
+        await until(lambda: (bus.depth == 0 and bus.stats.published > file_at_restart)
+                    or task.done(), 30, "backlog drained")
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    nc = await client(server.url)
+    try:
+        stored = await read_stream(nc, stream)
+    finally:
+        await close_client(nc)
+
+    produced = [orjson.loads(line)["id"] for line in jsonl.read_bytes().splitlines()]
+    during = produced[file_at_kill:file_at_restart]
+    counts = Counter(r.headers["Nats-Msg-Id"] for r in stored)
+    missing = [i for i in produced if i not in counts]
+    duplicates = sum(n - 1 for n in counts.values())
+    with capsys.disabled():
+        print(f"\n[nats outage] produced={len(produced)} during_outage={len(during)} "
+              f"stored={len(stored)} missing={len(missing)} duplicates={duplicates} "
+              f"reconnects={bus.stats.reconnects} failed_batches={bus.stats.failed_batches}")
+    assert file_growth[-1] > file_at_kill + 10, f"the jsonl sink stalled: {file_growth}"
+    assert file_growth == sorted(file_growth) and len(set(file_growth)) > 3
+    assert bus_during <= file_at_kill + 50, "nothing can be acknowledged by a dead server"
+    assert bus.stats.reconnects >= 1
+    assert len(during) >= 10
+    assert not missing, f"{len(missing)} envelope(s) never reached the stream: {missing[:5]}"
+    assert bus.stats.dropped == {} and file.stats.dropped == {}
+    assert all(r.topic.startswith(prefix) for r in stored)
