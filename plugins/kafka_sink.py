@@ -1,0 +1,560 @@
+"""``kafka``: CloudEvents onto Apache Kafka (or any Kafka-protocol broker) with aiokafka.
+
+Delivery guarantee
+------------------
+At least once with the default ``acks: all``: :meth:`KafkaSink.publish` hands every
+record of the batch to the producer, then waits for the broker's delivery report of
+each one, and returns only when all of them succeeded. Any failure raises, the core
+retries the whole batch, so a record can reach the topic twice, never zero times
+while the bridge runs. Every record carries the deterministic envelope id in the
+header ``ce_id`` (in every format): that is the consumer's dedup key. ``acks: 1``
+loses what the leader acknowledged but did not replicate before it crashed;
+``acks: 0`` is at most once (no broker acknowledgement at all).
+
+``enable_idempotence: true`` makes the broker drop the duplicates the producer's own
+internal retries would create (not those of a batch the core resends after a
+reconnect: a new producer has a new producer id). It needs a broker that implements
+``InitProducerId``; the in-memory store of Tansu (the broker the tests start) does
+not, hence the default ``False``. Turn it on for a real Kafka cluster.
+
+Order: records with the same key (the route's ``key``, the symbol by default) go to
+the same partition, and aiokafka keeps one produce request in flight per partition,
+so the updates of one symbol are appended in the order the core gave them.
+
+Topic names
+-----------
+Kafka allows ``[A-Za-z0-9._-]`` and at most 249 characters. :meth:`KafkaSink.safe_token`
+replaces every other character of a placeholder value with ``_`` (``BTC/USD`` ->
+``BTC_USD``, ``BRK.B`` stays); :meth:`KafkaSink.check_topic` refuses at start-up a
+template whose rendered topic is empty, ``.``, ``..``, too long or holds a forbidden
+literal character.
+
+Formats (CloudEvents Kafka protocol binding)
+--------------------------------------------
+``cloudevents-json``
+    structured mode: value = the envelope, header ``content-type:
+    application/cloudevents+json``, plus ``ce_id`` (a receiver in structured mode reads
+    the attributes from the body; the extra header lets brokers' tools and consumers
+    dedup without parsing it. No ``ce_specversion`` header, so no SDK mistakes the
+    record for binary mode).
+``cloudevents-binary``
+    binary mode: value = ``data``, header ``content-type: application/json`` and one
+    ``ce_<attribute>`` header per context attribute (``ce_specversion``, ``ce_id``,
+    ``ce_source``, ``ce_type``, ``ce_subject``, ``ce_time``), UTF-8.
+``raw``
+    value = the upstream record, header ``content-type: application/json`` and ``ce_id``.
+
+The record key is the rendered route key (UTF-8), or none when the route has no key.
+
+Timeouts
+--------
+Nothing here waits without a bound: ``connect`` and every ``publish`` are bounded by
+``request_timeout_ms`` (plus ``linger_ms`` and a second of grace), ``close`` by
+:data:`CLOSE_TIMEOUT_S`; aiokafka's ``stop()`` waits for every pending record, which
+never comes when the broker is gone, so after that bound the producer is torn down
+without waiting. Keep ``request_timeout_ms`` below the sink's
+``retry.publish_timeout_s`` so the driver's own error (naming the cause) comes first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import ssl
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, ClassVar, Final, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+
+from bridge.sinks import (
+    Message,
+    Sink,
+    SinkConnectionError,
+    SinkError,
+    SinkOptions,
+    SinkRejectedError,
+)
+
+try:
+    from aiokafka import AIOKafkaProducer
+    from aiokafka import codec as _codec
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+    from aiokafka.errors import (
+        CorruptRecordException,
+        InvalidTopicError,
+        KafkaConnectionError,
+        KafkaError,
+        KafkaTimeoutError,
+        MessageSizeTooLargeError,
+        PolicyViolationError,
+        RecordListTooLargeError,
+        RecordTooLargeError,
+        UnsupportedForMessageFormatError,
+        UnsupportedVersionError,
+        for_code,
+    )
+    from aiokafka.helpers import create_ssl_context
+except ImportError as exc:  # pragma: no cover - depends on the installation
+    msg = (
+        f"the kafka sink needs aiokafka ({exc}); install it with "
+        "`pip install 'aleno-bridge[kafka]'`"
+    )
+    raise ImportError(msg) from exc
+
+log = logging.getLogger("aleno_bridge.kafka")
+
+#: longest topic name Kafka accepts
+MAX_TOPIC_LENGTH: Final = 249
+#: how long ``close()`` lets aiokafka flush and stop before tearing it down
+CLOSE_TIMEOUT_S: Final = 3.0
+#: Kafka error code of CreateTopics for a topic that exists already
+TOPIC_ALREADY_EXISTS: Final = 36
+
+_UNSAFE: Final = re.compile(r"[^A-Za-z0-9._-]")
+
+#: codec -> (aiokafka's availability check, pip extra that installs the library)
+_CODECS: Final = {
+    "lz4": (_codec.has_lz4, "aiokafka[lz4]"),
+    "zstd": (_codec.has_zstd, "aiokafka[zstd]"),
+    "snappy": (_codec.has_snappy, "aiokafka[snappy]"),
+}
+
+#: errors of one record that resending can never fix: the batch is rejected
+_REJECTED: Final[tuple[type[BaseException], ...]] = (
+    MessageSizeTooLargeError,
+    RecordTooLargeError,
+    RecordListTooLargeError,
+    InvalidTopicError,
+    CorruptRecordException,
+    UnsupportedForMessageFormatError,
+    PolicyViolationError,
+    UnsupportedVersionError,
+)
+
+
+class KafkaOptions(SinkOptions):
+    """Options of the ``kafka`` driver (see docs/drivers/kafka.md for the table)."""
+
+    bootstrap_servers: list[str] = Field(
+        description="host:port of one or more brokers (a list or a comma-separated string)"
+    )
+    client_id: str = "aleno-bridge"
+    acks: Literal["all", 0, 1] = "all"
+    enable_idempotence: bool = Field(
+        False,
+        description="idempotent producer; needs broker support (not Tansu's memory store)",
+    )
+    compression: Literal["none", "gzip", "lz4", "zstd", "snappy"] = "none"
+    linger_ms: int = Field(0, ge=0, description="producer-side wait to fill batches")
+    max_batch_bytes: int = Field(
+        16_384, ge=1024, description="bytes of records per partition batch"
+    )
+    max_request_bytes: int = Field(
+        1_048_576, ge=1024, description="largest record accepted; larger ones are rejected"
+    )
+    request_timeout_ms: int = Field(10_000, ge=100)
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: Path | None = None
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+    ssl_check_hostname: bool = True
+    create_topics: list[str] | bool = Field(
+        False,
+        description="topics to create at connect, or true: every topic before its first record",
+    )
+    partitions: int = Field(1, ge=1, description="partitions of the topics this sink creates")
+    replication_factor: int = Field(
+        1, ge=1, description="replication factor of the topics this sink creates"
+    )
+
+    @field_validator("bootstrap_servers", mode="before")
+    @classmethod
+    def _split_servers(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = [part for part in (p.strip() for p in v.split(",")) if part]
+        if isinstance(v, list) and not v:
+            msg = "give at least one broker as host:port"
+            raise ValueError(msg)
+        return v
+
+    @field_validator("bootstrap_servers")
+    @classmethod
+    def _host_port(cls, v: list[str]) -> list[str]:
+        for server in v:
+            host, sep, port = server.strip().rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                msg = f"{server!r} is not host:port"
+                raise ValueError(msg)
+        return [s.strip() for s in v]
+
+    @field_validator("acks", mode="before")
+    @classmethod
+    def _acks(cls, v: Any) -> Any:
+        # YAML and ${VAR} interpolation give "1", "-1" or -1 as often as 1 or "all"
+        if v in (-1, "-1"):
+            return "all"
+        if isinstance(v, str) and v.strip() in ("0", "1"):
+            return int(v)
+        return v
+
+    @field_validator("compression")
+    @classmethod
+    def _codec_installed(cls, v: str) -> str:
+        codec = _CODECS.get(v)
+        if codec is not None and not codec[0]():
+            msg = (
+                f"compression {v!r} needs its codec library, which is not installed: "
+                f"pip install '{codec[1]}'"
+            )
+            raise ValueError(msg)
+        return v
+
+    @field_validator("create_topics")
+    @classmethod
+    def _topic_names(cls, v: list[str] | bool) -> list[str] | bool:
+        if isinstance(v, list):
+            for topic in v:
+                problem = KafkaSink.check_topic(topic)
+                if problem is not None:
+                    msg = f"{topic!r}: {problem}"
+                    raise ValueError(msg)
+        return v
+
+    @model_validator(mode="after")
+    def _coherent(self) -> KafkaOptions:
+        sasl = self.security_protocol.startswith("SASL_")
+        given = [
+            n for n in ("sasl_mechanism", "sasl_username", "sasl_password")
+            if getattr(self, n) is not None
+        ]
+        if sasl and len(given) < 3:
+            missing = sorted({"sasl_mechanism", "sasl_username", "sasl_password"} - set(given))
+            msg = f"security_protocol {self.security_protocol} needs {', '.join(missing)}"
+            raise ValueError(msg)
+        if not sasl and given:
+            msg = (
+                f"{', '.join(given)} given but security_protocol is {self.security_protocol}; "
+                "use SASL_PLAINTEXT or SASL_SSL"
+            )
+            raise ValueError(msg)
+        tls = self.security_protocol in ("SSL", "SASL_SSL")
+        files = [n for n in ("ssl_cafile", "ssl_certfile", "ssl_keyfile") if getattr(self, n)]
+        if files and not tls:
+            msg = (
+                f"{', '.join(files)} given but security_protocol is {self.security_protocol}; "
+                "use SSL or SASL_SSL"
+            )
+            raise ValueError(msg)
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            msg = "ssl_certfile and ssl_keyfile go together (client certificate and its key)"
+            raise ValueError(msg)
+        if self.enable_idempotence and self.acks != "all":
+            msg = f"enable_idempotence needs acks 'all' (got {self.acks!r})"
+            raise ValueError(msg)
+        return self
+
+
+class KafkaSink(Sink[KafkaOptions]):
+    """Publishes batches with one :class:`aiokafka.AIOKafkaProducer` per connection."""
+
+    options_model = KafkaOptions
+    #: aiokafka errors that escaped classification are worth a reconnect: a record
+    #: that can never be accepted is turned into :class:`SinkRejectedError` first
+    retriable_errors: ClassVar[tuple[type[BaseException], ...]] = (
+        ConnectionError,
+        TimeoutError,
+        OSError,
+        KafkaError,
+    )
+    topic_separator: ClassVar[str] = "."
+
+    def __init__(self, name: str, options: KafkaOptions) -> None:
+        super().__init__(name, options)
+        self._producer: AIOKafkaProducer | None = None
+        self._admin: AIOKafkaAdminClient | None = None
+        #: topics created (or found) by this sink, for ``create_topics: true``
+        self._created: set[str] = set()
+        self._timeout_s = options.request_timeout_ms / 1000.0
+        self._publish_timeout_s = self._timeout_s + options.linger_ms / 1000.0 + 1.0
+
+    # -- topic rule ---------------------------------------------------------------
+
+    @classmethod
+    def safe_token(cls, value: str) -> str:
+        """Replace every character Kafka forbids in a topic name with ``_``."""
+        return _UNSAFE.sub("_", value)
+
+    @classmethod
+    def check_topic(cls, topic: str) -> str | None:
+        """Why Kafka can never accept ``topic``, or ``None``."""
+        if not topic:
+            return "the topic is empty"
+        if topic in (".", ".."):
+            return f"Kafka does not allow the topic name {topic!r}"
+        if len(topic) > MAX_TOPIC_LENGTH:
+            return f"the topic has {len(topic)} characters; Kafka allows {MAX_TOPIC_LENGTH}"
+        bad = sorted(set(_UNSAFE.findall(topic)))
+        if bad:
+            shown = " ".join(repr(c) for c in bad)
+            return f"Kafka topics allow only A-Z a-z 0-9 . _ - (found {shown})"
+        return None
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    async def connect(self) -> None:
+        """Start a producer (and create the configured topics); raise
+        :class:`SinkConnectionError` when no broker answers in ``request_timeout_ms``."""
+        await self.close()
+        opts = self.options
+        try:
+            common = self._client_kwargs()
+        except (OSError, ssl.SSLError) as exc:
+            msg = f"cannot load the TLS files: {self._describe(exc)}"
+            raise SinkConnectionError(self.name, msg) from exc
+        producer = AIOKafkaProducer(
+            **common,
+            acks=-1 if opts.acks == "all" else opts.acks,
+            enable_idempotence=opts.enable_idempotence,
+            compression_type=None if opts.compression == "none" else opts.compression,
+            linger_ms=opts.linger_ms,
+            max_batch_size=opts.max_batch_bytes,
+            max_request_size=opts.max_request_bytes,
+        )
+        self._producer = producer
+        try:
+            await asyncio.wait_for(producer.start(), self._timeout_s)
+            if opts.create_topics:
+                self._admin = AIOKafkaAdminClient(**common)
+                await asyncio.wait_for(self._admin.start(), self._timeout_s)
+                if isinstance(opts.create_topics, list):
+                    await self._create_topics(opts.create_topics)
+        except asyncio.CancelledError:
+            await self.close()
+            raise
+        except SinkError:
+            await self.close()
+            raise
+        except Exception as exc:
+            await self.close()
+            raise self._connect_error(exc) from exc
+
+    async def close(self) -> None:
+        """Stop the producer and the admin client; bounded, idempotent, never raises."""
+        producer, self._producer = self._producer, None
+        admin, self._admin = self._admin, None
+        self._created.clear()
+        if producer is not None:
+            await _stop_producer(producer, self.name)
+        if admin is not None:
+            try:
+                await asyncio.wait_for(admin.close(), CLOSE_TIMEOUT_S)
+            except Exception as exc:
+                log.debug("sink %s: admin client close failed: %s", self.name, exc)
+
+    # -- publishing ---------------------------------------------------------------
+
+    async def publish(self, batch: Sequence[Message]) -> None:
+        """Send every record, then wait for every delivery report (bounded)."""
+        producer = self._producer
+        if producer is None:
+            raise SinkConnectionError(self.name, "not connected")
+        try:
+            await asyncio.wait_for(self._publish(producer, batch), self._publish_timeout_s)
+        except TimeoutError:
+            msg = (
+                f"no delivery report for a batch of {len(batch)} within "
+                f"{self._publish_timeout_s:g}s from {self._servers()}"
+            )
+            raise SinkConnectionError(self.name, msg) from None
+
+    async def _publish(self, producer: AIOKafkaProducer, batch: Sequence[Message]) -> None:
+        if self.options.create_topics is True:
+            new = sorted({m.topic for m in batch} - self._created)
+            if new:
+                await self._create_topics(new)
+        sent: list[tuple[Message, asyncio.Future[Any]]] = []
+        rejected: list[tuple[Message, BaseException]] = []
+        for m in batch:
+            try:
+                fut = await producer.send(
+                    m.topic,
+                    m.body,
+                    key=None if m.key is None else m.key.encode(),
+                    headers=headers(m),
+                )
+            except _REJECTED as exc:
+                rejected.append((m, exc))
+                continue
+            except KafkaError as exc:
+                raise self._publish_error(exc, m.topic) from exc
+            fut.add_done_callback(_retrieve)
+            sent.append((m, fut))
+        results = await asyncio.gather(*(f for _, f in sent), return_exceptions=True)
+        retry: list[BaseException] = []
+        for (m, _), result in zip(sent, results, strict=True):
+            if isinstance(result, _REJECTED):
+                rejected.append((m, result))
+            elif isinstance(result, BaseException):
+                retry.append(result)
+        if retry:
+            first = retry[0]
+            err = self._publish_error(first, None, f"{len(retry)} of {len(batch)} records failed")
+            raise err from first
+        if rejected:
+            bad, cause = rejected[0]
+            msg = (
+                f"the broker can never accept {len(rejected)} of {len(batch)} records "
+                f"(first: {bad.id!r} on {bad.topic!r}, {self._describe(cause)}); "
+                "the others were delivered"
+            )
+            raise SinkRejectedError(self.name, msg) from cause
+
+    async def _create_topics(self, topics: Iterable[str]) -> None:
+        """Create ``topics``; one that exists already is fine."""
+        admin = self._admin
+        if admin is None:
+            raise SinkConnectionError(self.name, "not connected")
+        opts = self.options
+        new = [NewTopic(t, opts.partitions, opts.replication_factor) for t in topics]
+        if not new:
+            return
+        response = await asyncio.wait_for(admin.create_topics(new), self._timeout_s)
+        for topic, code, message in _topic_errors(response):
+            if code in (0, TOPIC_ALREADY_EXISTS):
+                self._created.add(topic)
+                continue
+            error = for_code(code)
+            detail = f"{error.__name__}" + (f": {message}" if message else "")
+            msg = (
+                f"cannot create topic {topic!r} (partitions {opts.partitions}, "
+                f"replication_factor {opts.replication_factor}): {detail}"
+            )
+            if error.retriable:
+                raise SinkConnectionError(self.name, msg)
+            raise SinkRejectedError(self.name, msg)
+
+    # -- helpers ------------------------------------------------------------------
+
+    def _client_kwargs(self) -> dict[str, Any]:
+        opts = self.options
+        kwargs: dict[str, Any] = {
+            "bootstrap_servers": list(opts.bootstrap_servers),
+            "client_id": opts.client_id,
+            "request_timeout_ms": opts.request_timeout_ms,
+            "security_protocol": opts.security_protocol,
+        }
+        if opts.security_protocol in ("SSL", "SASL_SSL"):
+            context = create_ssl_context(
+                cafile=opts.ssl_cafile, certfile=opts.ssl_certfile, keyfile=opts.ssl_keyfile
+            )
+            context.check_hostname = opts.ssl_check_hostname
+            kwargs["ssl_context"] = context
+        if opts.sasl_mechanism is not None and opts.sasl_password is not None:
+            kwargs["sasl_mechanism"] = opts.sasl_mechanism
+            kwargs["sasl_plain_username"] = opts.sasl_username
+            kwargs["sasl_plain_password"] = opts.sasl_password.get_secret_value()
+        return kwargs
+
+    def _servers(self) -> str:
+        return ",".join(self.options.bootstrap_servers)
+
+    def _describe(self, exc: BaseException) -> str:
+        """``Type: message`` of an exception, with the SASL password masked."""
+        text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        secret = self.options.sasl_password
+        if secret is not None and secret.get_secret_value():
+            text = text.replace(secret.get_secret_value(), "**********")
+        return text
+
+    def _connect_error(self, exc: BaseException) -> SinkConnectionError:
+        opts = self.options
+        where = f"{self._servers()} ({opts.security_protocol})"
+        if isinstance(exc, TimeoutError | KafkaTimeoutError):
+            why = f"no answer within {self._timeout_s:g}s"
+        else:
+            why = self._describe(exc)
+        hint = ""
+        if opts.sasl_mechanism is not None and not isinstance(
+            exc, KafkaConnectionError | TimeoutError | OSError
+        ):
+            # aiokafka reports a refused SCRAM login as a bare KeyError('v')
+            hint = (
+                f"; check sasl_username {opts.sasl_username!r}, the password and that "
+                f"the broker offers {opts.sasl_mechanism}"
+            )
+        elif opts.enable_idempotence and isinstance(exc, KafkaError) and not isinstance(
+            exc, KafkaConnectionError
+        ):
+            hint = (
+                "; the broker may not implement the idempotent producer "
+                "(InitProducerId): set enable_idempotence: false"
+            )
+        return SinkConnectionError(self.name, f"cannot connect to {where}: {why}{hint}")
+
+    def _publish_error(
+        self, exc: BaseException, topic: str | None, prefix: str = ""
+    ) -> SinkError:
+        why = self._describe(exc)
+        if isinstance(exc, KafkaTimeoutError) and topic is not None:
+            why += (
+                f" (no metadata for topic {topic!r}: is the broker up, and does the topic "
+                "exist or may the broker create it? see create_topics)"
+            )
+        text = f"{prefix}: {why}" if prefix else why
+        return SinkConnectionError(self.name, f"publishing to {self._servers()}: {text}")
+
+
+def headers(message: Message) -> list[tuple[str, bytes]]:
+    """The Kafka headers of ``message`` (CloudEvents Kafka protocol binding)."""
+    out = [("content-type", message.content_type.encode())]
+    if message.attributes:
+        out += [(f"ce_{k}", v.encode()) for k, v in message.attributes.items()]
+    else:
+        out.append(("ce_id", message.id.encode()))
+    return out
+
+
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    """Mark a delivery future's exception as seen (a failed batch is resent whole)."""
+    if not fut.cancelled():
+        fut.exception()
+
+
+def _topic_errors(response: Any) -> list[tuple[str, int, str | None]]:
+    out = []
+    for entry in getattr(response, "topic_errors", ()):
+        topic, code = entry[0], entry[1]
+        message = entry[2] if len(entry) > 2 else None
+        out.append((str(topic), int(code), message))
+    return out
+
+
+async def _stop_producer(producer: AIOKafkaProducer, name: str) -> None:
+    """``producer.stop()`` bounded by :data:`CLOSE_TIMEOUT_S`, then torn down.
+
+    aiokafka's ``stop()`` first waits until every pending record is delivered; with
+    the broker gone that never happens, and cancelling ``stop()`` leaves its sender
+    task running (and retrying) forever. So on timeout the pending records are failed,
+    the sender task cancelled and the connections closed without waiting.
+    """
+    try:
+        await asyncio.wait_for(producer.stop(), CLOSE_TIMEOUT_S)
+        return
+    except Exception as exc:
+        log.debug("sink %s: producer stop failed (%s); tearing it down", name, exc)
+    closed = KafkaConnectionError("producer closed by the kafka sink")
+    with contextlib.suppress(Exception):
+        producer._message_accumulator.fail_all(closed)
+    sender = getattr(producer, "_sender", None)
+    task = getattr(sender, "sender_task", None)
+    if task is not None and not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=1.0)
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(producer.client.close(), 1.0)
