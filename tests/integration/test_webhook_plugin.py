@@ -202,7 +202,7 @@ class HookProbe(BusProbe):
             for item in p.items
         ]
 
-    async def received(self, count: int, timeout: float) -> list[Received]:  # noqa: ASYNC109
+    async def received(self, count: int, timeout: float) -> list[Received]:
         with contextlib.suppress(AssertionError):
             await until(lambda: len(self._got()) >= count, timeout, "probe")
         return self._got()

@@ -90,6 +90,7 @@ class WebhookSink(Sink[WebhookOptions]):
 
     @classmethod
     def safe_token(cls, value: str) -> str:
+        """Every character outside visible ASCII (space, controls, non-ASCII) becomes ``_``."""
         return _NOT_VISIBLE.sub("_", value)
 
     @classmethod
