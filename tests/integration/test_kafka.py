@@ -431,6 +431,32 @@ async def test_dead_broker_bounds_publish_and_close(kafka_broker: TansuBroker) -
     await sink.close()
 
 
+async def test_close_with_records_pending_on_a_dead_broker_is_bounded(
+    kafka_broker: TansuBroker,
+) -> None:
+    """aiokafka's ``stop()`` waits for pending records, which never come with the
+    broker gone; ``close()`` must return anyway, fail the pending publish, and leave
+    no aiokafka task running behind it."""
+    sink = _sink(bootstrap_servers=kafka_broker.bootstrap, request_timeout_ms=20_000)
+    topic = unique_topic()
+    batch = messages(sample_events(symbols=2, updates=2), topic)
+    await asyncio.wait_for(sink.connect(), 10)
+    await asyncio.wait_for(sink.publish(batch), 10)
+    await asyncio.to_thread(kafka_broker.kill)
+    pending = asyncio.create_task(sink.publish(batch))
+    await asyncio.sleep(0.3)
+    assert not pending.done(), "the publish should still wait for its delivery reports"
+    started = time.monotonic()
+    await asyncio.wait_for(sink.close(), 10)
+    closed_in = time.monotonic() - started
+    with pytest.raises(SinkConnectionError):
+        await asyncio.wait_for(pending, 5)
+    assert closed_in <= 4.0 + 0.3, f"close() took {closed_in:.2f}s"
+    await asyncio.sleep(0.1)
+    leftovers = [t for t in asyncio.all_tasks() if "_sender_routine" in repr(t)]
+    assert leftovers == [], leftovers
+
+
 # ---------------------------------------------------------------------------
 # Rejection, topic creation, compression
 
