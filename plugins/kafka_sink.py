@@ -473,7 +473,8 @@ class KafkaSink(Sink[KafkaOptions]):
 
     def _describe(self, exc: BaseException) -> str:
         """``Type: message`` of an exception, with the SASL password masked."""
-        text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        name, detail = type(exc).__name__, str(exc)
+        text = detail if detail.startswith(name) else f"{name}: {detail}" if detail else name
         secret = self.options.sasl_password
         if secret is not None and secret.get_secret_value():
             text = text.replace(secret.get_secret_value(), "**********")
