@@ -228,7 +228,7 @@ def _plugins(args: argparse.Namespace) -> int:
         failed += info.driver is None
         table.add_row(info.name, info.distribution, info.version, info.target, status)
     Console(width=160).print(table)
-    return EXIT_OK
+    return EXIT_ERROR if failed else EXIT_OK
 
 
 def _tap(args: argparse.Namespace) -> int:

@@ -170,7 +170,8 @@ class BridgeCollector(Collector):
             capacity.add_metric([w.name], w.capacity)
             offered.add_metric([w.name], st.offered)
             published.add_metric([w.name], st.published)
-            for reason in sorted({"buffer_full", "rejected", "shutdown", *st.dropped}):
+            for reason in sorted({"buffer_full", "rejected", "driver_error", "shutdown",
+                                  *st.dropped}):
                 dropped.add_metric([w.name, reason], st.dropped.get(reason, 0))
             conflated.add_metric([w.name], st.conflated)
             failed.add_metric([w.name], st.failed_batches)

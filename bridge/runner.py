@@ -38,7 +38,7 @@ from typing import Any
 
 from bridge.backoff import Backoff
 from bridge.config import SinkSpec
-from bridge.sinks import Message, Sink
+from bridge.sinks import Message, Sink, SinkError
 
 log = logging.getLogger("aleno_bridge.runner")
 
@@ -260,13 +260,21 @@ class SinkWorker:
                     self._set_state("failing", exc)
                     await self._safe_close()
                     await self._pause()
-                else:
+                elif isinstance(exc, SinkError):
                     log.error(
                         "sink %s dropped a batch of %d the bus rejected: %s: %s",
                         self.name, len(self._inflight), type(exc).__name__, exc,
                         extra={"sink": self.name},
                     )
                     self.stats.drop("rejected", len(self._inflight))
+                    self._inflight = []
+                else:
+                    log.exception(
+                        "sink %s (%s): the driver failed unexpectedly; dropped a batch of %d",
+                        self.name, self.spec.common.driver, len(self._inflight),
+                        extra={"sink": self.name},
+                    )
+                    self.stats.drop("driver_error", len(self._inflight))
                     self._inflight = []
                 continue
             elapsed = time.perf_counter() - started

@@ -32,8 +32,10 @@ Lifecycle promises the runner keeps:
 - ``close()`` is called once at shutdown and may be called again: it must be
   idempotent and must not raise on a sink that never connected.
 - An exception that is an instance of :attr:`Sink.retriable_errors` makes the
-  runner reconnect and retry; any other exception drops the batch (counted as
-  ``dropped{reason="rejected"}``) because retrying it can never succeed.
+  runner reconnect and retry. A :class:`SinkRejectedError` drops the batch (counted
+  as ``dropped{reason="rejected"}``) because retrying it can never succeed. Any other
+  exception is a driver bug: the batch is dropped as ``driver_error`` and logged with
+  its traceback, so a bug can neither wedge the sink nor hide.
 """
 
 from __future__ import annotations
@@ -115,8 +117,8 @@ class Sink(ABC, Generic[OptionsT]):
         the pydantic model of the driver's own options (required).
     ``retriable_errors``
         exception types after which reconnecting and retrying can succeed.
-    ``topic_separator``
-        the character that splits a topic into levels on this bus (for the docs).
+    ``formats``
+        the wire formats this driver can carry; the configuration refuses others.
     """
 
     options_model: ClassVar[type[SinkOptions]]

@@ -178,6 +178,18 @@ async def test_a_down_bus_does_not_slow_a_healthy_sink_beside_it() -> None:
     assert beside > 0.6 * alone, f"healthy sink: {alone:.0f}/s alone, {beside:.0f}/s beside"
 
 
+async def test_a_driver_bug_drops_the_batch_loudly_and_the_sink_goes_on(caplog: Any) -> None:
+    w, sink = worker(batch=5)
+    sink.fail_next(1, KeyError("oops"))
+    w.start()
+    for m in msgs(1, 10):
+        w.offer(m)
+    await until(lambda: w.stats.published == 5)
+    assert w.stats.dropped == {"driver_error": 5} and balanced(w)
+    assert any(r.exc_info and "KeyError" in str(r.exc_info[1].__class__) for r in caplog.records)
+    await w.stop(1)
+
+
 async def test_stop_drains_then_reports_what_was_not_delivered() -> None:
     w, sink = worker(batch=10)
     w.start()
