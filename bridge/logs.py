@@ -95,3 +95,7 @@ def setup(level: str = "INFO", fmt: str = "auto", stream: Any = None) -> None:
     # engine.io warns about every close handshake of a peer that goes away; the source
     # logs connection state changes itself, once, with the cause
     logging.getLogger("engineio.client").setLevel(logging.ERROR)
+    if logging.getLevelName(level) > logging.DEBUG:
+        # aiokafka logs every failed reconnect attempt at ERROR; the sink worker already
+        # logs the sink's state changes once, with the cause
+        logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
