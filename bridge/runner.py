@@ -95,6 +95,9 @@ class SinkWorker:
         self._ready = asyncio.Event()
         self._room = asyncio.Event()
         self._stopping = False
+        # set when the drain deadline passed: the loop returns at its next step even if
+        # a cancellation was swallowed (asyncio.wait_for on Python < 3.12 can do that)
+        self._abandoned = False
         self._task: asyncio.Task[None] | None = None
 
     # -- buffer ---------------------------------------------------------------
@@ -236,7 +239,7 @@ class SinkWorker:
         await asyncio.sleep(delay)
 
     async def _run(self) -> None:
-        while True:
+        while not self._abandoned:
             if not self.connected:
                 if self._stopping and not self.depth:
                     return
@@ -302,9 +305,10 @@ class SinkWorker:
             with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(asyncio.shield(task), timeout_s)
             if not task.done():
+                self._abandoned = True
                 task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+                with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError, Exception):
+                    await asyncio.wait_for(task, 10.0)
         lost = self.depth
         if lost:
             self.stats.drop("shutdown", lost)
