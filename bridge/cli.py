@@ -227,7 +227,9 @@ def _plugins(args: argparse.Namespace) -> int:
         status = "ok" if info.driver is not None else f"failed: {info.error}"
         failed += info.driver is None
         table.add_row(info.name, info.distribution, info.version, info.target, status)
-    Console(width=160).print(table)
+    # on a pipe, never wrap a failure reason across lines: scripts grep for it
+    console = Console() if sys.stdout.isatty() else Console(width=400)
+    console.print(table)
     return EXIT_ERROR if failed else EXIT_OK
 
 

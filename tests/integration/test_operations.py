@@ -228,3 +228,42 @@ def test_top_renders_rates_of_a_running_bridge(bridge_setup: dict[str, object]) 
         assert "connected" in row
     rate = float(r.stdout.split("received/s ")[1].split()[0].replace(",", ""))
     assert rate > 0
+
+
+def test_readyz_follows_a_required_sink_whose_broker_dies(
+    tmp_path: Path, nats_servers: object
+) -> None:
+    """A real run against the simulator and a real NATS server that is killed and
+    restarted: /readyz 503 within stale_after_s + 5 s, 200 again after recovery."""
+    nats = nats_servers(jetstream=False, name="ready")  # type: ignore[operator]
+    sim_port, http_port = free_port(), free_port()
+    sim = start_sim(sim_port, tmp_path, "sim")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"""
+source: {{url: "http://127.0.0.1:{sim_port}", api_key: "{API_KEY}", tickers: [BTC/USD],
+          stale_after_s: 3}}
+sinks:
+  bus: {{driver: nats, servers: "{nats.url}", ping_interval_s: 1,
+         retry: {{initial_backoff_s: 0.1, max_backoff_s: 0.5}}}}
+  file: {{driver: jsonl, path: "{tmp_path}/out.jsonl"}}
+http: {{port: {http_port}}}
+""")
+    bridge = Proc([*CLI, "run", "-c", str(cfg)], tmp_path / "bridge.log").start()
+    base = f"http://127.0.0.1:{http_port}"
+    try:
+        wait_port(http_port, 20)
+        until(lambda: get(f"{base}/readyz")[0] == 200, 15, "ready")
+        nats.kill()
+        took = until(lambda: get(f"{base}/readyz")[0] == 503, 3 + 5, "503 after the broker dies")
+        body = json.loads(get(f"{base}/readyz")[1])
+        assert body["checks"]["sink:bus"]["ok"] is False
+        assert body["checks"]["sink:file"]["ok"] is True  # the other sink keeps going
+        assert took <= 8
+        nats.start()
+        until(lambda: get(f"{base}/readyz")[0] == 200, 20, "ready again after the broker")
+        m = metrics(base)
+        assert total(m, "aleno_bridge_sink_reconnects_total", sink="bus") >= 1
+        assert total(m, "aleno_bridge_sink_events_dropped_total", sink="bus") == 0
+    finally:
+        bridge.stop()
+        sim.stop()
