@@ -226,6 +226,7 @@ class MqttSink(Sink[MqttOptions]):
     """Publishes batches to one MQTT broker; see the module docstring for guarantees."""
 
     options_model = MqttOptions
+    #: connection loss and timeouts; the driver raises SinkConnectionError for both
     retriable_errors: ClassVar[tuple[type[BaseException], ...]] = (
         ConnectionError,
         TimeoutError,
@@ -304,15 +305,16 @@ class MqttSink(Sink[MqttOptions]):
         if o.username is not None:
             pw = o.password.get_secret_value() if o.password is not None else None
             client.username_pw_set(o.username, pw)
-        if o.tls:
-            client.tls_set_context(self._ssl_context())
-            # hostname checking is done by the SSL context when verifying
-            client.tls_insecure_set(not o.tls_verify)
         return client
 
     def _blocking_connect(self, client: mqtt.Client) -> None:
-        """TCP connect, TLS handshake and CONNECT (runs in a worker thread)."""
+        """Load the TLS files, TCP connect, TLS handshake, send CONNECT (runs in a
+        worker thread: every step may block)."""
         o = self.options
+        if o.tls:
+            client.tls_set_context(self._ssl_context())
+            # when verifying, the SSL context checks the host name itself
+            client.tls_insecure_set(not o.tls_verify)
         if o.protocol == "5":
             props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             if o.session_expiry_s is not None:
@@ -339,7 +341,8 @@ class MqttSink(Sink[MqttOptions]):
                 reason, props = await link.connack
         except TimeoutError:
             self._drop(link)
-            msg = f"no CONNACK from {o.address} within {o.connect_timeout_s}s"
+            msg = (f"not connected to {o.address} within {o.connect_timeout_s}s "
+                   "(TCP connect, TLS handshake or CONNACK)")
             raise self._error(msg) from None
         except BaseException:
             self._drop(link)

@@ -422,6 +422,31 @@ async def test_password_authentication(
     assert WRONG not in logged and PASSWORD not in logged
 
 
+async def test_acl_refusal_is_final_on_mqtt5(mqtt_brokers: Brokers, tmp_path: Path) -> None:
+    """Mosquitto answers a publish its ACL forbids with PUBACK "Not authorized" on
+    MQTT 5: the batch is refused for good. On MQTT 3.1.1 it acknowledges and drops
+    it silently (documented; nothing a client can see)."""
+    acl = tmp_path / "acl"
+    acl.write_text("user bridge\ntopic write allowed/#\n")
+    broker = mqtt_brokers(users={"bridge": PASSWORD}, extra=[f"acl_file {acl}"])
+    for protocol in ("5", "3.1.1"):
+        sink = _sink("acl", **broker.options(username="bridge", password=PASSWORD,
+                                             protocol=protocol))
+        try:
+            await asyncio.wait_for(sink.connect(), 10)
+            await asyncio.wait_for(sink.publish(messages(sample_events(1, 1), "allowed/x")), 10)
+            denied = messages(sample_events(1, 1), "denied/x")
+            if protocol == "5":
+                with pytest.raises(SinkRejectedError) as info:
+                    await asyncio.wait_for(sink.publish(denied), 10)
+                assert "Not authorized" in str(info.value) and "denied/x" in str(info.value)
+                assert not sink.is_retriable(info.value)
+            else:
+                await asyncio.wait_for(sink.publish(denied), 10)
+        finally:
+            await sink.close()
+
+
 async def test_tls_verifies_the_broker_by_default(mqtt_brokers: Brokers, tmp_path: Path) -> None:
     """A TLS-only listener with a certificate from a CA made in the test: publishing
     works with ``tls_ca_file``; without it verification fails (it is on by
@@ -452,6 +477,12 @@ async def test_tls_verifies_the_broker_by_default(mqtt_brokers: Brokers, tmp_pat
     with pytest.raises(SinkConnectionError):
         await asyncio.wait_for(plain.connect(), 10)
     await plain.close()
+
+    missing = _sink("tls", **broker.options(tls=True, tls_ca_file=str(tmp_path / "no.pem")))
+    with pytest.raises(SinkRejectedError) as no_file:
+        await asyncio.wait_for(missing.connect(), 10)
+    await missing.close()
+    assert "no.pem" in str(no_file.value) and "tls_ca_file" in str(no_file.value)
 
     insecure = _sink("tls", **broker.options(tls=True, tls_verify=False))
     try:
