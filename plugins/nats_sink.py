@@ -91,6 +91,8 @@ _BAD_SUBJECT_CHARS = re.compile(r"[\s\x00-\x1f\x7f-\x9f]")
 _HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _STREAM_NAME = re.compile(r"^[^.*>\s/\\\x00-\x1f]+$")
 _SCHEMES: Final = ("nats", "tls", "ws", "wss")
+#: the subject in nats-py's (lower-cased) permission error text
+_DENIED_SUBJECT = re.compile(r'permissions violation for publish to "([^"]+)"')
 #: how long ``close()`` may wait for nats-py before the socket is aborted
 CLOSE_TIMEOUT_S: Final = 2.0
 
@@ -332,11 +334,21 @@ class NatsSink(Sink[NatsOptions]):
         bound = 2 * len(servers) * (opts.connect_timeout_s + 0.2) + 1.0
         try:
             await asyncio.wait_for(nc.connect(**kwargs), bound)
+        except asyncio.CancelledError:
+            _abort(nc)
+            raise
         except Exception as exc:
-            await _abort(nc)
+            _abort(nc)
             msg = f"cannot connect to {', '.join(opts.servers)}: {self._explain(exc, errors)}"
             raise SinkConnectionError(self.name, msg) from exc
         self._nc = nc
+        if tls is not None and not _server_info(nc).get("tls_required", False):
+            # nats-py upgrades to TLS only when the server's INFO requires it; never
+            # fall back to plain text when TLS was asked for
+            await self.close()
+            msg = (f"TLS is configured but {_url(nc)} does not require TLS, so the "
+                   "connection would be plain text (enable TLS on the server)")
+            raise SinkConnectionError(self.name, msg)
         if opts.jetstream:
             self._js = nc.jetstream(timeout=opts.flush_timeout_s,
                                     publish_async_max_pending=opts.max_inflight)
@@ -424,7 +436,10 @@ class NatsSink(Sink[NatsOptions]):
             await asyncio.wait_for(nc.close(), CLOSE_TIMEOUT_S)
         except Exception as exc:  # a broken connection may fail to close cleanly
             log.debug("sink %s: close: %s: %s", self.name, type(exc).__name__, exc)
-            await _abort(nc)
+        finally:
+            # a no-op after a clean close; otherwise nats-py may have left the socket
+            # open (its close after a lost link can fail half-way, see _until_lost)
+            _abort(nc)
 
     # -- publishing -----------------------------------------------------------------
 
@@ -452,16 +467,10 @@ class NatsSink(Sink[NatsOptions]):
                 refused.append(f"{m.id}: {problem}")
         try:
             if self._js is not None:
-                refused += await self._bounded(self._publish_js(self._js, sendable), "publish acks")
+                acks = self._publish_js(nc, self._js, sendable)
+                refused += await self._bounded(acks, "publish acks")
             else:
-                self._denied.clear()
-                for m, headers in sendable:
-                    await nc.publish(m.topic, m.body, headers=headers)
-                # nats-py types the timeout as int; it is passed to asyncio.wait_for
-                flush = nc.flush(self.options.flush_timeout_s)  # type: ignore[arg-type]
-                await self._bounded(flush, "flush")
-                # the server answers a denied PUB with -ERR before the PONG of the flush
-                refused += self._denied
+                refused += await self._bounded(self._publish_core(nc, sendable), "flush")
         except (nats.errors.ConnectionClosedError, nats.errors.OutboundBufferLimitError,
                 nats.errors.StaleConnectionError, nats.errors.FlushTimeoutError) as exc:
             msg = f"connection lost while publishing: {exc}"
@@ -483,7 +492,7 @@ class NatsSink(Sink[NatsOptions]):
                 self._valid_topics.clear()
             self._valid_topics.add(topic)
         # the server counts the header block too (NATS/1.0 line, "k: v" lines, CRLFs)
-        size = len(m.body) + 12 + sum(len(k) + len(v) + 4 for k, v in headers.items())
+        size = len(m.body) + 12 + sum(len(k) + len(v.encode()) + 4 for k, v in headers.items())
         if size > max_payload:
             return f"{size} bytes is more than the server's max_payload of {max_payload}"
         return None
@@ -499,15 +508,38 @@ class NatsSink(Sink[NatsOptions]):
             h["Nats-Msg-Id"] = m.id
         return h
 
+    async def _publish_core(
+        self, nc: Client, batch: Sequence[tuple[Message, dict[str, str]]],
+    ) -> list[str]:
+        """Write the batch, then one PING/PONG; the refused messages' reasons."""
+        self._denied.clear()
+        for m, headers in batch:
+            await nc.publish(m.topic, m.body, headers=headers)
+        await self._flush(nc)
+        # the server answers a denied PUB with -ERR before the PONG of the flush
+        denied = {s for e in self._denied for s in _DENIED_SUBJECT.findall(e)}
+        return [f"{m.id}: permission denied to publish to {m.topic!r}"
+                for m, _ in batch if m.topic.lower() in denied]
+
     async def _publish_js(
-        self, js: JetStreamContext, batch: Sequence[tuple[Message, dict[str, str]]]
+        self, nc: Client, js: JetStreamContext,
+        batch: Sequence[tuple[Message, dict[str, str]]],
     ) -> list[str]:
         """Pipeline the publishes in order, then wait for every ack."""
         pending: list[tuple[Message, asyncio.Future[PubAck]]] = []
+        denied: set[str] = set()
+        self._denied.clear()
         try:
             for m, headers in batch:
                 fut = await js.publish_async(m.topic, m.body, headers=headers)
                 pending.append((m, fut))
+            if pending:
+                # a denied publish gets no ack, only an -ERR that precedes this PONG
+                await self._flush(nc)
+                denied = {s for e in self._denied for s in _DENIED_SUBJECT.findall(e)}
+                for m, f in pending:
+                    if m.topic.lower() in denied:
+                        f.cancel()
             results = await asyncio.gather(*(f for _, f in pending), return_exceptions=True)
         finally:
             # an abandoned ack future would hold a slot of publish_async_max_pending
@@ -518,7 +550,9 @@ class NatsSink(Sink[NatsOptions]):
         for (m, _), res in zip(pending, results, strict=True):
             if not isinstance(res, BaseException):
                 continue
-            if isinstance(res, nats.js.errors.APIError) and res.err_code == JS_MESSAGE_TOO_LARGE:
+            if m.topic.lower() in denied:
+                refused.append(f"{m.id}: permission denied to publish to {m.topic!r}")
+            elif isinstance(res, nats.js.errors.APIError) and res.err_code == JS_MESSAGE_TOO_LARGE:
                 refused.append(f"{m.id}: the stream refused it as too large")
             elif isinstance(res, nats.js.errors.NoStreamResponseError):
                 msg = (f"no JetStream stream captures subject {m.topic!r} (create one, or set "
@@ -532,10 +566,39 @@ class NatsSink(Sink[NatsOptions]):
                 raise SinkConnectionError(self.name, msg) from res
         return refused
 
+    async def _flush(self, nc: Client) -> None:
+        """PING/PONG after everything published so far: the server has read it all.
+
+        nats-py 2.16 ``flush()`` writes its PING straight to the socket, ahead of
+        publishes still waiting in the client's pending buffer for its flusher task, so
+        its PONG alone does not prove the server read them: first wait until that
+        buffer was handed to the socket.
+        """
+        spins = 0
+        while nc.pending_data_size > 0:
+            if not nc.is_connected:
+                raise nats.errors.ConnectionClosedError
+            spins += 1
+            await asyncio.sleep(0 if spins < 100 else 0.001)
+        # nats-py types the timeout as int; it is passed to asyncio.wait_for
+        await nc.flush(self.options.flush_timeout_s)  # type: ignore[arg-type]
+
+    async def _until_lost(self) -> None:
+        """Return when the connection is gone.
+
+        The closed callback is not enough: when nats-py closes on EOF with publishes
+        still pending, its ``_close`` fails writing them to the dead socket and never
+        calls the callbacks (nats-py 2.16), so the client's state is polled too.
+        """
+        nc = self._nc
+        while nc is not None and nc.is_connected and not self._lost.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._lost.wait(), 0.05)
+
     async def _bounded(self, aw: Awaitable[T], what: str) -> T:
         """Await ``aw`` for at most ``flush_timeout_s``; fail at once if the link drops."""
         task = asyncio.ensure_future(aw)
-        lost = asyncio.ensure_future(self._lost.wait())
+        lost = asyncio.ensure_future(self._until_lost())
         try:
             done, _ = await asyncio.wait(
                 {task, lost}, timeout=self.options.flush_timeout_s,
@@ -553,6 +616,9 @@ class NatsSink(Sink[NatsOptions]):
             msg = f"connection lost while waiting for the {what}"
         else:
             msg = f"no {what} within flush_timeout_s={self.options.flush_timeout_s}"
+            if self._js is not None:
+                msg += (" (is the stream's leader available? JetStream acks also need "
+                        "subscribe permission on _INBOX.>)")
         raise SinkConnectionError(self.name, msg)
 
 
@@ -565,7 +631,12 @@ def _url(nc: Client) -> str:
     return f"{url.scheme}://{url.hostname}:{url.port}" if url is not None else "?"
 
 
-async def _abort(nc: Client) -> None:
+def _server_info(nc: Client) -> dict[str, Any]:
+    info = getattr(nc, "_server_info", None)
+    return info if isinstance(info, dict) else {}
+
+
+def _abort(nc: Client) -> None:
     """Tear down a client that did not close cleanly: cancel its tasks, drop the socket.
 
     Uses nats-py internals (guarded) because ``Client.close()`` waits for a socket

@@ -543,6 +543,14 @@ async def test_too_large_is_rejected_and_the_rest_delivered(nats_url: str) -> No
     assert {r.envelope()["id"] for r in got} == {batch[0].id, batch[2].id}
 
 
+def open_fds() -> int:
+    """File descriptors this process holds (Linux)."""
+    fd_dir = Path("/proc/self/fd")
+    if not fd_dir.exists():
+        pytest.skip("needs /proc/self/fd")
+    return len(list(fd_dir.iterdir()))
+
+
 async def test_a_dead_server_fails_publish_fast_and_close_is_bounded(
     nats_servers: Callable[..., NatsServer],
 ) -> None:
@@ -551,6 +559,7 @@ async def test_a_dead_server_fails_publish_fast_and_close_is_bounded(
     server = nats_servers(jetstream=False)
     sink = make_sink(servers=server.url, flush_timeout_s=5)
     batch = messages(sample_events(symbols=2, updates=2), unique_topic())
+    fds = open_fds()
     await sink.connect()
     await sink.publish(batch)
     server.kill()
@@ -564,6 +573,8 @@ async def test_a_dead_server_fails_publish_fast_and_close_is_bounded(
     await sink.close()
     await sink.close()
     closed_after = time.monotonic() - started
+    await asyncio.sleep(0.1)  # sockets are released on the next loop iterations
+    assert open_fds() <= fds, "the closed sink left a socket open"
     assert sink.is_retriable(info.value)
     assert failed_after < 3.0, failed_after
     assert closed_after < 3.0, closed_after
@@ -859,3 +870,83 @@ shutdown_timeout_s: 10
     assert not missing, f"{len(missing)} envelope(s) never reached the stream: {missing[:5]}"
     assert bus.stats.dropped == {} and file.stats.dropped == {}
     assert all(r.topic.startswith(prefix) for r in stored)
+
+
+# ---------------------------------------------------------------------------
+# permissions and TLS downgrade
+
+PERMISSIONS = """
+authorization {
+  users = [
+    {user: pub, password: pub-Secret-1,
+     permissions: {publish: ["allowed.>", "$JS.API.>"], subscribe: ["_INBOX.>"]}}
+    {user: all, password: all-Secret-2}
+  ]
+}
+"""
+
+
+@pytest.mark.parametrize("jetstream", [False, True], ids=["core", "jetstream"])
+async def test_a_denied_subject_is_rejected_and_the_rest_delivered(
+    jetstream: bool, nats_servers: Callable[..., NatsServer],
+) -> None:
+    """A publish permission violation comes back as -ERR (the connection stays up):
+    the driver refuses those messages for good, after delivering the others.
+
+    Repeated: nats-py's ``flush()`` PING can overtake publishes still in its buffer
+    (then the PONG arrives before the -ERR); the driver must not be fooled by that.
+    """
+    server = nats_servers(jetstream=jetstream, config=PERMISSIONS)
+    tag = uuid.uuid4().hex[:8]
+    probe = (StreamProbe if jetstream else CoreProbe)(server.url, user="all",
+                                                      password="all-Secret-2")
+    await probe.subscribe(f"allowed.{tag}")
+    sink = make_sink(servers=server.url, user="pub", password="pub-Secret-1",
+                     jetstream=jetstream, flush_timeout_s=3)
+    ok = messages(sample_events(symbols=2, updates=2), f"allowed.{tag}")
+    denied = messages(sample_events(symbols=1, updates=2, start_ms=1_800_000_000_000),
+                      f"Denied.{tag}")
+    try:
+        await sink.connect()
+        for _ in range(20):
+            with pytest.raises(SinkRejectedError) as info:
+                await sink.publish([ok[0], denied[0], *ok[1:], denied[1]])
+        got = await probe.received(len(ok), 5)
+        await sink.publish(ok)  # the connection survived the refusals
+    finally:
+        await sink.close()
+        await probe.close()
+    assert not sink.is_retriable(info.value)
+    assert "2 of 6" in str(info.value) and "permission denied" in str(info.value)
+    assert f"Denied.{tag}" in str(info.value)
+    assert {r.envelope()["id"] for r in got} == {m.id for m in ok}
+
+
+async def test_tls_configured_against_a_plain_server_is_refused(
+    nats_servers: Callable[..., NatsServer], tmp_path: Path,
+) -> None:
+    """nats-py upgrades to TLS only when the server requires it; asking for TLS must
+    never end in a plain-text connection."""
+    ca, _cert, _key = make_ca_and_server_cert(tmp_path)
+    server = nats_servers(jetstream=False)
+    sink = make_sink(servers=server.url, tls_ca_file=str(ca))
+    with pytest.raises(SinkConnectionError) as info:
+        await sink.connect()
+    await sink.close()
+    assert "does not require TLS" in str(info.value)
+    with pytest.raises(SinkConnectionError):
+        await sink.publish(messages(sample_events(symbols=1, updates=1), unique_topic()))
+
+
+def test_creds_need_the_nkeys_package(tmp_path: Path) -> None:
+    """nats-py imports ``nkeys`` only when it connects; the options say it up front."""
+    try:
+        import nkeys  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("nkeys is installed")
+    for option in ("creds_file", "nkeys_seed"):
+        with pytest.raises(ValidationError) as info:
+            NatsOptions.model_validate({"servers": "nats://a:4222", option: str(tmp_path / "x")})
+        assert "pip install nkeys" in str(info.value)
