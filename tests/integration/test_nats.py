@@ -950,3 +950,35 @@ def test_creds_need_the_nkeys_package(tmp_path: Path) -> None:
         with pytest.raises(ValidationError) as info:
             NatsOptions.model_validate({"servers": "nats://a:4222", option: str(tmp_path / "x")})
         assert "pip install nkeys" in str(info.value)
+
+
+async def test_a_frozen_server_is_detected_by_pings_and_never_hangs(
+    nats_servers: Callable[..., NatsServer],
+) -> None:
+    """SIGSTOP: the TCP connection stays open but nothing answers (a dead link that
+    no RST reveals). A publish gives up after ``flush_timeout_s``; left idle, the
+    sink's pings notice within ``ping_interval_s * (max_outstanding_pings + 1)`` and
+    the next publish fails at once; ``close()`` stays bounded."""
+    server = nats_servers(jetstream=False)
+    sink = make_sink(servers=server.url, ping_interval_s=0.2, max_outstanding_pings=2,
+                     flush_timeout_s=1)
+    batch = messages(sample_events(symbols=2, updates=2), unique_topic())
+    await sink.connect()
+    await sink.publish(batch)
+    server.signal_stop()
+    try:
+        started = time.monotonic()
+        with pytest.raises(SinkConnectionError):
+            await sink.publish(batch)
+        assert time.monotonic() - started < 2.5
+        await asyncio.sleep(1.5)  # > 0.2 s * (2 + 1): the pings gave up
+        started = time.monotonic()
+        with pytest.raises(SinkConnectionError) as info:
+            await sink.publish(batch)
+        assert time.monotonic() - started < 0.2
+        assert "not connected" in str(info.value)
+        started = time.monotonic()
+        await sink.close()
+        assert time.monotonic() - started < 3.0
+    finally:
+        server.signal_continue()

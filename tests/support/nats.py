@@ -12,6 +12,7 @@ may SIGKILL and restart on the same port with the same JetStream store.
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -82,12 +83,22 @@ class NatsServer:
         if self.proc is not None:
             self.proc.kill()
 
+    def signal_stop(self) -> None:
+        """SIGSTOP: the server freezes, its connections stay open (a dead link)."""
+        if self.proc is not None:
+            self.proc.signal(signal.SIGSTOP)
+
+    def signal_continue(self) -> None:
+        if self.proc is not None:
+            self.proc.signal(signal.SIGCONT)
+
     def restart(self) -> NatsServer:
         self.kill()
         return self.start()
 
     def stop(self) -> None:
         if self.proc is not None:
+            self.signal_continue()  # a stopped process would not act on SIGTERM
             self.proc.stop(5.0)
 
 
