@@ -429,6 +429,10 @@ def _resolve_sinks(
         except ValidationError as exc:
             problems.extend(_errors(exc, where))
             continue
+        problem = driver.check_format(options, common.format)
+        if problem is not None:
+            problems.append(f"{where}.format: {problem}")
+            continue
         specs[name] = SinkSpec(name, common, driver, options)
     return specs
 
@@ -461,6 +465,7 @@ __all__ = [
     "FORMATS",
     "Config",
     "ConfigError",
+    "RetryConfig",
     "RouteConfig",
     "Settings",
     "SinkCommon",

@@ -264,12 +264,16 @@ class SinkWorker:
                     await self._safe_close()
                     await self._pause()
                 elif isinstance(exc, SinkError):
+                    n = len(self._inflight)
+                    refused = getattr(exc, "rejected", None)
+                    refused = n if refused is None else max(0, min(n, refused))
                     log.error(
-                        "sink %s dropped a batch of %d the bus rejected: %s: %s",
-                        self.name, len(self._inflight), type(exc).__name__, exc,
+                        "sink %s dropped %d of %d event(s) the bus rejected: %s: %s",
+                        self.name, refused, n, type(exc).__name__, exc,
                         extra={"sink": self.name},
                     )
-                    self.stats.drop("rejected", len(self._inflight))
+                    self.stats.drop("rejected", refused)
+                    self.stats.published += n - refused
                     self._inflight = []
                 else:
                     log.exception(

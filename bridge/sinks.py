@@ -103,9 +103,17 @@ class SinkConnectionError(SinkError, ConnectionError):
 
 
 class SinkRejectedError(SinkError):
-    """The bus refused the messages for good (too large, not authorized...)."""
+    """The bus refused messages for good (too large, not authorized...).
+
+    ``rejected`` is how many messages of the batch were refused when the driver
+    delivered the others (they count as published); ``None`` means the whole batch.
+    """
 
     retriable = False
+
+    def __init__(self, sink: str, message: str, rejected: int | None = None) -> None:
+        super().__init__(sink, message)
+        self.rejected = rejected
 
 
 class Sink(ABC, Generic[OptionsT]):
@@ -153,6 +161,13 @@ class Sink(ABC, Generic[OptionsT]):
     def safe_token(cls, value: str) -> str:
         """Make one placeholder value safe inside a topic of this bus (default: as is)."""
         return value
+
+    @classmethod
+    def check_format(cls, options: SinkOptions, fmt: str) -> str | None:
+        """Why these options cannot carry wire format ``fmt`` (checked at start-up), or
+        ``None``. :attr:`formats` says what the driver can carry at all; this hook is for
+        what depends on the options (MQTT 3.1.1 has no properties for binary mode)."""
+        return None
 
     @classmethod
     def check_topic(cls, topic: str) -> str | None:

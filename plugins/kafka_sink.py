@@ -413,7 +413,7 @@ class KafkaSink(Sink[KafkaOptions]):
                 f"(first: {bad.id!r} on {bad.topic!r}, {self._describe(cause)}); "
                 "the others were delivered"
             )
-            raise SinkRejectedError(self.name, msg) from cause
+            raise SinkRejectedError(self.name, msg, rejected=len(rejected)) from cause
 
     async def _create_topics(self, topics: Iterable[str]) -> None:
         """Create ``topics``; one that exists already is fine."""

@@ -30,8 +30,9 @@ Formats (MQTT 5; the CloudEvents MQTT protocol binding):
     body = ``data``; Content Type ``application/json``; the context attributes
     (``specversion``, ``id``, ``source``, ``type``, ``subject``, ``time``) are user
     properties. MQTT 3.1.1 has no properties: a batch in this format on a
-    ``protocol: "3.1.1"`` sink is refused with :class:`~bridge.sinks.SinkRejectedError`
-    (the driver cannot see the sink's format when the configuration is checked).
+    ``protocol: "3.1.1"`` sink is a configuration error at start-up
+    (:meth:`MqttSink.check_format`); should one reach the driver anyway it is refused
+    with :class:`~bridge.sinks.SinkRejectedError`.
 ``raw``
     body = the upstream record; Content Type ``application/json``.
 
@@ -239,6 +240,14 @@ class MqttSink(Sink[MqttOptions]):
         self._static_props: dict[str, Properties] = {}
 
     # -- topic rule -------------------------------------------------------------
+
+    @classmethod
+    def check_format(cls, options: SinkOptions, fmt: str) -> str | None:
+        """MQTT 3.1.1 has no properties: binary mode has nowhere to put the attributes."""
+        if fmt == "cloudevents-binary" and getattr(options, "protocol", "5") == "3.1.1":
+            return ("cloudevents-binary needs MQTT 5 user properties; use protocol: '5' "
+                    "or format: cloudevents-json")
+        return None
 
     @classmethod
     def safe_token(cls, value: str) -> str:

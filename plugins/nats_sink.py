@@ -480,7 +480,7 @@ class NatsSink(Sink[NatsOptions]):
             shown = "; ".join(refused[:3]) + more
             msg = (f"{len(refused)} of {len(batch)} message(s) refused for good "
                    f"(the others were delivered): {shown}")
-            raise SinkRejectedError(self.name, msg)
+            raise SinkRejectedError(self.name, msg, rejected=len(refused))
 
     def _problem(self, m: Message, headers: dict[str, str], max_payload: int) -> str | None:
         topic = m.topic

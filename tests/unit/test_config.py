@@ -134,3 +134,12 @@ def test_example_configs_validate() -> None:
                 or "fanout" in path.name:
             continue  # checked with their drivers in tests/integration
         load_config(path, env={})
+
+
+def test_a_format_the_driver_options_cannot_carry_is_a_startup_error() -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config("sinks: {m: {driver: mqtt, host: h, protocol: '3.1.1', "
+                     "format: cloudevents-binary}}", env={})
+    assert err.value.problems == [
+        "sinks.m.format: cloudevents-binary needs MQTT 5 user properties; use protocol: '5' "
+        "or format: cloudevents-json"]

@@ -178,6 +178,17 @@ async def test_a_down_bus_does_not_slow_a_healthy_sink_beside_it() -> None:
     assert beside > 0.6 * alone, f"healthy sink: {alone:.0f}/s alone, {beside:.0f}/s beside"
 
 
+async def test_a_partly_rejected_batch_counts_the_delivered_rest_as_published() -> None:
+    w, sink = worker(batch=5)
+    sink.fail_next(1, SinkRejectedError("m", "2 too large", rejected=2))
+    w.start()
+    for m in msgs(1, 5):
+        w.offer(m)
+    await until(lambda: w.depth == 0)
+    assert w.stats.dropped == {"rejected": 2} and w.stats.published == 3 and balanced(w)
+    await w.stop(1)
+
+
 async def test_a_driver_bug_drops_the_batch_loudly_and_the_sink_goes_on(caplog: Any) -> None:
     w, sink = worker(batch=5)
     sink.fail_next(1, KeyError("oops"))
