@@ -18,18 +18,18 @@ pytestmark = pytest.mark.integration
 EVENTS = 40_000
 
 
-async def jsonl_rate(tmp: Path, dead_neighbour: bool) -> tuple[float, Bridge]:
-    dead_port = free_port()  # nothing listens there: the NATS "broker" is gone
-    out = tmp / f"out-{dead_neighbour}-{time.monotonic_ns()}.jsonl"
+async def jsonl_rate(tmp: Path, neighbour: str | None) -> tuple[float, Bridge]:
+    """Events/s through a jsonl sink, alone or beside a NATS sink at ``neighbour``."""
+    out = tmp / f"out-{time.monotonic_ns()}.jsonl"
     sinks = f"""
   file: {{driver: jsonl, path: "{out}", buffer: {{max_events: {EVENTS}}},
           batch: {{max_events: 1000, linger_ms: 1}}}}
 """
-    if dead_neighbour:
+    if neighbour:
         sinks += f"""
   gone:
     driver: nats
-    servers: nats://127.0.0.1:{dead_port}
+    servers: {neighbour}
     connect_timeout_s: 0.5
     buffer: {{max_events: 1000, when_full: drop_oldest}}
     retry: {{initial_backoff_s: 0.05, max_backoff_s: 0.2}}
@@ -53,17 +53,30 @@ async def jsonl_rate(tmp: Path, dead_neighbour: bool) -> tuple[float, Bridge]:
     return rate, bridge
 
 
-async def test_a_dead_bus_does_not_slow_the_jsonl_sink_beside_it(tmp_path: Path) -> None:
-    alone = [await jsonl_rate(tmp_path, False) for _ in range(3)]
-    beside = [await jsonl_rate(tmp_path, True) for _ in range(3)]
+async def test_a_dead_bus_does_not_slow_the_jsonl_sink_beside_it(
+    tmp_path: Path, nats_url: str
+) -> None:
+    """The control is the same pipeline beside a *live* NATS sink: routing to a second
+    sink costs the one dispatcher the same CPU either way, so what is measured is what
+    the outage adds. Runs are interleaved, best of four each, so machine load hits
+    every series alike."""
+    dead = f"nats://127.0.0.1:{free_port()}"  # nothing listens there: the broker is gone
+    alone, live, beside = [], [], []
+    for _ in range(4):
+        alone.append(await jsonl_rate(tmp_path, None))
+        live.append(await jsonl_rate(tmp_path, nats_url))
+        beside.append(await jsonl_rate(tmp_path, dead))
     best_alone = max(r for r, _ in alone)
+    best_live = max(r for r, _ in live)
     best_beside = max(r for r, _ in beside)
-    print(f"jsonl sink: {best_alone:,.0f} events/s alone, {best_beside:,.0f} events/s "
-          "beside a dead NATS sink")
+    print(f"jsonl sink: {best_alone:,.0f} events/s alone, {best_live:,.0f} beside a live "
+          f"NATS sink, {best_beside:,.0f} beside a dead one")
+    for _, bridge in live:
+        assert bridge.workers["gone"].stats.published > 0
     for _, bridge in beside:
         gone = bridge.workers["gone"].stats
         assert gone.published == 0 and gone.offered == EVENTS
         assert gone.offered == gone.published + sum(gone.dropped.values()) + gone.conflated
         assert not bridge.workers["gone"].ready
-    # within noise: the dead sink costs one dict look-up and a deque append per event
-    assert best_beside > 0.7 * best_alone
+    # a dead neighbour costs the healthy sink no more than a live one (within noise)
+    assert best_beside > 0.8 * best_live
