@@ -6,7 +6,8 @@ array, validation, normalization, CloudEvents envelope, routing with a rendered 
 encoding, hand-off into a sink worker's buffer) and, in the same run on the same
 payloads, the floor no implementation can beat: decoding the array and encoding each
 record once with the fastest JSON library installed (orjson). It prints events/s for
-both and their ratio.
+both and their ratio. The process's garbage collector is tuned as ``aleno-bridge run``
+tunes it (``bridge.app.tune_gc``), for both measurements.
 
     python bench/pipeline.py            # full run (about a minute)
     python bench/pipeline.py --quick    # tiny smoke run (used by the test suite)
@@ -26,6 +27,7 @@ from typing import Any
 import orjson
 
 from bridge import jsoncodec
+from bridge.app import tune_gc
 from bridge.config import parse_config
 from bridge.normalize import Normalizer
 from bridge.routing import Router
@@ -106,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny input, for smoke tests")
     ap.add_argument("--formats", default="cloudevents-json,cloudevents-binary,raw")
     args = ap.parse_args(argv)
+    tune_gc()  # as `aleno-bridge run` does; the floor runs under the same settings
     sizes = [1, 10] if args.quick else [1, 100, 2000]
     min_time = 0.01 if args.quick else 0.6
     formats = args.formats.split(",")

@@ -129,7 +129,10 @@ def _run(args: argparse.Namespace) -> int:
 async def _run_bridge(settings: Any, sinks: Any = None, taps: Any = ()) -> int:
     from bridge.app import Bridge
 
+    from bridge.app import tune_gc
+
     bridge = Bridge(settings, sinks=sinks)
+    tune_gc()
     for tap in taps:
         bridge.add_tap(tap)
     stop = asyncio.Event()

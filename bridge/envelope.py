@@ -40,7 +40,7 @@ JSON: Final = "application/json"
 CLOUDEVENTS_JSON: Final = "application/cloudevents+json"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Encoded:
     """One event in one wire format.
 

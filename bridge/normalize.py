@@ -213,12 +213,15 @@ class Normalizer:
             ):
                 total = p + av + cp + cv + dp + dv + dt
                 if total - total == 0.0:  # all finite (inf/nan make this nan)
+                    # the wire's own venue dicts are reused when they hold exactly the
+                    # validated keys (nothing else can leak into the envelope)
                     data = {
                         "kind": "ticker", "symbol": symbol, "base": base, "quote": quote,
                         "price": p, "sentTimestampMs": sent, "receivedTimestampMs": received_ms,
-                        "aggregated": {"price": p, "h24UsdVolume": av},
-                        "cex": {"price": cp, "h24UsdVolume": cv},
-                        "dex": {"price": dp, "h24UsdVolume": dv, "usdTvl": dt},
+                        "aggregated": agg if len(agg) == 2 else {"price": p, "h24UsdVolume": av},
+                        "cex": cex if len(cex) == 2 else {"price": cp, "h24UsdVolume": cv},
+                        "dex": dex if len(dex) == 3 else {"price": dp, "h24UsdVolume": dv,
+                                                          "usdTvl": dt},
                     }
                     return Event("ticker", symbol, base, quote, sent, received_ms,
                                  iso_time(sent), data, record, (p, cp, dp), self.source)
