@@ -127,9 +127,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 async def _run_bridge(settings: Any, sinks: Any = None, taps: Any = ()) -> int:
-    from bridge.app import Bridge
-
-    from bridge.app import tune_gc
+    from bridge.app import Bridge, tune_gc
 
     bridge = Bridge(settings, sinks=sinks)
     tune_gc()

@@ -141,8 +141,7 @@ class SinkWorker:
             return None
         else:
             return self._put_when_room(message)
-        if not self._ready._value:  # cheaper than a method call per event on the hot path
-            self._ready.set()
+        self._ready.set()
         return None
 
     async def _put_when_room(self, message: Message) -> None:
