@@ -24,6 +24,7 @@ from typing import Any, Final
 
 from bridge.config import Settings
 from bridge.envelope import Event
+from bridge.logs import redact
 from bridge.metrics import Metrics
 from bridge.normalize import TICKER_EVENT, Normalizer
 from bridge.routing import Router
@@ -150,8 +151,9 @@ class Bridge:
             }
             ok = ok and upstream_ok
         for name, w in self.workers.items():
+            error = w.stats.last_error if not w.ready else None
             checks[f"sink:{name}"] = {"ok": w.ready, "state": w.state, "required": w.required,
-                                      "error": w.stats.last_error if not w.ready else None}
+                                      "error": redact(error) if error else None}
             if w.required and not w.ready:
                 ok = False
         return ok, checks
