@@ -20,8 +20,10 @@ consumer on that bus, built with the bus's own client library, not with the driv
 
 The suite checks what the core relies on: unknown options are refused, ``__init__``
 does no I/O, ``close()`` is idempotent, secrets stay out of ``repr``, a batch makes
-the round trip through the real bus, per-symbol order is kept, and after the bus
-drops the connection the core's worker reconnects the driver and delivers again.
+the round trip through the real bus, per-symbol order is kept, after the bus drops
+the connection the core's worker reconnects the driver and delivers again, and (with
+a probe that implements ``stop_bus``/``start_bus``) what is published while the bus is
+down fails, is retried and arrives once it is back.
 """
 
 from __future__ import annotations
@@ -76,6 +78,16 @@ class BusProbe(ABC):
         Return ``False`` if this bus cannot do it: the reconnect test is then skipped.
         """
         return False
+
+    async def stop_bus(self) -> bool:
+        """Take the bus down and keep it down until :meth:`start_bus` (kill a broker the
+        test started, stop a server). Return ``False`` if this bus cannot: the outage
+        test is then skipped."""
+        return False
+
+    async def start_bus(self) -> None:  # noqa: B027 - optional hook
+        """Bring the bus back after :meth:`stop_bus`; return once the probe receives
+        again."""
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release the probe's own connection."""
@@ -170,17 +182,7 @@ class SinkConformance:
     ) -> None:
         topic = unique_topic()
         await probe.subscribe(topic)
-        name = "conformance"
-        common = SinkCommon(
-            driver=name,
-            format=self.format,
-            batch={"max_events": 10, "linger_ms": 0},
-            retry={"initial_backoff_s": 0.1, "max_backoff_s": 1.0,
-                   "publish_timeout_s": 5.0, "connect_timeout_s": 5.0},
-        )
-        sink = self.make(options, name)
-        spec = SinkSpec(name, common, self.driver, sink.options)
-        worker = SinkWorker(spec, sink)
+        worker = self._worker(options)
         worker.start()
         first = messages(sample_events(symbols=2, updates=5), topic, self.format)
         second = messages(sample_events(symbols=2, updates=5, start_ms=1_800_000_000_000),
@@ -206,6 +208,56 @@ class SinkConformance:
             await worker.stop(5.0)
         assert not missing, f"{len(missing)} message(s) published after the drop never arrived"
         assert worker.stats.dropped.get("rejected", 0) == 0
+
+
+    async def test_publishing_during_an_outage_is_retried_until_the_bus_is_back(
+        self, options: Mapping[str, Any], probe: BusProbe
+    ) -> None:
+        topic = unique_topic()
+        await probe.subscribe(topic)
+        worker = self._worker(options)
+        worker.start()
+        warm = messages(sample_events(symbols=1, updates=1), topic, self.format)
+        during = messages(sample_events(symbols=2, updates=5, start_ms=1_900_000_000_000),
+                          topic, self.format)
+        try:
+            worker.offer(warm[0])  # connected and publishing before the outage starts
+            await _until(lambda: worker.stats.published == 1, self.timeout_s)
+            if not await probe.stop_bus():
+                pytest.skip("this probe cannot take the bus down")
+            try:
+                for m in during:
+                    worker.offer(m)
+                # the driver must fail (not hang, not pretend) while the bus is down
+                await _until(lambda: worker.stats.failed_batches >= 1 or not worker.connected,
+                             self.timeout_s)
+                assert worker.stats.published < 1 + len(during)
+            finally:
+                await probe.start_bus()
+            await _until(lambda: worker.stats.published >= 1 + len(during), 60.0)
+            wanted = {m.id for m in during}
+            deadline = time.monotonic() + self.timeout_s
+            missing = wanted
+            while missing and time.monotonic() < deadline:
+                got = await probe.received(len(during), 0.5)
+                missing = wanted - {r.envelope()["id"] for r in got}
+        finally:
+            await worker.stop(5.0)
+        assert not missing, f"{len(missing)} message(s) published during the outage are lost"
+        assert worker.stats.dropped == {}
+        assert worker.stats.reconnects >= 1 or worker.stats.failed_batches >= 1
+
+    def _worker(self, options: Mapping[str, Any]) -> SinkWorker:
+        name = "conformance"
+        common = SinkCommon(
+            driver=name,
+            format=self.format,
+            batch={"max_events": 10, "linger_ms": 0},
+            retry={"initial_backoff_s": 0.1, "max_backoff_s": 1.0,
+                   "publish_timeout_s": 5.0, "connect_timeout_s": 5.0},
+        )
+        sink = self.make(options, name)
+        return SinkWorker(SinkSpec(name, common, self.driver, sink.options), sink)
 
 
 async def _until(cond: Any, timeout: float) -> None:

@@ -211,6 +211,13 @@ class HookProbe(BusProbe):
         await self.server.restart()
         return True
 
+    async def stop_bus(self) -> bool:
+        await self.server.stop()
+        return True
+
+    async def start_bus(self) -> None:
+        await self.server.start()
+
 
 class TestWebhookConformance(SinkConformance):
     driver = WebhookSink

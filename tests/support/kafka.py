@@ -350,6 +350,20 @@ class KafkaProbe(BusProbe):
         await recreate_topics(self.broker.bootstrap, topics)
         return True
 
+    async def stop_bus(self) -> bool:
+        if self.broker is None:
+            return False
+        await self.reader.drain()
+        self._topics_before_outage = await self.reader.partition_counts()
+        await self.reader.reset()
+        self.broker.kill()
+        return True
+
+    async def start_bus(self) -> None:
+        assert self.broker is not None
+        await asyncio.to_thread(self.broker.start)
+        await recreate_topics(self.broker.bootstrap, self._topics_before_outage)
+
     async def close(self) -> None:
         await self.reader.close()
 
