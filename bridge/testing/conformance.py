@@ -43,7 +43,7 @@ from pydantic import ValidationError
 
 from bridge.config import SinkCommon, SinkSpec
 from bridge.runner import SinkWorker
-from bridge.sinks import Sink, SinkOptions, check_driver
+from bridge.sinks import Message, Sink, SinkOptions, check_driver
 from bridge.testing.sample import messages, sample_events
 
 
@@ -198,12 +198,7 @@ class SinkConformance:
             await _until(lambda: worker.stats.published >= len(first) + len(second), 60.0)
             # a broker that loses its data on restart may lose ``first``: wait for
             # ``second`` (published after the drop) only
-            wanted = {m.id for m in second}
-            deadline = time.monotonic() + self.timeout_s
-            missing = wanted
-            while missing and time.monotonic() < deadline:
-                got = await probe.received(len(first) + len(second), 0.5)
-                missing = wanted - {r.envelope()["id"] for r in got}
+            missing = await _missing(probe, second, len(first) + len(second), self.timeout_s)
         finally:
             await worker.stop(5.0)
         assert not missing, f"{len(missing)} message(s) published after the drop never arrived"
@@ -235,12 +230,7 @@ class SinkConformance:
             finally:
                 await probe.start_bus()
             await _until(lambda: worker.stats.published >= 1 + len(during), 60.0)
-            wanted = {m.id for m in during}
-            deadline = time.monotonic() + self.timeout_s
-            missing = wanted
-            while missing and time.monotonic() < deadline:
-                got = await probe.received(len(during), 0.5)
-                missing = wanted - {r.envelope()["id"] for r in got}
+            missing = await _missing(probe, during, 1 + len(during), self.timeout_s)
         finally:
             await worker.stop(5.0)
         assert not missing, f"{len(missing)} message(s) published during the outage are lost"
@@ -258,6 +248,20 @@ class SinkConformance:
         )
         sink = self.make(options, name)
         return SinkWorker(SinkSpec(name, common, self.driver, sink.options), sink)
+
+
+async def _missing(
+    probe: BusProbe, wanted: list[Message], count: int, timeout: float
+) -> set[str]:
+    """Ids of ``wanted`` the probe has not received within ``timeout`` (``count`` is
+    how many messages the probe may hold in all)."""
+    ids = {m.id for m in wanted}
+    deadline = time.monotonic() + timeout
+    while True:
+        got = await probe.received(count, 0.5)
+        missing = ids - {r.envelope()["id"] for r in got}
+        if not missing or time.monotonic() >= deadline:
+            return missing
 
 
 async def _until(cond: Any, timeout: float) -> None:

@@ -47,10 +47,10 @@ from tests.support.mqtt import (
     MqttConsumer,
     MqttProbe,
     PrivateBroker,
-    make_tls_files,
     mosquitto_hash,
 )
 from tests.support.proc import free_port
+from tests.support.tls import make_tls_files
 
 pytestmark = pytest.mark.integration
 
