@@ -268,12 +268,9 @@ class KafkaSink(Sink[KafkaOptions]):
     #: aiokafka errors that escaped classification are worth a reconnect: a record
     #: that can never be accepted is turned into :class:`SinkRejectedError` first
     retriable_errors: ClassVar[tuple[type[BaseException], ...]] = (
-        ConnectionError,
-        TimeoutError,
-        OSError,
+        *Sink.retriable_errors,
         KafkaError,
     )
-    topic_separator: ClassVar[str] = "."
 
     def __init__(self, name: str, options: KafkaOptions) -> None:
         super().__init__(name, options)

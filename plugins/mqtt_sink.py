@@ -52,7 +52,7 @@ import secrets
 import ssl
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Final, Literal
+from typing import Any, Final, Literal
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
@@ -227,12 +227,8 @@ class MqttSink(Sink[MqttOptions]):
     """Publishes batches to one MQTT broker; see the module docstring for guarantees."""
 
     options_model = MqttOptions
-    #: connection loss and timeouts; the driver raises SinkConnectionError for both
-    retriable_errors: ClassVar[tuple[type[BaseException], ...]] = (
-        ConnectionError,
-        TimeoutError,
-        OSError,
-    )
+    # retriable: the core's default (connection loss, timeouts); the driver raises
+    # SinkConnectionError for both
 
     def __init__(self, name: str, options: MqttOptions) -> None:
         super().__init__(name, options)

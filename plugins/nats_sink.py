@@ -240,8 +240,7 @@ class NatsSink(Sink[NatsOptions]):
     """Publishes batches to NATS; see the module docstring for the guarantees."""
 
     options_model = NatsOptions
-    topic_separator = "."
-    retriable_errors = (ConnectionError, TimeoutError, OSError, nats.errors.Error)
+    retriable_errors = (*Sink.retriable_errors, nats.errors.Error)
 
     def __init__(self, name: str, options: NatsOptions) -> None:
         super().__init__(name, options)

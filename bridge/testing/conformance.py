@@ -204,7 +204,6 @@ class SinkConformance:
         assert not missing, f"{len(missing)} message(s) published after the drop never arrived"
         assert worker.stats.dropped.get("rejected", 0) == 0
 
-
     async def test_publishing_during_an_outage_is_retried_until_the_bus_is_back(
         self, options: Mapping[str, Any], probe: BusProbe
     ) -> None:
