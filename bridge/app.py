@@ -7,9 +7,19 @@ Flow of one upstream payload::
       -> SinkWorker task: Sink.publish(batch)
 
 ``on_payload`` never blocks the Socket.IO receive loop: normalized events go into a
-bounded intake queue consumed by one dispatcher task, which keeps the upstream order.
-Only a ``block`` sink can make the dispatcher wait; when the intake is full too,
-upstream batches are dropped and counted (``aleno_bridge_pipeline_dropped_total``).
+bounded intake consumed by one dispatcher task, which keeps the upstream order. The
+intake is bounded in events (``intake_max_events``, default 10,000: about 20 MB of
+decoded records at most), not in upstream batches, whose size the upstream decides.
+Only a ``block`` sink can make the dispatcher wait; when the intake is full too, the
+events that do not fit are dropped and counted
+(``aleno_bridge_pipeline_dropped_total{reason="intake_full"}``).
+
+Shutdown has one deadline, ``shutdown_timeout_s`` from the stop signal, shared by
+every step: stopping the source, routing what the intake holds, draining the sinks
+and closing them (see :meth:`Bridge.shutdown`). Nothing is lost uncounted: events
+still in the intake at the deadline are counted as
+``aleno_bridge_pipeline_dropped_total{reason="shutdown"}``, events held by a sink as
+``aleno_bridge_sink_events_dropped_total{reason="shutdown"}``.
 """
 
 from __future__ import annotations
@@ -19,6 +29,7 @@ import contextlib
 import gc
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
@@ -34,7 +45,6 @@ from bridge.source import AlenoSource
 
 log = logging.getLogger("aleno_bridge.app")
 
-INTAKE_BATCHES: Final = 1024
 GC_THRESHOLDS: Final = (50_000, 50, 100)
 
 
@@ -73,14 +83,28 @@ class Bridge:
             name: SinkWorker(spec, (sinks or {}).get(name), self.metrics.observe_publish)
             for name, spec in settings.sinks.items()
         }
+        for name, spec in settings.sinks.items():
+            dead_letter = spec.common.dead_letter
+            if dead_letter is not None and dead_letter in self.workers:
+                self.workers[name].dead_letter = self.workers[dead_letter]
         self.router: Router = Router(settings.routes, self.workers)
         self.source: AlenoSource | None = None
         if with_source:
             key = settings.api_key.get_secret_value() if settings.api_key else None
-            self.source = AlenoSource(cfg.source, key, self.on_payload)
-        self.pipeline_dropped = 0
+            self.source = AlenoSource(cfg.source, key, self.on_payload, self.normalizer.reject)
+        #: events dropped between the receive loop and the router, by reason
+        #: (``intake_full``, ``shutdown``)
+        self.pipeline_dropped: dict[str, int] = {}
         self.http_port: int | None = None
-        self._intake: asyncio.Queue[list[Event]] = asyncio.Queue(INTAKE_BATCHES)
+        #: upstream batches waiting for the dispatcher, and the events they hold
+        #: (including the not yet routed rest of the batch being dispatched)
+        self.intake_max_events: int = cfg.intake_max_events
+        self.intake_events = 0
+        self._intake: deque[list[Event]] = deque()
+        self._intake_ready = asyncio.Event()
+        self._intake_idle = asyncio.Event()
+        self._intake_idle.set()
+        self._closing = False
         self._dispatcher: asyncio.Task[None] | None = None
         self._taps: list[Callable[[Event], None]] = []
         self.started_at = time.time()
@@ -90,11 +114,13 @@ class Bridge:
 
     def on_payload(self, event_name: str, payload: Any) -> None:
         """Normalize one upstream payload and queue its events for routing."""
+        # records of symbols this bridge never subscribed are dropped (``unsubscribed``)
+        wanted = self.source.wanted if self.source is not None else None
         if event_name == TICKER_EVENT:
-            events = self.normalizer.tickers(payload)
+            events = self.normalizer.tickers(payload, wanted["ticker"] if wanted else None)
             kind = "ticker"
         else:
-            events = self.normalizer.equities(payload)
+            events = self.normalizer.equities(payload, wanted["equity"] if wanted else None)
             kind = "equity"
         if not events:
             return
@@ -104,31 +130,76 @@ class Bridge:
         self.ingest(events)
 
     def ingest(self, events: list[Event]) -> None:
-        try:
-            self._intake.put_nowait(events)
-        except asyncio.QueueFull:
-            self.pipeline_dropped += len(events)
+        """Queue ``events`` for the dispatcher; what does not fit is dropped and counted."""
+        if self._closing:
+            self._pipeline_drop("shutdown", len(events))
+            return
+        room = self.intake_max_events - self.intake_events
+        if len(events) > room:
+            self._pipeline_drop("intake_full", len(events) - max(0, room))
+            if room <= 0:
+                return
+            events = events[:room]
+        self.intake_events += len(events)
+        self._intake.append(events)
+        self._intake_idle.clear()
+        self._intake_ready.set()
+
+    def _pipeline_drop(self, reason: str, n: int) -> None:
+        if n > 0:
+            self.pipeline_dropped[reason] = self.pipeline_dropped.get(reason, 0) + n
 
     def add_tap(self, tap: Callable[[Event], None]) -> None:
         self._taps.append(tap)
 
     async def _dispatch_forever(self) -> None:
+        """Route the intake in order until :meth:`shutdown` closes it; what is left
+        then (or when this task is cancelled) is counted as dropped (``shutdown``)."""
         dispatch = self.router.dispatch
+        intake = self._intake
         while True:
-            events = await self._intake.get()
+            if not intake:
+                self._intake_idle.set()
+                if self._closing:
+                    return
+                self._intake_ready.clear()
+                await self._intake_ready.wait()
+                continue
+            if self._closing:
+                self._discard_intake()
+                return
+            events = intake.popleft()
             for tap in self._taps:
                 for ev in events:
                     tap(ev)
+            routed = 0
             try:
                 for ev in events:
-                    for waiter in dispatch(ev):
-                        await waiter
+                    waiters = dispatch(ev)
+                    routed += 1
+                    if waiters:
+                        for waiter in waiters:
+                            await waiter
+                        if self._closing:
+                            break
+            except asyncio.CancelledError:
+                # the event being offered may not have reached every sink: count it too
+                routed -= 1
+                raise
             finally:
-                self._intake.task_done()
+                self.intake_events -= len(events)
+                self._pipeline_drop("shutdown", len(events) - routed)
+
+    def _discard_intake(self) -> None:
+        n = sum(len(events) for events in self._intake)
+        self._intake.clear()
+        self.intake_events -= n
+        self._pipeline_drop("shutdown", n)
+        self._intake_idle.set()
 
     async def flush_intake(self) -> None:
         """Wait until every queued upstream batch has been routed (for tests and drain)."""
-        await self._intake.join()
+        await self._intake_idle.wait()
 
     # -- health ------------------------------------------------------------------
 
@@ -136,24 +207,38 @@ class Bridge:
         checks: dict[str, Any] = {}
         ok = True
         if self.source is not None:
+            # ready only once a price arrived on the current connection, recently
             since = self.source.seconds_since_update()
             stale = self.settings.config.source.stale_after_s
             upstream_ok = (
                 self.source.stats.state == "subscribed"
-                and self.source.subscribed
+                and self.source.flowing
                 and since is not None
                 and since <= stale
             )
+            error = self.source.stats.last_error
             checks["upstream"] = {
                 "ok": upstream_ok,
                 "state": self.source.stats.state,
                 "seconds_since_update": None if since is None else round(since, 3),
+                "error": redact(error) if error and not upstream_ok else None,
             }
             ok = ok and upstream_ok
         for name, w in self.workers.items():
-            error = w.stats.last_error if not w.ready else None
-            checks[f"sink:{name}"] = {"ok": w.ready, "state": w.state, "required": w.required,
-                                      "error": redact(error) if error else None}
+            st = w.stats
+            # not ready: why (the connection error, or the refusal of the last publish)
+            error = (st.last_error or st.last_rejection) if not w.ready else None
+            check: dict[str, Any] = {"ok": w.ready, "state": w.state, "required": w.required,
+                                     "error": redact(error) if error else None}
+            if st.last_rejection is not None:
+                # visible even while ready: the bus refuses some events for good
+                check["rejections"] = st.rejections
+                check["last_rejection"] = redact(st.last_rejection)
+                check["seconds_since_rejection"] = (
+                    None if st.last_rejection_at is None
+                    else round(max(0.0, time.time() - st.last_rejection_at), 3)
+                )
+            checks[f"sink:{name}"] = check
             if w.required and not w.ready:
                 ok = False
         return ok, checks
@@ -199,24 +284,57 @@ class Bridge:
         return lost
 
     async def shutdown(self, source_task: asyncio.Task[None] | None = None) -> dict[str, int]:
-        """Stop the source, route what was received, drain every sink up to
-        ``shutdown_timeout_s`` and close them; log what could not be delivered."""
+        """Stop the source, route what was received, drain every sink and close them,
+        all within ``shutdown_timeout_s``; log what could not be delivered.
+
+        One deadline is shared by every step, in order: the source stops (its task is
+        cancelled if it does not end in time), the intake is routed, the sinks deliver
+        what they hold, and they are closed (the last second, or a quarter of the
+        budget if smaller, is kept for closing). A ``block`` sink that cannot take the
+        intake's events delays only until that deadline: the rest of the intake is
+        then counted as ``pipeline_dropped{reason="shutdown"}``, and what a sink could
+        not deliver as its ``dropped{reason="shutdown"}``.
+        """
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        budget = self.settings.config.shutdown_timeout_s
+        deadline = started + budget
+        drain_until = deadline - min(1.0, budget / 4)
+
+        def left(until: float = drain_until) -> float:
+            return max(0.0, until - loop.time())
+
         if self.source is not None:
             self.source.stop()
         if source_task is not None and not source_task.done():
             with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
-                await asyncio.wait_for(asyncio.shield(source_task), 5.0)
+                await asyncio.wait_for(asyncio.shield(source_task), left())
             if not source_task.done():
                 source_task.cancel()
-        deadline = time.monotonic() + self.settings.config.shutdown_timeout_s
-        if self._dispatcher is not None:
+                with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError,
+                                         Exception):
+                    await asyncio.wait_for(asyncio.shield(source_task),
+                                           min(0.5, max(0.01, left(deadline))))
+        dispatcher = self._dispatcher
+        if dispatcher is not None and not dispatcher.done():
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.flush_intake(), self.settings.config.shutdown_timeout_s)
-            self._dispatcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._dispatcher
-        remaining = max(0.0, deadline - time.monotonic())
-        results = await asyncio.gather(*(w.stop(remaining) for w in self.workers.values()))
+                await asyncio.wait_for(self.flush_intake(), left())
+        # from here on nothing new is routed: what the intake still holds is counted,
+        # offers still waiting on a ``block`` sink are released and counted by it
+        self._closing = True
+        self._intake_ready.set()
+        for w in self.workers.values():
+            w.begin_stop()
+        if dispatcher is not None and not dispatcher.done():
+            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(dispatcher),
+                                       min(0.5, max(0.01, left(deadline))))
+            if not dispatcher.done():
+                dispatcher.cancel()
+                with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                    await asyncio.wait_for(asyncio.shield(dispatcher), 0.1)
+        self._discard_intake()  # ingested after the dispatcher ended, if anything
+        results = await asyncio.gather(*(w.stop(left(deadline)) for w in self.workers.values()))
         lost = dict(zip(self.workers, results, strict=True))
         for name, n in lost.items():
             w = self.workers[name]
@@ -226,4 +344,25 @@ class Bridge:
             else:
                 log.info("sink %s drained: %d event(s) published", name, w.stats.published,
                          extra={"sink": name, "published": w.stats.published})
+        intake_lost = self.pipeline_dropped.get("shutdown", 0)
+        log.info(
+            "shutdown took %.2fs (budget %gs): %d event(s) not delivered by the sinks, "
+            "%d left in the intake",
+            loop.time() - started, budget, sum(lost.values()), intake_lost,
+            extra={
+                "shutdown_s": round(loop.time() - started, 3),
+                "undelivered": lost,
+                "pipeline_dropped": dict(self.pipeline_dropped),
+                "events_received": dict(self.normalizer.received),
+                "events_invalid": sum(self.normalizer.invalid.values()),
+                "events_unrouted": self.router.unrouted,
+                "events_filtered": sum(self.router.filtered.values()),
+                "sinks": {
+                    n: {"offered": w.stats.offered, "published": w.stats.published,
+                        "dropped": dict(w.stats.dropped), "conflated": w.stats.conflated,
+                        "depth": w.depth}
+                    for n, w in self.workers.items()
+                },
+            },
+        )
         return lost

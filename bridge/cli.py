@@ -112,6 +112,9 @@ def _validate(args: argparse.Namespace) -> int:
     routes = len(settings.routes)
     sinks = ", ".join(f"{n} ({s.common.driver})" for n, s in settings.sinks.items())
     src = settings.config.source
+    # insecure but valid settings: reported, not fatal
+    for warning in settings.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"{args.config}: valid. sinks: {sinks}; routes: {routes}; tickers: "
           f"{len(src.tickers)}; equities: {len(src.equities)}")
     return EXIT_OK
@@ -123,6 +126,8 @@ def _run(args: argparse.Namespace) -> int:
     settings = load_config(args.config)
     logs.add_secrets(settings.secrets())
     logs.setup(settings.config.log.level, settings.config.log.format)
+    for warning in settings.warnings:
+        log.warning("insecure setting: %s", warning)
     return asyncio.run(_run_bridge(settings))
 
 

@@ -5,12 +5,21 @@
 ``source.stale_after_s`` and every required sink is connected with its last publish
 successful; 503 otherwise, with the failing checks in the JSON body.
 ``/metrics`` is the Prometheus text format.
+
+The port may be reachable from the pod network, so the server protects the rest of
+the process from its clients: at most ``http.max_connections`` connections are open at
+once (one more is accepted and closed at once, so it cannot pin a file descriptor the
+sinks need), and a connection that has not sent a complete request within
+``http.idle_timeout_s`` (slow or partial headers, or idle keep-alive) is closed.
+Refused connections are counted and logged at most once a minute.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from typing import TYPE_CHECKING
+import time
+from typing import TYPE_CHECKING, Any, Final
 
 import orjson
 from aiohttp import web
@@ -20,6 +29,8 @@ if TYPE_CHECKING:
     from bridge.app import Bridge
 
 log = logging.getLogger("aleno_bridge.http")
+
+REFUSAL_LOG_INTERVAL_S: Final = 60.0
 
 
 def make_app(bridge: Bridge) -> web.Application:
@@ -46,15 +57,99 @@ def make_app(bridge: Bridge) -> web.Application:
     return app
 
 
-async def serve_http(bridge: Bridge) -> web.AppRunner:
+class _Refused(asyncio.Protocol):
+    """A connection over the cap: closed as soon as it is accepted."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if isinstance(transport, asyncio.Transport):
+            transport.abort()
+        else:
+            transport.close()
+
+
+class _Counted(asyncio.Protocol):
+    """Delegates to aiohttp's request handler and keeps the open-connection count."""
+
+    def __init__(self, inner: asyncio.Protocol, guard: ConnectionGuard) -> None:
+        self._inner = inner
+        self._guard = guard
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._guard.open -= 1
+        self._inner.connection_lost(exc)
+
+
+class ConnectionGuard:
+    """Protocol factory that caps the number of open connections."""
+
+    def __init__(self, factory: Any, limit: int) -> None:
+        self._factory = factory
+        self.limit = limit
+        self.open = 0
+        self.refused = 0
+        self._last_log = 0.0
+
+    def __call__(self) -> asyncio.Protocol:
+        if self.open >= self.limit:
+            self.refused += 1
+            now = time.monotonic()
+            if now - self._last_log >= REFUSAL_LOG_INTERVAL_S:
+                self._last_log = now
+                log.warning(
+                    "http: %d connection(s) open, the limit (http.max_connections); refused "
+                    "%d connection(s) so far", self.open, self.refused,
+                    extra={"refused": self.refused},
+                )
+            return _Refused()
+        self.open += 1
+        return _Counted(self._factory(), self)
+
+
+class HttpServer:
+    """The running endpoints; :meth:`cleanup` stops them (idempotent)."""
+
+    def __init__(self, runner: web.AppRunner, server: asyncio.Server,
+                 guard: ConnectionGuard) -> None:
+        self._runner = runner
+        self._server = server
+        self.guard = guard
+        self.port: int = server.sockets[0].getsockname()[1]
+
+    async def cleanup(self) -> None:
+        self._server.close()
+        await self._runner.cleanup()
+
+
+async def serve_http(bridge: Bridge) -> HttpServer:
     cfg = bridge.settings.config.http
-    runner = web.AppRunner(make_app(bridge), handle_signals=False, access_log=None)
+    # aiohttp closes a connection whose handler waited this long for a complete
+    # request: idle keep-alive and never-finished headers alike
+    runner = web.AppRunner(make_app(bridge), handle_signals=False, access_log=None,
+                           keepalive_timeout=cfg.idle_timeout_s)
     await runner.setup()
-    site = web.TCPSite(runner, cfg.host, cfg.port, reuse_address=True)
-    await site.start()
-    server = site._server
-    sockets = getattr(server, "sockets", None) or []
-    bridge.http_port = sockets[0].getsockname()[1] if sockets else cfg.port
-    log.info("http endpoints on http://%s:%d (/healthz /readyz /metrics)", cfg.host,
-             bridge.http_port)
-    return runner
+    guard = ConnectionGuard(runner.server, cfg.max_connections)
+    loop = asyncio.get_running_loop()
+    try:
+        server = await loop.create_server(guard, cfg.host, cfg.port, reuse_address=True)
+    except BaseException:
+        await runner.cleanup()
+        raise
+    http = HttpServer(runner, server, guard)
+    bridge.http_port = http.port
+    log.info("http endpoints on http://%s:%d (/healthz /readyz /metrics)", cfg.host, http.port)
+    return http

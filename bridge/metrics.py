@@ -131,10 +131,21 @@ class BridgeCollector(Collector):
                 filtered.add_metric([route, reason], n)
         yield filtered
         pipeline = CounterMetricFamily("aleno_bridge_pipeline_dropped",
-                                       "Upstream batches dropped because the pipeline intake "
-                                       "was full (a 'block' sink is behind).")
-        pipeline.add_metric([], b.pipeline_dropped)
+                                       "Valid events dropped before routing, by reason: "
+                                       "intake_full (a 'block' sink is behind), shutdown "
+                                       "(still in the intake at the shutdown deadline).",
+                                       labels=["reason"])
+        for reason in sorted({"intake_full", "shutdown", *b.pipeline_dropped}):
+            pipeline.add_metric([reason], b.pipeline_dropped.get(reason, 0))
         yield pipeline
+        intake = GaugeMetricFamily("aleno_bridge_intake_events",
+                                   "Events received and waiting to be routed.")
+        intake.add_metric([], b.intake_events)
+        yield intake
+        intake_cap = GaugeMetricFamily("aleno_bridge_intake_capacity",
+                                       "intake_max_events: the most events the intake holds.")
+        intake_cap.add_metric([], b.intake_max_events)
+        yield intake_cap
 
         state = GaugeMetricFamily("aleno_bridge_sink_state", "1 for the current state of a sink.",
                                   labels=["sink", "driver", "state"])
@@ -147,7 +158,16 @@ class BridgeCollector(Collector):
         capacity = GaugeMetricFamily("aleno_bridge_sink_queue_capacity",
                                      "buffer.max_events of a sink.", labels=["sink"])
         offered = CounterMetricFamily("aleno_bridge_sink_events_offered",
-                                      "Events routed to a sink.", labels=["sink"])
+                                      "Events a sink accepted or dropped on arrival "
+                                      "(offered = published + dropped + conflated + depth).",
+                                      labels=["sink"])
+        blocked = GaugeMetricFamily("aleno_bridge_sink_blocked_offers",
+                                    "Events waiting for room in a full 'block' sink (not "
+                                    "offered yet).", labels=["sink"])
+        rejections = CounterMetricFamily("aleno_bridge_sink_rejections",
+                                         "Publishes the bus refused for good (in part or "
+                                         "whole; the events: dropped rejected/dead_lettered).",
+                                         labels=["sink"])
         published = CounterMetricFamily("aleno_bridge_sink_events_published",
                                         "Events the bus confirmed.", labels=["sink"])
         dropped = CounterMetricFamily("aleno_bridge_sink_events_dropped",
@@ -169,12 +189,14 @@ class BridgeCollector(Collector):
             depth.add_metric([w.name], w.depth)
             capacity.add_metric([w.name], w.capacity)
             offered.add_metric([w.name], st.offered)
+            blocked.add_metric([w.name], w.blocked)
+            rejections.add_metric([w.name], st.rejections)
             published.add_metric([w.name], st.published)
-            for reason in sorted({"buffer_full", "rejected", "driver_error", "shutdown",
-                                  *st.dropped}):
+            for reason in sorted({"buffer_full", "rejected", "dead_lettered", "driver_error",
+                                  "shutdown", *st.dropped}):
                 dropped.add_metric([w.name, reason], st.dropped.get(reason, 0))
             conflated.add_metric([w.name], st.conflated)
             failed.add_metric([w.name], st.failed_batches)
             reconn.add_metric([w.name], st.reconnects)
-        yield from (state, up_, depth, capacity, offered, published, dropped, conflated, failed,
-                    reconn)
+        yield from (state, up_, depth, capacity, offered, blocked, published, dropped, conflated,
+                    failed, reconn, rejections)

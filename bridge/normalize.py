@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import logging
 import math
+import re
+import reprlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from typing import Any, Final
 
 from bridge.envelope import DEFAULT_SOURCE, Event, iso_time
@@ -40,6 +42,21 @@ _MIN_TS: Final = 946_684_800_000
 _MAX_TS: Final = 7_258_118_400_000
 
 _isfinite = math.isfinite
+_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*://)[^/?#\s@]*@")
+_sample_repr = reprlib.Repr()
+_sample_repr.maxlevel = 4
+_sample_repr.maxstring = 120
+_sample_repr.maxother = 120
+_sample_repr.maxlist = _sample_repr.maxdict = 8
+
+
+def _sample(record: Any) -> str:
+    """A bounded, never-raising sample of a record for a log line."""
+    try:
+        text = record if isinstance(record, str) else _sample_repr.repr(record)
+    except Exception as exc:  # a hostile __repr__ or a nesting beyond the limit
+        text = f"<{type(record).__name__}: unprintable ({type(exc).__name__})>"
+    return text if len(text) <= 300 else text[:300] + "..."
 
 
 class Invalid(Exception):
@@ -119,8 +136,13 @@ def _venue(value: Any, tvl: bool) -> dict[str, float | None] | None:
 class Normalizer:
     """Turns decoded payloads into events and counts what it drops.
 
-    ``source`` is the envelope's CloudEvents ``source`` (the upstream URL and path);
-    ``clock`` returns the receive time in ms (injectable for tests).
+    ``source`` is the envelope's CloudEvents ``source`` (the upstream URL and path;
+    credentials in it are stripped); ``clock`` returns the receive time in ms
+    (injectable for tests).
+
+    ``allowed`` (per call) is the set of symbols subscribed for that kind: a record of
+    any other symbol is dropped as ``unsubscribed`` (an upstream cannot make the bridge
+    republish, or cache routes for, symbols nobody asked for). ``None`` accepts all.
     """
 
     def __init__(
@@ -128,21 +150,20 @@ class Normalizer:
         source: str = DEFAULT_SOURCE,
         clock: Callable[[], int] | None = None,
     ) -> None:
-        self.source = source
+        self.source = _USERINFO.sub(r"\1", source)
         self._clock = clock or (lambda: time.time_ns() // 1_000_000)
         self.invalid: dict[str, int] = {}
         self.received: dict[str, int] = {"ticker": 0, "equity": 0}
         self._logged: set[str] = set()
         self._symbols: dict[str, tuple[str, str, str]] = {}
 
-    def _reject(self, kind: str, reason: str, record: Any) -> None:
+    def reject(self, kind: str, reason: str, record: Any) -> None:
+        """Count (and log once per reason) a record or packet dropped as invalid."""
         key = f"{kind}:{reason}"
         self.invalid[key] = self.invalid.get(key, 0) + 1
         if key not in self._logged:
             self._logged.add(key)
-            sample = repr(record)
-            if len(sample) > 300:
-                sample = sample[:300] + "..."
+            sample = _sample(record)
             log.warning(
                 "dropped an invalid %s record (%s); later ones with this reason are only "
                 "counted. sample: %s",
@@ -150,16 +171,19 @@ class Normalizer:
                 extra={"kind": kind, "reason": reason},
             )
 
-    def tickers(self, payload: Any) -> list[Event]:
-        """Events of a ``new_token_states`` payload; invalid records are dropped."""
-        return self._batch("ticker", payload, self.ticker)
+    _reject = reject
 
-    def equities(self, payload: Any) -> list[Event]:
+    def tickers(self, payload: Any, allowed: Container[str] | None = None) -> list[Event]:
+        """Events of a ``new_token_states`` payload; invalid records are dropped."""
+        return self._batch("ticker", payload, self.ticker, allowed)
+
+    def equities(self, payload: Any, allowed: Container[str] | None = None) -> list[Event]:
         """Events of a ``new_equity_states`` payload; invalid records are dropped."""
-        return self._batch("equity", payload, self.equity)
+        return self._batch("equity", payload, self.equity, allowed)
 
     def _batch(
-        self, kind: str, payload: Any, one: Callable[[Any, int], Event]
+        self, kind: str, payload: Any, one: Callable[[Any, int, Container[str] | None], Event],
+        allowed: Container[str] | None,
     ) -> list[Event]:
         if type(payload) is not list:
             # a single object instead of an array is tolerated; anything else is not
@@ -173,29 +197,34 @@ class Normalizer:
         events = []
         for record in payload:
             try:
-                events.append(one(record, received))
+                events.append(one(record, received, allowed))
             except Invalid as exc:
                 self._reject(kind, exc.reason, record)
             except Exception as exc:  # defence in depth: nothing from the wire escapes
                 self._reject(kind, f"unexpected_{type(exc).__name__}", record)
         return events
 
-    def _ticker_symbol(self, raw: Any) -> tuple[str, str, str]:
+    def _ticker_symbol(self, raw: Any, allowed: Container[str] | None) -> tuple[str, str, str]:
         cached = self._symbols.get(raw) if type(raw) is str else None
         if cached is not None:
+            if allowed is not None and cached[0] not in allowed:
+                raise Invalid("unsubscribed")
             return cached
         symbol = _symbol(raw)
         base, sep, quote = symbol.partition("/")
         if not sep or not base or not quote or "/" in quote:
             raise Invalid("bad_symbol")
+        if allowed is not None and symbol not in allowed:
+            raise Invalid("unsubscribed")
         if len(self._symbols) < 100_000:
             self._symbols[raw] = (symbol, base, quote)
         return symbol, base, quote
 
-    def ticker(self, record: Any, received_ms: int) -> Event:
+    def ticker(self, record: Any, received_ms: int,
+               allowed: Container[str] | None = None) -> Event:
         if type(record) is not dict:
             raise Invalid("not_an_object")
-        symbol, base, quote = self._ticker_symbol(record.get("id"))
+        symbol, base, quote = self._ticker_symbol(record.get("id"), allowed)
         agg = record.get("aggregated")
         cex = record.get("cex")
         dex = record.get("dex")
@@ -252,10 +281,13 @@ class Normalizer:
             prices, self.source,
         )
 
-    def equity(self, record: Any, received_ms: int) -> Event:
+    def equity(self, record: Any, received_ms: int,
+               allowed: Container[str] | None = None) -> Event:
         if type(record) is not dict:
             raise Invalid("not_an_object")
         symbol = _symbol(record.get("symbol"))
+        if allowed is not None and symbol not in allowed:
+            raise Invalid("unsubscribed")
         price = _number(record.get("price"), "price")
         if price <= 0:
             raise Invalid("non_positive_price")

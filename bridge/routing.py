@@ -153,7 +153,8 @@ class Router:
             for t in hit.targets:
                 enc = event.encoded(t.worker.format)
                 waiter = t.worker.offer(
-                    Message(t.topic, t.key, enc.body, enc.content_type, event, enc.attributes)
+                    Message(t.topic, t.key, enc.body, enc.content_type, event.header,
+                            enc.attributes)
                 )
                 if waiter is not None:
                     pending.append(waiter)

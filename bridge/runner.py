@@ -4,25 +4,51 @@ Every sink gets its own task and its own buffer, so a dead or slow bus never del
 another sink or the upstream (unless its policy is ``block``, which by design slows
 the whole pipeline to the pace of that sink).
 
-``buffer.when_full`` decides what happens when the buffer holds ``max_events``:
+``buffer.max_events`` bounds the events a sink holds: queued *and* in flight (the
+batch handed to the driver and not yet confirmed). ``buffer.when_full`` decides what
+happens when it holds that many:
 
 ``drop_oldest`` (default)
-    the oldest queued event is dropped to make room; the freshest prices survive.
+    the oldest queued event is dropped to make room; the freshest prices survive
+    (when every held event is in flight, none can be dropped: the arriving one is).
 ``drop_newest``
     the arriving event is dropped; what is queued is kept.
 ``block``
     the router waits for room: upstream updates queue up in the pipeline's intake
-    (and are dropped there, counted as ``pipeline_full``, once it is full too).
+    (and are dropped there, counted as ``intake_full``, once it is full too).
 ``conflate``
     at most one event per (kind, symbol, topic) is queued: a newer update of a queued
     symbol replaces it in place (counted as ``conflated``), so a recovering sink
     publishes the latest price of every symbol first instead of a stale backlog.
-    When ``max_events`` distinct symbols are queued the oldest is dropped.
+    When ``max_events`` distinct symbols are held the oldest is dropped.
+
+A buffered event is a :class:`~bridge.sinks.Message`: its encoded body (an exact-size
+bytes object), its topic and key (shared per symbol) and the event's light header
+(shared by all the event's messages); about 0.8-1 KB per event, measured by
+``tests/unit/test_memory.py``.
 
 An event leaves the worker only when the driver confirmed it (``publish`` returned)
-or when it is dropped for a counted reason. At every moment::
+or when it is dropped for a counted reason (``buffer_full``, ``rejected``,
+``dead_lettered``, ``driver_error``, ``shutdown``). ``offered`` counts the events the
+worker *accepted* (or dropped on arrival); a ``block`` offer that waits for room is
+not offered yet: it shows in :attr:`SinkWorker.blocked` (metric
+``aleno_bridge_sink_blocked_offers``) and is counted as offered when it is queued, or
+as offered and dropped (``shutdown``) when the worker stops first. So at every
+moment, not only between batches::
 
     offered == published + sum(dropped.values()) + conflated + depth
+    depth <= capacity
+
+A ``dead_letter`` sink receives the events the bus refused for good
+(:class:`~bridge.sinks.SinkRejectedError`), never those of a bus that is down: they
+are counted here as ``dropped{reason="dead_lettered"}`` and offered to the
+dead-letter sink without waiting (a full dead-letter buffer under ``block`` drops
+them as its own ``buffer_full``). They keep their topic, key and body and carry
+three CloudEvents extension attributes: ``deadletterreason`` (the driver's
+:attr:`~bridge.sinks.SinkRejectedError.reason`, ``rejected`` by default),
+``deadlettersink`` (this sink's name) and ``deadlettererror`` (the error text,
+secrets redacted, at most 1,000 characters); inside the envelope for a structured
+(``cloudevents-json``) body, as attributes (headers, user properties) otherwise.
 """
 
 from __future__ import annotations
@@ -32,15 +58,23 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from bridge.backoff import Backoff
 from bridge.config import SinkSpec
+from bridge.logs import redact
 from bridge.sinks import Message, Sink, SinkError
 
 log = logging.getLogger("aleno_bridge.runner")
+
+#: the longest ``deadlettererror`` attribute (the error text of a big partial rejection
+#: names every refused message)
+MAX_DEAD_LETTER_ERROR: Final = 1000
+#: the time ``stop`` keeps for closing the driver, at most (a quarter of its budget
+#: when that is smaller)
+CLOSE_RESERVE_S: Final = 1.0
 
 
 @dataclass
@@ -57,6 +91,10 @@ class SinkStats:
     last_error: str | None = None
     last_publish_ok: bool = False
     last_publish_at: float | None = None
+    #: the last permanent refusal by the bus (``SinkRejectedError``), and when
+    last_rejection: str | None = None
+    last_rejection_at: float | None = None
+    rejections: int = 0
 
     def drop(self, reason: str, n: int = 1) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + n
@@ -79,7 +117,8 @@ class SinkWorker:
         self.required = spec.common.required
         self.policy = spec.common.buffer.when_full
         self.capacity = spec.common.buffer.max_events
-        self.batch_max = spec.common.batch.max_events
+        # a batch is held in flight: it can never be larger than the buffer
+        self.batch_max = min(spec.common.batch.max_events, self.capacity)
         self.linger_s = spec.common.batch.linger_ms / 1000.0
         retry = spec.common.retry
         self.publish_timeout_s = retry.publish_timeout_s
@@ -88,6 +127,10 @@ class SinkWorker:
         self.stats = SinkStats()
         self.state = "idle"
         self.connected = False
+        #: where refused events go (set by the bridge from ``dead_letter:``)
+        self.dead_letter: SinkWorker | None = None
+        #: ``block`` offers waiting for room (not yet counted as offered)
+        self.blocked = 0
         self._on_latency = on_latency
         self._queue: deque[Message] = deque()
         self._conflated: OrderedDict[tuple[str, str, str], Message] = OrderedDict()
@@ -110,15 +153,17 @@ class SinkWorker:
     def _queued(self) -> int:
         return len(self._queue) + len(self._conflated)
 
-    def offer(self, message: Message) -> Awaitable[None] | None:
+    def offer(self, message: Message, wait: bool = True) -> Awaitable[None] | None:
         """Accept ``message`` under the buffer policy; never blocks except for ``block``,
-        where it returns an awaitable that completes once the message is queued."""
+        where it returns an awaitable that completes once the message is queued (or,
+        with ``wait=False``, drops it as ``buffer_full``)."""
         stats = self.stats
-        stats.offered += 1
         if self._stopping:
+            stats.offered += 1
             stats.drop("shutdown")
             return None
         if self.policy == "conflate":
+            stats.offered += 1
             ev = message.event
             key = (ev.kind, ev.symbol, message.topic)
             conf = self._conflated
@@ -126,17 +171,26 @@ class SinkWorker:
                 conf[key] = message
                 stats.conflated += 1
                 return None
-            if len(conf) >= self.capacity:
-                conf.popitem(last=False)
+            if len(conf) + len(self._inflight) >= self.capacity:
+                if conf:
+                    conf.popitem(last=False)
+                else:  # everything held is in flight: nothing older can go
+                    stats.drop("buffer_full")
+                    return None
                 stats.drop("buffer_full")
             conf[key] = message
-        elif len(self._queue) < self.capacity:
+        elif len(self._queue) + len(self._inflight) < self.capacity:
+            stats.offered += 1
             self._queue.append(message)
         elif self.policy == "drop_oldest":
-            self._queue.popleft()
+            stats.offered += 1
             stats.drop("buffer_full")
+            if not self._queue:  # everything held is in flight: nothing older can go
+                return None
+            self._queue.popleft()
             self._queue.append(message)
-        elif self.policy == "drop_newest":
+        elif self.policy == "drop_newest" or not wait:
+            stats.offered += 1
             stats.drop("buffer_full")
             return None
         else:
@@ -145,14 +199,20 @@ class SinkWorker:
         return None
 
     async def _put_when_room(self, message: Message) -> None:
-        while len(self._queue) >= self.capacity:
-            if self._stopping:
-                self.stats.drop("shutdown")
-                return
-            self._room.clear()
-            await self._room.wait()
-        self._queue.append(message)
-        self._ready.set()
+        self.blocked += 1
+        try:
+            while len(self._queue) + len(self._inflight) >= self.capacity:
+                if self._stopping:
+                    self.stats.offered += 1
+                    self.stats.drop("shutdown")
+                    return
+                self._room.clear()
+                await self._room.wait()
+            self.stats.offered += 1
+            self._queue.append(message)
+            self._ready.set()
+        finally:
+            self.blocked -= 1
 
     def _take(self) -> list[Message]:
         n = self.batch_max
@@ -168,8 +228,12 @@ class SinkWorker:
                 q.clear()
             else:
                 batch = [q.popleft() for _ in range(n)]
-        self._room.set()
         return batch
+
+    def _done(self) -> None:
+        """The in-flight batch left the worker: make room for blocked offers."""
+        self._inflight = []
+        self._room.set()
 
     async def _next_batch(self) -> list[Message] | None:
         while not self._queued():
@@ -225,10 +289,10 @@ class SinkWorker:
         self._set_state("connected")
         return True
 
-    async def _safe_close(self) -> None:
+    async def _safe_close(self, timeout_s: float = 5.0) -> None:
         self.connected = False
         try:
-            await asyncio.wait_for(self.sink.close(), 5.0)
+            await asyncio.wait_for(self.sink.close(), timeout_s)
         except Exception as exc:  # closing a broken connection may fail; that is fine
             log.debug("sink %s: close failed: %s", self.name, exc)
 
@@ -264,17 +328,7 @@ class SinkWorker:
                     await self._safe_close()
                     await self._pause()
                 elif isinstance(exc, SinkError):
-                    n = len(self._inflight)
-                    refused = getattr(exc, "rejected", None)
-                    refused = n if refused is None else max(0, min(n, refused))
-                    log.error(
-                        "sink %s dropped %d of %d event(s) the bus rejected: %s: %s",
-                        self.name, refused, n, type(exc).__name__, exc,
-                        extra={"sink": self.name},
-                    )
-                    self.stats.drop("rejected", refused)
-                    self.stats.published += n - refused
-                    self._inflight = []
+                    self._rejected(exc)
                 else:
                     log.exception(
                         "sink %s (%s): the driver failed unexpectedly; dropped a batch of %d",
@@ -282,7 +336,7 @@ class SinkWorker:
                         extra={"sink": self.name},
                     )
                     self.stats.drop("driver_error", len(self._inflight))
-                    self._inflight = []
+                    self._done()
                 continue
             elapsed = time.perf_counter() - started
             if self._on_latency is not None:
@@ -290,35 +344,111 @@ class SinkWorker:
             self.stats.published += len(self._inflight)
             self.stats.last_publish_ok = True
             self.stats.last_publish_at = time.time()
-            self._inflight = []
+            self._done()
             self.backoff.reset()
             if self.state != "connected":
                 self._set_state("connected")
 
-    async def stop(self, timeout_s: float) -> int:
-        """Stop accepting, deliver what is buffered for up to ``timeout_s``, close.
+    # -- permanent refusals ---------------------------------------------------------
 
-        Returns the number of events that could not be delivered (counted as
-        ``dropped{reason="shutdown"}``).
-        """
+    def _rejected(self, exc: SinkError) -> None:
+        """The bus refused (part of) the in-flight batch for good: count the rest as
+        published, dead-letter or drop the refused ones, record the refusal."""
+        batch = self._inflight
+        n = len(batch)
+        refused = _refused_messages(batch, getattr(exc, "refused", None))
+        if refused is not None:
+            count = len(refused)
+        else:
+            declared = getattr(exc, "rejected", None)
+            count = n if declared is None else max(0, min(n, declared))
+            if count == n:
+                refused = list(batch)
+        detail = f"{type(exc).__name__}: {exc}"
+        stats = self.stats
+        stats.rejections += 1
+        stats.last_rejection = detail
+        stats.last_rejection_at = time.time()
+        stats.last_error = detail
+        stats.published += n - count
+        dl = self.dead_letter
+        if dl is not None and refused:
+            reason = str(getattr(exc, "reason", None) or "rejected")
+            ext = {
+                "deadletterreason": reason,
+                "deadlettersink": self.name,
+                "deadlettererror": redact(str(exc))[:MAX_DEAD_LETTER_ERROR],
+            }
+            log.warning(
+                "sink %s: the bus refused %d of %d event(s) for good; sent to dead-letter "
+                "sink %s: %s", self.name, count, n, dl.name, detail,
+                extra={"sink": self.name, "dead_letter": dl.name, "refused": count},
+            )
+            stats.drop("dead_lettered", count)
+            for m in refused:
+                dl.offer(m.with_extensions(ext), wait=False)
+        else:
+            why = ""
+            if dl is not None and count:
+                why = (" (the driver did not say which ones, so none could be dead-lettered: "
+                       "it should raise SinkRejectedError(..., refused=[...]))")
+            log.error(
+                "sink %s dropped %d of %d event(s) the bus rejected: %s%s",
+                self.name, count, n, detail, why, extra={"sink": self.name},
+            )
+            stats.drop("rejected", count)
+        self._done()
+
+    # -- stopping ---------------------------------------------------------------------
+
+    def begin_stop(self) -> None:
+        """Accept nothing more (later offers count as ``dropped{reason="shutdown"}``,
+        blocked ones are released and counted so); keep delivering what is held."""
         self._stopping = True
         self._ready.set()
         self._room.set()
+
+    async def stop(self, timeout_s: float) -> int:
+        """Stop accepting, deliver what is held, close: all within ``timeout_s``.
+
+        Delivery gets ``timeout_s`` minus what closing the driver may take
+        (:data:`CLOSE_RESERVE_S`, or a quarter of ``timeout_s`` if smaller). Returns the
+        number of events that could not be delivered (counted as
+        ``dropped{reason="shutdown"}``).
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(0.0, timeout_s)
+        drain_until = deadline - min(CLOSE_RESERVE_S, timeout_s / 4)
+        self.begin_stop()
         task = self._task
         if task is not None and not task.done():
             with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
-                await asyncio.wait_for(asyncio.shield(task), timeout_s)
+                await asyncio.wait_for(asyncio.shield(task), max(0.0, drain_until - loop.time()))
             if not task.done():
                 self._abandoned = True
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError, Exception):
-                    await asyncio.wait_for(task, 10.0)
+                    await asyncio.wait_for(asyncio.shield(task),
+                                           max(0.01, (deadline - loop.time()) / 2))
         lost = self.depth
         if lost:
             self.stats.drop("shutdown", lost)
             self._queue.clear()
             self._conflated.clear()
             self._inflight = []
-        await self._safe_close()
-        self._set_state("closed")
+        if self.state != "closed":
+            await self._safe_close(max(0.01, deadline - loop.time()))
+            self._set_state("closed")
         return lost
+
+
+def _refused_messages(
+    batch: Sequence[Message], refused: Sequence[int | Message] | None
+) -> list[Message] | None:
+    """The messages of ``batch`` a driver named as refused (by index or by identity);
+    ``None`` when it named none."""
+    if not refused:
+        return None
+    ids = {id(m) for m in refused if isinstance(m, Message)}
+    indices = {i for i in refused if isinstance(i, int)}
+    return [m for i, m in enumerate(batch) if i in indices or id(m) in ids]

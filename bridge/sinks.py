@@ -33,7 +33,9 @@ Lifecycle promises the runner keeps:
   idempotent and must not raise on a sink that never connected.
 - An exception that is an instance of :attr:`Sink.retriable_errors` makes the
   runner reconnect and retry. A :class:`SinkRejectedError` drops the batch (counted
-  as ``dropped{reason="rejected"}``) because retrying it can never succeed. Any other
+  as ``dropped{reason="rejected"}``) because retrying it can never succeed, or hands
+  the refused messages to the sink's ``dead_letter`` sink when one is configured
+  (counted as ``dropped{reason="dead_lettered"}``). Any other
   exception is a driver bug: the batch is dropped as ``driver_error`` and logged with
   its traceback, so a bug can neither wedge the sink nor hide.
 """
@@ -44,12 +46,12 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar
+from typing import Any, ClassVar, Generic, Literal, TypeVar
 
+import orjson
 from pydantic import BaseModel, ConfigDict
 
-if TYPE_CHECKING:
-    from bridge.envelope import Event
+from bridge.envelope import CLOUDEVENTS_JSON, Event, EventHeader
 
 ENTRY_POINT_GROUP = "bridge.sinks"
 
@@ -66,7 +68,7 @@ class SinkOptions(BaseModel):
 OptionsT = TypeVar("OptionsT", bound=SinkOptions)
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class Message:
     """One envelope addressed to one topic of one sink.
 
@@ -74,18 +76,59 @@ class Message:
     already made safe by the driver's :meth:`Sink.safe_token`. ``attributes`` holds
     the CloudEvents context attributes in ``cloudevents-binary`` format (empty in
     the other formats); ``content_type`` is the MIME type of ``body``.
+
+    ``event`` is the event's light :class:`~bridge.envelope.EventHeader` (``kind``,
+    ``symbol``, ``base``, ``quote``, ``id``, ``sent_ms``, ``received_ms``, ``time``,
+    ``price``, ``type``, ``source``), shared by every message of that event. A full
+    :class:`~bridge.envelope.Event` given here is replaced by its header, so that a
+    buffered message holds its encoded bytes and not the decoded record trees.
     """
 
     topic: str
     key: str | None
     body: bytes
     content_type: str
-    event: Event
+    event: EventHeader
     attributes: Mapping[str, str] = field(default_factory=dict)
+
+    def __init__(
+        self,
+        topic: str,
+        key: str | None,
+        body: bytes,
+        content_type: str,
+        event: EventHeader,
+        attributes: Mapping[str, str] | None = None,
+    ) -> None:
+        # written out (no __post_init__): this runs once per event and sink
+        self.topic = topic
+        self.key = key
+        self.body = body
+        self.content_type = content_type
+        if type(event) is not EventHeader and isinstance(event, Event):
+            event = event.header
+        self.event = event
+        self.attributes = {} if attributes is None else attributes
 
     @property
     def id(self) -> str:
         return self.event.id
+
+    def with_extensions(self, extensions: Mapping[str, str]) -> Message:
+        """A copy carrying extra CloudEvents extension attributes.
+
+        A structured (``application/cloudevents+json``) body gets them inside its
+        envelope; any other body (binary mode, raw) gets them in :attr:`attributes`,
+        which drivers put in headers / user properties.
+        """
+        if self.content_type == CLOUDEVENTS_JSON:
+            env = orjson.loads(self.body)
+            if isinstance(env, dict):
+                env.update(extensions)
+                return Message(self.topic, self.key, orjson.dumps(env), self.content_type,
+                               self.event, self.attributes)
+        return Message(self.topic, self.key, self.body, self.content_type, self.event,
+                       {**self.attributes, **extensions})
 
 
 class SinkError(Exception):
@@ -103,17 +146,39 @@ class SinkConnectionError(SinkError, ConnectionError):
 
 
 class SinkRejectedError(SinkError):
-    """The bus refused messages for good (too large, not authorized...).
+    """The bus refused messages for good (too large, invalid topic, not authorized...).
 
     ``rejected`` is how many messages of the batch were refused when the driver
     delivered the others (they count as published); ``None`` means the whole batch.
+
+    ``refused`` (optional) says *which* messages were refused: the messages
+    themselves or their indices in the batch. The runner needs it to send exactly
+    those to the sink's ``dead_letter`` sink; when a driver gives only a count smaller
+    than the batch, the runner cannot tell the refused ones from the delivered ones
+    and drops them as ``rejected`` without dead-lettering them (and logs why).
+
+    ``reason`` is a short machine-readable cause (``too_large``, ``invalid_topic``,
+    ``not_authorized``...; default ``rejected``), carried by dead-lettered events in
+    their ``deadletterreason`` attribute.
     """
 
     retriable = False
 
-    def __init__(self, sink: str, message: str, rejected: int | None = None) -> None:
+    def __init__(
+        self,
+        sink: str,
+        message: str,
+        rejected: int | None = None,
+        *,
+        refused: Sequence[int | Message] | None = None,
+        reason: str = "rejected",
+    ) -> None:
         super().__init__(sink, message)
+        if rejected is None and refused is not None:
+            rejected = len(refused)
         self.rejected = rejected
+        self.refused = refused
+        self.reason = reason
 
 
 class Sink(ABC, Generic[OptionsT]):
@@ -175,6 +240,21 @@ class Sink(ABC, Generic[OptionsT]):
         if not topic:
             return "the topic is empty"
         return None
+
+    @classmethod
+    def security_warnings(cls, options: SinkOptions) -> list[str]:
+        """The valid but insecure settings in ``options`` (default: none).
+
+        Override it to warn about what works but exposes secrets or data: a password
+        sent without TLS, certificate or host-name verification turned off. Each item
+        is ``option: message``, the option's path relative to the sink's section (the
+        core prefixes ``sinks.<name>.``), for example ``"tls_verify: false: the
+        broker's certificate is not checked"``. Never include a secret value.
+        ``aleno-bridge validate`` prints the warnings and still exits 0; ``run`` logs
+        each once at WARNING. Called once at start-up, after the options validated;
+        it must not do I/O.
+        """
+        return []
 
     def is_retriable(self, exc: BaseException) -> bool:
         if isinstance(exc, SinkError):

@@ -3,20 +3,44 @@
 One supervisor task owns the connection. python-socketio's own reconnection is off
 because it only covers a transport that drops while connected: a refused CONNECT
 (bad key), a server-side namespace disconnect and a silent feed are not retried by
-the library. Here every cause goes through one loop: connect -> subscribe -> wait
-until the connection drops or the watchdog finds the feed silent for
-``stale_after_s`` -> back off (capped, jittered, reset after success) -> again.
+the library. Here every cause goes through one loop, one *attempt* at a time::
+
+    connecting --(TCP, TLS, WebSocket upgrade, Engine.IO OPEN, Socket.IO CONNECT:
+                  all within connect_timeout_s)--> connected
+    connected  --(subscribe in chunks of SUBSCRIBE_CHUNK symbols, each ack within
+                  connect_timeout_s)--> subscribed
+    subscribed --(first update: data flows, backoff reset)--> ... until the
+                  connection drops, or the watchdog finds the feed silent for
+                  ``stale_after_s`` (counted from the last update, or from the
+                  subscription while none came yet), or stop
+    any failure --> disconnected --(backoff, capped, jittered)--> connecting
 
 Promises:
 
-- every configured subscription is re-issued on every (re)connect, from the
-  supervisor task, never from the receive loop;
-- ``partial`` / ``error`` acknowledgements are logged and counted; a rejected symbol is
-  named once per process, not on every reconnect;
-- a refused API key is retried ``max_auth_failures`` times, then :meth:`run` raises
-  :class:`AuthError` (the CLI exits non-zero with a clear message);
+- nothing that happens during an attempt crashes the process: every exception (a
+  timeout, a malformed packet, a refused TLS certificate, an unreadable URL) is a
+  failed attempt, counted, logged with its cause (what timed out, the TLS or DNS
+  error under python-engineio's "Connection error") and retried after a backoff;
+  only cancellation propagates;
+- after ``max_connect_attempts`` attempts in a row that delivered no data (0: never
+  give up) :meth:`run` raises :class:`SourceError` naming the upstream and the last
+  cause (the CLI exits 3); a refused API key ``max_auth_failures`` times in a row
+  raises :class:`AuthError`;
+- the backoff is reset and the attempt counter cleared only when data flows (the
+  first update of a connection), so an upstream that accepts and drops, or acks and
+  stays silent, is retried ever more slowly; readiness needs an update received on
+  the current connection (``seconds_since_update`` is ``None`` until then);
+- every configured subscription is re-issued on every (re)connect, in requests of at
+  most :data:`SUBSCRIBE_CHUNK` symbols, from the supervisor task; ``partial`` /
+  ``error`` acknowledgements are logged and counted; a rejected symbol is named once
+  per process, not on every reconnect;
+- a packet the client cannot read (bad JSON, nesting beyond the decoder's limit, an
+  unreadable ack) is counted and reported through ``on_invalid``, never a stray task
+  traceback; a frame over :data:`MAX_FRAME_BYTES` drops the connection with that reason;
 - the API key is sent in ``auth.apiKey`` and in the ``x-api-key`` header and is never
-  logged: the Socket.IO and Engine.IO packet loggers stay off.
+  logged (the Socket.IO and Engine.IO packet loggers stay off); credentials in
+  ``source.url`` never reach a log line, an error or ``repr``: :attr:`AlenoSource.url`
+  is the sanitized URL.
 """
 
 from __future__ import annotations
@@ -24,11 +48,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
+import socket
+import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, TypeVar
+from urllib.parse import unquote
 
+import aiohttp
+import engineio
 import socketio
 
 from bridge import jsoncodec
@@ -40,7 +70,32 @@ from bridge.sharding import shard_symbols
 log = logging.getLogger("aleno_bridge.source")
 
 REFUSED_MARK: Final = "invalid API key"
-ACK_TIMEOUT_S: Final = 15.0
+#: symbols per subscribe request (a Socket.IO server limits the message size, 1 MB by
+#: default, and the upstream may limit the symbols of one request)
+SUBSCRIBE_CHUNK: Final = 200
+#: the largest WebSocket frame accepted from the upstream (aiohttp's default limit)
+MAX_FRAME_BYTES: Final = 4 * 1024 * 1024
+#: how long tearing a connection down may take before its tasks are cancelled
+TEARDOWN_S: Final = 2.0
+
+_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*://)[^/?#\s@]*@")
+_ACK_ID = re.compile(r"^3(?:/[^,]*,)?(\d+)")
+_MESSAGE_TOO_BIG: Final = 1009
+_T = TypeVar("_T")
+
+
+def sanitize_url(text: str) -> str:
+    """``text`` without the userinfo (``user:password@``) of any URL in it."""
+    return _USERINFO.sub(r"\1", text)
+
+
+def _url_password(url: str) -> list[str]:
+    m = _USERINFO.match(url)
+    if m is None:
+        return []
+    userinfo = url[m.end(1):m.end() - 1]
+    _, _, password = userinfo.partition(":")
+    return [v for v in (userinfo, password, unquote(password)) if v]
 
 
 class SourceError(Exception):
@@ -51,6 +106,25 @@ class AuthError(SourceError):
     pass
 
 
+class _AttemptFailed(Exception):
+    """One connection attempt failed; the message is the cause, ready to log."""
+
+
+class _Stopped(Exception):
+    pass
+
+
+class _UnreadableAck:
+    """Handed to an ack callback whose acknowledgement could not be decoded."""
+
+    def __init__(self, raw: str, error: BaseException) -> None:
+        self.raw = raw
+        self.error = error
+
+    def __repr__(self) -> str:
+        return f"<unreadable ack ({type(self.error).__name__}): {self.raw[:120]!r}>"
+
+
 @dataclass
 class SourceStats:
     state: str = "idle"
@@ -59,19 +133,65 @@ class SourceStats:
     acks: dict[str, int] = field(default_factory=dict)
     rejected_symbols: set[str] = field(default_factory=set)
     subscribed: dict[str, list[str]] = field(default_factory=dict)
+    #: the last update on the current connection (None until one arrived)
     last_update_monotonic: float | None = None
     watchdog_restarts: int = 0
     connect_failures: int = 0
+    #: subscribe requests that were refused, unreadable or unanswered
+    failed_subscriptions: int = 0
+    #: packets the client could not read, by reason
+    bad_packets: dict[str, int] = field(default_factory=dict)
+    #: the cause of the last failed attempt or drop (cleared when data flows)
+    last_error: str | None = None
 
 
 Handler = Callable[[str, Any], None]
+InvalidHandler = Callable[[str, str, Any], None]
+
+_PHASES: Final = {
+    "tcp": "no TCP/TLS connection within {t}s to {url}",
+    "upgrade": "no WebSocket upgrade response within {t}s from {url}",
+    "open": "no Engine.IO OPEN within {t}s from {url}",
+    "connect": "no Socket.IO CONNECT reply within {t}s from {url}",
+}
+
+
+class _Client(socketio.AsyncClient):  # type: ignore[misc]
+    """python-socketio's client, with every packet that fails to decode or dispatch
+    reported to ``bad_packet`` instead of dying in a background task, and the
+    handshake phases reported to ``on_phase``."""
+
+    def __init__(self, bad_packet: Callable[[Any, BaseException], None],
+                 on_phase: Callable[[str], None], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._bad_packet = bad_packet
+        self._on_phase = on_phase
+
+    async def _handle_eio_connect(self) -> None:
+        self._on_phase("connect")
+        await super()._handle_eio_connect()
+
+    async def _handle_eio_message(self, data: Any) -> None:
+        callback = None
+        if isinstance(data, str) and (m := _ACK_ID.match(data)) is not None:
+            callback = self.callbacks.get("/", {}).get(int(m.group(1)))
+        try:
+            await super()._handle_eio_message(data)
+        except Exception as exc:
+            self._binary_packet = None
+            self._bad_packet(data, exc)
+            if callback is not None:
+                self.callbacks.get("/", {}).pop(int(m.group(1)), None)  # type: ignore[union-attr]
+                callback(_UnreadableAck(str(data), exc))
 
 
 class AlenoSource:
     """Connects, subscribes and hands every ``new_token_states`` /
     ``new_equity_states`` payload to ``on_payload(event_name, payload)``.
 
-    ``on_payload`` is called in the receive loop and must not block.
+    ``on_payload`` is called in the receive loop and must not block. ``on_invalid(kind,
+    reason, sample)``, when given, receives every upstream packet that could not be
+    decoded (the normalizer's invalid-record counter takes it).
     """
 
     def __init__(
@@ -79,10 +199,12 @@ class AlenoSource:
         config: SourceConfig,
         api_key: str | None,
         on_payload: Handler,
+        on_invalid: InvalidHandler | None = None,
     ) -> None:
         self.config = config
         self._api_key = api_key
         self.on_payload = on_payload
+        self.on_invalid = on_invalid
         self.stats = SourceStats()
         tickers, equities = config.tickers, config.equities
         if config.shard is not None:
@@ -90,15 +212,38 @@ class AlenoSource:
             equities = shard_symbols("equity", equities, config.shard.index, config.shard.count)
         self.tickers = tickers
         self.equities = equities
+        #: the symbols this source asks for, by kind: records of any other are not ours
+        self.wanted: dict[str, frozenset[str]] = {
+            "ticker": frozenset(tickers), "equity": frozenset(equities),
+        }
+        #: the upstream URL without credentials: the one to log and show
+        self.url = sanitize_url(config.url)
+        self.ws_url = re.sub(r"^http", "ws", self.url) + "/" + config.path.strip("/") + "/"
         self._stop = asyncio.Event()
         self._dropped = asyncio.Event()
         self._sio: socketio.AsyncClient | None = None
         self._connect_error: str | None = None
         self._logged_errors: set[str] = set()
+        self._logged_packets: set[str] = set()
+        self._backoff = Backoff(config.backoff.initial_s, config.backoff.max_s)
+        self._attempts = 0
+        self._flowing = False
+        self._subscribed_at: float | None = None
+        self._phase = "tcp"
+        self._warned = False
+        self._url_secrets = _url_password(config.url)
+        self._delivered = False
+        self._responses: list[aiohttp.ClientResponse] = []
+        self._last_drop = "connection lost"
 
     def __repr__(self) -> str:
-        return f"AlenoSource(url={self.config.url!r}, tickers={len(self.tickers)}, " \
+        return f"AlenoSource(url={self.url!r}, tickers={len(self.tickers)}, " \
                f"equities={len(self.equities)})"
+
+    @property
+    def endpoint(self) -> str:
+        """The CloudEvents ``source`` attribute: sanitized URL and Socket.IO path."""
+        return f"{self.url}{self.config.path}"
 
     # -- state ------------------------------------------------------------------
 
@@ -110,31 +255,112 @@ class AlenoSource:
     def connected(self) -> bool:
         return self.stats.state == "subscribed" or self.stats.state == "connected"
 
+    @property
+    def flowing(self) -> bool:
+        """An update arrived on the current connection."""
+        return self._flowing
+
     def seconds_since_update(self) -> float | None:
+        """Seconds since the last update on the current connection (None: none yet)."""
         last = self.stats.last_update_monotonic
         return None if last is None else time.monotonic() - last
 
+    def _scrub(self, text: str) -> str:
+        text = sanitize_url(text)
+        for s in self._url_secrets:
+            text = text.replace(s, "***")
+        return text
+
     def _set_state(self, state: str, detail: str = "") -> None:
         if state != self.stats.state:
-            msg = f"upstream {state}" + (f": {detail}" if detail else "")
+            msg = f"upstream {state}" + (f": {self._scrub(detail)}" if detail else "")
             level = logging.WARNING if state in ("disconnected", "refused") else logging.INFO
-            log.log(level, msg, extra={"state": state, "url": self.config.url})
+            log.log(level, msg, extra={"state": state, "url": self.url})
         self.stats.state = state
+
+    def _warn_insecure(self) -> None:
+        # plain http:// and tls_verify: false are reported by the configuration's
+        # warnings (validate prints them, run logs them once); credentials in the URL
+        # are refused there, but a source built in code can still carry them
+        if self._warned:
+            return
+        self._warned = True
+        if self._url_secrets:
+            log.warning("source.url contains credentials (user:password@); they are never "
+                        "logged, but put the API key in source.api_key or api_key_file")
+
+    # -- data -------------------------------------------------------------------
+
+    def _on_update(self, event: str, data: Any) -> None:
+        self.stats.last_update_monotonic = time.monotonic()
+        if not self._flowing:
+            self._flowing = True
+            self._backoff.reset()
+            self._attempts = 0
+            self.stats.last_error = None
+            log.info("upstream data flowing", extra={"url": self.url})
+        self.on_payload(event, data)
+
+    def _bad_packet(self, data: Any, exc: BaseException) -> None:
+        text = data if isinstance(data, str) else repr(data)
+        reason = "too_deep" if "too deeply" in str(exc) else "undecodable_packet"
+        head = text[:64]
+        if TICKER_EVENT in head:
+            kind = "ticker"
+        elif EQUITY_EVENT in head:
+            kind = "equity"
+        elif text.startswith("3"):
+            kind, reason = "upstream", "unreadable_ack"
+        else:
+            kind = "upstream"
+        key = f"{kind}:{reason}"
+        self.stats.bad_packets[key] = self.stats.bad_packets.get(key, 0) + 1
+        sample = text[:200] + ("..." if len(text) > 200 else "")
+        if self.on_invalid is not None:
+            with contextlib.suppress(Exception):
+                self.on_invalid(kind, reason, sample)
+        elif key not in self._logged_packets:
+            self._logged_packets.add(key)
+            log.warning("dropped an upstream packet that cannot be read (%s: %s: %s); later "
+                        "ones are only counted. sample: %s", reason, type(exc).__name__,
+                        str(exc)[:200], sample, extra={"kind": kind, "reason": reason})
 
     # -- client -----------------------------------------------------------------
 
-    def _client(self) -> socketio.AsyncClient:
-        sio = socketio.AsyncClient(
+    def _set_phase(self, phase: str) -> None:
+        self._phase = phase
+
+    def _session(self) -> aiohttp.ClientSession:
+        trace = aiohttp.TraceConfig()
+
+        async def created(*_: Any) -> None:
+            self._set_phase("upgrade")
+
+        async def responded(_s: Any, _c: Any, params: aiohttp.TraceRequestEndParams) -> None:
+            self._set_phase("open")
+            # the upgraded response: closed at teardown even if python-engineio lost it
+            self._responses.append(params.response)
+
+        trace.on_connection_create_end.append(created)
+        trace.on_request_end.append(responded)
+        return aiohttp.ClientSession(trace_configs=[trace])
+
+    def _client(self, session: aiohttp.ClientSession) -> _Client:
+        sio = _Client(
+            self._bad_packet,
+            self._set_phase,
             reconnection=False,
             logger=False,
             engineio_logger=False,
             json=jsoncodec,
             ssl_verify=self.config.tls_verify,
             handle_sigint=False,
+            http_session=session,
+            websocket_extra_options={"max_msg_size": MAX_FRAME_BYTES},
         )
 
         @sio.event
-        async def connect_error(data: Any) -> None:
+        async def connect_error(data: Any = None, *_: Any) -> None:
             msg = data.get("message") if isinstance(data, dict) else data
             self._connect_error = str(msg)
 
@@ -143,64 +369,157 @@ class AlenoSource:
             self._dropped.set()
 
         @sio.on(TICKER_EVENT)
-        async def tickers(data: Any) -> None:
-            self.stats.last_update_monotonic = time.monotonic()
-            self.on_payload(TICKER_EVENT, data)
+        async def tickers(data: Any = None, *_: Any) -> None:
+            self._on_update(TICKER_EVENT, data)
 
         @sio.on(EQUITY_EVENT)
-        async def equities(data: Any) -> None:
-            self.stats.last_update_monotonic = time.monotonic()
-            self.on_payload(EQUITY_EVENT, data)
+        async def equities(data: Any = None, *_: Any) -> None:
+            self._on_update(EQUITY_EVENT, data)
 
         return sio
 
-    async def _connect_once(self) -> socketio.AsyncClient:
-        key = self._api_key or ""
-        sio = self._client()
-        self._connect_error = None
-        self._dropped.clear()
+    async def _bounded(self, aw: Awaitable[_T], timeout: float,
+                       what: Callable[[], str]) -> _T:
+        """``aw`` within ``timeout`` (else :class:`_AttemptFailed` with ``what()``),
+        abandoned at once on stop (:class:`_Stopped`)."""
+        task = asyncio.ensure_future(aw)
+        stop = asyncio.ensure_future(self._stop.wait())
         try:
-            await sio.connect(
-                self.config.url,
-                headers={"x-api-key": key} if key else {},
-                auth={"apiKey": key} if key else None,
-                transports=["websocket"],
-                socketio_path=self.config.path.strip("/"),
-                wait_timeout=self.config.connect_timeout_s,
-                retry=False,
-            )
+            done, _ = await asyncio.wait({task, stop}, timeout=timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
         except BaseException:
-            with contextlib.suppress(Exception):
-                await sio.disconnect()
+            task.cancel()
             raise
-        return sio
+        finally:
+            stop.cancel()
+        if task in done:
+            return task.result()
+        task.cancel()
+        await asyncio.wait({task}, timeout=TEARDOWN_S)
+        if not task.cancelled() and task.done():
+            task.exception()  # retrieved: a failure racing the timeout is not news
+        if self._stop.is_set():
+            raise _Stopped
+        raise _AttemptFailed(what())
 
-    async def _subscribe(self, sio: socketio.AsyncClient) -> None:
+    async def _connect(self, sio: _Client) -> None:
+        key = self._api_key or ""
+        t = self.config.connect_timeout_s
+        self._connect_error = None
+        self._phase = "tcp"
+
+        def what() -> str:
+            return _PHASES[self._phase].format(t=f"{t:g}", url=self.ws_url)
+
+        await self._bounded(sio.connect(
+            self.config.url,
+            headers={"x-api-key": key} if key else {},
+            auth={"apiKey": key} if key else None,
+            transports=["websocket"],
+            socketio_path=self.config.path.strip("/"),
+            # the outer bound names the phase; this one only must not fire first
+            wait_timeout=t + 5,
+            retry=False,
+        ), t, what)
+
+    async def _teardown(self, sio: _Client, session: aiohttp.ClientSession) -> None:
+        """Close the connection and make sure none of the client's tasks survive it."""
+        eio = sio.eio
+        tasks = {t for t in (getattr(eio, "read_loop_task", None),
+                             getattr(eio, "write_loop_task", None))
+                 if isinstance(t, asyncio.Future)}
+        try:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(sio.disconnect(), TEARDOWN_S)
+        finally:
+            if eio.state != "disconnected":
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(eio.disconnect(abort=True), TEARDOWN_S)
+                eio.state = "disconnected"
+            with contextlib.suppress(ValueError):
+                engineio.base_client.connected_clients.remove(eio)
+            tasks |= {t for t in (getattr(eio, "read_loop_task", None),
+                                  getattr(eio, "write_loop_task", None))
+                      if isinstance(t, asyncio.Future)}
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                await asyncio.wait(tasks, timeout=TEARDOWN_S)
+            for response in self._responses:
+                response.close()
+            self._responses.clear()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(session.close(), TEARDOWN_S)
+
+    # -- subscriptions ----------------------------------------------------------
+
+    async def _ack(self, sio: _Client, event: str, symbols: list[str]) -> Any:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[tuple[Any, ...]] = loop.create_future()
+
+        def done(*args: Any) -> None:
+            if not fut.done():
+                fut.set_result(args)
+
+        await sio.emit(event, symbols, callback=done)
+        dropped = asyncio.ensure_future(self._dropped.wait())
+        waiters: set[asyncio.Future[Any]] = {fut, dropped}
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            dropped.cancel()
+        if not fut.done():
+            fut.cancel()
+            raise _AttemptFailed(f"{self._drop_reason()} while waiting for the {event} ack")
+        args = fut.result()
+        return args[0] if len(args) == 1 else args
+
+    async def _subscribe(self, sio: _Client) -> None:
         self.stats.subscribed = {}
+        t = self.config.connect_timeout_s
         for kind, event, symbols in (
             ("ticker", "subscribe_ticker", self.tickers),
             ("equity", "subscribe_equity", self.equities),
         ):
-            if not symbols:
-                continue
-            ack = await sio.call(event, list(symbols), timeout=ACK_TIMEOUT_S)
-            self._handle_ack(kind, list(symbols), ack)
+            chunks = [symbols[i:i + SUBSCRIBE_CHUNK]
+                      for i in range(0, len(symbols), SUBSCRIBE_CHUNK)]
+            for i, chunk in enumerate(chunks, 1):
+                part = f" (request {i}/{len(chunks)})" if len(chunks) > 1 else ""
 
-    def _handle_ack(self, kind: str, requested: list[str], ack: Any) -> None:
+                def what(event: str = event, part: str = part) -> str:
+                    return f"no {event} ack{part} within {t:g}s from {self.ws_url}"
+
+                try:
+                    ack = await self._bounded(self._ack(sio, event, list(chunk)), t, what)
+                except _AttemptFailed:
+                    self.stats.failed_subscriptions += 1
+                    raise
+                if not self._handle_ack(kind, list(chunk), ack, part):
+                    self.stats.failed_subscriptions += 1
+
+    def _handle_ack(self, kind: str, requested: list[str], ack: Any, part: str = "") -> bool:
+        """Count and log one acknowledgement; False when the request failed."""
         if not isinstance(ack, dict):
             self.stats.acks["invalid"] = self.stats.acks.get("invalid", 0) + 1
-            log.error("upstream sent an unreadable %s subscription ack: %.200r", kind, ack)
-            return
-        status = str(ack.get("status"))
+            log.error("upstream sent an unreadable %s subscription ack%s: %.200r",
+                      kind, part, ack, extra={"kind": kind, "ack_status": "invalid"})
+            return False
+        status = ack.get("status")
+        status = status if status in ("ok", "partial", "error") else "invalid"
         self.stats.acks[status] = self.stats.acks.get(status, 0) + 1
         after = ack.get("subscriptionsAfterUpdate")
         if isinstance(after, list):
             self.stats.subscribed[kind] = [s for s in after if isinstance(s, str)]
-        rejected = [s for s in ack.get("rejectedSubscriptions") or [] if isinstance(s, str)]
+        raw_rejected = ack.get("rejectedSubscriptions")
+        if isinstance(raw_rejected, str):
+            raw_rejected = [raw_rejected]
+        elif not isinstance(raw_rejected, list):
+            raw_rejected = []
+        rejected = [s for s in raw_rejected if isinstance(s, str)][:10_000]
         new_rejections = [s for s in rejected if f"{kind}:{s}" not in self.stats.rejected_symbols]
         self.stats.rejected_symbols.update(f"{kind}:{s}" for s in rejected)
         if status == "ok":
-            return
+            return True
         if status == "partial":
             if new_rejections:
                 log.warning(
@@ -209,26 +528,44 @@ class AlenoSource:
                     len(new_rejections), kind, ", ".join(new_rejections[:50]), kind,
                     extra={"kind": kind, "rejected": new_rejections[:50]},
                 )
-            return
-        error = str(ack.get("error") or "no reason given")
+            return True
+        error = str(ack.get("error") or ("no reason given" if status == "error"
+                                          else f"unknown ack status {ack.get('status')!r}"))
         marker = f"{kind}:{error}"
         if marker not in self._logged_errors:
             self._logged_errors.add(marker)
             log.error(
-                "upstream refused the %s subscription of %d symbol(s): %s",
-                kind, len(requested), error, extra={"kind": kind, "ack_status": status},
+                "upstream refused the %s subscription of %d symbol(s)%s: %s",
+                kind, len(requested), part, error[:300], extra={"kind": kind,
+                                                               "ack_status": status},
             )
+        return False
+
+    # -- the loop ---------------------------------------------------------------
+
+    def _drop_reason(self) -> str:
+        ws = getattr(self._sio.eio, "ws", None) if self._sio is not None else None
+        code = getattr(ws, "close_code", None)
+        if code == _MESSAGE_TOO_BIG:
+            return (f"the upstream sent a frame larger than {MAX_FRAME_BYTES // (1024 * 1024)} "
+                    "MiB (the client's limit), connection dropped")
+        exc = ws.exception() if ws is not None else None
+        if exc is not None:
+            return f"connection lost ({self._describe(exc)})"
+        return "connection lost" + (f" (close code {code})" if code else "")
 
     async def _watch(self) -> str:
         """Wait until the connection drops, the feed goes silent, or stop; say which."""
         stale = self.config.stale_after_s
+        watched = bool(self.tickers or self.equities)
         while True:
             if self._stop.is_set():
                 return "stop"
             if self._dropped.is_set():
                 return "dropped"
-            since = self.seconds_since_update()
-            if self.subscribed and since is not None and since > stale:
+            # the watchdog's clock: the last update, or the subscription if none came yet
+            ref = self.stats.last_update_monotonic or self._subscribed_at
+            if watched and ref is not None and time.monotonic() - ref > stale:
                 return "stale"
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wait_any(), timeout=min(1.0, stale / 4))
@@ -242,75 +579,122 @@ class AlenoSource:
             stop.cancel()
             dropped.cancel()
 
-    async def run(self) -> None:
-        """Keep the feed up until :meth:`stop`. Raises :class:`SourceError` when giving up."""
-        backoff = Backoff(self.config.backoff.initial_s, self.config.backoff.max_s)
-        auth_failures = 0
-        attempts = 0
-        while not self._stop.is_set():
-            self._set_state("connecting")
-            try:
-                sio = await self._connect_once()
-            except socketio.exceptions.ConnectionError as exc:
-                attempts += 1
-                self.stats.connect_failures += 1
-                reason = self._connect_error or str(exc) or type(exc).__name__
-                if REFUSED_MARK in reason:
-                    auth_failures += 1
-                    self._set_state("refused", reason)
-                    if auth_failures >= self.config.max_auth_failures:
-                        msg = (
-                            f"the upstream {self.config.url} refused the API key "
-                            f"{auth_failures} time(s) in a row ({reason!r}). Check "
-                            "source.api_key / source.api_key_file (or ALENO_API_KEY) and "
-                            "that the key is active."
-                        )
-                        raise AuthError(msg) from None
-                else:
-                    auth_failures = 0
-                    self._set_state("disconnected", f"cannot connect to {self.config.url}: "
-                                    f"{reason}")
-                limit = self.config.max_connect_attempts
-                if limit and attempts >= limit:
-                    msg = (
-                        f"could not connect to the upstream {self.config.url} after {attempts} "
-                        f"attempt(s); last error: {reason}. Check source.url and the network, "
-                        "or raise source.max_connect_attempts (0 retries forever)."
-                    )
-                    raise SourceError(msg) from None
-                await self._sleep(backoff.next())
-                continue
-            attempts = 0
-            auth_failures = 0
+    async def _attempt(self) -> str:
+        """One connection, from TCP to its end; returns why it ended."""
+        self._flowing = False
+        self._subscribed_at = None
+        self.stats.last_update_monotonic = None
+        self._dropped.clear()
+        session = self._session()
+        sio = self._client(session)
+        self._sio = sio
+        try:
+            await self._connect(sio)
             self.stats.connects += 1
             if self.stats.connects > 1:
                 self.stats.reconnects += 1
-            self._sio = sio
             self._set_state("connected")
-            reason = "dropped"
+            await self._subscribe(sio)
+            self._subscribed_at = time.monotonic()
+            self._set_state("subscribed", f"{sum(map(len, self.stats.subscribed.values()))} "
+                            "feed(s)")
+            reason = await self._watch()
+            if reason == "dropped":
+                self._last_drop = self._drop_reason()
+            return reason
+        finally:
+            self._delivered = self._flowing
+            self._subscribed_at = None
             try:
-                await self._subscribe(sio)
-                # a fresh connection gets a full stale window before the watchdog bites
-                self.stats.last_update_monotonic = time.monotonic()
-                self._set_state("subscribed", f"{sum(map(len, self.stats.subscribed.values()))} "
-                                "feed(s)")
-                backoff.reset()
-                reason = await self._watch()
-            except (TimeoutError, socketio.exceptions.SocketIOError, OSError) as exc:
-                log.warning("upstream subscription failed: %s: %s", type(exc).__name__, exc)
+                await self._teardown(sio, session)
             finally:
                 self._sio = None
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(sio.disconnect(), 5.0)
-            if reason == "stop":
+                self._flowing = False
+                self.stats.last_update_monotonic = None
+
+    def _describe(self, exc: BaseException) -> str:
+        """The cause of a failed attempt, in words (python-engineio wraps aiohttp's
+        errors in a bare "Connection error": the real one is in the chain)."""
+        if isinstance(exc, _AttemptFailed):
+            return str(exc)
+        seen: set[int] = set()
+        cur: BaseException | None = exc
+        chain: list[BaseException] = []
+        while cur is not None and id(cur) not in seen:
+            seen.add(id(cur))
+            chain.append(cur)
+            cur = cur.__cause__ or cur.__context__
+        for e in chain:
+            text = _describe_one(e, self.url)
+            if text is not None:
+                return text
+        if self._connect_error and isinstance(exc, socketio.exceptions.ConnectionError):
+            return self._connect_error
+        if isinstance(exc, KeyError | TypeError | ValueError | AttributeError | IndexError) \
+                and self._phase == "open":
+            return f"malformed Engine.IO OPEN packet from {self.ws_url} " \
+                   f"({type(exc).__name__}: {exc})"
+        msg = str(exc)
+        if msg == "no OPEN packet":
+            return f"{self.ws_url} answered without an Engine.IO OPEN packet " \
+                   "(is it a Socket.IO server? check source.path)"
+        return f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
+
+    async def run(self) -> None:
+        """Keep the feed up until :meth:`stop`. Raises :class:`SourceError` when giving up."""
+        self._warn_insecure()
+        auth_failures = 0
+        while not self._stop.is_set():
+            self._set_state("connecting")
+            cause: str | None = None
+            refused = False
+            try:
+                reason = await self._attempt()
+            except _Stopped:
+                break
+            except Exception as exc:
+                reason = "failed"
+                cause = self._scrub(self._describe(exc))
+                refused = bool(self._connect_error and REFUSED_MARK in self._connect_error)
+            if reason == "stop" or self._stop.is_set():
                 break
             if reason == "stale":
                 self.stats.watchdog_restarts += 1
-                self._set_state("disconnected", f"no update for {self.config.stale_after_s:g}s; "
-                                "reconnecting")
+                cause = f"no update for {self.config.stale_after_s:g}s"
+            elif reason == "dropped":
+                cause = self._scrub(self._last_drop)
+            delivered = self._delivered
+            if reason == "failed" and self.stats.state == "connecting":
+                self.stats.connect_failures += 1
+            self.stats.last_error = cause
+            if not delivered:
+                self._attempts += 1
+            limit = self.config.max_connect_attempts
+            giving_up = not delivered and bool(limit) and self._attempts >= limit
+            if refused:
+                auth_failures += 1
+                self._set_state("refused", cause or "")
+                if auth_failures >= self.config.max_auth_failures:
+                    msg = (
+                        f"the upstream {self.url} refused the API key {auth_failures} "
+                        f"time(s) in a row ({cause!r}). Check source.api_key / "
+                        "source.api_key_file (or ALENO_API_KEY) and that the key is active."
+                    )
+                    raise AuthError(msg) from None
             else:
-                self._set_state("disconnected", "connection lost; reconnecting")
-            await self._sleep(backoff.next())
+                auth_failures = 0
+                attempt = "" if delivered else f" (attempt {self._attempts})"
+                self._set_state("disconnected", f"{cause}{attempt}"
+                                + ("; giving up" if giving_up else "; reconnecting"))
+            if giving_up:
+                msg = (
+                    f"could not connect to the upstream {self.url} and get prices after "
+                    f"{self._attempts} attempt(s); last error: {cause}. Check source.url "
+                    "and the network, or raise source.max_connect_attempts (0 retries "
+                    "forever)."
+                )
+                raise SourceError(msg) from None
+            await self._sleep(self._backoff.next())
         self._set_state("stopped")
 
     async def _sleep(self, seconds: float) -> None:
@@ -319,3 +703,38 @@ class AlenoSource:
 
     def stop(self) -> None:
         self._stop.set()
+
+
+def _describe_one(e: BaseException, url: str) -> str | None:
+    if isinstance(e, aiohttp.ClientConnectorCertificateError):
+        cert = e.certificate_error
+        detail = getattr(cert, "verify_message", None) or str(cert)
+        return f"TLS certificate verify failed for {e.host}:{e.port}: {detail}"
+    if isinstance(e, aiohttp.ClientConnectorSSLError | aiohttp.ClientSSLError):
+        return f"TLS handshake with {e.host}:{e.port} failed: {e.os_error}"
+    if isinstance(e, aiohttp.ClientConnectorError):
+        os_error = e.os_error
+        if isinstance(os_error, socket.gaierror) or type(e).__name__ == "ClientConnectorDNSError":
+            return f"cannot resolve host {e.host!r}: {os_error.strerror or os_error}"
+        return f"cannot connect to {e.host}:{e.port}: {os_error.strerror or os_error}"
+    if isinstance(e, aiohttp.WSServerHandshakeError):
+        return f"the WebSocket upgrade to {url} was refused: HTTP {e.status} {e.message} " \
+               "(check source.url and source.path)"
+    if isinstance(e, aiohttp.InvalidURL):
+        return f"invalid upstream URL {sanitize_url(str(e.url))!r} (check source.url)"
+    if isinstance(e, aiohttp.ServerDisconnectedError):
+        return f"{url} closed the connection during the handshake"
+    if isinstance(e, ssl.SSLCertVerificationError):
+        return f"TLS certificate verify failed: {e.verify_message or e}"
+    if isinstance(e, ssl.SSLError):
+        return f"TLS error: {e}"
+    if isinstance(e, socket.gaierror):
+        return f"cannot resolve the host of {url}: {e.strerror or e}"
+    if isinstance(e, ValueError) and ("port" in str(e).lower() or "IPv6" in str(e)):
+        return f"invalid upstream URL {url!r}: {e} (check source.url)"
+    if isinstance(e, OSError) and e.strerror:
+        return f"cannot connect to {url}: {e.strerror}"
+    return None
+
+
+__all__ = ["AlenoSource", "AuthError", "SourceError", "SourceStats", "sanitize_url"]

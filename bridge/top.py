@@ -9,7 +9,9 @@ bridge you can reach, in a pod through ``kubectl port-forward`` too.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 
@@ -37,7 +39,22 @@ class Snapshot:
                        if n == name and label in dict(lbls)})
 
 
+def check_url(url: str) -> str | None:
+    """Why ``url`` cannot be a bridge's metrics endpoint, or ``None``.
+
+    Only http(s) is read: urllib would also open ``file://`` and ``ftp://`` URLs.
+    """
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        return (f"--url must be the http:// or https:// address of a bridge's /metrics "
+                f"endpoint, not {url!r}")
+    return None
+
+
 def scrape(url: str, timeout: float = 5.0) -> Snapshot:
+    problem = check_url(url)
+    if problem is not None:
+        raise ValueError(problem)
     with urllib.request.urlopen(url, timeout=timeout) as resp:
         text = resp.read().decode()
     snap = Snapshot(time.monotonic())
@@ -103,6 +120,10 @@ def render(prev: Snapshot | None, cur: Snapshot) -> Group:
 
 
 def run_top(args: argparse.Namespace) -> int:
+    problem = check_url(args.url)
+    if problem is not None:
+        print(f"aleno-bridge: {problem}", file=sys.stderr)
+        return 2
     console = Console()
     prev = None
     if args.once:

@@ -67,7 +67,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Final, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from bridge.sinks import (
     Message,
@@ -138,6 +138,8 @@ _REJECTED: Final[tuple[type[BaseException], ...]] = (
 
 class KafkaOptions(SinkOptions):
     """Options of the ``kafka`` driver (see docs/drivers/kafka.md for the table)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     bootstrap_servers: list[str] = Field(
         description="host:port of one or more brokers (a list or a comma-separated string)"
@@ -280,6 +282,26 @@ class KafkaSink(Sink[KafkaOptions]):
         self._created: set[str] = set()
         self._timeout_s = options.request_timeout_ms / 1000.0
         self._publish_timeout_s = self._timeout_s + options.linger_ms / 1000.0 + 1.0
+
+    @classmethod
+    def security_warnings(cls, options: SinkOptions) -> list[str]:
+        """SASL without TLS; TLS without host-name verification."""
+        if not isinstance(options, KafkaOptions):
+            return []
+        found: list[str] = []
+        if options.security_protocol == "SASL_PLAINTEXT":
+            what = ("the SASL password itself" if options.sasl_mechanism == "PLAIN"
+                    else "the SASL exchange")
+            found.append(
+                f"security_protocol: SASL_PLAINTEXT sends {what} and every record "
+                "unencrypted; use SASL_SSL"
+            )
+        if options.security_protocol in ("SSL", "SASL_SSL") and not options.ssl_check_hostname:
+            found.append(
+                "ssl_check_hostname: false: the broker's certificate is not matched to its "
+                "host name, so anyone on the network path can impersonate the broker"
+            )
+        return found
 
     # -- topic rule ---------------------------------------------------------------
 

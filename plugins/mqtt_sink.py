@@ -59,7 +59,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersi
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from bridge.sinks import (
     Message,
@@ -94,6 +94,8 @@ def _default_client_id() -> str:
 
 class MqttOptions(SinkOptions):
     """Options of an ``mqtt`` sink (everything under ``sinks.<name>`` but the common keys)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     host: str = Field(min_length=1, description="broker host name or IP address")
     port: int | None = Field(
@@ -244,6 +246,21 @@ class MqttSink(Sink[MqttOptions]):
             return ("cloudevents-binary needs MQTT 5 user properties; use protocol: '5' "
                     "or format: cloudevents-json")
         return None
+
+    @classmethod
+    def security_warnings(cls, options: SinkOptions) -> list[str]:
+        """A password without TLS; TLS without certificate verification."""
+        if not isinstance(options, MqttOptions):
+            return []
+        found: list[str] = []
+        if options.password is not None and not options.tls:
+            found.append("password: sent in clear text (tls is false); set tls: true")
+        if options.tls and not options.tls_verify:
+            found.append(
+                "tls_verify: false: the broker's certificate is not checked, so anyone on "
+                "the network path can impersonate it and read the password"
+            )
+        return found
 
     @classmethod
     def safe_token(cls, value: str) -> str:

@@ -104,7 +104,7 @@ class StreamOptions(BaseModel):
     other settings is left alone and makes ``connect`` fail with a clear error.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     name: str = Field(pattern=_STREAM_NAME.pattern)
     subjects: list[str] = Field(min_length=1)
@@ -124,6 +124,8 @@ class StreamOptions(BaseModel):
 
 class NatsOptions(SinkOptions):
     """Options of the ``nats`` driver (see docs/drivers/nats.md)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     #: one URL or a list (a comma-separated string is split): ``nats://host:4222``,
     #: ``tls://host:4222``; credentials go in ``user``/``password``/``token``, not the URL
@@ -251,6 +253,28 @@ class NatsSink(Sink[NatsOptions]):
         self._valid_topics: set[str] = set()
 
     # -- subjects ----------------------------------------------------------------
+
+    @classmethod
+    def security_warnings(cls, options: SinkOptions) -> list[str]:
+        """A password or token without TLS; TLS without certificate verification."""
+        if not isinstance(options, NatsOptions):
+            return []
+        found: list[str] = []
+        if not options.uses_tls:
+            secret = ("password" if options.password is not None
+                      else "token" if options.token is not None else None)
+            if secret is not None:
+                found.append(
+                    f"{secret}: no TLS is configured (nats:// servers, no tls_* option), so "
+                    f"the {secret} crosses the network in clear text unless the server "
+                    "demands TLS; use tls:// servers"
+                )
+        elif not options.tls_verify:
+            found.append(
+                "tls_verify: false: the server's certificate is not checked, so anyone on "
+                "the network path can impersonate it and read the credentials"
+            )
+        return found
 
     @classmethod
     def safe_token(cls, value: str) -> str:

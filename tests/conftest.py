@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from bridge.simulator import Simulator
+from tests.support.bridges import run_bridge  # noqa: F401
 
 # broker fixtures (one import line per bus)
 from tests.support.kafka import kafka_bootstrap, kafka_broker, kafka_reader  # noqa: F401

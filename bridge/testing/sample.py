@@ -53,6 +53,6 @@ def messages(
     out = []
     for ev in events:
         enc = ev.encoded(fmt)
-        out.append(Message(topic, ev.symbol if key else None, enc.body, enc.content_type, ev,
+        out.append(Message(topic, ev.symbol if key else None, enc.body, enc.content_type, ev.header,
                            enc.attributes))
     return out

@@ -139,3 +139,79 @@ def test_simulate_refuses_when_the_port_is_taken(sim_proc: tuple[Proc, int]) -> 
     r = cli("simulate", "--port", str(port), timeout=20)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert "simulate failed" in r.stderr
+
+
+# -- issue 8: every config problem exits 2 with a path, never a traceback ----------
+
+
+@pytest.mark.parametrize(("content", "key_file", "expected"), [
+    (b"x: &a [1, *a]\nsinks: {s: {driver: console}}\n", None,
+     "x[1]: recursive YAML alias"),
+    (b"sinks: {s: {driver: console}}\n# caf\xe9\n", None,
+     "<file>: not UTF-8 text (invalid byte 0xe9 at line 2, column 6)"),
+    (b"source: {api_key_file: KEYFILE}\nsinks: {s: {driver: console}}\n", b"\xff\xfe\x00",
+     "source.api_key_file: not UTF-8 text"),
+    (b"source: {api_key_file: KEYFILE}\nsinks: {s: {driver: console}}\n",
+     b"secret-part-one\nsecret-part-two\n", "source.api_key_file: the key must be one line"),
+    (b"source: {url: 'http://h:99999'}\nsinks: {s: {driver: console}}\n", None,
+     "source.url: the port must be a number from 1 to 65535"),
+    (b"source: {url: 'http://user:pw-secret@h'}\nsinks: {s: {driver: console}}\n", None,
+     "source.url: must not carry credentials"),
+])
+def test_validate_exits_2_with_a_path_named_problem(
+        tmp_path: Path, content: bytes, key_file: bytes | None, expected: str) -> None:
+    key = tmp_path / "key"
+    if key_file is not None:
+        key.write_bytes(key_file)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_bytes(content.replace(b"KEYFILE", str(key).encode()))
+    r = cli("validate", "-c", str(cfg))
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert expected in r.stderr and "Traceback" not in r.stderr
+    assert "secret" not in r.stderr
+
+
+def test_run_with_a_bad_config_exits_2(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("x: &a [1, *a]\nsinks:\n  s: {driver: console}\n  s: {driver: console}\n")
+    r = cli("run", "-c", str(cfg), timeout=30)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "x[1]: recursive YAML alias" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_validate_prints_insecure_settings_as_warnings_and_exits_0(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("""
+source: {url: "http://pricing.example.com", api_key: the-secret-key, tls_verify: false}
+sinks: {s: {driver: console}}
+""")
+    r = cli("validate", "-c", str(cfg))
+    assert r.returncode == 0, r.stderr
+    assert "valid" in r.stdout
+    assert "warning: source.url: the API key is sent unencrypted over http://" in r.stderr
+    assert "warning: source.tls_verify: false:" in r.stderr
+    assert "the-secret-key" not in r.stdout + r.stderr
+
+
+def test_run_logs_each_insecure_setting_once(sim_proc: tuple[Proc, int], tmp_path: Path) -> None:
+    _, port = sim_proc
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"""
+source: {{url: "http://127.0.0.1:{port}", api_key: cli-key, tickers: [BTC/USD],
+          tls_verify: false}}
+sinks: {{out: {{driver: jsonl, path: "{tmp_path}/out.jsonl"}}}}
+http: {{enabled: false}}
+log: {{format: json}}
+""")
+    with Proc([*CLI, "run", "-c", str(cfg)], tmp_path / "bridge.log") as bridge:
+        out = tmp_path / "out.jsonl"
+        deadline = time.monotonic() + 20
+        while not (out.exists() and out.stat().st_size > 0):  # running, signals handled
+            assert time.monotonic() < deadline, bridge.output()
+            time.sleep(0.1)
+        bridge.signal(signal.SIGTERM)
+        assert bridge.wait(20) == 0, bridge.output()
+    lines = [orjson.loads(x) for x in bridge.output().splitlines() if x.startswith("{")]
+    warned = [x for x in lines if x["logger"] == "aleno_bridge.cli"
+              and "insecure setting: source.tls_verify: false:" in x["msg"]]
+    assert len(warned) == 1 and warned[0]["level"].upper() == "WARNING", warned

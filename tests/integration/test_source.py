@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -38,39 +37,6 @@ sinks:
 http: {{enabled: false}}
 """
     return parse_config(text, env={}, drivers=Drivers(injected={"memory": MemorySink}))
-
-
-class Running:
-    def __init__(self, bridge: Bridge, sink: MemorySink, task: asyncio.Task[Any],
-                 stop: asyncio.Event) -> None:
-        self.bridge, self.sink, self.task, self.stop = bridge, sink, task, stop
-
-    async def until(self, cond: Callable[[], bool], timeout: float = 10.0) -> float:
-        start = time.monotonic()
-        while not cond():
-            if self.task.done():
-                self.task.result()
-            assert time.monotonic() - start < timeout, "condition not met in time"
-            await asyncio.sleep(0.02)
-        return time.monotonic() - start
-
-
-@pytest.fixture
-async def run_bridge() -> AsyncIterator[Callable[[Settings], Running]]:
-    started: list[Running] = []
-
-    def start(s: Settings) -> Running:
-        sink = MemorySink("mem")
-        bridge = Bridge(s, sinks={"mem": sink})
-        stop = asyncio.Event()
-        r = Running(bridge, sink, asyncio.create_task(bridge.run(stop)), stop)
-        started.append(r)
-        return r
-
-    yield start
-    for r in started:
-        r.stop.set()
-        await asyncio.wait_for(asyncio.gather(r.task, return_exceptions=True), 20)
 
 
 async def test_prices_flow_end_to_end(simulator: Simulator, run_bridge: Any) -> None:
@@ -214,3 +180,19 @@ async def test_the_api_key_never_reaches_the_logs(simulator: Simulator, run_brid
     text = "\n".join(f"{rec.name} {rec.getMessage()}" for rec in caplog.records)
     assert KEY not in text
     assert "upstream subscribed" in text
+
+
+async def test_readiness_needs_a_price_on_the_current_connection(
+    simulator: Simulator, run_bridge: Any
+) -> None:
+    r = run_bridge(settings(simulator))
+    await r.until(lambda: r.bridge.readiness()[0])
+    simulator.pause()
+    await simulator.kick()
+    # reconnected and subscribed, but no price yet on this connection: not ready
+    await r.until(lambda: r.bridge.source.stats.reconnects >= 1
+                  and r.bridge.source.stats.state == "subscribed")
+    ok, checks = r.bridge.readiness()
+    assert not ok and checks["upstream"]["seconds_since_update"] is None, checks
+    simulator.resume()
+    await r.until(lambda: r.bridge.readiness()[0], 5)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
 from bridge.config import ConfigError, interpolate, load_config, parse_config
 from bridge.sinks import Drivers
@@ -143,3 +145,187 @@ def test_a_format_the_driver_options_cannot_carry_is_a_startup_error() -> None:
     assert err.value.problems == [
         "sinks.m.format: cloudevents-binary needs MQTT 5 user properties; use protocol: '5' "
         "or format: cloudevents-json"]
+
+
+# ---------------------------------------------------------------------------
+# Issue 8: hardening of the loader and of the checks (each test failed before the fix)
+
+ONE_SINK = "sinks: {m: {driver: memory}}\n"
+
+
+def problems_of(text: str, env: dict[str, str] | None = None) -> list[str]:
+    with pytest.raises(ConfigError) as err:
+        parse_config(text, env=env or {}, drivers=drivers())
+    return err.value.problems
+
+
+def test_duplicate_sink_key_is_an_error_with_path_and_line() -> None:
+    problems = problems_of("sinks:\n  bus: {driver: memory}\n  bus: {driver: memory}\n")
+    assert problems == [
+        "sinks.bus: duplicate key at line 3 (first at line 2); the second would silently "
+        "replace the first"]
+
+
+def test_duplicate_top_level_section_is_an_error() -> None:
+    text = "source: {tickers: [BTC/USD]}\nsinks: {m: {driver: memory}}\nsource: {}\n"
+    assert any(p.startswith("source: duplicate key at line 3 (first at line 1)")
+               for p in problems_of(text))
+
+
+def test_duplicate_keys_are_reported_along_with_the_other_problems() -> None:
+    text = "source: {stale_after_s: -1, stale_after_s: -2}\nsinks: {m: {driver: warp}}\n"
+    problems = "\n".join(problems_of(text))
+    assert "source.stale_after_s: duplicate key at line 1" in problems
+    assert "sinks.m.driver: unknown sink driver 'warp'" in problems
+
+
+def test_merge_keys_are_not_duplicates() -> None:
+    text = """
+base: &base {driver: memory, latency_ms: 1}
+sinks:
+  m: {<<: *base, latency_ms: 2}
+"""
+    # `base` itself is an unknown top-level key; the merge is not a duplicate
+    assert problems_of(text) == ["base: unknown option"]
+
+
+def test_duplicate_route_names_are_an_error() -> None:
+    text = ONE_SINK + "routes:\n  - {name: a, sinks: [m]}\n  - {name: a, sinks: [m]}\n"
+    assert problems_of(text) == ["routes[1].name: duplicate route name 'a' (also routes[0])"]
+
+
+def test_a_sink_listed_twice_in_a_route_is_an_error() -> None:
+    text = ONE_SINK + "routes:\n  - {sinks: [m, m]}\n"
+    assert problems_of(text) == [
+        "routes[0].sinks[1]: sink 'm' is listed twice (every event would be published twice)"]
+
+
+def test_a_missing_sink_is_reported_when_another_section_fails_too() -> None:
+    text = "source: {stale_after_s: -1}\n" + ONE_SINK + "routes:\n  - {sinks: [m, ghost, m]}\n"
+    problems = "\n".join(problems_of(text))
+    assert "source.stale_after_s:" in problems
+    assert "routes[0].sinks[1]: no sink named 'ghost' (sinks: m)" in problems
+    assert "routes[0].sinks[2]: sink 'm' is listed twice" in problems
+
+
+def test_a_recursive_alias_is_a_config_error() -> None:
+    problems = problems_of("x: &a [1, *a]\n" + ONE_SINK)
+    assert problems == ["x[1]: recursive YAML alias (a node that contains itself)"]
+
+
+def test_an_alias_bomb_is_refused_without_expanding_it() -> None:
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]
+    problems = problems_of("\n".join(lines) + "\n" + ONE_SINK)
+    assert len(problems) == 1 and "YAML aliases expand to more than" in problems[0]
+
+
+def test_a_non_utf8_file_is_a_config_error(tmp_path: Path) -> None:
+    p = tmp_path / "c.yaml"
+    p.write_bytes(b"sinks: {m: {driver: memory}}\n# caf\xe9\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(p, env={}, drivers=drivers())
+    assert err.value.problems == [
+        "<file>: not UTF-8 text (invalid byte 0xe9 at line 2, column 6)"]
+
+
+def test_an_oversized_config_file_is_refused(tmp_path: Path) -> None:
+    p = tmp_path / "c.yaml"
+    p.write_bytes(b"# " + b"x" * (4 * 1024 * 1024) + b"\n" + ONE_SINK.encode())
+    with pytest.raises(ConfigError) as err:
+        load_config(p, env={}, drivers=drivers())
+    assert err.value.problems == ["<file>: larger than 4 MiB; is this the right file?"]
+
+
+def _key_file_problems(tmp_path: Path, content: bytes | None, name: str = "key") -> list[str]:
+    f = tmp_path / name
+    if content is not None:
+        f.write_bytes(content)
+    return problems_of(f"source: {{api_key_file: {f}}}\n" + ONE_SINK)
+
+
+def test_a_binary_api_key_file_is_a_config_error(tmp_path: Path) -> None:
+    assert _key_file_problems(tmp_path, b"\xff\xfe\x00\x01") == [
+        "source.api_key_file: not UTF-8 text"]
+
+
+def test_an_empty_api_key_file_is_an_error(tmp_path: Path) -> None:
+    assert _key_file_problems(tmp_path, b"\n") == ["source.api_key_file: the file is empty"]
+
+
+def test_an_endless_api_key_file_is_read_with_a_bound() -> None:
+    assert problems_of("source: {api_key_file: /dev/zero}\n" + ONE_SINK) == [
+        "source.api_key_file: larger than 4 KiB; the file must hold the key on one line"]
+
+
+def test_an_api_key_with_an_inner_newline_is_refused_without_printing_it(
+        tmp_path: Path) -> None:
+    problems = _key_file_problems(tmp_path, b"top-secret\nsecond-line\n")
+    assert problems == ["source.api_key_file: the key must be one line without whitespace or "
+                        "control characters (found one at character 11)"]
+    assert "top-secret" not in "".join(problems)
+
+
+def test_an_api_key_file_keeps_its_key_and_strips_one_newline(tmp_path: Path) -> None:
+    f = tmp_path / "key"
+    f.write_bytes(b"k3y\r\n")
+    s = parse_config(f"source: {{api_key_file: {f}}}\n" + ONE_SINK, env={}, drivers=drivers())
+    assert s.api_key is not None and s.api_key.get_secret_value() == "k3y"
+
+
+def test_an_inline_api_key_with_a_newline_is_refused() -> None:
+    problems = problems_of("source: {api_key: \"${K}\"}\n" + ONE_SINK, env={"K": "ab\ncd"})
+    assert problems == ["source.api_key: the key must be one line without whitespace or "
+                        "control characters (found one at character 3)"]
+
+
+def test_an_inline_api_key_loses_one_trailing_newline_like_the_file() -> None:
+    s = parse_config("source: {api_key: \"${K}\"}\n" + ONE_SINK, env={"K": "k3y\n"},
+                     drivers=drivers())
+    assert s.api_key is not None and s.api_key.get_secret_value() == "k3y"
+
+
+def test_an_unterminated_variable_is_an_error_at_its_path() -> None:
+    problems = problems_of("source: {api_key: \"${KEY\"}\n" + ONE_SINK, env={"KEY": "v"})
+    assert problems == ["source.api_key: unterminated or malformed ${...} reference "
+                        "(use ${VAR} or ${VAR:-default}; $$ is a literal $)"]
+
+
+@pytest.mark.parametrize("path", [
+    "shutdown_timeout_s", "source.stale_after_s", "source.backoff.max_s",
+    "sinks.m.retry.publish_timeout_s", "sinks.m.latency_ms", "routes[0].min_interval_s",
+])
+@pytest.mark.parametrize("value", [".inf", ".nan"])
+def test_non_finite_floats_are_refused_everywhere(path: str, value: str) -> None:
+    tree: dict[str, Any] = {"sinks": {"m": {"driver": "memory"}}, "routes": [{"sinks": ["m"]}]}
+    node: Any = tree
+    parts = path.replace("[0]", ".0").split(".")
+    for part in parts[:-1]:
+        node = node[int(part)] if part.isdigit() else node.setdefault(part, {})
+    node[parts[-1]] = value
+    text = yaml.safe_dump(tree).replace(f"'{value}'", value)
+    problems = problems_of(text)
+    # a plugin's own constraint (latency_ms >= 0) may refuse .nan first, in its words
+    plugin_nan = value == ".nan" and path == "sinks.m.latency_ms"
+    assert any(p.startswith(f"{path}:") and ("finite" in p or plugin_nan)
+               for p in problems), problems
+
+
+@pytest.mark.parametrize("url", ["http://h:99999", "http://h:abc", "http://h:0",
+                                 "http://[::1", "https://[nope]:443"])
+def test_an_invalid_port_or_ipv6_url_is_refused(url: str) -> None:
+    problems = problems_of(f"source: {{url: '{url}'}}\n" + ONE_SINK)
+    assert len(problems) == 1 and problems[0].startswith("source.url: "), problems
+
+
+def test_an_ipv6_url_with_a_port_is_accepted() -> None:
+    s = parse_config("source: {url: 'http://[::1]:8765'}\n" + ONE_SINK, env={},
+                     drivers=drivers())
+    assert s.config.source.url == "http://[::1]:8765"
+
+
+@pytest.mark.parametrize("url", ["http://user:hunter2@example.com", "https://hunter2@h:443"])
+def test_credentials_in_the_source_url_are_refused_without_echoing_them(url: str) -> None:
+    problems = problems_of(f"source: {{url: '{url}'}}\n" + ONE_SINK)
+    assert problems == ["source.url: must not carry credentials; put the API key in "
+                        "source.api_key or api_key_file"]

@@ -59,3 +59,62 @@ def test_encoding_is_cached_per_format() -> None:
 
 def test_iso_time_millisecond_precision() -> None:
     assert iso_time(0 + 946_684_800_123) == "2000-01-01T00:00:00.123Z"
+
+
+# -- issue 8: a message keeps a light header, not the event -----------------------------
+
+
+def test_a_message_keeps_the_light_header_not_the_event() -> None:
+    import warnings
+
+    from bridge.envelope import EventHeader
+    from bridge.sinks import Message
+    from bridge.testing import sample_events
+
+    ev = sample_events(symbols=1, updates=1)[0]
+    enc = ev.encoded("cloudevents-json")
+    m = Message("t", None, enc.body, enc.content_type, ev)  # a full Event is accepted
+    h = m.event
+    assert type(h) is EventHeader and h is ev.header  # shared by all the event's messages
+    assert not hasattr(h, "_encoded") and not hasattr(h, "_header")
+    assert (h.kind, h.symbol, h.base, h.quote, h.id) == ("ticker", ev.symbol, ev.base,
+                                                         ev.quote, ev.id)
+    assert (h.sent_ms, h.received_ms, h.time, h.price) == (ev.sent_ms, ev.received_ms,
+                                                           ev.time, ev.price)
+    assert h.type == "ai.aleno.ticker.v1" and h.source == ev.source
+    assert h.attributes() == ev.attributes()
+    # the heavy parts still answer, decoded from the body, with a DeprecationWarning
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert h.data == ev.data
+        assert h.envelope() == ev.envelope()
+        assert h.prices == ev.prices
+        assert h.raw["id"] == ev.raw["id"]
+    assert len(caught) == 4 and all(w.category is DeprecationWarning for w in caught)
+
+
+def test_encoded_bodies_are_exact_size() -> None:
+    import sys
+
+    from bridge.testing import sample_events
+
+    ev = sample_events(symbols=1, updates=1)[0]
+    for fmt in ("cloudevents-json", "cloudevents-binary", "raw"):
+        body = ev.encoded(fmt).body
+        assert sys.getsizeof(body) < len(body) + 64  # not orjson's 4 KiB buffer
+
+
+def test_dead_letter_extensions_go_into_the_envelope_or_the_attributes() -> None:
+    import orjson
+
+    from bridge.testing import messages, sample_events
+
+    ext = {"deadletterreason": "too_large", "deadlettersink": "bus", "deadlettererror": "e"}
+    ev = sample_events(symbols=1, updates=1)[0]
+    structured = messages([ev], "t", "cloudevents-json")[0].with_extensions(ext)
+    env = orjson.loads(structured.body)
+    assert {k: env[k] for k in ext} == ext and env["id"] == ev.id and not structured.attributes
+    binary = messages([ev], "t", "cloudevents-binary")[0]
+    dl = binary.with_extensions(ext)
+    assert dl.body == binary.body and dict(dl.attributes) == {**binary.attributes, **ext}
+    assert "deadletterreason" not in binary.attributes  # the original is untouched

@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 import orjson
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -128,3 +129,51 @@ def test_arbitrary_json_never_raises_and_every_record_is_accounted(payload: Any)
             env = orjson.loads(ev.encoded("cloudevents-json").body)
             assert env["id"] == ev.id and env["data"]["symbol"] == ev.symbol
             orjson.loads(ev.encoded("raw").body)
+
+
+def test_records_of_unsubscribed_symbols_are_dropped_and_not_cached() -> None:
+    n = norm()
+    allowed = frozenset({"BTC/USD"})
+    payload = [ticker_record("BTC/USD", 1.0, T)] + [
+        ticker_record(f"X{i}/USD", 1.0, T) for i in range(100)]
+    for _ in range(2):  # the second pass goes through the symbol cache
+        events = n.tickers(payload, allowed)
+        assert [e.symbol for e in events] == ["BTC/USD"]
+    assert n.invalid == {"ticker:unsubscribed": 200}
+    assert len(n._symbols) == 1
+    eq = n.equities([equity_record("AAPL", 1.0, T), equity_record("EVIL", 1.0, T)],
+                    frozenset({"AAPL"}))
+    assert [e.symbol for e in eq] == ["AAPL"]
+    assert n.invalid["equity:unsubscribed"] == 1
+    # without a set, every symbol is accepted (tools without a source)
+    assert len(norm().tickers(payload)) == 101
+
+
+def test_a_deeply_nested_record_is_counted_with_a_bounded_sample(caplog: Any) -> None:
+    n = norm()
+    deep: Any = 1.0
+    for _ in range(5000):
+        deep = [deep]
+    events = n.tickers([{"id": "BTC/USD", "aggregated": deep, "sentTimestampMs": T},
+                        ticker_record("BTC/USD", 1.0, T)])
+    assert len(events) == 1
+    assert n.invalid == {"ticker:bad_field_type": 1}
+    [line] = [r.getMessage() for r in caplog.records if "bad_field_type" in r.getMessage()]
+    assert len(line) < 600
+
+
+def test_credentials_in_the_source_url_never_reach_the_envelope() -> None:
+    n = Normalizer(source="https://alice:hunter2pw@pricing.example/v1/socket")
+    assert n.source == "https://pricing.example/v1/socket"
+    [ev] = n.tickers([ticker_record("BTC/USD", 1.0, T)])
+    env = orjson.loads(ev.encoded("cloudevents-json").body)
+    assert env["source"] == "https://pricing.example/v1/socket"
+
+
+def test_the_json_codec_refuses_deep_nesting_with_a_value_error() -> None:
+    from bridge import jsoncodec
+
+    for depth in (2_000, 200_000):
+        with pytest.raises(ValueError, match="nested too deeply"):
+            jsoncodec.loads("[" * depth + "]" * depth)
+    assert jsoncodec.loads("[NaN]")[0] != jsoncodec.loads("[NaN]")[0]

@@ -6,6 +6,7 @@ import asyncio
 import time
 from typing import Any
 
+import orjson
 import pytest
 
 from bridge.config import SinkCommon, SinkSpec
@@ -15,10 +16,12 @@ from bridge.testing import MemoryOptions, MemorySink, messages, sample_events
 
 
 def worker(policy: str = "drop_oldest", max_events: int = 100, batch: int = 10,
-           sink: MemorySink | None = None, **retry: Any) -> tuple[SinkWorker, MemorySink]:
+           sink: MemorySink | None = None, fmt: str = "cloudevents-json",
+           **retry: Any) -> tuple[SinkWorker, MemorySink]:
     sink = sink or MemorySink("m")
     common = SinkCommon.model_validate({
         "driver": "memory",
+        "format": fmt,
         "buffer": {"max_events": max_events, "when_full": policy},
         "batch": {"max_events": batch, "linger_ms": 0},
         "retry": {"initial_backoff_s": 0.01, "max_backoff_s": 0.05, **retry},
@@ -250,3 +253,202 @@ async def test_counters_add_up_over_a_run_with_drops(policy: str) -> None:
     assert s.offered == s.published + sum(s.dropped.values()) + s.conflated
     assert s.published == len(sink.received)
     assert sum(s.dropped.values()) + s.conflated > 0
+
+
+# -- issue 8: counters, capacity, rejections, dead letters, shutdown -----------------
+
+
+async def test_counters_balance_while_a_block_offer_waits() -> None:
+    """A ``block`` offer waiting for room is not offered yet: the invariant holds at
+    every moment, and the waiting offer shows in ``blocked``."""
+    w, sink = worker("block", max_events=3, batch=2)
+    sink.hold()
+    w.start()
+    ms = msgs(1, 6)
+    pending = None
+    for m in ms:
+        pending = w.offer(m)
+        assert balanced(w)
+        if pending is not None:
+            break
+    assert pending is not None
+    waiter = asyncio.ensure_future(pending)
+    await asyncio.sleep(0.02)
+    assert not waiter.done() and w.blocked == 1
+    assert balanced(w), (w.stats, w.depth)
+    sink.release()
+    await asyncio.wait_for(waiter, 5)
+    assert w.blocked == 0 and balanced(w)
+    await w.stop(1)
+    assert balanced(w)
+
+
+@pytest.mark.parametrize("policy", ["drop_oldest", "drop_newest", "conflate", "block"])
+async def test_depth_never_exceeds_capacity_with_a_batch_in_flight(policy: str) -> None:
+    """The batch handed to a hung driver still counts against ``max_events``."""
+    w, sink = worker(policy, max_events=10, batch=4)
+    sink.hold()
+    w.start()
+    for m in msgs(30, 3):
+        pending = w.offer(m)
+        if pending is not None:  # block: it may wait only because the buffer is full
+            assert w.depth == w.capacity
+            waiter = asyncio.ensure_future(pending)
+            await asyncio.sleep(0.01)
+            assert not waiter.done() and w.depth == w.capacity and balanced(w)
+            sink.release()
+            await asyncio.wait_for(waiter, 5)
+            break
+        await asyncio.sleep(0)
+        assert w.depth <= w.capacity, f"depth {w.depth} > capacity {w.capacity}"
+        assert balanced(w)
+    else:
+        assert w.depth == w.capacity
+    sink.release()
+    await w.stop(1)
+
+
+async def test_a_batch_larger_than_the_buffer_is_cut_to_the_buffer() -> None:
+    w, sink = worker("drop_oldest", max_events=5, batch=50)
+    sink.hold()
+    w.start()
+    for m in msgs(1, 12):
+        w.offer(m)
+        await asyncio.sleep(0)
+        assert w.depth <= 5 and balanced(w)
+    sink.release()
+    await until(lambda: w.depth == 0)
+    assert max(sink.batches) <= 5 and balanced(w)
+    await w.stop(1)
+
+
+async def test_a_rejection_is_recorded_for_readiness() -> None:
+    w, sink = worker(batch=5)
+    sink.fail_next(1, SinkRejectedError("m", "message too large for the bus"))
+    w.start()
+    for m in msgs(1, 5):
+        w.offer(m)
+    await until(lambda: w.depth == 0)
+    assert w.stats.rejections == 1
+    assert w.stats.last_rejection is not None and "too large" in w.stats.last_rejection
+    assert w.stats.last_error is not None and "too large" in w.stats.last_error
+    await w.stop(1)
+
+
+def dl_pair(fmt: str = "cloudevents-json", dl_policy: str = "drop_oldest"
+            ) -> tuple[SinkWorker, MemorySink, SinkWorker, MemorySink]:
+    w, sink = worker(batch=5, fmt=fmt)
+    dead, dsink = worker(dl_policy, batch=50, sink=MemorySink("dead"))
+    w.dead_letter = dead
+    return w, sink, dead, dsink
+
+
+@pytest.mark.parametrize("fmt", ["cloudevents-json", "cloudevents-binary"])
+async def test_refused_events_go_to_the_dead_letter_sink_with_why(fmt: str) -> None:
+    w, sink, dead, dsink = dl_pair(fmt)
+    exc = SinkRejectedError("m", "topic 'x' not authorized", reason="not_authorized")
+    sink.fail_next(1, exc)
+    w.start()
+    dead.start()
+    ms = messages(sample_events(symbols=1, updates=10), "t", fmt)
+    for m in ms:
+        w.offer(m)
+    await until(lambda: w.depth == 0 and dead.stats.published == 5)
+    assert w.stats.dropped == {"dead_lettered": 5} and w.stats.published == 5
+    assert balanced(w) and balanced(dead)
+    got = dsink.received
+    assert [m.id for m in got] == [m.id for m in ms[:5]]
+    assert all(m.topic == "t" and m.key == ms[0].key for m in got)
+    for m in got:
+        if fmt == "cloudevents-json":
+            env = orjson.loads(m.body)
+            ext = {k: env[k] for k in env if k.startswith("deadletter")}
+            assert env["data"]["symbol"] == m.event.symbol and not m.attributes
+        else:
+            ext = {k: v for k, v in m.attributes.items() if k.startswith("deadletter")}
+            assert m.attributes["id"] == m.id
+            assert orjson.loads(m.body)["symbol"] == m.event.symbol
+        assert ext["deadletterreason"] == "not_authorized"
+        assert ext["deadlettersink"] == "m"
+        assert "not authorized" in ext["deadlettererror"]
+        assert all(k.isalnum() and k.islower() for k in ext)
+    await w.stop(1)
+    await dead.stop(1)
+
+
+async def test_only_the_refused_messages_of_a_partial_rejection_are_dead_lettered() -> None:
+    w, sink, dead, dsink = dl_pair()
+    ms = msgs(1, 5)
+    sink.fail_next(1, SinkRejectedError("m", "2 too large", refused=[1, ms[3]]))
+    w.start()
+    dead.start()
+    for m in ms:
+        w.offer(m)
+    await until(lambda: w.depth == 0 and dead.stats.published == 2)
+    assert [m.id for m in dsink.received] == [ms[1].id, ms[3].id]
+    assert w.stats.dropped == {"dead_lettered": 2} and w.stats.published == 3
+    assert balanced(w) and balanced(dead)
+    await w.stop(1)
+    await dead.stop(1)
+
+
+async def test_a_partial_rejection_given_as_a_count_only_is_dropped_not_dead_lettered(
+    caplog: Any,
+) -> None:
+    w, sink, dead, dsink = dl_pair()
+    sink.fail_next(1, SinkRejectedError("m", "2 too large", rejected=2))
+    w.start()
+    dead.start()
+    for m in msgs(1, 5):
+        w.offer(m)
+    await until(lambda: w.depth == 0)
+    assert w.stats.dropped == {"rejected": 2} and w.stats.published == 3
+    assert dead.stats.offered == 0 and not dsink.received
+    assert any("did not say which" in r.getMessage() for r in caplog.records)
+    await w.stop(1)
+    await dead.stop(1)
+
+
+async def test_a_bus_that_is_down_never_dead_letters() -> None:
+    w, sink, dead, _ = dl_pair()
+    sink.fail_next(3)  # ConnectionError: retriable
+    w.start()
+    dead.start()
+    for m in msgs(1, 10):
+        w.offer(m)
+    await until(lambda: w.stats.published == 10)
+    assert w.stats.failed_batches == 3 and w.stats.dropped == {}
+    assert dead.stats.offered == 0
+    await w.stop(1)
+    await dead.stop(1)
+
+
+async def test_dead_lettering_never_waits_on_a_full_block_dead_letter_sink() -> None:
+    w, sink, dead, dsink = dl_pair(dl_policy="block")
+    dead.capacity = 2
+    sink.fail_next(1, SinkRejectedError("m", "refused"))
+    w.start()  # the dead-letter worker is not started: its buffer fills up
+    for m in msgs(1, 5):
+        w.offer(m)
+    await until(lambda: w.depth == 0)
+    assert w.stats.dropped == {"dead_lettered": 5}
+    assert dead.stats.offered == 5 and dead.stats.dropped == {"buffer_full": 3}
+    assert balanced(dead) and dead.blocked == 0
+    await w.stop(1)
+    await dead.stop(0.1)
+
+
+async def test_stop_finishes_within_its_budget_even_when_close_hangs() -> None:
+    class HangingClose(MemorySink):
+        async def close(self) -> None:
+            await asyncio.sleep(30)
+
+    w, sink = worker(sink=HangingClose("m"))
+    sink.down = True
+    w.start()
+    for m in msgs(2, 5):
+        w.offer(m)
+    started = time.monotonic()
+    assert await w.stop(1.0) == 10
+    assert time.monotonic() - started < 1.3
+    assert w.stats.dropped == {"shutdown": 10} and balanced(w)

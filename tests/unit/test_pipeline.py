@@ -1,0 +1,172 @@
+"""The bridge around the sink workers: the intake bound, shutdown's one deadline and
+its accounting, /readyz on rejections, dead-letter wiring and validation (issue 8)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+
+from bridge.app import Bridge
+from bridge.config import ConfigError, Settings, parse_config
+from bridge.sinks import Drivers, SinkRejectedError
+from bridge.testing import MemorySink, sample_events
+
+DRIVERS = Drivers(injected={"memory": MemorySink})
+
+
+def settings(sinks: str, extra: str = "", routes: str = "") -> Settings:
+    text = f"sinks:\n{sinks}\n{routes}\nhttp: {{enabled: false}}\n{extra}\n"
+    return parse_config(text, env={}, drivers=DRIVERS)
+
+
+def problems(sinks: str) -> list[str]:
+    with pytest.raises(ConfigError) as err:
+        settings(sinks)
+    return list(err.value.problems)
+
+
+def accounted(bridge: Bridge, received: int) -> None:
+    """Every received event is in exactly one place: routed to the sinks (whose own
+    counters balance) or dropped before routing, by reason."""
+    for w in bridge.workers.values():
+        s = w.stats
+        assert s.offered == s.published + sum(s.dropped.values()) + s.conflated + w.depth
+    offered = sum(w.stats.offered for w in bridge.workers.values())
+    per_event = len(bridge.workers)  # the tests route every event to every sink
+    assert offered + per_event * sum(bridge.pipeline_dropped.values()) == per_event * received
+
+
+async def test_the_intake_is_bounded_in_events_not_batches() -> None:
+    s = settings("  dead: {driver: memory, buffer: {max_events: 10, when_full: block}}",
+                 "intake_max_events: 250\nshutdown_timeout_s: 0.5")
+    sink = MemorySink("dead")
+    sink.down = True
+    bridge = Bridge(s, sinks={"dead": sink}, with_source=False)
+    await bridge.start()
+    received = 0
+    for u in range(20):  # 20 upstream batches of 100 events: 2,000 events
+        events = sample_events(symbols=100, updates=1, start_ms=1_732_480_000_000 + u * 1000)
+        received += len(events)
+        bridge.ingest(events)
+        await asyncio.sleep(0)
+        assert bridge.intake_events <= 250
+    await asyncio.sleep(0.05)
+    assert bridge.intake_events <= 250
+    # the intake holds 250 events (the batch being routed counts whole until it is
+    # done: 11 of its events are in the sink's buffer or waiting for room there)
+    assert bridge.intake_events == 250
+    assert bridge.pipeline_dropped["intake_full"] == received - 250
+    await bridge.shutdown()
+    accounted(bridge, received)
+    assert bridge.pipeline_dropped["shutdown"] > 0
+
+
+async def test_shutdown_keeps_one_deadline_and_counts_every_event() -> None:
+    """A dead ``block`` sink, a full intake and a driver whose close hangs: shutdown
+    still ends within ``shutdown_timeout_s`` and nothing is lost uncounted."""
+
+    class Dead(MemorySink):
+        async def close(self) -> None:
+            await asyncio.sleep(60)
+
+    s = settings(
+        "  dead: {driver: memory, buffer: {max_events: 100, when_full: block},"
+        " retry: {connect_timeout_s: 30}}\n"
+        "  ok: {driver: memory}",
+        "shutdown_timeout_s: 2\nintake_max_events: 5000",
+    )
+    dead = Dead("dead")
+    dead.down = True
+    bridge = Bridge(s, sinks={"dead": dead}, with_source=False)
+    await bridge.start()
+    received = 0
+    for u in range(60):
+        events = sample_events(symbols=100, updates=1, start_ms=1_732_480_000_000 + u * 1000)
+        received += len(events)
+        bridge.ingest(events)
+    await asyncio.sleep(0.1)
+    assert bridge.workers["dead"].blocked == 1
+    started = time.monotonic()
+    lost = await bridge.shutdown()
+    took = time.monotonic() - started
+    assert took <= 2.0 + 0.3, f"shutdown took {took:.2f}s with a 2s budget"
+    assert lost["dead"] == 100 and lost["ok"] == 0
+    assert bridge.pipeline_dropped.get("shutdown", 0) > 0
+    assert bridge.intake_events == 0
+    accounted(bridge, received)
+
+
+async def test_shutdown_with_a_healthy_sink_delivers_everything() -> None:
+    s = settings("  ok: {driver: memory, buffer: {when_full: block, max_events: 50}}",
+                 "shutdown_timeout_s: 5")
+    sink = MemorySink("ok")
+    bridge = Bridge(s, sinks={"ok": sink}, with_source=False)
+    await bridge.start()
+    events = sample_events(symbols=50, updates=20)
+    bridge.ingest(events)
+    lost = await bridge.shutdown()
+    assert lost == {"ok": 0} and len(sink.received) == len(events)
+    assert bridge.pipeline_dropped.get("shutdown", 0) == 0
+    accounted(bridge, len(events))
+
+
+async def test_readyz_shows_why_a_sink_rejects() -> None:
+    s = settings("  bus: {driver: memory, batch: {linger_ms: 0}}")
+    sink = MemorySink("bus")
+    sink.fail_next(1, SinkRejectedError("bus", "message too large (max_payload 1024)"))
+    bridge = Bridge(s, sinks={"bus": sink}, with_source=False)
+    await bridge.start()
+    bridge.ingest(sample_events(symbols=1, updates=1))
+    w = bridge.workers["bus"]
+    deadline = time.monotonic() + 5
+    while w.stats.rejections == 0:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+    ok, checks = bridge.readiness()
+    check = checks["sink:bus"]
+    assert not ok and check["ok"] is False
+    assert check["error"] is not None and "too large" in check["error"]
+    assert "too large" in check["last_rejection"] and check["rejections"] == 1
+    bridge.ingest(sample_events(symbols=1, updates=1, start_ms=1_800_000_000_000))
+    while w.stats.published == 0:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+    ok, checks = bridge.readiness()
+    assert ok and checks["sink:bus"]["error"] is None
+    assert "too large" in checks["sink:bus"]["last_rejection"]  # still visible
+    await bridge.shutdown()
+
+
+async def test_dead_letter_is_wired_from_the_config() -> None:
+    s = settings("  bus: {driver: memory, dead_letter: dlq, batch: {linger_ms: 0}}\n"
+                 "  dlq: {driver: memory}",
+                 routes="routes: [{sinks: [bus]}]")
+    bus, dlq = MemorySink("bus"), MemorySink("dlq")
+    bus.fail_next(1, SinkRejectedError("bus", "not authorized", reason="not_authorized"))
+    bridge = Bridge(s, sinks={"bus": bus, "dlq": dlq}, with_source=False)
+    await bridge.start()
+    events = sample_events(symbols=3, updates=1)
+    bridge.ingest(events)
+    deadline = time.monotonic() + 5
+    while len(dlq.received) < 3:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+    await bridge.shutdown()
+    assert bridge.workers["bus"].stats.dropped == {"dead_lettered": 3}
+    env: dict[str, Any] = __import__("orjson").loads(dlq.received[0].body)
+    assert env["deadletterreason"] == "not_authorized" and env["deadlettersink"] == "bus"
+
+
+@pytest.mark.parametrize(("sinks", "expected"), [
+    ("  bus: {driver: memory, dead_letter: bus}",
+     "sinks.bus.dead_letter: a sink cannot be its own dead-letter sink"),
+    ("  bus: {driver: memory, dead_letter: nope}\n  other: {driver: memory}",
+     "sinks.bus.dead_letter: no sink named 'nope' (sinks: other)"),
+    ("  a: {driver: memory, dead_letter: b}\n  b: {driver: memory, dead_letter: a}",
+     "sinks.a.dead_letter: dead letters would go round in a loop (a -> b -> a)"),
+])
+def test_dead_letter_config_errors_name_their_path(sinks: str, expected: str) -> None:
+    assert expected in problems(sinks)
