@@ -116,7 +116,8 @@ def _validate(args: argparse.Namespace) -> int:
     for warning in settings.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     print(f"{args.config}: valid. sinks: {sinks}; routes: {routes}; tickers: "
-          f"{len(src.tickers)}; equities: {len(src.equities)}")
+          f"{len(src.tickers)}; equities: {len(src.equities)}; memory with every buffer "
+          f"full: about {settings.memory_estimate() / 2**20:.0f} MiB")
     return EXIT_OK
 
 

@@ -282,6 +282,33 @@ def test_kafka_example_config_validates(chart: Any) -> None:
     parse_config(out.config_text, env=POD_ENV)
 
 
+def _bytes(quantity: str) -> int:
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "K": 10**3, "M": 10**6, "G": 10**9}
+    for suffix, factor in units.items():
+        if quantity.endswith(suffix):
+            return int(float(quantity[: -len(suffix)]) * factor)
+    return int(quantity)
+
+
+@pytest.mark.parametrize("name", ["default", "sharded", "monitoring", "kafka", "fanout"])
+def test_buffers_fit_the_memory_limit(chart: Any, name: str) -> None:
+    """With every buffer full, the estimate of docs/reliability.md stays under the
+    container's memory limit (an OOM kill would lose every buffer at once)."""
+    if name == "fanout":  # the shipped fan-out example, deployed with the chart defaults
+        fanout = yaml.safe_load((ROOT / "config" / "fanout.yaml").read_text())
+        fanout["source"]["url"] = "https://pricing.aleno.ai"
+        values = {"config": {k: v for k, v in fanout.items() if k != "http"}}
+    else:
+        values = load_values(name)
+    out = render(chart, values)
+    env = {**POD_ENV, "ALENO_AUDIT_FILE": "/tmp/audit.jsonl"}
+    settings = parse_config(out.config_text, env=env, drivers=Drivers())
+    limit = _bytes(out.container["resources"]["limits"]["memory"])
+    assert settings.memory_estimate() <= limit, (
+        f"{name}: {settings.memory_estimate() / 2**20:.0f} MiB with full buffers, "
+        f"limit {limit / 2**20:.0f} MiB")
+
+
 # ---------------------------------------------------------------------------
 # secrets
 
