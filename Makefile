@@ -26,9 +26,11 @@ test: $(STAMP)
 test-own-brokers: $(STAMP)
 	ALENO_BRIDGE_TEST_OWN_BROKERS=1 $(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
+## every test that needs no broker, socket or subprocess (drivers included), in seconds
 unit: $(STAMP)
-	$(BIN)/python -m pytest -q tests/unit
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/unit $(PYTEST_ARGS)
 
+## ruff, and mypy --strict over bridge/ and plugins/ (files in pyproject.toml)
 lint: $(STAMP)
 	$(BIN)/ruff check bridge plugins tests bench
 	$(BIN)/mypy

@@ -20,6 +20,11 @@ and closing them (see :meth:`Bridge.shutdown`). Nothing is lost uncounted: event
 still in the intake at the deadline are counted as
 ``aleno_bridge_pipeline_dropped_total{reason="shutdown"}``, events held by a sink as
 ``aleno_bridge_sink_events_dropped_total{reason="shutdown"}``.
+
+Assembly: :meth:`Bridge.from_settings` is the one way settings become a bridge, and
+:func:`serve` the one way the command line runs one (``run``, ``demo`` and ``tap``).
+What operator code may know of a running bridge is :meth:`Bridge.snapshot` (the read
+model of :mod:`bridge.state`); the metrics, ``/readyz``, ``top`` and ``tap`` read that.
 """
 
 from __future__ import annotations
@@ -28,28 +33,37 @@ import asyncio
 import contextlib
 import gc
 import logging
+import signal
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
-from bridge.config import Settings
+from prometheus_client import CollectorRegistry
+
+from bridge import __version__
+from bridge.config import HttpConfig, Settings
 from bridge.envelope import Event
-from bridge.logs import redact
+from bridge.http import serve_http
+from bridge.logs import Redactor
 from bridge.metrics import Metrics
 from bridge.normalize import TICKER_EVENT, Normalizer
 from bridge.routing import Router
 from bridge.runner import SinkWorker
 from bridge.sinks import Sink
 from bridge.source import AlenoSource
+from bridge.state import BridgeSnapshot, Destination, IntakeSnapshot, frozen_counts, readiness
 
 log = logging.getLogger("aleno_bridge.app")
 
 GC_THRESHOLDS: Final = (50_000, 50, 100)
 
+#: sees every event before it is routed (``aleno-bridge tap``, tests)
+Tap = Callable[[Event], None]
+
 
 def tune_gc() -> None:
-    """Tune the cyclic garbage collector for the hot path (called by ``run``).
+    """Tune the cyclic garbage collector for the hot path (called by :func:`serve`).
 
     Records, events and messages are short-lived and acyclic: reference counting frees
     them. The cyclic collector would only rescan what the sink buffers hold, again and
@@ -66,7 +80,13 @@ class Bridge:
     """One source, one router, one worker per sink, and their metrics.
 
     ``sinks`` injects ready driver instances by sink name (tests and ``tap``);
-    every other sink is built from its configured driver.
+    every other sink is built from its configured driver. ``with_source=False``
+    builds no upstream client (events come through :meth:`ingest`). ``http=False``
+    keeps :meth:`run` from serving the HTTP endpoints even when the configuration
+    enables them.
+
+    Error texts the bridge shows (``/readyz``) are redacted of the settings' secrets
+    by the bridge's own :attr:`redact`.
     """
 
     def __init__(
@@ -74,9 +94,13 @@ class Bridge:
         settings: Settings,
         sinks: Mapping[str, Sink[Any]] | None = None,
         with_source: bool = True,
+        *,
+        http: bool = True,
     ) -> None:
         self.settings = settings
         cfg = settings.config
+        self.redact = Redactor(settings.secrets())
+        self.serves_http = http and cfg.http.enabled
         self.metrics = Metrics()
         self.normalizer = Normalizer(source=cfg.source.endpoint)
         self.workers: dict[str, SinkWorker] = {
@@ -106,9 +130,21 @@ class Bridge:
         self._intake_idle.set()
         self._closing = False
         self._dispatcher: asyncio.Task[None] | None = None
-        self._taps: list[Callable[[Event], None]] = []
+        self._taps: list[Tap] = []
         self.started_at = time.time()
-        self.metrics.attach(self)
+        self.metrics.attach(self.snapshot)
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: Settings,
+        *,
+        sinks: Mapping[str, Sink[Any]] | None = None,
+        http: bool = True,
+    ) -> Bridge:
+        """The bridge the settings describe, with its source (see the class for the
+        options): what ``run``, ``demo`` and ``tap`` build and hand to :func:`serve`."""
+        return cls(settings, sinks, http=http)
 
     # -- data path -------------------------------------------------------------
 
@@ -149,8 +185,17 @@ class Bridge:
         if n > 0:
             self.pipeline_dropped[reason] = self.pipeline_dropped.get(reason, 0) + n
 
-    def add_tap(self, tap: Callable[[Event], None]) -> None:
+    def add_tap(self, tap: Tap) -> None:
+        """Call ``tap`` with every event, in upstream order, before it is routed."""
         self._taps.append(tap)
+
+    def destinations(self, kind: str, symbol: str) -> tuple[Destination, ...]:
+        """Where the events of (kind, symbol) go: route, sink, topic and key."""
+        return tuple(
+            Destination(hit.route, t.worker.name, t.topic, t.key)
+            for hit in self.router.hits(kind, symbol)
+            for t in hit.targets
+        )
 
     async def _dispatch_forever(self) -> None:
         """Route the intake in order until :meth:`shutdown` closes it; what is left
@@ -201,47 +246,31 @@ class Bridge:
         """Wait until every queued upstream batch has been routed (for tests and drain)."""
         await self._intake_idle.wait()
 
-    # -- health ------------------------------------------------------------------
+    # -- read model -------------------------------------------------------------
+
+    def snapshot(self) -> BridgeSnapshot:
+        """The state of every part now (metrics, ``/readyz``, ``top`` and ``tap`` read it)."""
+        return BridgeSnapshot(
+            upstream=self.source.snapshot() if self.source is not None else None,
+            normalizer=self.normalizer.snapshot(),
+            router=self.router.snapshot(),
+            intake=IntakeSnapshot(self.intake_events, self.intake_max_events,
+                                  frozen_counts(self.pipeline_dropped)),
+            sinks=tuple(w.snapshot() for w in self.workers.values()),
+        )
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
-        checks: dict[str, Any] = {}
-        ok = True
-        if self.source is not None:
-            # ready only once a price arrived on the current connection, recently
-            since = self.source.seconds_since_update()
-            stale = self.settings.config.source.stale_after_s
-            upstream_ok = (
-                self.source.stats.state == "subscribed"
-                and self.source.flowing
-                and since is not None
-                and since <= stale
-            )
-            error = self.source.stats.last_error
-            checks["upstream"] = {
-                "ok": upstream_ok,
-                "state": self.source.stats.state,
-                "seconds_since_update": None if since is None else round(since, 3),
-                "error": redact(error) if error and not upstream_ok else None,
-            }
-            ok = ok and upstream_ok
-        for name, w in self.workers.items():
-            st = w.stats
-            # not ready: why (the connection error, or the refusal of the last publish)
-            error = (st.last_error or st.last_rejection) if not w.ready else None
-            check: dict[str, Any] = {"ok": w.ready, "state": w.state, "required": w.required,
-                                     "error": redact(error) if error else None}
-            if st.last_rejection is not None:
-                # visible even while ready: the bus refuses some events for good
-                check["rejections"] = st.rejections
-                check["last_rejection"] = redact(st.last_rejection)
-                check["seconds_since_rejection"] = (
-                    None if st.last_rejection_at is None
-                    else round(max(0.0, time.time() - st.last_rejection_at), 3)
-                )
-            checks[f"sink:{name}"] = check
-            if w.required and not w.ready:
-                ok = False
-        return ok, checks
+        """Whether the bridge is ready, and the checks behind it (``/readyz``)."""
+        return readiness(self.snapshot(), self.redact)
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        """The Prometheus registry of this bridge (``/metrics``)."""
+        return self.metrics.registry
+
+    @property
+    def http_config(self) -> HttpConfig:
+        return self.settings.config.http
 
     def alive(self) -> bool:
         return self._dispatcher is not None and not self._dispatcher.done()
@@ -259,10 +288,10 @@ class Bridge:
 
         Raises :class:`~bridge.source.SourceError` when the upstream gives up (bad key).
         """
-        from bridge.http import serve_http
-
         await self.start()
-        http = await serve_http(self) if self.settings.config.http.enabled else None
+        http = await serve_http(self) if self.serves_http else None
+        if http is not None:
+            self.http_port = http.port
         tasks: set[asyncio.Task[Any]] = {asyncio.create_task(stop.wait(), name="stop")}
         source_task = None
         if self.source is not None:
@@ -366,3 +395,31 @@ class Bridge:
             },
         )
         return lost
+
+
+def install_signals(stop: asyncio.Event) -> None:
+    """Set ``stop`` on SIGINT and SIGTERM (where the loop supports signal handlers)."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+
+
+async def serve(bridge: Bridge, stop: asyncio.Event | None = None) -> dict[str, int]:
+    """Run ``bridge`` until SIGINT/SIGTERM (or ``stop`` is set), then drain it.
+
+    Serves the HTTP endpoints when the bridge does (:class:`Bridge`'s ``http``), tunes
+    the garbage collector for the hot path and logs the start and the end. Returns
+    the events each sink could not deliver; raises
+    :class:`~bridge.source.SourceError` when the upstream gives up.
+    """
+    if stop is None:
+        stop = asyncio.Event()
+    install_signals(stop)
+    tune_gc()
+    log.info("aleno-bridge %s starting: %d sink(s), %d route(s)", __version__,
+             len(bridge.workers), len(bridge.settings.routes))
+    lost = await bridge.run(stop)
+    log.info("aleno-bridge stopped; undelivered events: %s", sum(lost.values()),
+             extra={"undelivered": lost})
+    return lost

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
-import signal
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
 from bridge import __version__, logs
+
+if TYPE_CHECKING:
+    from bridge.config import Settings
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -122,41 +123,24 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from bridge.app import Bridge, serve
     from bridge.config import load_config
 
     settings = load_config(args.config)
-    logs.add_secrets(settings.secrets())
-    logs.setup(settings.config.log.level, settings.config.log.format)
+    logs.setup(settings.config.log.level, settings.config.log.format,
+               secrets=settings.secrets())
     for warning in settings.warnings:
         log.warning("insecure setting: %s", warning)
-    return asyncio.run(_run_bridge(settings))
 
+    async def run() -> int:
+        await serve(Bridge.from_settings(settings))
+        return EXIT_OK
 
-async def _run_bridge(settings: Any, sinks: Any = None, taps: Any = ()) -> int:
-    from bridge.app import Bridge, tune_gc
-
-    bridge = Bridge(settings, sinks=sinks)
-    tune_gc()
-    for tap in taps:
-        bridge.add_tap(tap)
-    stop = asyncio.Event()
-    _install_signals(stop)
-    log.info("aleno-bridge %s starting: %d sink(s), %d route(s)", __version__,
-             len(bridge.workers), len(settings.routes))
-    lost = await bridge.run(stop)
-    log.info("aleno-bridge stopped; undelivered events: %s", sum(lost.values()),
-             extra={"undelivered": lost})
-    return EXIT_OK
-
-
-def _install_signals(stop: asyncio.Event) -> None:
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
+    return asyncio.run(run())
 
 
 def _simulate(args: argparse.Namespace) -> int:
+    from bridge.app import install_signals
     from bridge.simulator import Simulator
 
     logs.setup("INFO", "auto")
@@ -172,7 +156,7 @@ def _simulate(args: argparse.Namespace) -> int:
 
     async def serve() -> None:
         stop = asyncio.Event()
-        _install_signals(stop)
+        install_signals(stop)
         async with sim:
             print(f"aleno simulator on {sim.url}{sim.path} ({len(sim.tickers)} tickers, "
                   f"{len(sim.equities)} equities, interval {sim.interval:g}s)", flush=True)
@@ -187,7 +171,7 @@ DEMO_EQUITIES = ["AAPL", "MSFT", "NVDA", "TSLA"]
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from bridge.config import parse_config
+    from bridge.app import Bridge, serve
     from bridge.simulator import Simulator
 
     logs.setup("WARNING", "text")
@@ -195,29 +179,48 @@ def _demo(args: argparse.Namespace) -> int:
     async def demo() -> int:
         sim = Simulator(port=0, api_keys=["demo-key"], interval=args.interval)
         async with sim:
-            text = f"""
-source: {{url: "{sim.url}", api_key: demo-key, tickers: {DEMO_TICKERS}, equities: {DEMO_EQUITIES}}}
-sinks:
-  screen: {{driver: console, style: {args.style}, batch: {{linger_ms: 0}}}}
-routes:
-  - {{match: {{kind: ticker}}, sinks: [screen], topic: "prices.ticker.{{base}}-{{quote}}"}}
-  - {{match: {{kind: equity}}, sinks: [screen], topic: "prices.equity.{{symbol}}"}}
-http: {{enabled: false}}
-"""
-            settings = parse_config(text, source="demo configuration")
+            settings = demo_settings(sim.url, args.style)
             print(f"aleno-bridge demo: simulator on {sim.url}/v1/socket -> bridge -> console. "
                   "Ctrl-C to stop.", flush=True)
             stop = asyncio.Event()
-            _install_signals(stop)
             if args.duration:
                 asyncio.get_running_loop().call_later(args.duration, stop.set)
-            from bridge.app import Bridge
-
-            bridge = Bridge(settings)
-            await bridge.run(stop)
+            await serve(Bridge.from_settings(settings), stop)
         return EXIT_OK
 
     return asyncio.run(demo())
+
+
+def demo_settings(url: str, style: str = "lines") -> Settings:
+    """The demo's settings: the simulator at ``url``, every price to one console sink."""
+    from pydantic import SecretStr
+
+    from bridge.config import (
+        BatchConfig,
+        Config,
+        HttpConfig,
+        Match,
+        RouteConfig,
+        SinkCommon,
+        SourceConfig,
+        resolve_settings,
+    )
+
+    config = Config(
+        source=SourceConfig(url=url, api_key=SecretStr("demo-key"), tickers=DEMO_TICKERS,
+                            equities=DEMO_EQUITIES),
+        # ``style`` is an option of the console driver (checked by resolve_settings)
+        sinks={"screen": SinkCommon(driver="console", style=style,
+                                    batch=BatchConfig(linger_ms=0))},
+        routes=[
+            RouteConfig(match=Match(kind="ticker"), sinks=["screen"],
+                        topic="prices.ticker.{base}-{quote}"),
+            RouteConfig(match=Match(kind="equity"), sinks=["screen"],
+                        topic="prices.equity.{symbol}"),
+        ],
+        http=HttpConfig(enabled=False),
+    )
+    return resolve_settings(config, source="demo configuration")
 
 
 def _plugins(args: argparse.Namespace) -> int:
@@ -241,9 +244,11 @@ def _plugins(args: argparse.Namespace) -> int:
 
 
 def _tap(args: argparse.Namespace) -> int:
-    from bridge.tap import run_tap
+    from bridge.tap import TapOptions, run_tap
 
-    return run_tap(args)
+    options = TapOptions(route=args.route, sink=args.sink, limit=args.limit,
+                         publish=args.publish)
+    return run_tap(args.config, options)
 
 
 def _top(args: argparse.Namespace) -> int:

@@ -25,6 +25,7 @@ downstream (JetStream ``Nats-Msg-Id``, Kafka header ``ce_id``).
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final, Literal
@@ -56,6 +57,19 @@ class Encoded:
 
 
 _EMPTY: Final[dict[str, str]] = {}
+
+#: ``(kind, raw record, received_ms, source) -> data``: how the deprecated header
+#: accessors rebuild ``data`` from a ``raw`` body. :mod:`bridge.normalize` installs its
+#: validation here when it is imported (it imports this module, so this module does not
+#: import it back); every event is made by its ``Normalizer``, so it is installed
+#: whenever a ``raw`` body exists.
+_raw_to_data: Callable[[str, Any, int, str], dict[str, Any]] | None = None
+
+
+def install_raw_decoder(decode: Callable[[str, Any, int, str], dict[str, Any]]) -> None:
+    """Set how a ``raw`` body is turned back into ``data`` (see :data:`_raw_to_data`)."""
+    global _raw_to_data
+    _raw_to_data = decode
 
 
 class EventHeader:
@@ -136,12 +150,10 @@ class EventHeader:
         if fmt == "cloudevents-binary":
             data = orjson.loads(body)
             return data
-        from bridge.normalize import Normalizer  # here: normalize imports this module
-
-        norm = Normalizer(source=self.source)
-        raw = orjson.loads(body)
-        one = norm.ticker if self.kind == "ticker" else norm.equity
-        return one(raw, self.received_ms).data
+        if _raw_to_data is None:
+            msg = f"{self!r}: a raw body is decoded by bridge.normalize, which is not loaded"
+            raise AttributeError(msg)
+        return _raw_to_data(self.kind, orjson.loads(body), self.received_ms, self.source)
 
     @property
     def data(self) -> dict[str, Any]:
@@ -335,12 +347,6 @@ _ENCODERS: Final = {
     "cloudevents-binary": _binary,
     "raw": _raw,
 }
-
-
-def decode_structured(body: bytes | str) -> dict[str, Any]:
-    """Parse a ``cloudevents-json`` body (used by consumers, tests and ``tap``)."""
-    env: dict[str, Any] = orjson.loads(body)
-    return env
 
 
 _time_cache: dict[int, str] = {}

@@ -19,21 +19,34 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final, Protocol
 
 import orjson
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-if TYPE_CHECKING:
-    from bridge.app import Bridge
+from bridge.config import HttpConfig
 
 log = logging.getLogger("aleno_bridge.http")
 
 REFUSAL_LOG_INTERVAL_S: Final = 60.0
 
 
-def make_app(bridge: Bridge) -> web.Application:
+class Observed(Protocol):
+    """What the endpoints read of a bridge (:class:`~bridge.app.Bridge` is one)."""
+
+    @property
+    def http_config(self) -> HttpConfig: ...
+
+    @property
+    def registry(self) -> CollectorRegistry: ...
+
+    def alive(self) -> bool: ...
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]: ...
+
+
+def make_app(bridge: Observed) -> web.Application:
     async def healthz(_: web.Request) -> web.Response:
         alive = bridge.alive()
         return web.json_response({"status": "ok" if alive else "dead"},
@@ -45,7 +58,7 @@ def make_app(bridge: Bridge) -> web.Application:
         return web.Response(body=body, status=200 if ok else 503, content_type="application/json")
 
     async def metrics(_: web.Request) -> web.Response:
-        payload = generate_latest(bridge.metrics.registry)
+        payload = generate_latest(bridge.registry)
         resp = web.Response(body=payload)
         resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
         return resp
@@ -135,8 +148,10 @@ class HttpServer:
         await self._runner.cleanup()
 
 
-async def serve_http(bridge: Bridge) -> HttpServer:
-    cfg = bridge.settings.config.http
+async def serve_http(bridge: Observed) -> HttpServer:
+    """Serve the endpoints of ``bridge`` on ``http.host``/``http.port`` until
+    :meth:`HttpServer.cleanup`."""
+    cfg = bridge.http_config
     # aiohttp closes a connection whose handler waited this long for a complete
     # request: idle keep-alive and never-finished headers alike
     runner = web.AppRunner(make_app(bridge), handle_signals=False, access_log=None,
@@ -150,6 +165,5 @@ async def serve_http(bridge: Bridge) -> HttpServer:
         await runner.cleanup()
         raise
     http = HttpServer(runner, server, guard)
-    bridge.http_port = http.port
     log.info("http endpoints on http://%s:%d (/healthz /readyz /metrics)", cfg.host, http.port)
     return http

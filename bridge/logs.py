@@ -1,11 +1,14 @@
 """Logging: structured JSON when stderr is not a terminal, readable lines when it is,
 and every known secret redacted from every record.
 
-Secrets are registered once the configuration is loaded (:func:`add_secrets`); the
-redaction runs in a handler filter, so it covers our loggers and third-party ones
-alike, messages, arguments, extras and tracebacks. The Socket.IO / Engine.IO packet
-loggers (which print the CONNECT ``auth`` payload, i.e. the API key) are pinned to
-WARNING whatever the level.
+A :class:`Redactor` holds the secret values to hide. Log records are redacted by the
+process's :data:`LOG_REDACTOR`, whose secrets are registered once the configuration is
+loaded (``setup(..., secrets=...)`` or :func:`add_secrets`); the redaction runs in a
+handler filter, so it covers our loggers and third-party ones alike, messages,
+arguments, extras and tracebacks. A bridge redacts what it shows (``/readyz``) with its
+own redactor, built from its settings. The Socket.IO / Engine.IO packet loggers (which
+print the CONNECT ``auth`` payload, i.e. the API key) are pinned to WARNING whatever
+the level.
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ from typing import Any, Final
 import orjson
 
 REDACTED: Final = "***"
-_secrets: set[str] = set()
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 QUIET_LOGGERS: Final = ("socketio", "engineio", "socketio.client", "engineio.client",
@@ -27,22 +29,58 @@ QUIET_LOGGERS: Final = ("socketio", "engineio", "socketio.client", "engineio.cli
                         "aiohttp.access", "transitions", "stevedore")
 
 
+class Redactor:
+    """Replaces every known secret value in a text with ``***``.
+
+    Values shorter than 4 characters are not registered: a 1-3 character value would
+    redact half the text and protect nothing.
+    """
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        self._secrets: set[str] = set()
+        self.add(secrets)
+
+    def add(self, values: Iterable[str]) -> None:
+        """Redact these values too from now on."""
+        self._secrets.update(v for v in values if v and len(v) >= 4)
+
+    def __bool__(self) -> bool:
+        return bool(self._secrets)
+
+    def __repr__(self) -> str:
+        return f"Redactor({len(self._secrets)} secret(s))"
+
+    def __call__(self, text: str) -> str:
+        for s in self._secrets:
+            if s in text:
+                text = text.replace(s, REDACTED)
+        return text
+
+
+#: redacts every log record of this process (and the command line's error messages)
+LOG_REDACTOR: Final = Redactor()
+
+
 def add_secrets(values: Iterable[str]) -> None:
-    """Redact these values from every log record from now on (short ones excepted:
-    a 1-3 character value would redact half the log and protect nothing)."""
-    _secrets.update(v for v in values if v and len(v) >= 4)
+    """Redact these values from every log record from now on."""
+    LOG_REDACTOR.add(values)
 
 
 def redact(text: str) -> str:
-    for s in _secrets:
-        if s in text:
-            text = text.replace(s, REDACTED)
-    return text
+    """``text`` with the secrets of :data:`LOG_REDACTOR` replaced."""
+    return LOG_REDACTOR(text)
 
 
 class RedactingFilter(logging.Filter):
+    """Redacts a record's message, arguments, extras and traceback in place."""
+
+    def __init__(self, redactor: Redactor = LOG_REDACTOR) -> None:
+        super().__init__()
+        self.redactor = redactor
+
     def filter(self, record: logging.LogRecord) -> bool:
-        if not _secrets:
+        redact = self.redactor
+        if not redact:
             return True
         msg = record.getMessage()
         record.msg = redact(msg)
@@ -57,6 +95,12 @@ class RedactingFilter(logging.Filter):
 
 
 class JsonFormatter(logging.Formatter):
+    """One JSON object per record; the whole line is redacted once more."""
+
+    def __init__(self, redactor: Redactor = LOG_REDACTOR) -> None:
+        super().__init__()
+        self.redactor = redactor
+
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
@@ -72,19 +116,23 @@ class JsonFormatter(logging.Formatter):
             out["exc"] = self.formatException(record.exc_info)
         elif record.exc_text:
             out["exc"] = record.exc_text
-        return redact(orjson.dumps(out, default=str).decode())
+        return self.redactor(orjson.dumps(out, default=str).decode())
 
 
-def setup(level: str = "INFO", fmt: str = "auto", stream: Any = None) -> None:
+def setup(level: str = "INFO", fmt: str = "auto", stream: Any = None,
+          secrets: Iterable[str] = ()) -> None:
+    """Log to ``stream`` (stderr) at ``level``, as JSON or text (``auto``: JSON unless
+    a terminal), with ``secrets`` added to the values redacted from every record."""
+    add_secrets(secrets)
     stream = stream or sys.stderr
     handler = logging.StreamHandler(stream)
     use_json = fmt == "json" or (fmt == "auto" and not getattr(stream, "isatty", lambda: False)())
     if use_json:
-        handler.setFormatter(JsonFormatter())
+        handler.setFormatter(JsonFormatter(LOG_REDACTOR))
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s",
                                                "%H:%M:%S"))
-    handler.addFilter(RedactingFilter())
+    handler.addFilter(RedactingFilter(LOG_REDACTOR))
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)

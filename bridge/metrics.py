@@ -1,9 +1,12 @@
 """Prometheus metrics of one bridge.
 
 The hot path only bumps plain integers (in :class:`~bridge.runner.SinkStats`, the
-normalizer, the router and the source); :class:`BridgeCollector` turns them into
+normalizer, the router and the source); :class:`SnapshotCollector` reads them through
+the bridge's read model (:class:`~bridge.state.BridgeSnapshot`) and turns them into
 metric families when ``/metrics`` is scraped, so no lock is taken per event. Only the
 two histograms are observed directly, once per upstream batch and once per sink batch.
+
+Every metric name is a constant here; readers of the exposition (``top``) use them.
 
 Names follow Prometheus conventions: ``aleno_bridge_`` prefix, ``_total`` counters,
 seconds. Labels never carry a symbol (unbounded cardinality) nor a secret.
@@ -11,19 +14,59 @@ seconds. Labels never carry a symbol (unbounded cardinality) nor a secret.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
+from typing import Final
 
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-if TYPE_CHECKING:
-    from bridge.app import Bridge
+from bridge.state import (
+    ACK_STATUSES,
+    KINDS,
+    PIPELINE_DROP_REASONS,
+    SINK_DROP_REASONS,
+    BridgeSnapshot,
+    SinkState,
+    UpstreamState,
+)
 
-SOURCE_STATES = ("idle", "connecting", "connected", "subscribed", "disconnected", "refused",
-                 "stopped")
-SINK_STATES = ("idle", "connecting", "connected", "failing", "closed")
+#: the suffix of a counter's sample in the exposition (the names below are families)
+TOTAL: Final = "_total"
+
+UPSTREAM_STATE: Final = "aleno_bridge_upstream_state"
+UPSTREAM_CONNECTS: Final = "aleno_bridge_upstream_connects"
+UPSTREAM_RECONNECTS: Final = "aleno_bridge_upstream_reconnects"
+UPSTREAM_CONNECT_FAILURES: Final = "aleno_bridge_upstream_connect_failures"
+UPSTREAM_WATCHDOG_RESTARTS: Final = "aleno_bridge_upstream_watchdog_restarts"
+UPSTREAM_ACKS: Final = "aleno_bridge_upstream_acks"
+UPSTREAM_REJECTED_SYMBOLS: Final = "aleno_bridge_upstream_rejected_symbols"
+UPSTREAM_SUBSCRIPTIONS: Final = "aleno_bridge_upstream_subscriptions"
+UPSTREAM_SECONDS_SINCE_UPDATE: Final = "aleno_bridge_upstream_seconds_since_update"
+UPSTREAM_LAG_SECONDS: Final = "aleno_bridge_upstream_lag_seconds"
+EVENTS_RECEIVED: Final = "aleno_bridge_events_received"
+EVENTS_INVALID: Final = "aleno_bridge_events_invalid"
+EVENTS_UNROUTED: Final = "aleno_bridge_events_unrouted"
+EVENTS_FILTERED: Final = "aleno_bridge_events_filtered"
+PIPELINE_DROPPED: Final = "aleno_bridge_pipeline_dropped"
+INTAKE_EVENTS: Final = "aleno_bridge_intake_events"
+INTAKE_CAPACITY: Final = "aleno_bridge_intake_capacity"
+SINK_STATE: Final = "aleno_bridge_sink_state"
+SINK_UP: Final = "aleno_bridge_sink_up"
+SINK_QUEUE_DEPTH: Final = "aleno_bridge_sink_queue_depth"
+SINK_QUEUE_CAPACITY: Final = "aleno_bridge_sink_queue_capacity"
+SINK_EVENTS_OFFERED: Final = "aleno_bridge_sink_events_offered"
+SINK_BLOCKED_OFFERS: Final = "aleno_bridge_sink_blocked_offers"
+SINK_REJECTIONS: Final = "aleno_bridge_sink_rejections"
+SINK_EVENTS_PUBLISHED: Final = "aleno_bridge_sink_events_published"
+SINK_EVENTS_DROPPED: Final = "aleno_bridge_sink_events_dropped"
+SINK_EVENTS_CONFLATED: Final = "aleno_bridge_sink_events_conflated"
+SINK_PUBLISH_FAILURES: Final = "aleno_bridge_sink_publish_failures"
+SINK_RECONNECTS: Final = "aleno_bridge_sink_reconnects"
+SINK_PUBLISH_SECONDS: Final = "aleno_bridge_sink_publish_seconds"
+
+#: the bridge's state at scrape time
+SnapshotSource = Callable[[], BridgeSnapshot]
 
 
 class Metrics:
@@ -33,170 +76,169 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.lag = Histogram(
-            "aleno_bridge_upstream_lag_seconds",
+            UPSTREAM_LAG_SECONDS,
             "Receive time minus the upstream sentTimestampMs, per update batch.",
             ["kind"],
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
             registry=self.registry,
         )
         self.publish_latency = Histogram(
-            "aleno_bridge_sink_publish_seconds",
+            SINK_PUBLISH_SECONDS,
             "Time from handing a batch to the driver to the bus confirming it.",
             ["sink"],
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5),
             registry=self.registry,
         )
 
-    def attach(self, bridge: Bridge) -> None:
-        self.registry.register(BridgeCollector(bridge))
+    def attach(self, snapshot: SnapshotSource) -> None:
+        """Export what ``snapshot()`` returns at every scrape."""
+        self.registry.register(SnapshotCollector(snapshot))
 
     def observe_publish(self, sink: str, seconds: float) -> None:
         self.publish_latency.labels(sink).observe(seconds)
 
 
-class BridgeCollector(Collector):
-    def __init__(self, bridge: Bridge) -> None:
-        self.bridge = bridge
+class SnapshotCollector(Collector):
+    """Metric families of one :class:`~bridge.state.BridgeSnapshot`, taken per scrape."""
+
+    def __init__(self, snapshot: SnapshotSource) -> None:
+        self.snapshot = snapshot
 
     def collect(self) -> Iterator[Metric]:
-        b = self.bridge
-        src = b.source.stats if b.source is not None else None
+        snap = self.snapshot()
+        src = snap.upstream
 
-        up = GaugeMetricFamily("aleno_bridge_upstream_state",
+        up = GaugeMetricFamily(UPSTREAM_STATE,
                                "1 for the current state of the upstream connection.",
                                labels=["state"])
-        for s in SOURCE_STATES:
-            up.add_metric([s], 1.0 if src is not None and src.state == s else 0.0)
+        for us in UpstreamState:
+            up.add_metric([us.value], 1.0 if src is not None and src.state == us else 0.0)
         yield up
 
-        connects = CounterMetricFamily("aleno_bridge_upstream_connects",
+        connects = CounterMetricFamily(UPSTREAM_CONNECTS,
                                        "Successful connections to the upstream.")
         connects.add_metric([], src.connects if src else 0)
         yield connects
-        reconnects = CounterMetricFamily("aleno_bridge_upstream_reconnects",
+        reconnects = CounterMetricFamily(UPSTREAM_RECONNECTS,
                                          "Connections to the upstream after the first one.")
         reconnects.add_metric([], src.reconnects if src else 0)
         yield reconnects
-        failures = CounterMetricFamily("aleno_bridge_upstream_connect_failures",
+        failures = CounterMetricFamily(UPSTREAM_CONNECT_FAILURES,
                                        "Failed connection attempts to the upstream.")
         failures.add_metric([], src.connect_failures if src else 0)
         yield failures
-        watchdog = CounterMetricFamily("aleno_bridge_upstream_watchdog_restarts",
+        watchdog = CounterMetricFamily(UPSTREAM_WATCHDOG_RESTARTS,
                                        "Reconnects because the feed went silent.")
         watchdog.add_metric([], src.watchdog_restarts if src else 0)
         yield watchdog
 
-        acks = CounterMetricFamily("aleno_bridge_upstream_acks",
+        acks = CounterMetricFamily(UPSTREAM_ACKS,
                                    "Subscription acknowledgements by status.", labels=["status"])
-        for status in ("ok", "partial", "error"):
+        for status in ACK_STATUSES:
             acks.add_metric([status], (src.acks.get(status, 0) if src else 0))
         yield acks
-        rejected = GaugeMetricFamily("aleno_bridge_upstream_rejected_symbols",
+        rejected = GaugeMetricFamily(UPSTREAM_REJECTED_SYMBOLS,
                                      "Distinct symbols the upstream rejected as unsupported.")
-        rejected.add_metric([], len(src.rejected_symbols) if src else 0)
+        rejected.add_metric([], src.rejected_symbols if src else 0)
         yield rejected
-        subscribed = GaugeMetricFamily("aleno_bridge_upstream_subscriptions",
+        subscribed = GaugeMetricFamily(UPSTREAM_SUBSCRIPTIONS,
                                        "Symbols subscribed after the last acknowledgement.",
                                        labels=["kind"])
-        for kind in ("ticker", "equity"):
-            subscribed.add_metric([kind], len(src.subscribed.get(kind, [])) if src else 0)
+        for kind in KINDS:
+            subscribed.add_metric([kind], src.subscriptions.get(kind, 0) if src else 0)
         yield subscribed
-        since = b.source.seconds_since_update() if b.source is not None else None
-        last = GaugeMetricFamily("aleno_bridge_upstream_seconds_since_update",
+        since = src.seconds_since_update if src is not None else None
+        last = GaugeMetricFamily(UPSTREAM_SECONDS_SINCE_UPDATE,
                                  "Seconds since the last price update arrived (-1: none yet).")
         last.add_metric([], -1.0 if since is None else since)
         yield last
 
-        received = CounterMetricFamily("aleno_bridge_events_received",
+        received = CounterMetricFamily(EVENTS_RECEIVED,
                                        "Upstream records received, by kind.", labels=["kind"])
-        for kind, n in b.normalizer.received.items():
+        for kind, n in snap.normalizer.received.items():
             received.add_metric([kind], n)
         yield received
-        invalid = CounterMetricFamily("aleno_bridge_events_invalid",
+        invalid = CounterMetricFamily(EVENTS_INVALID,
                                       "Upstream records dropped by validation, by reason.",
                                       labels=["kind", "reason"])
-        for key, n in sorted(b.normalizer.invalid.items()):
-            kind, _, reason = key.partition(":")
+        for (kind, reason), n in sorted(snap.normalizer.invalid.items()):
             invalid.add_metric([kind, reason], n)
         yield invalid
-        unrouted = CounterMetricFamily("aleno_bridge_events_unrouted",
-                                       "Valid events that matched no route.")
-        unrouted.add_metric([], b.router.unrouted if b.router else 0)
+        unrouted = CounterMetricFamily(EVENTS_UNROUTED, "Valid events that matched no route.")
+        unrouted.add_metric([], snap.router.unrouted)
         yield unrouted
-        filtered = CounterMetricFamily("aleno_bridge_events_filtered",
+        filtered = CounterMetricFamily(EVENTS_FILTERED,
                                        "Events a route gate skipped (on_change, min_interval).",
                                        labels=["route", "reason"])
-        if b.router is not None:
-            for (route, reason), n in sorted(b.router.filtered.items()):
-                filtered.add_metric([route, reason], n)
+        for (route, reason), n in sorted(snap.router.filtered.items()):
+            filtered.add_metric([route, reason], n)
         yield filtered
-        pipeline = CounterMetricFamily("aleno_bridge_pipeline_dropped",
+        intake_dropped = snap.intake.dropped
+        pipeline = CounterMetricFamily(PIPELINE_DROPPED,
                                        "Valid events dropped before routing, by reason: "
                                        "intake_full (a 'block' sink is behind), shutdown "
                                        "(still in the intake at the shutdown deadline).",
                                        labels=["reason"])
-        for reason in sorted({"intake_full", "shutdown", *b.pipeline_dropped}):
-            pipeline.add_metric([reason], b.pipeline_dropped.get(reason, 0))
+        for reason in sorted({*PIPELINE_DROP_REASONS, *intake_dropped}):
+            pipeline.add_metric([reason], intake_dropped.get(reason, 0))
         yield pipeline
-        intake = GaugeMetricFamily("aleno_bridge_intake_events",
-                                   "Events received and waiting to be routed.")
-        intake.add_metric([], b.intake_events)
+        intake = GaugeMetricFamily(INTAKE_EVENTS, "Events received and waiting to be routed.")
+        intake.add_metric([], snap.intake.events)
         yield intake
-        intake_cap = GaugeMetricFamily("aleno_bridge_intake_capacity",
+        intake_cap = GaugeMetricFamily(INTAKE_CAPACITY,
                                        "intake_max_events: the most events the intake holds.")
-        intake_cap.add_metric([], b.intake_max_events)
+        intake_cap.add_metric([], snap.intake.capacity)
         yield intake_cap
 
-        state = GaugeMetricFamily("aleno_bridge_sink_state", "1 for the current state of a sink.",
+        state = GaugeMetricFamily(SINK_STATE, "1 for the current state of a sink.",
                                   labels=["sink", "driver", "state"])
-        up_ = GaugeMetricFamily("aleno_bridge_sink_up",
+        up_ = GaugeMetricFamily(SINK_UP,
                                 "1 when the sink is connected and its last publish succeeded.",
                                 labels=["sink"])
-        depth = GaugeMetricFamily("aleno_bridge_sink_queue_depth",
+        depth = GaugeMetricFamily(SINK_QUEUE_DEPTH,
                                   "Events accepted by a sink but not yet confirmed or dropped.",
                                   labels=["sink"])
-        capacity = GaugeMetricFamily("aleno_bridge_sink_queue_capacity",
+        capacity = GaugeMetricFamily(SINK_QUEUE_CAPACITY,
                                      "buffer.max_events of a sink.", labels=["sink"])
-        offered = CounterMetricFamily("aleno_bridge_sink_events_offered",
+        offered = CounterMetricFamily(SINK_EVENTS_OFFERED,
                                       "Events a sink accepted or dropped on arrival "
                                       "(offered = published + dropped + conflated + depth).",
                                       labels=["sink"])
-        blocked = GaugeMetricFamily("aleno_bridge_sink_blocked_offers",
+        blocked = GaugeMetricFamily(SINK_BLOCKED_OFFERS,
                                     "Events waiting for room in a full 'block' sink (not "
                                     "offered yet).", labels=["sink"])
-        rejections = CounterMetricFamily("aleno_bridge_sink_rejections",
+        rejections = CounterMetricFamily(SINK_REJECTIONS,
                                          "Publishes the bus refused for good (in part or "
                                          "whole; the events: dropped rejected/dead_lettered).",
                                          labels=["sink"])
-        published = CounterMetricFamily("aleno_bridge_sink_events_published",
+        published = CounterMetricFamily(SINK_EVENTS_PUBLISHED,
                                         "Events the bus confirmed.", labels=["sink"])
-        dropped = CounterMetricFamily("aleno_bridge_sink_events_dropped",
+        dropped = CounterMetricFamily(SINK_EVENTS_DROPPED,
                                       "Events a sink dropped, by reason.",
                                       labels=["sink", "reason"])
-        conflated = CounterMetricFamily("aleno_bridge_sink_events_conflated",
+        conflated = CounterMetricFamily(SINK_EVENTS_CONFLATED,
                                         "Queued events replaced by a newer update of the same "
                                         "symbol (when_full: conflate).", labels=["sink"])
-        failed = CounterMetricFamily("aleno_bridge_sink_publish_failures",
+        failed = CounterMetricFamily(SINK_PUBLISH_FAILURES,
                                      "Batches whose publish failed (then retried or dropped).",
                                      labels=["sink"])
-        reconn = CounterMetricFamily("aleno_bridge_sink_reconnects",
+        reconn = CounterMetricFamily(SINK_RECONNECTS,
                                      "Connections of a sink after the first one.", labels=["sink"])
-        for w in b.workers.values():
-            st = w.stats
-            for s in SINK_STATES:
-                state.add_metric([w.name, w.spec.common.driver, s], 1.0 if w.state == s else 0.0)
-            up_.add_metric([w.name], 1.0 if w.ready else 0.0)
-            depth.add_metric([w.name], w.depth)
-            capacity.add_metric([w.name], w.capacity)
-            offered.add_metric([w.name], st.offered)
-            blocked.add_metric([w.name], w.blocked)
-            rejections.add_metric([w.name], st.rejections)
-            published.add_metric([w.name], st.published)
-            for reason in sorted({"buffer_full", "rejected", "dead_lettered", "driver_error",
-                                  "shutdown", *st.dropped}):
-                dropped.add_metric([w.name, reason], st.dropped.get(reason, 0))
-            conflated.add_metric([w.name], st.conflated)
-            failed.add_metric([w.name], st.failed_batches)
-            reconn.add_metric([w.name], st.reconnects)
+        for sink in snap.sinks:
+            name = sink.name
+            for ss in SinkState:
+                state.add_metric([name, sink.driver, ss.value], 1.0 if sink.state == ss else 0.0)
+            up_.add_metric([name], 1.0 if sink.ready else 0.0)
+            depth.add_metric([name], sink.depth)
+            capacity.add_metric([name], sink.capacity)
+            offered.add_metric([name], sink.offered)
+            blocked.add_metric([name], sink.blocked)
+            rejections.add_metric([name], sink.rejections)
+            published.add_metric([name], sink.published)
+            for reason in sorted({*SINK_DROP_REASONS, *sink.dropped}):
+                dropped.add_metric([name, reason], sink.dropped.get(reason, 0))
+            conflated.add_metric([name], sink.conflated)
+            failed.add_metric([name], sink.failed_batches)
+            reconn.add_metric([name], sink.reconnects)
         yield from (state, up_, depth, capacity, offered, blocked, published, dropped, conflated,
                     failed, reconn, rejections)

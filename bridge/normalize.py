@@ -28,7 +28,8 @@ import time
 from collections.abc import Callable, Container
 from typing import Any, Final
 
-from bridge.envelope import DEFAULT_SOURCE, Event, iso_time
+from bridge.envelope import DEFAULT_SOURCE, Event, install_raw_decoder, iso_time
+from bridge.state import NormalizerSnapshot, frozen_counts
 
 log = logging.getLogger("aleno_bridge.normalize")
 
@@ -171,7 +172,13 @@ class Normalizer:
                 extra={"kind": kind, "reason": reason},
             )
 
-    _reject = reject
+    def snapshot(self) -> NormalizerSnapshot:
+        """Records received and dropped so far, for operator code."""
+        invalid: dict[tuple[str, str], int] = {}
+        for key, n in self.invalid.items():
+            kind, _, reason = key.partition(":")
+            invalid[(kind, reason)] = n
+        return NormalizerSnapshot(frozen_counts(self.received), frozen_counts(invalid))
 
     def tickers(self, payload: Any, allowed: Container[str] | None = None) -> list[Event]:
         """Events of a ``new_token_states`` payload; invalid records are dropped."""
@@ -190,7 +197,7 @@ class Normalizer:
             if type(payload) is dict:
                 payload = [payload]
             else:
-                self._reject(kind, "not_an_array", payload)
+                self.reject(kind, "not_an_array", payload)
                 return []
         received = self._clock()
         self.received[kind] += len(payload)
@@ -199,9 +206,9 @@ class Normalizer:
             try:
                 events.append(one(record, received, allowed))
             except Invalid as exc:
-                self._reject(kind, exc.reason, record)
+                self.reject(kind, exc.reason, record)
             except Exception as exc:  # defence in depth: nothing from the wire escapes
-                self._reject(kind, f"unexpected_{type(exc).__name__}", record)
+                self.reject(kind, f"unexpected_{type(exc).__name__}", record)
         return events
 
     def _ticker_symbol(self, raw: Any, allowed: Container[str] | None) -> tuple[str, str, str]:
@@ -303,3 +310,13 @@ class Normalizer:
             "equity", symbol, symbol, "", sent, received_ms, iso_time(sent), data, record,
             (price,), self.source,
         )
+
+
+def _data_of_raw(kind: str, record: Any, received_ms: int, source: str) -> dict[str, Any]:
+    """The ``data`` member a record of ``kind`` normalizes to (for raw-format headers)."""
+    norm = Normalizer(source=source)
+    one = norm.ticker if kind == "ticker" else norm.equity
+    return one(record, received_ms).data
+
+
+install_raw_decoder(_data_of_raw)

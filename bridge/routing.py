@@ -11,33 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from fnmatch import fnmatchcase
 from typing import Any, Protocol
 
-from bridge.config import Match, RouteConfig
+from bridge.config import RouteConfig
 from bridge.envelope import Event
 from bridge.sinks import Message
-
-
-def placeholder_values(kind: str, symbol: str) -> dict[str, str]:
-    """``{kind}``, ``{symbol}``, ``{base}``, ``{quote}`` of a (kind, symbol).
-
-    A ticker ``BTC/USD`` has base ``BTC`` and quote ``USD``; an equity ``AAPL`` has
-    base ``AAPL`` and an empty quote.
-    """
-    base, sep, quote = symbol.partition("/")
-    if not sep:
-        base, quote = symbol, ""
-    return {"kind": kind, "symbol": symbol, "base": base, "quote": quote}
-
-
-def matches(match: Match, kind: str, symbol: str) -> bool:
-    """Whether a route's ``match`` selects this (kind, symbol); globs are shell-style."""
-    if match.kind != "*" and match.kind != kind:
-        return False
-    if not any(fnmatchcase(symbol, p.strip().upper()) for p in match.symbols):
-        return False
-    return not any(fnmatchcase(symbol, p.strip().upper()) for p in match.exclude)
+from bridge.state import RouterSnapshot, frozen_counts
+from bridge.templates import matches, placeholder_values
 
 
 class Offer(Protocol):
@@ -105,6 +85,10 @@ class Router:
         self.unrouted = 0
         self.filtered: dict[tuple[str, str], int] = {}
 
+    def snapshot(self) -> RouterSnapshot:
+        """Events unrouted and filtered so far, for operator code."""
+        return RouterSnapshot(self.unrouted, frozen_counts(self.filtered))
+
     def hits(self, kind: str, symbol: str) -> list[RouteHit]:
         key = (kind, symbol)
         hits = self._cache.get(key)
@@ -159,3 +143,8 @@ class Router:
                 if waiter is not None:
                     pending.append(waiter)
         return pending
+
+
+# ``placeholder_values`` and ``matches`` live in bridge.templates (shared with the
+# configuration's topic checks) and stay importable from here
+__all__ = ["Gate", "Offer", "RouteHit", "Router", "Target", "matches", "placeholder_values"]

@@ -66,6 +66,7 @@ from bridge.backoff import Backoff
 from bridge.config import SinkSpec
 from bridge.logs import redact
 from bridge.sinks import Message, Sink, SinkError
+from bridge.state import SinkSnapshot, SinkState, frozen_counts
 
 log = logging.getLogger("aleno_bridge.runner")
 
@@ -90,7 +91,6 @@ class SinkStats:
     reconnects: int = 0
     last_error: str | None = None
     last_publish_ok: bool = False
-    last_publish_at: float | None = None
     #: the last permanent refusal by the bus (``SinkRejectedError``), and when
     last_rejection: str | None = None
     last_rejection_at: float | None = None
@@ -125,7 +125,7 @@ class SinkWorker:
         self.connect_timeout_s = retry.connect_timeout_s
         self.backoff = Backoff(retry.initial_backoff_s, retry.max_backoff_s)
         self.stats = SinkStats()
-        self.state = "idle"
+        self.state = SinkState.IDLE
         self.connected = False
         #: where refused events go (set by the bridge from ``dead_letter:``)
         self.dead_letter: SinkWorker | None = None
@@ -256,7 +256,34 @@ class SinkWorker:
         """Connected and the last publish (if any) succeeded."""
         return self.connected and (self.stats.last_publish_ok or self.stats.offered == 0)
 
-    def _set_state(self, state: str, error: BaseException | None = None) -> None:
+    def snapshot(self) -> SinkSnapshot:
+        """This sink's state, buffer and counters now, for operator code."""
+        st = self.stats
+        rejected_at = st.last_rejection_at
+        return SinkSnapshot(
+            name=self.name,
+            driver=self.spec.common.driver,
+            state=self.state,
+            ready=self.ready,
+            required=self.required,
+            depth=self.depth,
+            capacity=self.capacity,
+            blocked=self.blocked,
+            offered=st.offered,
+            published=st.published,
+            conflated=st.conflated,
+            dropped=frozen_counts(st.dropped),
+            failed_batches=st.failed_batches,
+            reconnects=st.reconnects,
+            rejections=st.rejections,
+            last_error=st.last_error,
+            last_rejection=st.last_rejection,
+            seconds_since_rejection=(
+                None if rejected_at is None else max(0.0, time.time() - rejected_at)
+            ),
+        )
+
+    def _set_state(self, state: SinkState, error: BaseException | None = None) -> None:
         detail = f"{type(error).__name__}: {error}" if error is not None else None
         if state != self.state or detail != self.stats.last_error:
             extra = {"sink": self.name, "driver": self.spec.common.driver, "state": state}
@@ -272,21 +299,21 @@ class SinkWorker:
         self.stats.last_error = detail
 
     async def _connect(self) -> bool:
-        if self.state == "idle":
-            self._set_state("connecting")
+        if self.state == SinkState.IDLE:
+            self._set_state(SinkState.CONNECTING)
         try:
             await asyncio.wait_for(self.sink.connect(), self.connect_timeout_s)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            self._set_state("failing", exc)
+            self._set_state(SinkState.FAILING, exc)
             await self._safe_close()
             return False
         self.stats.connects += 1
         if self.stats.connects > 1:
             self.stats.reconnects += 1
         self.connected = True
-        self._set_state("connected")
+        self._set_state(SinkState.CONNECTED)
         return True
 
     async def _safe_close(self, timeout_s: float = 5.0) -> None:
@@ -324,7 +351,7 @@ class SinkWorker:
                 self.stats.failed_batches += 1
                 self.stats.last_publish_ok = False
                 if self.sink.is_retriable(exc):
-                    self._set_state("failing", exc)
+                    self._set_state(SinkState.FAILING, exc)
                     await self._safe_close()
                     await self._pause()
                 elif isinstance(exc, SinkError):
@@ -343,11 +370,10 @@ class SinkWorker:
                 self._on_latency(self.name, elapsed)
             self.stats.published += len(self._inflight)
             self.stats.last_publish_ok = True
-            self.stats.last_publish_at = time.time()
             self._done()
             self.backoff.reset()
-            if self.state != "connected":
-                self._set_state("connected")
+            if self.state != SinkState.CONNECTED:
+                self._set_state(SinkState.CONNECTED)
 
     # -- permanent refusals ---------------------------------------------------------
 
@@ -436,9 +462,9 @@ class SinkWorker:
             self._queue.clear()
             self._conflated.clear()
             self._inflight = []
-        if self.state != "closed":
+        if self.state != SinkState.CLOSED:
             await self._safe_close(max(0.01, deadline - loop.time()))
-            self._set_state("closed")
+            self._set_state(SinkState.CLOSED)
         return lost
 
 

@@ -377,8 +377,3 @@ class Simulator:
                         equity_cache[s] = self.equity_state(s, sent_ms)
                     eq.append(equity_cache[s])
                 await self.sio.emit("new_equity_states", eq, to=sid)
-
-
-async def serve_forever(sim: Simulator, stop: asyncio.Event) -> None:
-    async with sim:
-        await stop.wait()

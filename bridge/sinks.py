@@ -23,21 +23,24 @@ reconnection, metrics and health.
 Lifecycle promises the runner keeps:
 
 - ``__init__`` does no I/O; it only stores the validated options.
-- ``connect()`` is called before the first ``publish`` and again after any
-  ``publish`` or ``connect`` that raised; ``close()`` is called before each reconnect.
+- ``connect()`` is called before the first ``publish`` and again after a ``connect``
+  that raised or a ``publish`` that raised a retriable error; ``close()`` is called
+  before each reconnect.
 - ``publish(batch)`` returns only once the bus accepted every message of ``batch``
   (delivery report, PUBACK, publish ack or flush) and raises otherwise. A batch that
-  raised is retried whole, so a driver may deliver some messages twice, never zero
+  raised a retriable error is retried whole, so a driver may deliver some messages twice, never zero
   times. Messages of one symbol are given in order and must be sent in order.
 - ``close()`` is called once at shutdown and may be called again: it must be
   idempotent and must not raise on a sink that never connected.
-- An exception that is an instance of :attr:`Sink.retriable_errors` makes the
-  runner reconnect and retry. A :class:`SinkRejectedError` drops the batch (counted
-  as ``dropped{reason="rejected"}``) because retrying it can never succeed, or hands
-  the refused messages to the sink's ``dead_letter`` sink when one is configured
-  (counted as ``dropped{reason="dead_lettered"}``). Any other
-  exception is a driver bug: the batch is dropped as ``driver_error`` and logged with
-  its traceback, so a bug can neither wedge the sink nor hide.
+- A retriable exception (:meth:`Sink.is_retriable`: a :class:`SinkError` whose
+  ``retriable`` is true, or an instance of :attr:`Sink.retriable_errors`) makes the
+  runner reconnect and retry. A :class:`SinkRejectedError` drops the refused messages
+  (the whole batch unless the error says which or how many; counted as
+  ``dropped{reason="rejected"}``) because retrying them can never succeed, or hands
+  them to the sink's ``dead_letter`` sink when one is configured (counted as
+  ``dropped{reason="dead_lettered"}``); the rest of the batch counts as published.
+  Any other exception is a driver bug: the batch is dropped as ``driver_error`` and
+  logged with its traceback, so a bug can neither wedge the sink nor hide.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Generic, Literal, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import orjson
 from pydantic import BaseModel, ConfigDict
@@ -72,8 +75,10 @@ OptionsT = TypeVar("OptionsT", bound=SinkOptions)
 class Message:
     """One envelope addressed to one topic of one sink.
 
-    ``topic`` and ``key`` are the route's templates rendered with placeholder values
-    already made safe by the driver's :meth:`Sink.safe_token`. ``attributes`` holds
+    ``topic`` is the route's topic template rendered with placeholder values already
+    made safe by the driver's :meth:`Sink.safe_token`; ``key`` is the route's key
+    template rendered with the values as they are (keys are opaque on every bus: no
+    safe-token rule applies), or ``None`` when the route has no key. ``attributes`` holds
     the CloudEvents context attributes in ``cloudevents-binary`` format (empty in
     the other formats); ``content_type`` is the MIME type of ``body``.
 
@@ -301,7 +306,6 @@ class UnknownDriverError(LookupError):
 
 class DriverLoadError(ImportError):
     def __init__(self, name: str, reason: str) -> None:
-        self.name_ = name
         self.reason = reason
         super().__init__(f"sink driver {name!r} failed to load: {reason}")
 
@@ -386,6 +390,3 @@ def check_driver(obj: Any) -> str | None:
     if not (isinstance(model, type) and issubclass(model, SinkOptions)):
         return f"{obj.__qualname__}.options_model must be a subclass of SinkOptions"
     return None
-
-
-Policy = Literal["block", "drop_oldest", "drop_newest", "conflate"]

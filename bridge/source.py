@@ -66,6 +66,7 @@ from bridge.backoff import Backoff
 from bridge.config import SourceConfig
 from bridge.normalize import EQUITY_EVENT, TICKER_EVENT
 from bridge.sharding import shard_symbols
+from bridge.state import UpstreamSnapshot, UpstreamState, frozen_counts
 
 log = logging.getLogger("aleno_bridge.source")
 
@@ -127,7 +128,7 @@ class _UnreadableAck:
 
 @dataclass
 class SourceStats:
-    state: str = "idle"
+    state: UpstreamState = UpstreamState.IDLE
     connects: int = 0
     reconnects: int = 0
     acks: dict[str, int] = field(default_factory=dict)
@@ -252,10 +253,6 @@ class AlenoSource:
         return any(self.stats.subscribed.values())
 
     @property
-    def connected(self) -> bool:
-        return self.stats.state == "subscribed" or self.stats.state == "connected"
-
-    @property
     def flowing(self) -> bool:
         """An update arrived on the current connection."""
         return self._flowing
@@ -265,16 +262,35 @@ class AlenoSource:
         last = self.stats.last_update_monotonic
         return None if last is None else time.monotonic() - last
 
+    def snapshot(self) -> UpstreamSnapshot:
+        """The connection and its subscriptions now, for operator code."""
+        st = self.stats
+        return UpstreamSnapshot(
+            state=st.state,
+            flowing=self._flowing,
+            seconds_since_update=self.seconds_since_update(),
+            stale_after_s=self.config.stale_after_s,
+            connects=st.connects,
+            reconnects=st.reconnects,
+            connect_failures=st.connect_failures,
+            watchdog_restarts=st.watchdog_restarts,
+            acks=frozen_counts(st.acks),
+            rejected_symbols=len(st.rejected_symbols),
+            subscriptions=frozen_counts({k: len(v) for k, v in st.subscribed.items()}),
+            last_error=st.last_error,
+        )
+
     def _scrub(self, text: str) -> str:
         text = sanitize_url(text)
         for s in self._url_secrets:
             text = text.replace(s, "***")
         return text
 
-    def _set_state(self, state: str, detail: str = "") -> None:
+    def _set_state(self, state: UpstreamState, detail: str = "") -> None:
         if state != self.stats.state:
             msg = f"upstream {state}" + (f": {self._scrub(detail)}" if detail else "")
-            level = logging.WARNING if state in ("disconnected", "refused") else logging.INFO
+            warn = state in (UpstreamState.DISCONNECTED, UpstreamState.REFUSED)
+            level = logging.WARNING if warn else logging.INFO
             log.log(level, msg, extra={"state": state, "url": self.url})
         self.stats.state = state
 
@@ -593,11 +609,11 @@ class AlenoSource:
             self.stats.connects += 1
             if self.stats.connects > 1:
                 self.stats.reconnects += 1
-            self._set_state("connected")
+            self._set_state(UpstreamState.CONNECTED)
             await self._subscribe(sio)
             self._subscribed_at = time.monotonic()
-            self._set_state("subscribed", f"{sum(map(len, self.stats.subscribed.values()))} "
-                            "feed(s)")
+            feeds = sum(map(len, self.stats.subscribed.values()))
+            self._set_state(UpstreamState.SUBSCRIBED, f"{feeds} feed(s)")
             reason = await self._watch()
             if reason == "dropped":
                 self._last_drop = self._drop_reason()
@@ -645,7 +661,7 @@ class AlenoSource:
         self._warn_insecure()
         auth_failures = 0
         while not self._stop.is_set():
-            self._set_state("connecting")
+            self._set_state(UpstreamState.CONNECTING)
             cause: str | None = None
             refused = False
             try:
@@ -664,7 +680,7 @@ class AlenoSource:
             elif reason == "dropped":
                 cause = self._scrub(self._last_drop)
             delivered = self._delivered
-            if reason == "failed" and self.stats.state == "connecting":
+            if reason == "failed" and self.stats.state == UpstreamState.CONNECTING:
                 self.stats.connect_failures += 1
             self.stats.last_error = cause
             if not delivered:
@@ -673,7 +689,7 @@ class AlenoSource:
             giving_up = not delivered and bool(limit) and self._attempts >= limit
             if refused:
                 auth_failures += 1
-                self._set_state("refused", cause or "")
+                self._set_state(UpstreamState.REFUSED, cause or "")
                 if auth_failures >= self.config.max_auth_failures:
                     msg = (
                         f"the upstream {self.url} refused the API key {auth_failures} "
@@ -684,7 +700,7 @@ class AlenoSource:
             else:
                 auth_failures = 0
                 attempt = "" if delivered else f" (attempt {self._attempts})"
-                self._set_state("disconnected", f"{cause}{attempt}"
+                self._set_state(UpstreamState.DISCONNECTED, f"{cause}{attempt}"
                                 + ("; giving up" if giving_up else "; reconnecting"))
             if giving_up:
                 msg = (
@@ -695,7 +711,7 @@ class AlenoSource:
                 )
                 raise SourceError(msg) from None
             await self._sleep(self._backoff.next())
-        self._set_state("stopped")
+        self._set_state(UpstreamState.STOPPED)
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(asyncio.TimeoutError):

@@ -3,24 +3,26 @@
 It runs the configured source and routes in this process and prints one JSON line
 per event: the envelope and where it goes (route, sink, topic, key). By default it
 only observes: every sink is replaced by one that discards, so a tap never writes to
-a bus; ``--publish`` keeps the real sinks.
+a bus; ``--publish`` keeps the real sinks. A tap never serves the HTTP endpoints: it
+runs beside the real bridge and must not take its port.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
 from bridge import logs
-from bridge.config import Settings, load_config
+from bridge.app import Bridge, serve
+from bridge.config import ConfigError, Settings, load_config
 from bridge.envelope import Event
-from bridge.routing import Router
 from bridge.sinks import Message, Sink, SinkOptions
+from bridge.state import Destination
 
 
 class _DiscardOptions(SinkOptions):
@@ -42,82 +44,89 @@ class DiscardSink(Sink[_DiscardOptions]):
         return None
 
 
-class Tap:
-    """Prints the events that pass the ``route`` / ``sink`` filters."""
+@dataclass(frozen=True, slots=True)
+class TapOptions:
+    """What a tap shows, and whether the real sinks publish too."""
 
-    def __init__(self, router: Router, route: str | None, sink: str | None,
-                 limit: int | None, out: Any = None) -> None:
-        self.router = router
-        self.route = route
-        self.sink = sink
-        self.limit = limit
+    #: only events of this route (its name, or ``routeN``)
+    route: str | None = None
+    #: only events routed to this sink
+    sink: str | None = None
+    #: stop after this many envelopes
+    limit: int | None = None
+    #: also publish to the configured sinks (default: observe only)
+    publish: bool = False
+
+    def check(self, settings: Settings) -> None:
+        """Raise :class:`ConfigError` when a filter names no route or sink of ``settings``."""
+        names = [r.name or f"route{i}" for i, r in enumerate(settings.routes)]
+        problems = []
+        if self.route is not None and self.route not in names:
+            problems.append(f"--route: no route named {self.route!r} "
+                            f"(routes: {', '.join(names)})")
+        if self.sink is not None and self.sink not in settings.sinks:
+            problems.append(f"--sink: no sink named {self.sink!r} "
+                            f"(sinks: {', '.join(settings.sinks)})")
+        if problems:
+            raise ConfigError(problems, "tap filter")
+
+
+#: where the events of a (kind, symbol) go (:meth:`bridge.app.Bridge.destinations`)
+Destinations = Callable[[str, str], Sequence[Destination]]
+
+
+class Tap:
+    """Prints the events that pass the ``route`` / ``sink`` filters, with where they go
+    (``destinations``); calls ``on_done`` once ``limit`` envelopes were printed."""
+
+    def __init__(self, options: TapOptions, destinations: Destinations, out: Any = None,
+                 on_done: Callable[[], None] | None = None) -> None:
+        self.options = options
+        self.destinations = destinations
         self.count = 0
-        self.done = asyncio.Event()
+        self.finished = False
         self.out = out or sys.stdout
+        self._on_done = on_done
 
     def __call__(self, event: Event) -> None:
-        if self.done.is_set():
+        if self.finished:
             return
+        route, sink = self.options.route, self.options.sink
         targets = [
-            {"route": hit.route, "sink": t.worker.name, "topic": t.topic, "key": t.key}
-            for hit in self.router.hits(event.kind, event.symbol)
-            for t in hit.targets
-            if (self.route is None or hit.route == self.route)
-            and (self.sink is None or t.worker.name == self.sink)
+            {"route": d.route, "sink": d.sink, "topic": d.topic, "key": d.key}
+            for d in self.destinations(event.kind, event.symbol)
+            if (route is None or d.route == route) and (sink is None or d.sink == sink)
         ]
-        if not targets and (self.route or self.sink):
+        if not targets and (route or sink):
             return
         line = orjson.dumps({"to": targets, "envelope": event.envelope()})
         self.out.write(line.decode() + "\n")
         self.out.flush()
         self.count += 1
-        if self.limit is not None and self.count >= self.limit:
-            self.done.set()
+        limit = self.options.limit
+        if limit is not None and self.count >= limit:
+            self.finished = True
+            if self._on_done is not None:
+                self._on_done()
 
 
-def _check_filters(settings: Settings, route: str | None, sink: str | None) -> None:
-    from bridge.config import ConfigError
-
-    names = [r.name or f"route{i}" for i, r in enumerate(settings.routes)]
-    problems = []
-    if route is not None and route not in names:
-        problems.append(f"--route: no route named {route!r} (routes: {', '.join(names)})")
-    if sink is not None and sink not in settings.sinks:
-        problems.append(f"--sink: no sink named {sink!r} (sinks: {', '.join(settings.sinks)})")
-    if problems:
-        raise ConfigError(problems, "tap filter")
-
-
-def run_tap(args: argparse.Namespace) -> int:
-    from bridge.app import Bridge
-
-    settings = load_config(args.config)
-    _check_filters(settings, args.route, args.sink)
-    logs.add_secrets(settings.secrets())
-    logs.setup("WARNING", "text")
+def run_tap(config: str, options: TapOptions) -> int:
+    """Tap the bridge the configuration file ``config`` describes until the limit or
+    SIGINT/SIGTERM; 0 when it ends."""
+    settings = load_config(config)
+    options.check(settings)
+    logs.setup("WARNING", "text", secrets=settings.secrets())
 
     async def main() -> int:
-        sinks = None if args.publish else {n: DiscardSink(n, _DiscardOptions())
-                                           for n in settings.sinks}
-        bridge = Bridge(settings, sinks=sinks)
-        tap = Tap(bridge.router, args.route, args.sink, args.limit)
-        bridge.add_tap(tap)
         stop = asyncio.Event()
-        from bridge.cli import _install_signals
-
-        _install_signals(stop)
-
-        async def stop_when_done() -> None:
-            await tap.done.wait()
-            stop.set()
-
-        watcher = asyncio.create_task(stop_when_done())
-        # a tap runs beside the real bridge: never take its HTTP port
-        settings.config.http.enabled = False
-        try:
-            await bridge.run(stop)
-        finally:
-            watcher.cancel()
+        sinks = None if options.publish else {n: DiscardSink(n, _DiscardOptions())
+                                              for n in settings.sinks}
+        bridge = Bridge.from_settings(settings, sinks=sinks, http=False)
+        bridge.add_tap(Tap(options, bridge.destinations, on_done=stop.set))
+        await serve(bridge, stop)
         return 0
 
     return asyncio.run(main())
+
+
+__all__ = ["DiscardSink", "Tap", "TapOptions", "run_tap"]

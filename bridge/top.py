@@ -21,6 +21,9 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from bridge import metrics as m
+from bridge.metrics import TOTAL
+
 
 @dataclass
 class Snapshot:
@@ -57,7 +60,12 @@ def scrape(url: str, timeout: float = 5.0) -> Snapshot:
         raise ValueError(problem)
     with urllib.request.urlopen(url, timeout=timeout) as resp:
         text = resp.read().decode()
-    snap = Snapshot(time.monotonic())
+    return parse(text, time.monotonic())
+
+
+def parse(text: str, at: float) -> Snapshot:
+    """The samples of a Prometheus text exposition, read at monotonic time ``at``."""
+    snap = Snapshot(at)
     for family in text_string_to_metric_families(text):
         for s in family.samples:
             snap.values[(s.name, tuple(sorted(s.labels.items())))] = s.value
@@ -89,32 +97,32 @@ def render(prev: Snapshot | None, cur: Snapshot) -> Group:
             return "-"
         return f"{(cur.get(name, **labels) - prev.get(name, **labels)) / dt:,.1f}"
 
-    state = next((s for s in cur.label_values("aleno_bridge_upstream_state", "state")
-                  if cur.get("aleno_bridge_upstream_state", state=s) == 1), "?")
-    p50 = _quantile(cur, "aleno_bridge_upstream_lag_seconds", 0.5)
-    p99 = _quantile(cur, "aleno_bridge_upstream_lag_seconds", 0.99)
+    state = next((s for s in cur.label_values(m.UPSTREAM_STATE, "state")
+                  if cur.get(m.UPSTREAM_STATE, state=s) == 1), "?")
+    p50 = _quantile(cur, m.UPSTREAM_LAG_SECONDS, 0.5)
+    p99 = _quantile(cur, m.UPSTREAM_LAG_SECONDS, 0.99)
     head = Text(
-        f"upstream {state}  received/s {rate('aleno_bridge_events_received_total')}  "
-        f"invalid {cur.get('aleno_bridge_events_invalid_total'):,.0f}  "
+        f"upstream {state}  received/s {rate(m.EVENTS_RECEIVED + TOTAL)}  "
+        f"invalid {cur.get(m.EVENTS_INVALID + TOTAL):,.0f}  "
         f"lag p50 <= {p50 if p50 is not None else '-'}s  p99 <= {p99 if p99 is not None else '-'}s"
-        f"  reconnects {cur.get('aleno_bridge_upstream_reconnects_total'):,.0f}"
+        f"  reconnects {cur.get(m.UPSTREAM_RECONNECTS + TOTAL):,.0f}"
     )
     table = Table(title="sinks")
     for col in ("sink", "state", "published/s", "published", "queue", "fill", "dropped",
                 "conflated", "failures"):
         table.add_column(col, justify="left" if col in ("sink", "state") else "right")
-    for sink in cur.label_values("aleno_bridge_sink_up", "sink"):
-        st = next((s for s in cur.label_values("aleno_bridge_sink_state", "state")
-                   if cur.get("aleno_bridge_sink_state", sink=sink, state=s) == 1), "?")
-        depth = cur.get("aleno_bridge_sink_queue_depth", sink=sink)
-        cap = cur.get("aleno_bridge_sink_queue_capacity", sink=sink) or 1
+    for sink in cur.label_values(m.SINK_UP, "sink"):
+        st = next((s for s in cur.label_values(m.SINK_STATE, "state")
+                   if cur.get(m.SINK_STATE, sink=sink, state=s) == 1), "?")
+        depth = cur.get(m.SINK_QUEUE_DEPTH, sink=sink)
+        cap = cur.get(m.SINK_QUEUE_CAPACITY, sink=sink) or 1
         table.add_row(
-            sink, st, rate("aleno_bridge_sink_events_published_total", sink=sink),
-            f"{cur.get('aleno_bridge_sink_events_published_total', sink=sink):,.0f}",
+            sink, st, rate(m.SINK_EVENTS_PUBLISHED + TOTAL, sink=sink),
+            f"{cur.get(m.SINK_EVENTS_PUBLISHED + TOTAL, sink=sink):,.0f}",
             f"{depth:,.0f}", f"{depth / cap:.0%}",
-            f"{cur.get('aleno_bridge_sink_events_dropped_total', sink=sink):,.0f}",
-            f"{cur.get('aleno_bridge_sink_events_conflated_total', sink=sink):,.0f}",
-            f"{cur.get('aleno_bridge_sink_publish_failures_total', sink=sink):,.0f}",
+            f"{cur.get(m.SINK_EVENTS_DROPPED + TOTAL, sink=sink):,.0f}",
+            f"{cur.get(m.SINK_EVENTS_CONFLATED + TOTAL, sink=sink):,.0f}",
+            f"{cur.get(m.SINK_PUBLISH_FAILURES + TOTAL, sink=sink):,.0f}",
         )
     return Group(head, table)
 

@@ -104,7 +104,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installation
     )
     raise ImportError(msg) from exc
 
-log = logging.getLogger("aleno_bridge.kafka")
+log = logging.getLogger("aleno_bridge.sinks.kafka")
 
 #: longest topic name Kafka accepts
 MAX_TOPIC_LENGTH: Final = 249

@@ -71,9 +71,9 @@ from bridge.sinks import (
     replace_chars,
 )
 
-log = logging.getLogger("aleno_bridge.mqtt")
+log = logging.getLogger("aleno_bridge.sinks.mqtt")
 #: paho's own log (enabled on every client; it never prints the password)
-paho_log = logging.getLogger("aleno_bridge.mqtt.paho")
+paho_log = logging.getLogger("aleno_bridge.sinks.mqtt.paho")
 
 MAX_TOPIC_BYTES: Final = 65535
 #: how often keepalive pings and timeouts are checked (``loop_misc``)

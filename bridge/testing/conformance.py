@@ -45,6 +45,7 @@ from bridge.config import SinkCommon, SinkSpec
 from bridge.runner import SinkWorker
 from bridge.sinks import Message, Sink, SinkOptions, check_driver
 from bridge.testing.sample import messages, sample_events
+from bridge.testing.wait import wait_until
 
 
 @dataclass
@@ -190,12 +191,12 @@ class SinkConformance:
         try:
             for m in first:
                 worker.offer(m)
-            await _until(lambda: worker.stats.published == len(first), self.timeout_s)
+            await wait_until(lambda: worker.stats.published == len(first), self.timeout_s)
             if not await probe.drop_connections():
                 pytest.skip("this probe cannot make the bus drop connections")
             for m in second:
                 worker.offer(m)
-            await _until(lambda: worker.stats.published >= len(first) + len(second), 60.0)
+            await wait_until(lambda: worker.stats.published >= len(first) + len(second), 60.0)
             # a broker that loses its data on restart may lose ``first``: wait for
             # ``second`` (published after the drop) only
             missing = await _missing(probe, second, len(first) + len(second), self.timeout_s)
@@ -216,19 +217,19 @@ class SinkConformance:
                           topic, self.format)
         try:
             worker.offer(warm[0])  # connected and publishing before the outage starts
-            await _until(lambda: worker.stats.published == 1, self.timeout_s)
+            await wait_until(lambda: worker.stats.published == 1, self.timeout_s)
             if not await probe.stop_bus():
                 pytest.skip("this probe cannot take the bus down")
             try:
                 for m in during:
                     worker.offer(m)
                 # the driver must fail (not hang, not pretend) while the bus is down
-                await _until(lambda: worker.stats.failed_batches >= 1 or not worker.connected,
+                await wait_until(lambda: worker.stats.failed_batches >= 1 or not worker.connected,
                              self.timeout_s)
                 assert worker.stats.published < 1 + len(during)
             finally:
                 await probe.start_bus()
-            await _until(lambda: worker.stats.published >= 1 + len(during), 60.0)
+            await wait_until(lambda: worker.stats.published >= 1 + len(during), 60.0)
             missing = await _missing(probe, during, 1 + len(during), self.timeout_s)
         finally:
             await worker.stop(5.0)
@@ -261,12 +262,3 @@ async def _missing(
         missing = ids - {r.envelope()["id"] for r in got}
         if not missing or time.monotonic() >= deadline:
             return missing
-
-
-async def _until(cond: Any, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            msg = f"condition not met within {timeout}s"
-            raise AssertionError(msg)
-        await asyncio.sleep(0.02)

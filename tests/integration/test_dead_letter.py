@@ -5,8 +5,6 @@ file), counts them, and delivers what the bus accepts."""
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,17 +15,10 @@ import pytest
 
 from bridge.app import Bridge
 from bridge.config import parse_config
-from bridge.testing import sample_events
+from bridge.testing import sample_events, wait_until
 from tests.support.nats import NatsServer
 
 pytestmark = pytest.mark.integration
-
-
-async def until(cond: Callable[[], bool], timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.05)
 
 
 @pytest.mark.parametrize("fmt", ["cloudevents-json", "cloudevents-binary"])
@@ -57,7 +48,7 @@ shutdown_timeout_s: 5
     tickers = sample_events(symbols=4, updates=3)
     bridge.ingest(tickers)
     bus, dlq = bridge.workers["bus"], bridge.workers["dlq"]
-    await until(lambda: dlq.stats.published == len(tickers))
+    await wait_until(lambda: dlq.stats.published == len(tickers), 15.0)
     await bridge.shutdown()
 
     assert bus.stats.published == 0
@@ -105,7 +96,7 @@ http: {{enabled: false}}
     tickers = sample_events(symbols=3, updates=2)
     bridge.ingest(tickers)
     try:
-        await until(lambda: len(got) == len(tickers))
+        await wait_until(lambda: len(got) == len(tickers), 15.0)
     finally:
         await bridge.shutdown()
         await nc.close()

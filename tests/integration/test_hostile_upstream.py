@@ -16,7 +16,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ import pytest
 from bridge.config import Settings, SourceConfig, parse_config
 from bridge.sinks import Drivers
 from bridge.source import SUBSCRIBE_CHUNK, AlenoSource, SourceError
-from bridge.testing import MemorySink
+from bridge.testing import MemorySink, wait_until
 from tests.support.hostile import HostileUpstream
 from tests.support.proc import Proc, free_port
 from tests.support.tls import make_tls_files
@@ -61,17 +61,6 @@ http: {http}
 def source_config(url: str, extra_source: str = "", **kw: Any) -> SourceConfig:
     return settings("http://127.0.0.1:1", extra_source, **kw).config.source.model_copy(
         update={"url": url})
-
-
-async def until(cond: Callable[[], bool], timeout: float, what: str,
-                task: asyncio.Task[Any] | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if task is not None and task.done():
-            task.result()
-            pytest.fail(f"the source stopped before: {what}")
-        assert time.monotonic() < deadline, f"not in {timeout}s: {what}"
-        await asyncio.sleep(0.02)
 
 
 def client_tasks() -> list[asyncio.Task[Any]]:
@@ -179,7 +168,7 @@ async def test_malformed_open_is_retried_forever(mode: str, loop_errors: Any) ->
         src = AlenoSource(source_config(up.url, "max_connect_attempts: 0"), KEY,
                           lambda e, p: None)
         task = asyncio.create_task(src.run())
-        await until(lambda: up.connections >= 3, 10, "three attempts", task)
+        await wait_until(lambda: up.connections >= 3, 10, "three attempts", task=task)
         assert not task.done()
         assert src.stats.connect_failures >= 2
         assert "malformed Engine.IO OPEN packet" in (src.stats.last_error or "")
@@ -242,9 +231,9 @@ def many_tickers(n: int) -> str:
 async def test_3000_tickers_are_subscribed_in_chunks(run_bridge: Any) -> None:
     async with HostileUpstream("symbol_limit", symbol_limit=250, interval=0.5) as up:
         r = run_bridge(settings(up.url, tickers=many_tickers(3000), equities="[]"))
-        await until(lambda: len(r.source.stats.subscribed.get("ticker", [])) == 3000, 10,
-                    "3000 subscribed", r.task)
-        await until(lambda: len(r.sink.received) >= 3000, 10, "prices of all", r.task)
+        await wait_until(lambda: len(r.source.stats.subscribed.get("ticker", [])) == 3000, 10,
+                         "3000 subscribed", task=r.task)
+        await wait_until(lambda: len(r.sink.received) >= 3000, 10, "prices of all", task=r.task)
         sizes = [len(s) for _, s in up.requests]
         assert max(sizes) <= SUBSCRIBE_CHUNK and sum(sizes) >= 3000, sizes
         assert r.source.stats.acks.get("ok") == 3000 // SUBSCRIBE_CHUNK
@@ -261,14 +250,14 @@ async def test_a_refused_chunk_is_logged_counted_and_retried(
         task = asyncio.create_task(src.run())
         if over_limit == "error":
             # the refused request is named and counted; the accepted one flows
-            await until(lambda: src.flowing, 10, "prices of the accepted chunk", task)
+            await wait_until(lambda: src.flowing, 10, "prices of the accepted chunk", task=task)
             assert "Too many symbols in one request" in caplog.text
             assert src.stats.failed_subscriptions == 1 and src.stats.acks == {"error": 1,
                                                                                "ok": 1}
             assert len(src.stats.subscribed["ticker"]) == 100
         else:
             # an unanswered request fails the attempt, which is retried
-            await until(lambda: up.connections >= 2, 10, "a retry", task)
+            await wait_until(lambda: up.connections >= 2, 10, "a retry", task=task)
             assert src.stats.failed_subscriptions >= 1
             assert "no subscribe_ticker ack (request 1/2) within 1s" in caplog.text
         src.stop()
@@ -310,7 +299,7 @@ async def test_an_oversized_frame_is_a_named_reason(caplog: Any) -> None:
         got: list[Any] = []
         src = AlenoSource(source_config(up.url), KEY, lambda e, p: got.append(p))
         task = asyncio.create_task(src.run())
-        await until(lambda: "larger than 4 MiB" in caplog.text, 10, "the reason", task)
+        await wait_until(lambda: "larger than 4 MiB" in caplog.text, 10, "the reason", task=task)
         src.stop()
         await asyncio.wait_for(task, 5)
 
@@ -328,7 +317,7 @@ async def test_garbage_acks_are_counted(loop_errors: Any, caplog: Any) -> None:
         got: list[Any] = []
         src = AlenoSource(source_config(up.url), KEY, lambda e, p: got.append(p))
         task = asyncio.create_task(src.run())
-        await until(lambda: len(got) >= 2, 15, "prices after the garbage", task)
+        await wait_until(lambda: len(got) >= 2, 15, "prices after the garbage", task=task)
         src.stop()
         await asyncio.wait_for(task, 5)
     assert src.stats.acks.get("invalid") == 3, src.stats.acks
@@ -343,8 +332,8 @@ async def test_deeply_nested_payloads_are_counted_invalid(run_bridge: Any, loop_
                                                           caplog: Any) -> None:
     async with HostileUpstream("deep") as up:
         r = run_bridge(settings(up.url))
-        await until(lambda: any(m.event.symbol == "BTC/USD" for m in r.sink.received), 10,
-                    "prices after the deep packets", r.task)
+        await wait_until(lambda: any(m.event.symbol == "BTC/USD" for m in r.sink.received), 10,
+                         "prices after the deep packets", task=r.task)
         invalid = r.bridge.normalizer.invalid
         assert invalid.get("ticker:too_deep") == 1, invalid
         assert invalid.get("ticker:bad_field_type") == 1, invalid
@@ -357,8 +346,8 @@ async def test_deeply_nested_payloads_are_counted_invalid(run_bridge: Any, loop_
 async def test_records_of_unsubscribed_symbols_are_dropped(run_bridge: Any) -> None:
     async with HostileUpstream("unsubscribed") as up:
         r = run_bridge(settings(up.url))
-        await until(lambda: r.bridge.normalizer.invalid.get("ticker:unsubscribed", 0) >= 200,
-                    10, "unsubscribed records", r.task)
+        await wait_until(lambda: r.bridge.normalizer.invalid.get("ticker:unsubscribed", 0) >= 200,
+                         10, "unsubscribed records", task=r.task)
         symbols = {m.event.symbol for m in r.sink.received}
         assert symbols <= {"BTC/USD", "ETH/USD", "AAPL"}, symbols
         assert "BTC/USD" in symbols

@@ -23,16 +23,15 @@ from typing import Any
 
 import orjson
 import pytest
-from aiokafka import codec as kafka_codec
 from aiokafka.admin import AIOKafkaAdminClient
 from aleno_bridge_plugins.kafka_sink import CLOSE_TIMEOUT_S, KafkaOptions, KafkaSink
-from pydantic import ValidationError
 
 from bridge.app import Bridge
-from bridge.config import ConfigError, SinkCommon, SinkSpec, load_config, parse_config
+from bridge.config import SinkCommon, SinkSpec, parse_config
 from bridge.runner import SinkWorker
 from bridge.simulator import Simulator
 from bridge.sinks import SinkConnectionError, SinkRejectedError
+from bridge.testing import wait_until
 from bridge.testing.conformance import BusProbe, SinkConformance, unique_topic
 from bridge.testing.sample import messages, sample_events
 from tests.support.kafka import KafkaProbe, KafkaReader, Record, TansuBroker, recreate_topics
@@ -93,83 +92,6 @@ class TestKafkaConformanceOwnBroker(TestKafkaConformance):
 
 
 # ---------------------------------------------------------------------------
-# Options, topic rule (no broker)
-
-
-def test_safe_token_and_check_topic() -> None:
-    assert KafkaSink.safe_token("BTC/USD") == "BTC_USD"
-    assert KafkaSink.safe_token("BRK.B") == "BRK.B"
-    assert KafkaSink.safe_token("a b+c#d>é") == "a_b_c_d__"
-    assert KafkaSink.check_topic("aleno.ticker.BTC_USD") is None
-    assert KafkaSink.check_topic("x" * 249) is None
-    for bad, why in [("", "empty"), (".", "'.'"), ("..", "'..'"), ("x" * 250, "249"),
-                     ("prices/BTC_USD", "'/'"), ("a b", "' '")]:
-        problem = KafkaSink.check_topic(bad)
-        assert problem is not None and why in problem, (bad, problem)
-
-
-def test_options_are_normalized_and_checked() -> None:
-    o = KafkaOptions.model_validate({"bootstrap_servers": "a:9092, b:9093", "acks": "1"})
-    assert o.bootstrap_servers == ["a:9092", "b:9093"]
-    assert o.acks == 1
-    assert KafkaOptions.model_validate({"bootstrap_servers": ["a:1"], "acks": -1}).acks == "all"
-    assert KafkaOptions.model_validate({"bootstrap_servers": "a:1"}).acks == "all"
-    bad: list[dict[str, Any]] = [
-        {"bootstrap_servers": []},
-        {"bootstrap_servers": "no-port"},
-        {"bootstrap_servers": "a:1", "acks": 2},
-        {"bootstrap_servers": "a:1", "security_protocol": "SASL_SSL"},
-        {"bootstrap_servers": "a:1", "sasl_username": "u", "sasl_password": "p",
-         "sasl_mechanism": "PLAIN"},
-        {"bootstrap_servers": "a:1", "ssl_cafile": "/ca.pem"},
-        {"bootstrap_servers": "a:1", "security_protocol": "SSL", "ssl_certfile": "/c.pem"},
-        {"bootstrap_servers": "a:1", "enable_idempotence": True, "acks": 1},
-        {"bootstrap_servers": "a:1", "create_topics": ["ok", "not/ok"]},
-        {"bootstrap_servers": "a:1", "compression": "brotli"},
-    ]
-    for raw in bad:
-        with pytest.raises(ValidationError):
-            KafkaOptions.model_validate(raw)
-
-
-@pytest.mark.parametrize("codec", ["lz4", "zstd", "snappy"])
-def test_compression_codec_must_be_installed(codec: str) -> None:
-    installed = getattr(kafka_codec, f"has_{codec}")()
-    raw = {"bootstrap_servers": "a:1", "compression": codec}
-    if installed:
-        assert KafkaOptions.model_validate(raw).compression == codec
-    else:
-        with pytest.raises(ValidationError) as info:
-            KafkaOptions.model_validate(raw)
-        assert f"pip install 'aiokafka[{codec}]'" in str(info.value)
-
-
-def test_config_errors_never_show_the_password() -> None:
-    text = """
-source: {api_key: k}
-sinks:
-  bus:
-    driver: kafka
-    bootstrap_servers: a:9092
-    security_protocol: SASL_SSL
-    sasl_username: bridge
-    sasl_password: hunter2-in-config
-    acks: nope
-"""
-    with pytest.raises(ConfigError) as info:
-        parse_config(text, env={})
-    assert "sinks.bus.acks" in str(info.value)
-    assert "hunter2-in-config" not in str(info.value)
-
-
-def test_example_config_is_valid() -> None:
-    settings = load_config(ROOT / "config" / "kafka.yaml", env={})
-    kafka = [s for s in settings.sinks.values() if s.driver is KafkaSink]
-    assert kafka, "config/kafka.yaml has no kafka sink"
-    assert isinstance(kafka[0].options, KafkaOptions)
-
-
-# ---------------------------------------------------------------------------
 # Simulator -> Bridge -> Kafka -> independent consumer, for each format
 
 TICKERS = ["BTC/USD", "ETH/USD"]
@@ -197,15 +119,6 @@ shutdown_timeout_s: 5
     return text
 
 
-async def _until(cond: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            msg = f"{what}: not within {timeout}s"
-            raise AssertionError(msg)
-        await asyncio.sleep(0.02)
-
-
 def _topic_of(prefix: str, kind: str, symbol: str) -> str:
     return f"{prefix}.{kind}.{KafkaSink.safe_token(symbol)}"
 
@@ -228,7 +141,7 @@ async def test_end_to_end_each_format(
     run = asyncio.create_task(bridge.run(stop))
     worker = bridge.workers["bus"]
     try:
-        await _until(lambda: worker.stats.published >= 16 or run.done(), 20, "16 published")
+        await wait_until(lambda: worker.stats.published >= 16 or run.done(), 20, "16 published")
     finally:
         stop.set()
         lost = await asyncio.wait_for(run, 20)
@@ -337,7 +250,7 @@ async def test_broker_crash_mid_stream(
     run = asyncio.create_task(bridge.run(stop))
     file_during: list[int] = []
     try:
-        await _until(lambda: bus.stats.published >= 20, 20, "20 published before the crash")
+        await wait_until(lambda: bus.stats.published >= 20, 20, "20 published before the crash")
         await asyncio.to_thread(kafka_broker.kill)
         crash_ms = time.time_ns() // 1_000_000
         published_at_crash = bus.stats.published
@@ -349,9 +262,9 @@ async def test_broker_crash_mid_stream(
         await asyncio.to_thread(kafka_broker.start)
         restart_ms = time.time_ns() // 1_000_000
         await recreate_topics(kafka_broker.bootstrap, {t: 4 for t in topics})
-        await _until(lambda: bus.stats.reconnects >= 1 and bus.state == "connected"
-                     and bus.depth == 0 and bus.stats.published > published_at_crash + 20,
-                     30, "the kafka sink reconnected and caught up")
+        await wait_until(lambda: bus.stats.reconnects >= 1 and bus.state == "connected"
+                         and bus.depth == 0 and bus.stats.published > published_at_crash + 20,
+                         30, "the kafka sink reconnected and caught up")
         await asyncio.sleep(0.5)
     finally:
         stop.set()
@@ -598,9 +511,9 @@ async def test_refused_login_names_the_sink_never_the_password(
     worker.start()
     worker.offer(messages(sample_events(symbols=1, updates=1), unique_topic())[0])
     try:
-        await _until(lambda: worker.stats.failed_batches + worker.stats.connects == 0
-                     and worker.state == "failing" and worker.stats.last_error is not None,
-                     10, "the worker reports the refused login")
+        await wait_until(lambda: worker.stats.failed_batches + worker.stats.connects == 0
+                         and worker.state == "failing" and worker.stats.last_error is not None,
+                         10, "the worker reports the refused login")
         await asyncio.sleep(0.5)
     finally:
         await worker.stop(1.0)

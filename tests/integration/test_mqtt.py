@@ -26,7 +26,6 @@ from typing import Any
 import orjson
 import pytest
 from aleno_bridge_plugins.mqtt_sink import MqttOptions, MqttSink
-from pydantic import ValidationError
 
 from bridge.app import Bridge
 from bridge.config import (
@@ -34,7 +33,6 @@ from bridge.config import (
     RetryConfig,
     SinkCommon,
     SinkSpec,
-    load_config,
     parse_config,
 )
 from bridge.runner import SinkWorker
@@ -42,6 +40,7 @@ from bridge.simulator import Simulator
 from bridge.sinks import Message, SinkConnectionError, SinkRejectedError
 from bridge.testing.conformance import BusProbe, SinkConformance, unique_topic
 from bridge.testing.sample import messages, sample_events
+from bridge.testing.wait import wait_until
 from tests.support.mqtt import (
     MqttBroker,
     MqttConsumer,
@@ -111,80 +110,6 @@ class TestMqttConformancePrivateBroker(TestMqttConformance):
         probe = MqttProbe(private.info, client_id, private)
         yield probe
         await probe.close()
-
-
-# ---------------------------------------------------------------------------
-# Options, topic rule, configuration (no broker)
-
-
-def test_safe_token_and_check_topic() -> None:
-    assert MqttSink.safe_token("BTC/USD") == "BTC_USD"
-    assert MqttSink.safe_token("BRK.B") == "BRK.B"
-    assert MqttSink.safe_token("a+b#c/d\x00e f") == "a_b_c_d_e f"
-    assert MqttSink.check_topic("aleno/ticker/BTC/USD") is None
-    assert MqttSink.check_topic("prices.ticker.BTC_USD") is None
-    assert MqttSink.check_topic("x" * 65535) is None
-    for bad, why in [("", "empty"), ("a/+/b", "wildcard"), ("a/#", "wildcard"),
-                     ("a\x00b", "NUL"), ("é" * 40000, "65535"), ("$SYS/x", "$")]:
-        problem = MqttSink.check_topic(bad)
-        assert problem is not None and why in problem, (bad, problem)
-
-
-def test_options_defaults_and_checks() -> None:
-    o = MqttOptions.model_validate({"host": "broker"})
-    assert (o.effective_port, o.qos, o.protocol, o.retain, o.clean_start) == (
-        1883, 1, "5", False, True)
-    assert (o.keepalive_s, o.max_inflight, o.tls_verify) == (15, 100, True)
-    assert o.client_id.startswith("aleno-bridge-")
-    assert MqttOptions.model_validate({"host": "broker"}).client_id != o.client_id
-    assert MqttOptions.model_validate({"host": "b", "tls": True}).effective_port == 8883
-    assert MqttOptions.model_validate({"host": "b", "tls": True, "port": 1}).effective_port == 1
-    assert MqttOptions.model_validate({"host": "b", "protocol": 5}).protocol == "5"
-    assert MqttOptions.model_validate({"host": "b", "protocol": "3.1.1"}).protocol == "3.1.1"
-    bad: list[tuple[dict[str, Any], str]] = [
-        ({}, "host"),
-        ({"host": "b", "password": "p"}, "password needs a username"),
-        ({"host": "b", "tls_ca_file": "/ca.pem"}, "set tls: true"),
-        ({"host": "b", "tls": True, "tls_key_file": "/k.pem"}, "tls_key_file needs"),
-        ({"host": "b", "protocol": "3.1.1", "session_expiry_s": 60}, "protocol 5"),
-        ({"host": "b", "qos": 2, "clean_start": False}, "clean_start"),
-        ({"host": "b", "qos": 3}, "qos"),
-        ({"host": "b", "protocol": "4"}, "protocol"),
-        ({"host": "b", "keepalive_s": 0}, "keepalive_s"),
-        ({"host": "b", "no_such": 1}, "no_such"),
-    ]
-    for raw, why in bad:
-        with pytest.raises(ValidationError) as info:
-            MqttOptions.model_validate(raw)
-        assert why in str(info.value), (raw, str(info.value))
-
-
-def test_config_refuses_topics_that_can_never_be_published() -> None:
-    def config(topic: str) -> str:
-        return f"""
-source: {{api_key: k, tickers: [BTC/USD]}}
-sinks:
-  bus: {{driver: mqtt, host: 127.0.0.1, username: bridge, password: hunter2-in-config}}
-routes:
-  - sinks: [bus]
-    topic: "{topic}"
-"""
-
-    ok = parse_config(config("aleno/{kind}/{base}/{quote}"), env={})
-    assert isinstance(ok.sinks["bus"].options, MqttOptions)
-    for topic, why in [("aleno/{symbol}/#", "wildcard"), ("$SYS/{symbol}", "$"),
-                       ("aleno/+/{symbol}", "wildcard")]:
-        with pytest.raises(ConfigError) as info:
-            parse_config(config(topic), env={})
-        assert "routes[0].topic" in str(info.value) and why in str(info.value)
-        assert "hunter2-in-config" not in str(info.value)
-
-
-def test_example_config_is_valid() -> None:
-    settings = load_config(ROOT / "config" / "mqtt.yaml", env={})
-    mqtt = [s for s in settings.sinks.values() if s.driver is MqttSink]
-    assert mqtt, "config/mqtt.yaml has no mqtt sink"
-    assert isinstance(mqtt[0].options, MqttOptions)
 
 
 # ---------------------------------------------------------------------------
@@ -298,7 +223,7 @@ async def test_dead_brokers_never_hang_and_callbacks_run(
     retriable error within the configured bounds; a broker kill fails the waiting
     publish at once through the VERSION2 ``on_disconnect`` callback (no callback
     raised inside paho: it would log "Caught exception")."""
-    caplog.set_level(logging.DEBUG, logger="aleno_bridge.mqtt")
+    caplog.set_level(logging.DEBUG, logger="aleno_bridge.sinks.mqtt")
     fast: dict[str, Any] = {"connect_timeout_s": 1.0, "ack_timeout_s": 1.0, "keepalive_s": 5}
 
     nothing = _sink(host="127.0.0.1", port=free_port(), **fast)
@@ -410,7 +335,7 @@ async def test_password_authentication(
     worker = SinkWorker(SinkSpec("secure", common, MqttSink, opts))
     worker.start()
     try:
-        await _until(lambda: worker.stats.last_error is not None, 10, "a connect error")
+        await wait_until(lambda: worker.stats.last_error is not None, 10, "a connect error")
         last_error = str(worker.stats.last_error)
         assert worker.state == "failing"
     finally:
@@ -520,15 +445,6 @@ shutdown_timeout_s: 5
 """
 
 
-async def _until(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            msg = f"{what}: not within {timeout}s"
-            raise AssertionError(msg)
-        await asyncio.sleep(0.02)
-
-
 @pytest.mark.parametrize("fmt", ["cloudevents-json", "cloudevents-binary", "raw"])
 async def test_end_to_end_each_format(
     fmt: str, simulator: Simulator, mqtt_broker: MqttBroker
@@ -558,7 +474,7 @@ async def test_end_to_end_each_format(
     run = asyncio.create_task(bridge.run(stop))
     worker = bridge.workers["bus"]
     try:
-        await _until(lambda: worker.stats.published >= 16 or run.done(), 20, "16 published")
+        await wait_until(lambda: worker.stats.published >= 16 or run.done(), 20, "16 published")
     finally:
         stop.set()
         lost = await asyncio.wait_for(run, 20)
@@ -679,7 +595,7 @@ async def test_broker_crash_mid_stream(
     file_during: list[int] = []
     bus_during: list[int] = []
     try:
-        await _until(lambda: len(consumer.messages()) >= 20, 20, "20 received before the crash")
+        await wait_until(lambda: len(consumer.messages()) >= 20, 20, "20 received before the crash")
         broker.kill()
         crash_ms = time.time_ns() // 1_000_000
         for _ in range(6):
@@ -692,17 +608,17 @@ async def test_broker_crash_mid_stream(
         published_at_crash = bus.stats.published
         await asyncio.to_thread(broker.start)
         restart_ms = time.time_ns() // 1_000_000
-        await _until(lambda: bus.stats.reconnects >= 1 and bus.state == "connected"
-                     and bus.stats.published > published_at_crash + 20,
-                     30, "the mqtt sink reconnected and caught up")
+        await wait_until(lambda: bus.stats.reconnects >= 1 and bus.state == "connected"
+                         and bus.stats.published > published_at_crash + 20,
+                         30, "the mqtt sink reconnected and caught up")
         simulator.pause()
         await bridge.flush_intake()
-        await _until(lambda: bus.depth == 0, 20, "the mqtt sink published everything")
+        await wait_until(lambda: bus.depth == 0, 20, "the mqtt sink published everything")
         produced = [orjson.loads(line) for line in jsonl.read_bytes().splitlines()]
         after_crash = {e["id"] for e in produced if e["data"]["sentTimestampMs"] >= crash_ms}
-        await _until(lambda: after_crash <= {orjson.loads(g.payload)["id"]
-                                             for g in consumer.messages()},
-                     20, "every envelope from the crash on at the consumer")
+        await wait_until(lambda: after_crash <= {orjson.loads(g.payload)["id"]
+                                                for g in consumer.messages()},
+                         20, "every envelope from the crash on at the consumer")
     finally:
         simulator.resume()
         stop.set()

@@ -14,7 +14,7 @@ import logging
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,15 +24,12 @@ from aleno_bridge_plugins.nats_sink import NatsOptions, NatsSink
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.api import StorageType, StreamConfig
-from pydantic import ValidationError
 
 from bridge.app import Bridge
 from bridge.config import (
-    ConfigError,
     RetryConfig,
     SinkCommon,
     SinkSpec,
-    load_config,
     parse_config,
 )
 from bridge.runner import SinkWorker
@@ -40,6 +37,7 @@ from bridge.simulator import Simulator
 from bridge.sinks import SinkConnectionError, SinkError, SinkRejectedError
 from bridge.testing.conformance import BusProbe, Received, SinkConformance, unique_topic
 from bridge.testing.sample import messages, sample_events
+from bridge.testing.wait import wait_until
 from tests.support.nats import NatsServer
 from tests.support.tls import make_tls_files
 
@@ -78,15 +76,6 @@ async def close_client(nc: Client | None) -> None:
 def to_received(subject: str, data: bytes, headers: dict[str, str] | None) -> Received:
     h = dict(headers or {})
     return Received(subject, data, h.get(KEY_HEADER), h)
-
-
-async def until(cond: Callable[[], bool], timeout: float, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            msg = f"{what} not met within {timeout}s"
-            raise AssertionError(msg)
-        await asyncio.sleep(0.02)
 
 
 async def read_stream(nc: Client, stream: str) -> list[Received]:
@@ -143,7 +132,7 @@ class CoreProbe(BusProbe):
 
     async def received(self, count: int, timeout: float) -> list[Received]:
         with contextlib.suppress(AssertionError):
-            await until(lambda: len(self.got) >= count, timeout)
+            await wait_until(lambda: len(self.got) >= count, timeout)
         return list(self.got)
 
     async def drop_connections(self) -> bool:
@@ -270,100 +259,6 @@ class TestNatsJetStreamConformance(SinkConformance):
 
 
 # ---------------------------------------------------------------------------
-# subject rule and options (no server)
-
-
-@pytest.mark.parametrize(("value", "safe"), [
-    ("BTC/USD", "BTC/USD"),
-    ("BRK.B", "BRK_B"),
-    ("A B\tC", "A_B_C"),
-    ("X*>Y", "X__Y"),
-    ("bad\x00\x1f\x7f", "bad___"),
-    ("", ""),
-])
-def test_safe_token(value: str, safe: str) -> None:
-    assert NatsSink.safe_token(value) == safe
-    assert NatsSink.check_topic(f"prices.{NatsSink.safe_token(value) or 'x'}") is None
-
-
-@pytest.mark.parametrize(("topic", "problem"), [
-    ("prices.ticker.BTC/USD", None),
-    ("", "empty"),
-    (".prices", "empty token"),
-    ("prices.", "empty token"),
-    ("prices..x", "empty token"),
-    ("prices.a b", "whitespace"),
-    ("prices.*", "wildcard"),
-    ("prices.>", "wildcard"),
-    ("prices.a*b", "wildcard"),
-])
-def test_check_topic(topic: str, problem: str | None) -> None:
-    found = NatsSink.check_topic(topic)
-    if problem is None:
-        assert found is None
-    else:
-        assert found is not None and problem in found
-
-
-def test_a_template_that_can_never_be_valid_is_a_config_error() -> None:
-    text = """
-source: {api_key: k, equities: [AAPL]}
-sinks: {bus: {driver: nats, servers: "nats://127.0.0.1:4222"}}
-routes: [{sinks: [bus], topic: "prices.{kind}.{quote}"}]
-"""
-    with pytest.raises(ConfigError) as info:
-        parse_config(text, env={})
-    assert "empty token" in str(info.value)
-    assert "routes[0].topic" in str(info.value)
-
-
-def test_options() -> None:
-    opts = NatsOptions.model_validate({"servers": "nats://a:4222, tls://b:4222"})
-    assert opts.servers == ["nats://a:4222", "tls://b:4222"]
-    assert opts.tls_verify is True and opts.jetstream is False and opts.name == "aleno-bridge"
-    assert NatsOptions.model_validate({"servers": "127.0.0.1:4222"}).servers == [
-        "nats://127.0.0.1:4222"
-    ]
-    bad: Iterable[dict[str, Any]] = [
-        {},
-        {"servers": []},
-        {"servers": "http://a:4222"},
-        {"servers": "nats://a:4222", "user": "u"},
-        {"servers": "nats://a:4222", "user": "u", "password": "p", "token": "t"},
-        {"servers": "nats://a:4222", "stream": {"name": "S", "subjects": ["a.>"]}},
-        {"servers": "nats://a:4222", "jetstream": True,
-         "stream": {"name": "S", "subjects": ["a.>"], "max_age_s": 10}},
-        {"servers": "nats://a:4222", "tls_cert_file": "c.pem"},
-        {"servers": "nats://a:4222", "key_header": "bad header"},
-    ]
-    for raw in bad:
-        with pytest.raises(ValidationError):
-            NatsOptions.model_validate(raw)
-
-
-def test_credentials_in_url_are_refused_without_echoing_them() -> None:
-    with pytest.raises(ValidationError) as info:
-        NatsOptions.model_validate({"servers": "nats://alice:hunter2-secret@host:4222"})
-    errors = info.value.errors(include_input=False, include_url=False)
-    assert "credentials" in str(errors)
-    assert "hunter2-secret" not in str(errors)
-
-
-def test_secrets_never_in_repr() -> None:
-    sink = make_sink(servers="nats://a:4222", user="alice", password="pw-Secret-1")
-    token_sink = make_sink(servers="nats://a:4222", token="tok-Secret-2")
-    text = repr(sink) + str(sink.options) + repr(token_sink) + str(token_sink.options)
-    assert "pw-Secret-1" not in text and "tok-Secret-2" not in text
-    assert "alice" in text
-
-
-def test_example_config_validates() -> None:
-    settings = load_config(ROOT / "config" / "nats.yaml", env={})
-    drivers = {spec.driver for spec in settings.sinks.values()}
-    assert NatsSink in drivers
-
-
-# ---------------------------------------------------------------------------
 # end to end: simulator -> Bridge -> NATS -> an independent consumer
 
 
@@ -373,7 +268,7 @@ async def run_bridge(text: str, done: Callable[[Bridge], bool], timeout: float) 
     stop = asyncio.Event()
     task = asyncio.create_task(bridge.run(stop))
     try:
-        await until(lambda: task.done() or done(bridge), timeout, "bridge condition")
+        await wait_until(lambda: task.done() or done(bridge), timeout, "bridge condition")
     finally:
         stop.set()
         await asyncio.wait_for(task, 30)
@@ -689,7 +584,7 @@ async def test_wrong_password_is_a_clear_error_without_the_password(
     worker = SinkWorker(SinkSpec("nats-auth", common, NatsSink, sink.options), sink)
     worker.start()
     try:
-        await until(lambda: worker.stats.connects == 0 and worker.state == "failing", 10)
+        await wait_until(lambda: worker.stats.connects == 0 and worker.state == "failing", 10)
         await asyncio.sleep(0.5)  # a few retries
     finally:
         await worker.stop(1.0)
@@ -815,7 +710,7 @@ shutdown_timeout_s: 10
     task = asyncio.create_task(bridge.run(stop))
     file_growth: list[int] = []
     try:
-        await until(lambda: bus.stats.published >= 20 or task.done(), 20, "first publishes")
+        await wait_until(lambda: bus.stats.published >= 20 or task.done(), 20, "first publishes")
         await asyncio.to_thread(server.kill)
         file_at_kill = file.stats.published
         for _ in range(6):  # 3 s of outage
@@ -824,10 +719,10 @@ shutdown_timeout_s: 10
         bus_during = bus.stats.published
         await asyncio.to_thread(server.start)
         file_at_restart = file.stats.published
-        await until(lambda: bus.stats.reconnects >= 1 or task.done(), 20, "reconnect")
+        await wait_until(lambda: bus.stats.reconnects >= 1 or task.done(), 20, "reconnect")
         # let the backlog drain and a little more flow through the healthy link
-        await until(lambda: (bus.depth == 0 and bus.stats.published > file_at_restart)
-                    or task.done(), 30, "backlog drained")
+        await wait_until(lambda: (bus.depth == 0 and bus.stats.published > file_at_restart)
+                         or task.done(), 30, "backlog drained")
     finally:
         stop.set()
         await asyncio.wait_for(task, 30)
@@ -920,20 +815,6 @@ async def test_tls_configured_against_a_plain_server_is_refused(
     assert "does not require TLS" in str(info.value)
     with pytest.raises(SinkConnectionError):
         await sink.publish(messages(sample_events(symbols=1, updates=1), unique_topic()))
-
-
-def test_creds_need_the_nkeys_package(tmp_path: Path) -> None:
-    """nats-py imports ``nkeys`` only when it connects; the options say it up front."""
-    try:
-        import nkeys  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        pytest.skip("nkeys is installed")
-    for option in ("creds_file", "nkeys_seed"):
-        with pytest.raises(ValidationError) as info:
-            NatsOptions.model_validate({"servers": "nats://a:4222", option: str(tmp_path / "x")})
-        assert "pip install nkeys" in str(info.value)
 
 
 async def test_a_frozen_server_is_detected_by_pings_and_never_hangs(

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from bridge.testing import wait_until_sync
 from tests.support.proc import Proc, free_port, wait_port
 
 pytestmark = pytest.mark.integration
@@ -31,14 +32,6 @@ def get(url: str) -> tuple[int, str]:
             return r.status, r.read().decode()
     except urllib.error.HTTPError as e:
         return e.code, e.read().decode()
-
-
-def until(cond: object, timeout: float, what: str) -> float:
-    start = time.monotonic()
-    while not cond():  # type: ignore[operator]
-        assert time.monotonic() - start < timeout, f"{what}: not within {timeout}s"
-        time.sleep(0.1)
-    return time.monotonic() - start
 
 
 def start_sim(port: int, tmp: Path, name: str) -> Proc:
@@ -101,12 +94,13 @@ def total(m: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **
 def test_readyz_follows_the_upstream_and_metrics_add_up(bridge_setup: dict[str, object]) -> None:
     base = str(bridge_setup["base"])
     assert get(f"{base}/healthz")[0] == 200
-    until(lambda: get(f"{base}/readyz")[0] == 200, 15, "ready while prices flow")
+    wait_until_sync(lambda: get(f"{base}/readyz")[0] == 200, 15, "ready while prices flow")
     time.sleep(1.0)
 
     sim = bridge_setup["sim"]
     sim.stop()  # type: ignore[attr-defined]
-    took = until(lambda: get(f"{base}/readyz")[0] == 503, 3 + 5, "503 after the upstream stops")
+    took = wait_until_sync(lambda: get(f"{base}/readyz")[0] == 503, 3 + 5,
+                           "503 after the upstream stops")
     status, body = get(f"{base}/readyz")
     assert json.loads(body)["checks"]["upstream"]["ok"] is False
     assert took <= 8
@@ -114,7 +108,7 @@ def test_readyz_follows_the_upstream_and_metrics_add_up(bridge_setup: dict[str, 
 
     bridge_setup["sim"] = start_sim(int(bridge_setup["sim_port"]), Path(str(bridge_setup["tmp"])),
                                     "sim2")  # type: ignore[arg-type]
-    until(lambda: get(f"{base}/readyz")[0] == 200, 15, "ready again after recovery")
+    wait_until_sync(lambda: get(f"{base}/readyz")[0] == 200, 15, "ready again after recovery")
 
     m = metrics(base)
     received = total(m, "aleno_bridge_events_received_total")
@@ -146,7 +140,7 @@ def test_readyz_follows_the_upstream_and_metrics_add_up(bridge_setup: dict[str, 
 
 def test_no_secret_in_logs_validate_or_metrics(bridge_setup: dict[str, object]) -> None:
     base = str(bridge_setup["base"])
-    until(lambda: get(f"{base}/readyz")[0] == 200, 15, "ready")
+    wait_until_sync(lambda: get(f"{base}/readyz")[0] == 200, 15, "ready")
     _, text = get(f"{base}/metrics")
     _, ready = get(f"{base}/readyz")
     bridge = bridge_setup["bridge"]
@@ -217,7 +211,7 @@ routes:
 
 def test_top_renders_rates_of_a_running_bridge(bridge_setup: dict[str, object]) -> None:
     base = str(bridge_setup["base"])
-    until(lambda: get(f"{base}/readyz")[0] == 200, 15, "ready")
+    wait_until_sync(lambda: get(f"{base}/readyz")[0] == 200, 15, "ready")
     r = subprocess.run([*CLI, "top", "--url", f"{base}/metrics", "--once", "--interval", "1"],
                        capture_output=True, text=True, timeout=30,
                        env={**os.environ, "COLUMNS": "160"})
@@ -252,15 +246,16 @@ http: {{port: {http_port}}}
     base = f"http://127.0.0.1:{http_port}"
     try:
         wait_port(http_port, 20)
-        until(lambda: get(f"{base}/readyz")[0] == 200, 15, "ready")
+        wait_until_sync(lambda: get(f"{base}/readyz")[0] == 200, 15, "ready")
         nats.kill()
-        took = until(lambda: get(f"{base}/readyz")[0] == 503, 3 + 5, "503 after the broker dies")
+        took = wait_until_sync(lambda: get(f"{base}/readyz")[0] == 503, 3 + 5,
+                               "503 after the broker dies")
         body = json.loads(get(f"{base}/readyz")[1])
         assert body["checks"]["sink:bus"]["ok"] is False
         assert body["checks"]["sink:file"]["ok"] is True  # the other sink keeps going
         assert took <= 8
         nats.start()
-        until(lambda: get(f"{base}/readyz")[0] == 200, 20, "ready again after the broker")
+        wait_until_sync(lambda: get(f"{base}/readyz")[0] == 200, 20, "ready again after the broker")
         m = metrics(base)
         assert total(m, "aleno_bridge_sink_reconnects_total", sink="bus") >= 1
         assert total(m, "aleno_bridge_sink_events_dropped_total", sink="bus") == 0

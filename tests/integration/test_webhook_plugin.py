@@ -15,21 +15,22 @@ import subprocess
 import sys
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 import pytest
 from aiohttp import web
-from pydantic import ValidationError
 
 from bridge.app import Bridge
-from bridge.config import ConfigError, Settings, parse_config
+from bridge.config import Settings, parse_config
 from bridge.simulator import Simulator
-from bridge.sinks import Drivers, SinkConnectionError
+from bridge.sinks import SinkConnectionError
+from bridge.testing import wait_until
 from bridge.testing.conformance import BusProbe, Received, SinkConformance
 from bridge.testing.sample import messages, sample_events
+from tests.support.bridges import config_text as _config
 from tests.support.proc import venv_bin
 
 NOT_INSTALLED = (
@@ -47,8 +48,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
 @pytest.fixture(autouse=True)
 def _plugin_is_installed(request: pytest.FixtureRequest) -> None:
-    """Every test needs the installed plugin (the discovery test reports it itself)."""
-    if WebhookSink is None and request.function is not test_found_through_its_entry_point:
+    """Every test needs the installed plugin (tests/unit/test_driver_webhook.py's
+    discovery test reports it itself)."""
+    if WebhookSink is None:
         pytest.fail(NOT_INSTALLED, pytrace=False)
 
 TOKEN = "whk-8f3e1c0d-secret-token"
@@ -145,28 +147,8 @@ async def hook_server() -> AsyncIterator[HookServer]:
         await server.stop()
 
 
-async def until(cond: Callable[[], bool], within_s: float, what: str) -> None:
-    deadline = time.monotonic() + within_s
-    while not cond():
-        if time.monotonic() > deadline:
-            msg = f"{what}: not within {within_s}s"
-            raise AssertionError(msg)
-        await asyncio.sleep(0.02)
-
-
 # ---------------------------------------------------------------------------
 # (a), (b) discovery through the entry point only
-
-
-def test_found_through_its_entry_point() -> None:
-    infos = {i.name: i for i in Drivers().infos()}
-    info = infos.get("webhook")
-    if info is None:
-        pytest.fail(NOT_INSTALLED, pytrace=False)
-    assert info.error is None, info.error
-    assert info.distribution == "aleno-bridge-webhook"
-    assert info.target == "aleno_bridge_webhook:WebhookSink"
-    assert info.driver is WebhookSink
 
 
 def test_cli_lists_the_plugin() -> None:
@@ -204,7 +186,7 @@ class HookProbe(BusProbe):
 
     async def received(self, count: int, timeout: float) -> list[Received]:
         with contextlib.suppress(AssertionError):
-            await until(lambda: len(self._got()) >= count, timeout, "probe")
+            await wait_until(lambda: len(self._got()) >= count, timeout, "probe")
         return self._got()
 
     async def drop_connections(self) -> bool:
@@ -238,56 +220,8 @@ class TestWebhookConformance(SinkConformance):
 
 
 # ---------------------------------------------------------------------------
-# options, formats and the topic rule
-
-
-def test_options_refuse_what_cannot_work() -> None:
-    for bad in (
-        {"url": "ftp://127.0.0.1/hook"},
-        {"url": "127.0.0.1:8080/hook"},
-        {"url": "https://user:pw@example.com/hook"},
-        {"url": "http://127.0.0.1/hook", "headers": {"Authorization": "Bearer x"}},
-        {"url": "http://127.0.0.1/hook", "headers": {"X-Evil": "a\r\nX-Injected: 1"}},
-        {"url": "http://127.0.0.1/hook", "timeout_s": 0},
-    ):
-        with pytest.raises(ValidationError):
-            WebhookOptions.model_validate(bad)
-    ok = WebhookOptions.model_validate({"url": "https://example.com/h", "auth_token": TOKEN})
-    assert ok.tls_verify is True
-
-
-def _config(sim_url: str, sinks: str, routes: str, tickers: str = "[BTC/USD, ETH/USD]",
-            equities: str = "[AAPL]") -> str:
-    return f"""
-source:
-  url: {sim_url}
-  api_key: test-key
-  tickers: {tickers}
-  equities: {equities}
-sinks:
-{sinks}
-routes:
-{routes}
-http: {{enabled: false}}
-shutdown_timeout_s: 5
-"""
-
-
-def test_config_refuses_binary_format_and_unsendable_topics() -> None:
-    sinks = "  hook: {driver: webhook, url: 'http://127.0.0.1:9/h', format: cloudevents-binary}"
-    routes = "  - {sinks: [hook]}"
-    with pytest.raises(ConfigError) as err:
-        parse_config(_config("http://127.0.0.1:9", sinks, routes))
-    assert "does not carry 'cloudevents-binary'" in str(err.value)
-
-    sinks = "  hook: {driver: webhook, url: 'http://127.0.0.1:9/h'}"
-    routes = "  - {sinks: [hook], topic: 'prices {symbol}'}"
-    with pytest.raises(ConfigError) as err:
-        parse_config(_config("http://127.0.0.1:9", sinks, routes))
-    assert "HTTP header" in str(err.value)
-
-    assert WebhookSink.safe_token("A B\u00e9") == "A_B_"
-    assert WebhookSink.check_topic("prices.ticker.BTC/USD") is None
+# configurations of the tests below (options, formats and the topic rule without
+# an endpoint: tests/unit/test_driver_webhook.py)
 
 
 # ---------------------------------------------------------------------------
@@ -335,8 +269,8 @@ async def test_end_to_end_simulator_to_webhook(
         return {r.get("symbol", r.get("id")) for r in hook_server.accepted_items("/raw")}
 
     async with running(settings) as bridge:
-        await until(lambda: subjects() == want and raw_symbols() == want, 15.0,
-                    "every subscribed symbol on both endpoints")
+        await wait_until(lambda: subjects() == want and raw_symbols() == want, 15.0,
+                         "every subscribed symbol on both endpoints")
     assert subjects() == want and raw_symbols() == want  # nothing unsubscribed arrived
 
     def topic_of(kind: str, symbol: str) -> str:
@@ -397,7 +331,8 @@ async def test_5xx_408_429_are_retried_until_the_endpoint_recovers(
     routed: list[str] = []
     async with running(_one_sink(simulator.url, hook_server)) as bridge:
         bridge.add_tap(lambda ev: routed.append(ev.id))
-        await until(lambda: len(hook_server.accepted()) >= 3, 15.0, "deliveries after recovery")
+        await wait_until(lambda: len(hook_server.accepted()) >= 3, 15.0,
+                         "deliveries after recovery")
     stats = bridge.workers["hook"].stats
     assert [p.status for p in hook_server.posts[: len(failures)]] == failures
     first_try = {env["id"] for env in hook_server.posts[0].items}
@@ -418,7 +353,7 @@ async def test_4xx_drops_the_batch_as_rejected(
     caplog.set_level(logging.DEBUG)
     hook_server.script.append(400)
     async with running(_one_sink(simulator.url, hook_server)) as bridge:
-        await until(lambda: len(hook_server.accepted()) >= 2, 15.0, "deliveries after the 400")
+        await wait_until(lambda: len(hook_server.accepted()) >= 2, 15.0, "deliveries after the 400")
     stats = bridge.workers["hook"].stats
     rejected = hook_server.posts[0]
     assert rejected.status == 400
@@ -439,13 +374,14 @@ async def test_connection_refused_is_retried_and_nothing_is_lost(
     async with running(_one_sink(simulator.url, hook_server)) as bridge:
         bridge.add_tap(lambda ev: routed.append(ev.id))
         stats = bridge.workers["hook"].stats
-        await until(lambda: stats.published > 0, 15.0, "a first delivery")
+        await wait_until(lambda: stats.published > 0, 15.0, "a first delivery")
         await hook_server.stop()  # nothing listens on the port: connection refused
         failed = stats.failed_batches
-        await until(lambda: stats.failed_batches >= failed + 2, 10.0, "failing while down")
+        await wait_until(lambda: stats.failed_batches >= failed + 2, 10.0, "failing while down")
         before = len(hook_server.accepted())
         await hook_server.start()
-        await until(lambda: len(hook_server.accepted()) >= before + 2, 15.0, "delivering again")
+        await wait_until(lambda: len(hook_server.accepted()) >= before + 2, 15.0,
+                         "delivering again")
     delivered = {env["id"] for env in hook_server.accepted_items()}
     assert set(routed) <= delivered, f"{len(set(routed) - delivered)} event(s) lost"
     assert stats.dropped == {}

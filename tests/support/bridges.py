@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -12,7 +11,26 @@ import pytest
 from bridge.app import Bridge
 from bridge.config import Settings
 from bridge.source import AlenoSource
-from bridge.testing import MemorySink
+from bridge.testing import MemorySink, wait_until
+
+
+def config_text(sim_url: str, sinks: str, routes: str, tickers: str = "[BTC/USD, ETH/USD]",
+                equities: str = "[AAPL]") -> str:
+    """A configuration file's text: the simulator at ``sim_url``, these sinks and routes
+    (YAML lines, indented by the caller), no HTTP, a short shutdown."""
+    return f"""
+source:
+  url: {sim_url}
+  api_key: test-key
+  tickers: {tickers}
+  equities: {equities}
+sinks:
+{sinks}
+routes:
+{routes}
+http: {{enabled: false}}
+shutdown_timeout_s: 5
+"""
 
 
 class Running:
@@ -29,13 +47,7 @@ class Running:
 
     async def until(self, cond: Callable[[], bool], timeout: float = 10.0) -> float:
         """Wait until ``cond()`` holds; fail if the bridge ended or time ran out."""
-        start = time.monotonic()
-        while not cond():
-            if self.task.done():
-                self.task.result()
-            assert time.monotonic() - start < timeout, "condition not met in time"
-            await asyncio.sleep(0.02)
-        return time.monotonic() - start
+        return await wait_until(cond, timeout, task=self.task)
 
 
 @pytest.fixture

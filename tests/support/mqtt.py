@@ -47,6 +47,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from bridge.testing.conformance import BusProbe, Received
+from bridge.testing.wait import wait_until, wait_until_sync
 from tests.support.proc import Proc, free_port, own_brokers, port_open, venv_bin, wait_port
 from tests.support.tls import TlsFiles
 
@@ -482,8 +483,8 @@ class MqttConsumer:
             kwargs = {"clean_start": self.clean_start, "properties": props}
         self.client.connect(self.broker.host, self.broker.port, 30, **kwargs)
         self.client.loop_start()
-        _wait(lambda: self.state.connects > 0 or self.state.refused is not None, timeout,
-              "consumer CONNACK")
+        wait_until_sync(lambda: self.state.connects > 0 or self.state.refused is not None,
+                        timeout, "consumer CONNACK", interval=0.01)
         if self.state.refused is not None:
             msg = f"the broker refused the consumer: {self.state.refused}"
             raise ConnectionError(msg)
@@ -496,7 +497,8 @@ class MqttConsumer:
         if mid is None:
             msg = f"the consumer is not connected; cannot subscribe to {topic}"
             raise AssertionError(msg)
-        await _await(lambda: mid in self.state.subacks, timeout, f"SUBACK for {topic}")
+        await wait_until(lambda: mid in self.state.subacks, timeout, f"SUBACK for {topic}",
+                         interval=0.01)
         reasons = self.state.subacks[mid]
         if any(r.is_failure for r in reasons):
             msg = f"subscription to {topic} refused: {reasons}"
@@ -506,11 +508,12 @@ class MqttConsumer:
         """Wait until the consumer reconnected (more than ``after_connects`` CONNACKs) and
         holds its subscriptions again (restored session or new SUBACKs)."""
         state = self.state
-        await _await(lambda: state.connects > after_connects, timeout, "consumer reconnect")
+        await wait_until(lambda: state.connects > after_connects, timeout, "consumer reconnect",
+                         interval=0.01)
         if not state.session_present and self.topics:
-            await _await(lambda: not state.resubscribing
-                         and all(m in state.subacks for m in state.resubscribes),
-                         timeout, "SUBACK after reconnect")
+            await wait_until(lambda: not state.resubscribing
+                             and all(m in state.subacks for m in state.resubscribes),
+                             timeout, "SUBACK after reconnect", interval=0.01)
 
     def messages(self) -> list[Got]:
         with self.state.lock:
@@ -518,7 +521,8 @@ class MqttConsumer:
 
     async def wait_count(self, count: int, timeout: float) -> list[Got]:
         with contextlib.suppress(AssertionError):
-            await _await(lambda: len(self.state.messages) >= count, timeout, "messages")
+            await wait_until(lambda: len(self.state.messages) >= count, timeout, "messages",
+                             interval=0.01)
         return self.messages()
 
     def close(self) -> None:
@@ -571,21 +575,3 @@ class MqttProbe(BusProbe):
 
     async def close(self) -> None:
         self.consumer.close()
-
-
-def _wait(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            msg = f"timed out after {timeout}s waiting for {what}"
-            raise AssertionError(msg)
-        time.sleep(0.01)
-
-
-async def _await(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            msg = f"timed out after {timeout}s waiting for {what}"
-            raise AssertionError(msg)
-        await asyncio.sleep(0.01)

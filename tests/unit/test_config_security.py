@@ -6,6 +6,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import pytest
+from aleno_bridge_plugins.kafka_sink import KafkaSink
+from aleno_bridge_plugins.mqtt_sink import MqttSink
+from aleno_bridge_plugins.nats_sink import NatsSink
 
 from bridge.config import (
     ConfigError,
@@ -16,9 +19,6 @@ from bridge.config import (
 )
 from bridge.sinks import Drivers, Message, Sink, SinkOptions
 from bridge.testing import MemorySink
-from plugins.kafka_sink import KafkaSink
-from plugins.mqtt_sink import MqttSink
-from plugins.nats_sink import NatsSink
 
 SECRET = "hunter2-do-not-print"
 

@@ -93,6 +93,20 @@ def test_a_message_keeps_the_light_header_not_the_event() -> None:
     assert len(caught) == 4 and all(w.category is DeprecationWarning for w in caught)
 
 
+def test_a_header_of_a_raw_body_decodes_data_through_the_normalizer() -> None:
+    import warnings
+
+    from bridge.testing import sample_events
+
+    for kind in ("ticker", "equity"):
+        ev = sample_events(symbols=1, updates=1, kind=kind)[0]
+        ev.encoded("raw")  # the first format encoded is the one the header keeps
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            assert ev.header.data == ev.data
+            assert ev.header.raw == ev.raw
+
+
 def test_encoded_bodies_are_exact_size() -> None:
     import sys
 

@@ -12,7 +12,7 @@ import pytest
 from bridge.config import SinkCommon, SinkSpec
 from bridge.runner import SinkWorker
 from bridge.sinks import Drivers, SinkRejectedError
-from bridge.testing import MemoryOptions, MemorySink, messages, sample_events
+from bridge.testing import MemoryOptions, MemorySink, messages, sample_events, wait_until
 
 
 def worker(policy: str = "drop_oldest", max_events: int = 100, batch: int = 10,
@@ -35,13 +35,6 @@ def balanced(w: SinkWorker) -> bool:
     return s.offered == s.published + sum(s.dropped.values()) + s.conflated + w.depth
 
 
-async def until(cond: Any, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.005)
-
-
 def msgs(symbols: int, updates: int) -> list[Any]:
     return messages(sample_events(symbols=symbols, updates=updates), "t")
 
@@ -52,7 +45,7 @@ async def test_batches_are_delivered_in_order() -> None:
     ms = msgs(3, 10)
     for m in ms:
         w.offer(m)
-    await until(lambda: w.stats.published == len(ms))
+    await wait_until(lambda: w.stats.published == len(ms))
     assert [m.id for m in sink.received] == [m.id for m in ms]
     assert max(sink.batches) <= 7
     assert balanced(w)
@@ -66,7 +59,7 @@ async def test_drop_oldest_keeps_the_newest_and_counts() -> None:
         assert w.offer(m) is None
     assert w.stats.dropped == {"buffer_full": 7} and balanced(w)
     w.start()
-    await until(lambda: w.depth == 0)
+    await wait_until(lambda: w.depth == 0)
     assert [m.id for m in sink.received] == [m.id for m in ms[-5:]]
     assert balanced(w)
     await w.stop(1)
@@ -78,7 +71,7 @@ async def test_drop_newest_keeps_what_is_queued() -> None:
     for m in ms:
         w.offer(m)
     w.start()
-    await until(lambda: w.depth == 0)
+    await wait_until(lambda: w.depth == 0)
     assert [m.id for m in sink.received] == [m.id for m in ms[:5]]
     assert w.stats.dropped == {"buffer_full": 7} and balanced(w)
     await w.stop(1)
@@ -97,7 +90,7 @@ async def test_block_waits_for_room_and_loses_nothing() -> None:
             if waited == 1:
                 sink.release()
             await asyncio.wait_for(pending, 5)
-    await until(lambda: w.stats.published == 10)
+    await wait_until(lambda: w.stats.published == 10)
     assert waited > 0
     assert [m.id for m in sink.received] == [m.id for m in ms]
     assert w.stats.dropped == {} and balanced(w)
@@ -111,7 +104,7 @@ async def test_conflate_keeps_only_the_latest_per_symbol_while_behind() -> None:
         w.offer(m)
     assert w.depth == 4 and w.stats.conflated == 96 and balanced(w)
     w.start()
-    await until(lambda: w.depth == 0)
+    await wait_until(lambda: w.depth == 0)
     latest = {m.event.symbol: m.id for m in ms}
     assert sorted(m.id for m in sink.received) == sorted(latest.values())
     assert balanced(w)
@@ -132,7 +125,7 @@ async def test_failed_batches_are_retried_not_lost() -> None:
     ms = msgs(2, 10)
     for m in ms:
         w.offer(m)
-    await until(lambda: w.stats.published == 20)
+    await wait_until(lambda: w.stats.published == 20)
     assert [m.id for m in sink.received] == [m.id for m in ms]
     assert w.stats.failed_batches == 3 and sink.connects >= 2 and w.stats.reconnects >= 1
     assert balanced(w)
@@ -145,7 +138,7 @@ async def test_a_rejected_batch_is_dropped_and_counted() -> None:
     w.start()
     for m in msgs(1, 10):
         w.offer(m)
-    await until(lambda: w.stats.published == 5)
+    await wait_until(lambda: w.stats.published == 5)
     assert w.stats.dropped == {"rejected": 5} and balanced(w)
     await w.stop(1)
 
@@ -167,7 +160,7 @@ async def test_a_down_bus_does_not_slow_a_healthy_sink_beside_it() -> None:
             healthy.offer(m)
             if with_dead:
                 dead.offer(m)
-        await until(lambda: healthy.stats.published == len(ms), 20)
+        await wait_until(lambda: healthy.stats.published == len(ms), 20)
         elapsed = time.perf_counter() - started
         if with_dead:
             assert dead.stats.published == 0 and dead.stats.dropped["buffer_full"] > 0
@@ -187,7 +180,7 @@ async def test_a_partly_rejected_batch_counts_the_delivered_rest_as_published() 
     w.start()
     for m in msgs(1, 5):
         w.offer(m)
-    await until(lambda: w.depth == 0)
+    await wait_until(lambda: w.depth == 0)
     assert w.stats.dropped == {"rejected": 2} and w.stats.published == 3 and balanced(w)
     await w.stop(1)
 
@@ -198,7 +191,7 @@ async def test_a_driver_bug_drops_the_batch_loudly_and_the_sink_goes_on(caplog: 
     w.start()
     for m in msgs(1, 10):
         w.offer(m)
-    await until(lambda: w.stats.published == 5)
+    await wait_until(lambda: w.stats.published == 5)
     assert w.stats.dropped == {"driver_error": 5} and balanced(w)
     assert any(r.exc_info and "KeyError" in str(r.exc_info[1].__class__) for r in caplog.records)
     await w.stop(1)
@@ -226,7 +219,7 @@ async def test_close_is_called_once_per_failure_and_at_stop() -> None:
     w, sink = worker()
     w.start()
     w.offer(msgs(1, 1)[0])
-    await until(lambda: w.stats.published == 1)
+    await wait_until(lambda: w.stats.published == 1)
     await w.stop(1)
     await w.stop(1)  # a second stop is harmless
     assert sink.closes >= 1
@@ -317,7 +310,7 @@ async def test_a_batch_larger_than_the_buffer_is_cut_to_the_buffer() -> None:
         await asyncio.sleep(0)
         assert w.depth <= 5 and balanced(w)
     sink.release()
-    await until(lambda: w.depth == 0)
+    await wait_until(lambda: w.depth == 0)
     assert max(sink.batches) <= 5 and balanced(w)
     await w.stop(1)
 
@@ -328,7 +321,7 @@ async def test_a_rejection_is_recorded_for_readiness() -> None:
     w.start()
     for m in msgs(1, 5):
         w.offer(m)
-    await until(lambda: w.depth == 0)
+    await wait_until(lambda: w.depth == 0)
     assert w.stats.rejections == 1
     assert w.stats.last_rejection is not None and "too large" in w.stats.last_rejection
     assert w.stats.last_error is not None and "too large" in w.stats.last_error
@@ -353,7 +346,7 @@ async def test_refused_events_go_to_the_dead_letter_sink_with_why(fmt: str) -> N
     ms = messages(sample_events(symbols=1, updates=10), "t", fmt)
     for m in ms:
         w.offer(m)
-    await until(lambda: w.depth == 0 and dead.stats.published == 5)
+    await wait_until(lambda: w.depth == 0 and dead.stats.published == 5)
     assert w.stats.dropped == {"dead_lettered": 5} and w.stats.published == 5
     assert balanced(w) and balanced(dead)
     got = dsink.received
@@ -384,7 +377,7 @@ async def test_only_the_refused_messages_of_a_partial_rejection_are_dead_lettere
     dead.start()
     for m in ms:
         w.offer(m)
-    await until(lambda: w.depth == 0 and dead.stats.published == 2)
+    await wait_until(lambda: w.depth == 0 and dead.stats.published == 2)
     assert [m.id for m in dsink.received] == [ms[1].id, ms[3].id]
     assert w.stats.dropped == {"dead_lettered": 2} and w.stats.published == 3
     assert balanced(w) and balanced(dead)
@@ -401,7 +394,7 @@ async def test_a_partial_rejection_given_as_a_count_only_is_dropped_not_dead_let
     dead.start()
     for m in msgs(1, 5):
         w.offer(m)
-    await until(lambda: w.depth == 0)
+    await wait_until(lambda: w.depth == 0)
     assert w.stats.dropped == {"rejected": 2} and w.stats.published == 3
     assert dead.stats.offered == 0 and not dsink.received
     assert any("did not say which" in r.getMessage() for r in caplog.records)
@@ -416,7 +409,7 @@ async def test_a_bus_that_is_down_never_dead_letters() -> None:
     dead.start()
     for m in msgs(1, 10):
         w.offer(m)
-    await until(lambda: w.stats.published == 10)
+    await wait_until(lambda: w.stats.published == 10)
     assert w.stats.failed_batches == 3 and w.stats.dropped == {}
     assert dead.stats.offered == 0
     await w.stop(1)
@@ -430,7 +423,7 @@ async def test_dead_lettering_never_waits_on_a_full_block_dead_letter_sink() -> 
     w.start()  # the dead-letter worker is not started: its buffer fills up
     for m in msgs(1, 5):
         w.offer(m)
-    await until(lambda: w.depth == 0)
+    await wait_until(lambda: w.depth == 0)
     assert w.stats.dropped == {"dead_lettered": 5}
     assert dead.stats.offered == 5 and dead.stats.dropped == {"buffer_full": 3}
     assert balanced(dead) and dead.blocked == 0

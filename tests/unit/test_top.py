@@ -1,12 +1,17 @@
-"""``aleno-bridge top`` reads only http(s) metrics endpoints."""
+"""``aleno-bridge top`` reads only http(s) metrics endpoints, by the names the bridge
+exports."""
 
 from __future__ import annotations
 
 import argparse
 
 import pytest
+from prometheus_client import generate_latest
+from rich.console import Console
 
-from bridge.top import check_url, run_top, scrape
+from bridge import metrics as m
+from bridge.top import check_url, parse, render, run_top, scrape
+from tests.unit.test_metrics import snapshot
 
 
 @pytest.mark.parametrize("url", ["file:///etc/passwd", "ftp://host/metrics", "http://", "/tmp/x"])
@@ -22,3 +27,20 @@ def test_non_http_urls_are_refused(url: str, capsys: pytest.CaptureFixture[str])
 def test_http_urls_are_accepted() -> None:
     assert check_url("http://127.0.0.1:9464/metrics") is None
     assert check_url("https://bridge.internal/metrics") is None
+
+
+
+def test_the_table_reads_the_names_the_bridge_exports() -> None:
+    """``top`` and the collector share the metric names: a renamed metric shows here."""
+    metrics = m.Metrics()
+    metrics.attach(snapshot)
+    text = generate_latest(metrics.registry).decode()
+    console = Console(width=200, record=True)
+    console.print(render(parse(text, 0.0), parse(text, 1.0)))
+    out = console.export_text()
+    assert "upstream subscribed  received/s 0.0  invalid 4" in out
+    assert "reconnects 2" in out
+    row = next(line for line in out.splitlines() if " bus " in line)
+    cells = [c.strip() for c in row.split("│")[1:-1]]
+    # sink, state, published/s, published, queue, fill, dropped, conflated, failures
+    assert cells == ["bus", "failing", "0.0", "10", "5", "10%", "3", "2", "7"]

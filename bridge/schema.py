@@ -1,0 +1,273 @@
+"""The configuration file's schema: pydantic models, one per section.
+
+Every model refuses unknown keys and non-finite floats (``.inf``, ``.nan`` are never a
+meaningful timeout, interval or size). A sink section mixes the keys every sink has
+(:class:`SinkCommon`) with the driver's own options, which are kept as extras here and
+validated by the driver's ``options_model`` when the settings are resolved
+(``bridge.settings``). Reading the file and ``${VAR}`` interpolation are in
+``bridge.loading``; the template rules in ``bridge.templates``.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
+
+from bridge.envelope import Format
+from bridge.templates import template_problem
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; ``problems`` holds one ``path: message`` per problem."""
+
+    def __init__(self, problems: Iterable[str], source: str = "configuration") -> None:
+        self.problems = list(problems)
+        self.source = source
+        body = "\n".join(f"  {p}" for p in self.problems)
+        super().__init__(f"{source} is invalid ({len(self.problems)} problem(s)):\n{body}")
+
+
+def key_problem(key: str) -> str | None:
+    """Why ``key`` cannot be an API key, or ``None``: a key is one line without
+    whitespace or control characters. The message never quotes the key."""
+    for i, ch in enumerate(key, 1):
+        if ch.isspace() or unicodedata.category(ch).startswith("C"):
+            return ("the key must be one line without whitespace or control characters "
+                    f"(found one at character {i})")
+    return None
+
+
+class _Model(BaseModel):
+    # ``.inf`` / ``.nan`` are never a meaningful timeout, interval or size
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class BackoffConfig(_Model):
+    """``source.backoff``: the delays between reconnects to the upstream.
+
+    The runtime schedule is :class:`bridge.backoff.Backoff`. A sink's delays between
+    publish retries are :class:`RetryConfig` (``initial_backoff_s``, ``max_backoff_s``):
+    the key names differ because each is user contract in its own section.
+    """
+
+    initial_s: float = Field(0.5, gt=0)
+    max_s: float = Field(30.0, gt=0)
+
+
+class ShardConfig(_Model):
+    """This process subscribes only to the symbols of shard ``index`` of ``count``."""
+
+    index: int = Field(ge=0)
+    count: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _index_in_range(self) -> ShardConfig:
+        if self.index >= self.count:
+            msg = f"index {self.index} must be smaller than count {self.count}"
+            raise ValueError(msg)
+        return self
+
+
+class SourceConfig(_Model):
+    url: str = "https://pricing.aleno.ai"
+    path: str = "/v1/socket"
+    api_key: SecretStr | None = None
+    api_key_file: Path | None = None
+    tickers: list[str] = Field(default_factory=list)
+    equities: list[str] = Field(default_factory=list)
+    #: reconnect when no update arrived for this long while subscribed
+    stale_after_s: float = Field(10.0, gt=0)
+    connect_timeout_s: float = Field(10.0, gt=0)
+    #: give up (exit non-zero) after this many refusals of the API key in a row
+    max_auth_failures: int = Field(3, ge=1)
+    #: give up after this many failed connection attempts in a row (0: never give up)
+    max_connect_attempts: int = Field(0, ge=0)
+    backoff: BackoffConfig = Field(default_factory=BackoffConfig)
+    tls_verify: bool = True
+    shard: ShardConfig | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, v: str) -> str:
+        # messages never quote the URL: it could hold a password
+        if not re.match(r"^https?://[^\s/]+", v):
+            msg = "must be an http:// or https:// URL"
+            raise ValueError(msg)
+        try:
+            parts = urlsplit(v)
+        except ValueError:
+            msg = "is not a valid URL (an IPv6 address goes in brackets: http://[::1]:8765)"
+            raise ValueError(msg) from None
+        if parts.username is not None or parts.password is not None:
+            msg = "must not carry credentials; put the API key in source.api_key or api_key_file"
+            raise ValueError(msg)
+        try:
+            port = parts.port
+        except ValueError:
+            port = -1
+        if port is not None and not 0 < port < 65536:
+            msg = "the port must be a number from 1 to 65535"
+            raise ValueError(msg)
+        if not parts.hostname:
+            msg = "has no host name"
+            raise ValueError(msg)
+        return v.rstrip("/")
+
+    @field_validator("api_key")
+    @classmethod
+    def _one_line_key(cls, v: SecretStr | None) -> SecretStr | None:
+        # the rule of api_key_file: one trailing newline (a secret mounted as an
+        # environment variable often has one) is dropped, any other whitespace refused
+        if v is None:
+            return None
+        key = v.get_secret_value().removesuffix("\n").removesuffix("\r")
+        problem = key_problem(key)
+        if problem is not None:
+            raise ValueError(problem)
+        return SecretStr(key)
+
+    @field_validator("tickers", "equities")
+    @classmethod
+    def _symbols(cls, v: list[str]) -> list[str]:
+        out: list[str] = []
+        for s in v:
+            n = s.strip().upper()
+            if not n:
+                msg = "symbols must not be empty"
+                raise ValueError(msg)
+            if n not in out:
+                out.append(n)
+        return out
+
+    @model_validator(mode="after")
+    def _one_key(self) -> SourceConfig:
+        if self.api_key is not None and self.api_key_file is not None:
+            msg = "set api_key or api_key_file, not both"
+            raise ValueError(msg)
+        return self
+
+    @property
+    def endpoint(self) -> str:
+        """The CloudEvents ``source`` attribute: URL and Socket.IO path."""
+        return f"{self.url}{self.path}"
+
+
+class BufferConfig(_Model):
+    max_events: int = Field(10_000, ge=1)
+    when_full: Literal["block", "drop_oldest", "drop_newest", "conflate"] = "drop_oldest"
+
+
+class BatchConfig(_Model):
+    max_events: int = Field(500, ge=1)
+    linger_ms: float = Field(5.0, ge=0)
+
+
+class RetryConfig(_Model):
+    """A sink's ``retry``: publish retries with backoff (:class:`bridge.backoff.Backoff`)
+    and the timeouts of one publish and one connection attempt."""
+
+    initial_backoff_s: float = Field(0.2, gt=0)
+    max_backoff_s: float = Field(30.0, gt=0)
+    publish_timeout_s: float = Field(15.0, gt=0)
+    connect_timeout_s: float = Field(15.0, gt=0)
+
+
+class SinkCommon(BaseModel):
+    """The keys every sink has; the rest of the section belongs to the driver."""
+
+    model_config = ConfigDict(extra="allow")
+
+    driver: str
+    format: Format = "cloudevents-json"
+    buffer: BufferConfig = Field(default_factory=BufferConfig)
+    batch: BatchConfig = Field(default_factory=BatchConfig)
+    retry: RetryConfig = Field(default_factory=RetryConfig)
+    #: a required sink must be connected and publishing for ``/readyz`` to be 200
+    required: bool = True
+    #: the sink that receives the events this sink's bus refuses for good (too large,
+    #: invalid topic, not authorized), with ``deadletter*`` extension attributes
+    dead_letter: str | None = None
+
+
+class Match(_Model):
+    kind: Literal["ticker", "equity", "*"] = "*"
+    symbols: list[str] = Field(default_factory=lambda: ["*"], min_length=1)
+    exclude: list[str] = Field(default_factory=list)
+
+
+class RouteConfig(_Model):
+    name: str | None = None
+    match: Match = Field(default_factory=Match)
+    sinks: list[str] = Field(min_length=1)
+    topic: str = "aleno.{kind}.{symbol}"
+    key: str = "{symbol}"
+    publish: Literal["all", "on_change"] = "all"
+    min_interval_s: float = Field(0.0, ge=0)
+
+    @field_validator("topic", "key")
+    @classmethod
+    def _template(cls, v: str) -> str:
+        problem = template_problem(v)
+        if problem:
+            raise ValueError(problem)
+        return v
+
+
+class HttpConfig(_Model):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(9464, ge=0, le=65535)
+    #: connections beyond this are closed at once (protects the sinks' file descriptors)
+    max_connections: int = Field(64, ge=1, le=10_000)
+    #: a connection that has not sent a complete request for this long is closed
+    idle_timeout_s: float = Field(10.0, gt=0, le=3600)
+
+
+class LogConfig(_Model):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["auto", "json", "text"] = "auto"
+
+
+class Config(_Model):
+    source: SourceConfig = Field(default_factory=SourceConfig)
+    sinks: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")], SinkCommon] = Field(
+        min_length=1
+    )
+    routes: list[RouteConfig] = Field(default_factory=list)
+    http: HttpConfig = Field(default_factory=HttpConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
+    shutdown_timeout_s: float = Field(10.0, ge=0)
+    #: events received but not yet routed, at most (a ``block`` sink that is behind
+    #: makes them wait); the ones that do not fit are dropped and counted
+    intake_max_events: int = Field(10_000, ge=1)
+
+
+__all__ = [
+    "BackoffConfig",
+    "BatchConfig",
+    "BufferConfig",
+    "Config",
+    "ConfigError",
+    "HttpConfig",
+    "LogConfig",
+    "Match",
+    "RetryConfig",
+    "RouteConfig",
+    "ShardConfig",
+    "SinkCommon",
+    "SourceConfig",
+    "key_problem",
+]

@@ -1,0 +1,230 @@
+"""The read model of a running bridge: what operator code (metrics, ``/readyz``,
+``top``, ``tap``) may know of it.
+
+Every part of the data path answers ``snapshot()`` with one of these frozen values,
+taken at once from its plain counters; :meth:`bridge.app.Bridge.snapshot` gathers
+them. Readers never touch the parts themselves, so the data path may change how it
+counts without breaking them, and a snapshot can be read outside the event loop.
+
+States are string enums: a state prints, compares and serializes exactly as its
+value (``UpstreamState.SUBSCRIBED == "subscribed"``), which is what metric labels and
+the ``/readyz`` JSON show.
+
+This module imports nothing of the bridge: every other module may depend on it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from types import MappingProxyType
+from typing import Any
+
+
+class UpstreamState(StrEnum):
+    """The upstream connection (see the state machine in :mod:`bridge.source`)."""
+
+    IDLE = "idle"
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
+    SUBSCRIBED = "subscribed"
+    DISCONNECTED = "disconnected"
+    REFUSED = "refused"
+    STOPPED = "stopped"
+
+
+class SinkState(StrEnum):
+    """One sink's connection to its bus (see :mod:`bridge.runner`)."""
+
+    IDLE = "idle"
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
+    FAILING = "failing"
+    CLOSED = "closed"
+
+
+#: the acknowledgement statuses of the upstream's subscribe requests
+ACK_STATUSES = ("ok", "partial", "error")
+#: the kinds of price events
+KINDS = ("ticker", "equity")
+#: reasons every sink reports a drop count for, even while zero
+SINK_DROP_REASONS = ("buffer_full", "rejected", "dead_lettered", "driver_error", "shutdown")
+#: reasons the intake reports a drop count for, even while zero
+PIPELINE_DROP_REASONS = ("intake_full", "shutdown")
+
+
+def frozen_counts(counts: Mapping[Any, int]) -> Mapping[Any, int]:
+    """A read-only copy of ``counts`` (a snapshot never changes after it is taken)."""
+    return MappingProxyType(dict(counts))
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamSnapshot:
+    """The upstream connection and its subscriptions."""
+
+    state: UpstreamState
+    #: an update arrived on the current connection
+    flowing: bool
+    #: seconds since the last update on the current connection (``None``: none yet)
+    seconds_since_update: float | None
+    #: ``source.stale_after_s``: an older last update makes the upstream not ready
+    stale_after_s: float
+    connects: int
+    reconnects: int
+    connect_failures: int
+    watchdog_restarts: int
+    #: subscribe acknowledgements, by status
+    acks: Mapping[str, int]
+    #: distinct symbols the upstream rejected as unsupported
+    rejected_symbols: int
+    #: symbols subscribed after the last acknowledgement, by kind
+    subscriptions: Mapping[str, int]
+    #: the cause of the last failed attempt or drop (cleared when data flows)
+    last_error: str | None
+
+    @property
+    def ready(self) -> bool:
+        """Subscribed, and a price arrived on this connection within ``stale_after_s``."""
+        since = self.seconds_since_update
+        return (self.state == UpstreamState.SUBSCRIBED and self.flowing
+                and since is not None and since <= self.stale_after_s)
+
+
+@dataclass(frozen=True, slots=True)
+class NormalizerSnapshot:
+    """Records received and records dropped by validation."""
+
+    #: upstream records received, by kind
+    received: Mapping[str, int]
+    #: records (and unreadable packets) dropped, by (kind, reason)
+    invalid: Mapping[tuple[str, str], int]
+
+
+@dataclass(frozen=True, slots=True)
+class RouterSnapshot:
+    """Events no route wanted, and events a route's gate held back."""
+
+    unrouted: int
+    #: events a gate (``on_change``, ``min_interval``) skipped, by (route, reason)
+    filtered: Mapping[tuple[str, str], int]
+
+
+@dataclass(frozen=True, slots=True)
+class IntakeSnapshot:
+    """The bounded queue between the receive loop and the router."""
+
+    events: int
+    capacity: int
+    #: valid events dropped before routing, by reason (``intake_full``, ``shutdown``)
+    dropped: Mapping[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class SinkSnapshot:
+    """One sink worker: its state, its buffer and its counters."""
+
+    name: str
+    driver: str
+    state: SinkState
+    #: connected, and the last publish (if any) succeeded
+    ready: bool
+    #: its readiness is part of the bridge's
+    required: bool
+    depth: int
+    capacity: int
+    #: ``block`` offers waiting for room (not offered yet)
+    blocked: int
+    offered: int
+    published: int
+    conflated: int
+    dropped: Mapping[str, int]
+    failed_batches: int
+    reconnects: int
+    rejections: int
+    last_error: str | None
+    #: the last permanent refusal by the bus, and how long ago (``None``: never)
+    last_rejection: str | None
+    seconds_since_rejection: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Destination:
+    """Where one route sends the events of one (kind, symbol): a sink, under a topic
+    and a key (``None``: the route sets no key)."""
+
+    route: str
+    sink: str
+    topic: str
+    key: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class BridgeSnapshot:
+    """The whole bridge at one moment."""
+
+    #: ``None`` for a bridge built without a source (events are ingested directly)
+    upstream: UpstreamSnapshot | None
+    normalizer: NormalizerSnapshot
+    router: RouterSnapshot
+    intake: IntakeSnapshot
+    sinks: tuple[SinkSnapshot, ...]
+
+
+def readiness(snap: BridgeSnapshot,
+              redact: Callable[[str], str]) -> tuple[bool, dict[str, Any]]:
+    """Whether the bridge is ready, and the checks behind the answer (``/readyz``).
+
+    Ready: the upstream (if any) is :attr:`UpstreamSnapshot.ready` and every required
+    sink is ready. Every error text goes through ``redact``.
+    """
+    checks: dict[str, Any] = {}
+    ok = True
+    up = snap.upstream
+    if up is not None:
+        upstream_ok = up.ready
+        since = up.seconds_since_update
+        checks["upstream"] = {
+            "ok": upstream_ok,
+            "state": up.state.value,
+            "seconds_since_update": None if since is None else round(since, 3),
+            "error": redact(up.last_error) if up.last_error and not upstream_ok else None,
+        }
+        ok = ok and upstream_ok
+    for sink in snap.sinks:
+        # not ready: why (the connection error, or the refusal of the last publish)
+        error = (sink.last_error or sink.last_rejection) if not sink.ready else None
+        check: dict[str, Any] = {"ok": sink.ready, "state": sink.state.value,
+                                 "required": sink.required,
+                                 "error": redact(error) if error else None}
+        if sink.last_rejection is not None:
+            # visible even while ready: the bus refuses some events for good
+            check["rejections"] = sink.rejections
+            check["last_rejection"] = redact(sink.last_rejection)
+            check["seconds_since_rejection"] = (
+                None if sink.seconds_since_rejection is None
+                else round(sink.seconds_since_rejection, 3)
+            )
+        checks[f"sink:{sink.name}"] = check
+        if sink.required and not sink.ready:
+            ok = False
+    return ok, checks
+
+
+__all__ = [
+    "ACK_STATUSES",
+    "KINDS",
+    "PIPELINE_DROP_REASONS",
+    "SINK_DROP_REASONS",
+    "BridgeSnapshot",
+    "Destination",
+    "IntakeSnapshot",
+    "NormalizerSnapshot",
+    "RouterSnapshot",
+    "SinkSnapshot",
+    "SinkState",
+    "UpstreamSnapshot",
+    "UpstreamState",
+    "frozen_counts",
+    "readiness",
+]

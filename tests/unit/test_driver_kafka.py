@@ -1,0 +1,92 @@
+"""The ``kafka`` driver without a broker: options, the topic rule, configuration.
+
+Moved from ``tests/integration/test_kafka.py`` so that ``make unit`` runs them; the
+driver against a real broker stays there.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiokafka import codec as kafka_codec
+from aleno_bridge_plugins.kafka_sink import KafkaOptions, KafkaSink
+from pydantic import ValidationError
+
+from bridge.config import ConfigError, load_config, parse_config
+
+ROOT = Path(__file__).parents[2]
+
+
+def test_safe_token_and_check_topic() -> None:
+    assert KafkaSink.safe_token("BTC/USD") == "BTC_USD"
+    assert KafkaSink.safe_token("BRK.B") == "BRK.B"
+    assert KafkaSink.safe_token("a b+c#d>é") == "a_b_c_d__"
+    assert KafkaSink.check_topic("aleno.ticker.BTC_USD") is None
+    assert KafkaSink.check_topic("x" * 249) is None
+    for bad, why in [("", "empty"), (".", "'.'"), ("..", "'..'"), ("x" * 250, "249"),
+                     ("prices/BTC_USD", "'/'"), ("a b", "' '")]:
+        problem = KafkaSink.check_topic(bad)
+        assert problem is not None and why in problem, (bad, problem)
+
+
+def test_options_are_normalized_and_checked() -> None:
+    o = KafkaOptions.model_validate({"bootstrap_servers": "a:9092, b:9093", "acks": "1"})
+    assert o.bootstrap_servers == ["a:9092", "b:9093"]
+    assert o.acks == 1
+    assert KafkaOptions.model_validate({"bootstrap_servers": ["a:1"], "acks": -1}).acks == "all"
+    assert KafkaOptions.model_validate({"bootstrap_servers": "a:1"}).acks == "all"
+    bad: list[dict[str, Any]] = [
+        {"bootstrap_servers": []},
+        {"bootstrap_servers": "no-port"},
+        {"bootstrap_servers": "a:1", "acks": 2},
+        {"bootstrap_servers": "a:1", "security_protocol": "SASL_SSL"},
+        {"bootstrap_servers": "a:1", "sasl_username": "u", "sasl_password": "p",
+         "sasl_mechanism": "PLAIN"},
+        {"bootstrap_servers": "a:1", "ssl_cafile": "/ca.pem"},
+        {"bootstrap_servers": "a:1", "security_protocol": "SSL", "ssl_certfile": "/c.pem"},
+        {"bootstrap_servers": "a:1", "enable_idempotence": True, "acks": 1},
+        {"bootstrap_servers": "a:1", "create_topics": ["ok", "not/ok"]},
+        {"bootstrap_servers": "a:1", "compression": "brotli"},
+    ]
+    for raw in bad:
+        with pytest.raises(ValidationError):
+            KafkaOptions.model_validate(raw)
+
+
+@pytest.mark.parametrize("codec", ["lz4", "zstd", "snappy"])
+def test_compression_codec_must_be_installed(codec: str) -> None:
+    installed = getattr(kafka_codec, f"has_{codec}")()
+    raw = {"bootstrap_servers": "a:1", "compression": codec}
+    if installed:
+        assert KafkaOptions.model_validate(raw).compression == codec
+    else:
+        with pytest.raises(ValidationError) as info:
+            KafkaOptions.model_validate(raw)
+        assert f"pip install 'aiokafka[{codec}]'" in str(info.value)
+
+
+def test_config_errors_never_show_the_password() -> None:
+    text = """
+source: {api_key: k}
+sinks:
+  bus:
+    driver: kafka
+    bootstrap_servers: a:9092
+    security_protocol: SASL_SSL
+    sasl_username: bridge
+    sasl_password: hunter2-in-config
+    acks: nope
+"""
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, env={})
+    assert "sinks.bus.acks" in str(info.value)
+    assert "hunter2-in-config" not in str(info.value)
+
+
+def test_example_config_is_valid() -> None:
+    settings = load_config(ROOT / "config" / "kafka.yaml", env={})
+    kafka = [s for s in settings.sinks.values() if s.driver is KafkaSink]
+    assert kafka, "config/kafka.yaml has no kafka sink"
+    assert isinstance(kafka[0].options, KafkaOptions)
