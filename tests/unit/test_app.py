@@ -1,4 +1,4 @@
-"""The bridge around the sink workers: the intake bound, shutdown's one deadline and
+"""bridge.app: the assembly point, the intake bound, shutdown's one deadline and
 its accounting, /readyz on rejections, dead-letter wiring and validation (issue 8)."""
 
 from __future__ import annotations
@@ -170,3 +170,27 @@ async def test_dead_letter_is_wired_from_the_config() -> None:
 ])
 def test_dead_letter_config_errors_name_their_path(sinks: str, expected: str) -> None:
     assert expected in problems(sinks)
+
+
+async def test_from_settings_and_serve_run_a_bridge_until_stop() -> None:
+    """The one assembly point: settings -> a bridge whose events reach the injected sink,
+    drained by ``serve`` when ``stop`` is set."""
+    from bridge.app import serve
+
+    sink = MemorySink("a")
+    bridge = Bridge.from_settings(settings("  a: {driver: memory, batch: {linger_ms: 0}}"),
+                                  sinks={"a": sink}, http=False)
+    assert bridge.source is not None and not bridge.serves_http
+    bridge.source = None  # the events come from the test, not an upstream
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve(bridge, stop))
+    for _ in range(100):
+        if bridge.alive():
+            break
+        await asyncio.sleep(0.01)
+    events = sample_events(20)
+    bridge.ingest(events)
+    stop.set()
+    lost = await asyncio.wait_for(task, 10)
+    assert lost == {"a": 0}
+    assert [m.event.id for m in sink.received] == [e.id for e in events]
