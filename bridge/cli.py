@@ -12,13 +12,14 @@ import argparse
 import asyncio
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from bridge import __version__, logs
 
 if TYPE_CHECKING:
     from bridge.config import Settings
+    from bridge.sinks import DriverInfo
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -223,23 +224,93 @@ def demo_settings(url: str, style: str = "lines") -> Settings:
     return resolve_settings(config, source="demo configuration")
 
 
+#: the distribution of the built-in drivers; each bus driver's client library comes
+#: with the extra of the same name (``kafka`` -> ``pip install 'aleno-bridge[kafka]'``)
+CORE_DISTRIBUTION = "aleno-bridge"
+
+
+def _core_extras() -> dict[str, list[str]]:
+    """The extras of the installed ``aleno-bridge`` and the distributions each needs."""
+    import re
+    from importlib import metadata
+
+    try:
+        dist = metadata.distribution(CORE_DISTRIBUTION)
+    except metadata.PackageNotFoundError:  # running from a source tree
+        return {}
+    extras: dict[str, list[str]] = {e: [] for e in dist.metadata.get_all("Provides-Extra") or []}
+    for req in dist.requires or []:
+        marker = re.search(r"""extra\s*==\s*["']([^"']+)["']""", req)
+        name = re.match(r"[A-Za-z0-9._-]+", req)
+        if marker and name and marker.group(1) in extras:
+            extras[marker.group(1)].append(name.group(0))
+    return extras
+
+
+def _is_installed(distribution: str) -> bool:
+    from importlib import metadata
+
+    try:
+        metadata.distribution(distribution)
+    except metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def install_hints(
+    infos: Sequence[DriverInfo],
+    extras: dict[str, list[str]],
+    installed: Callable[[str], bool] = _is_installed,
+) -> dict[str, str]:
+    """``{driver: "pip install 'aleno-bridge[<driver>]'"}`` for every built-in driver
+    that did not load because its extra is missing: its import failed, or a
+    distribution its extra requires is not installed.
+
+    ``extras`` maps each extra of ``aleno-bridge`` to the distributions it requires
+    (:func:`_core_extras`); a driver of another distribution never gets a hint.
+    """
+    hints: dict[str, str] = {}
+    for info in infos:
+        if info.driver is not None or info.distribution != CORE_DISTRIBUTION:
+            continue
+        if info.name not in extras:
+            continue
+        import_failed = (info.error or "").startswith(("ImportError", "ModuleNotFoundError"))
+        if import_failed or not all(installed(d) for d in extras[info.name]):
+            hints[info.name] = f"pip install '{CORE_DISTRIBUTION}[{info.name}]'"
+    return hints
+
+
 def _plugins(args: argparse.Namespace) -> int:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from bridge.sinks import Drivers
 
+    infos = Drivers().infos()
+    extras = _core_extras()
+    hints = install_hints(infos, extras)
     table = Table(title="sink drivers (entry-point group bridge.sinks)")
     for col in ("name", "distribution", "version", "target", "status"):
         table.add_column(col)
     failed = 0
-    for info in Drivers().infos():
+    for info in infos:
         status = "ok" if info.driver is not None else f"failed: {info.error}"
+        hint = hints.get(info.name)
+        if hint is not None and hint not in status:
+            status += f" (install: {hint})"
         failed += info.driver is None
-        table.add_row(info.name, info.distribution, info.version, info.target, status)
+        table.add_row(info.name, info.distribution, info.version, info.target, escape(status))
     # on a pipe, never wrap a failure reason across lines: scripts grep for it
     console = Console() if sys.stdout.isatty() else Console(width=400)
     console.print(table)
+    for name, hint in hints.items():
+        console.print(escape(f"hint: the {name} driver needs its client library: {hint}"),
+                      soft_wrap=True)
+    if len(hints) > 1 and "all" in extras:
+        console.print(escape(f"hint: every built-in bus driver at once: "
+                             f"pip install '{CORE_DISTRIBUTION}[all]'"), soft_wrap=True)
     return EXIT_ERROR if failed else EXIT_OK
 
 

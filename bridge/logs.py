@@ -8,7 +8,9 @@ handler filter, so it covers our loggers and third-party ones alike, messages,
 arguments, extras and tracebacks. A bridge redacts what it shows (``/readyz``) with its
 own redactor, built from its settings. The Socket.IO / Engine.IO packet loggers (which
 print the CONNECT ``auth`` payload, i.e. the API key) are pinned to WARNING whatever
-the level.
+the level. The bus libraries' loggers are not named here: each sink driver declares
+its own (``Sink.quiet_loggers``) and the configured drivers' ones are quieted through
+:func:`quiet`.
 """
 
 from __future__ import annotations
@@ -24,9 +26,14 @@ import orjson
 REDACTED: Final = "***"
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
+#: the core's own noisy libraries (its Socket.IO source and server, plugin discovery);
+#: drivers declare theirs in ``Sink.quiet_loggers``
 QUIET_LOGGERS: Final = ("socketio", "engineio", "socketio.client", "engineio.client",
-                        "socketio.server", "engineio.server", "aiokafka", "nats", "amqtt",
-                        "aiohttp.access", "transitions", "stevedore")
+                        "socketio.server", "engineio.server", "aiohttp.access", "stevedore")
+
+#: driver library loggers to quiet (:func:`quiet`), and the level of the last ``setup``
+_driver_loggers: set[str] = set()
+_level: list[int] = []
 
 
 class Redactor:
@@ -143,7 +150,26 @@ def setup(level: str = "INFO", fmt: str = "auto", stream: Any = None,
     # engine.io warns about every close handshake of a peer that goes away; the source
     # logs connection state changes itself, once, with the cause
     logging.getLogger("engineio.client").setLevel(logging.ERROR)
-    if logging.getLevelName(level) > logging.DEBUG:
-        # aiokafka logs every failed reconnect attempt at ERROR; the sink worker already
-        # logs the sink's state changes once, with the cause
-        logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+    _level[:] = [logging.getLevelName(level)]
+    _apply(_driver_loggers)
+
+
+def quiet(names: Iterable[str]) -> None:
+    """Quiet these client-library loggers of a configured sink driver
+    (``Sink.quiet_loggers``): now if :func:`setup` ran, else when it runs.
+
+    At DEBUG they log WARNING and above; at any other level only CRITICAL: a bus
+    library logs every failed reconnect attempt, while the sink worker logs each
+    state change of the sink once, with its cause.
+    """
+    new = set(names) - _driver_loggers
+    _driver_loggers.update(new)
+    _apply(new)
+
+
+def _apply(names: Iterable[str]) -> None:
+    if not _level:
+        return
+    level = logging.WARNING if _level[0] <= logging.DEBUG else logging.CRITICAL
+    for name in names:
+        logging.getLogger(name).setLevel(max(level, _level[0]))

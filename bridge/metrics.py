@@ -63,6 +63,7 @@ SINK_EVENTS_DROPPED: Final = "aleno_bridge_sink_events_dropped"
 SINK_EVENTS_CONFLATED: Final = "aleno_bridge_sink_events_conflated"
 SINK_PUBLISH_FAILURES: Final = "aleno_bridge_sink_publish_failures"
 SINK_RECONNECTS: Final = "aleno_bridge_sink_reconnects"
+SINK_CONNECT_FAILURES: Final = "aleno_bridge_sink_connect_failures"
 SINK_PUBLISH_SECONDS: Final = "aleno_bridge_sink_publish_seconds"
 
 #: the bridge's state at scrape time
@@ -224,6 +225,9 @@ class SnapshotCollector(Collector):
                                      labels=["sink"])
         reconn = CounterMetricFamily(SINK_RECONNECTS,
                                      "Connections of a sink after the first one.", labels=["sink"])
+        connect_failed = CounterMetricFamily(SINK_CONNECT_FAILURES,
+                                             "Failed connection attempts of a sink (connect() "
+                                             "raised or timed out).", labels=["sink"])
         for sink in snap.sinks:
             name = sink.name
             for ss in SinkState:
@@ -240,5 +244,6 @@ class SnapshotCollector(Collector):
             conflated.add_metric([name], sink.conflated)
             failed.add_metric([name], sink.failed_batches)
             reconn.add_metric([name], sink.reconnects)
+            connect_failed.add_metric([name], sink.connect_failures)
         yield from (state, up_, depth, capacity, offered, blocked, published, dropped, conflated,
-                    failed, reconn, rejections)
+                    failed, reconn, connect_failed, rejections)

@@ -64,8 +64,8 @@ from typing import Any, Final
 
 from bridge.backoff import Backoff
 from bridge.config import SinkSpec
-from bridge.logs import redact
-from bridge.sinks import Message, Sink, SinkError
+from bridge.logs import quiet, redact
+from bridge.sinks import Budget, Message, Sink, SinkError, is_io_error, topic_rules
 from bridge.state import SinkSnapshot, SinkState, frozen_counts
 
 log = logging.getLogger("aleno_bridge.runner")
@@ -95,6 +95,11 @@ class SinkStats:
     last_rejection: str | None = None
     last_rejection_at: float | None = None
     rejections: int = 0
+    #: ``connect()`` attempts that failed or timed out (metric
+    #: ``aleno_bridge_sink_connect_failures``)
+    connect_failures: int = 0
+    #: of those, the ones that failed with a driver bug (not an I/O or bus error)
+    connect_driver_errors: int = 0
 
     def drop(self, reason: str, n: int = 1) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + n
@@ -113,7 +118,8 @@ class SinkWorker:
         self.name = spec.name
         self.format = spec.common.format
         self.sink: Sink[Any] = sink if sink is not None else spec.driver(spec.name, spec.options)
-        self.safe_token = spec.driver.safe_token
+        self.safe_token = topic_rules(spec.driver, spec.options).safe_token
+        quiet(spec.driver.quiet_loggers)
         self.required = spec.common.required
         self.policy = spec.common.buffer.when_full
         self.capacity = spec.common.buffer.max_events
@@ -123,6 +129,10 @@ class SinkWorker:
         retry = spec.common.retry
         self.publish_timeout_s = retry.publish_timeout_s
         self.connect_timeout_s = retry.connect_timeout_s
+        # the one place the driver learns its time: it bounds its own waits below these
+        self.sink.budget = Budget(retry.publish_timeout_s, retry.connect_timeout_s)
+        #: connect bugs already logged with their traceback (type and message)
+        self._connect_bugs: set[tuple[str, str]] = set()
         self.backoff = Backoff(retry.initial_backoff_s, retry.max_backoff_s)
         self.stats = SinkStats()
         self.state = SinkState.IDLE
@@ -276,6 +286,7 @@ class SinkWorker:
             failed_batches=st.failed_batches,
             reconnects=st.reconnects,
             rejections=st.rejections,
+            connect_failures=st.connect_failures,
             last_error=st.last_error,
             last_rejection=st.last_rejection,
             seconds_since_rejection=(
@@ -283,8 +294,9 @@ class SinkWorker:
             ),
         )
 
-    def _set_state(self, state: SinkState, error: BaseException | None = None) -> None:
-        detail = f"{type(error).__name__}: {error}" if error is not None else None
+    def _set_state(self, state: SinkState, error: BaseException | None = None,
+                   prefix: str = "") -> None:
+        detail = f"{prefix}{type(error).__name__}: {error}" if error is not None else None
         if state != self.state or detail != self.stats.last_error:
             extra = {"sink": self.name, "driver": self.spec.common.driver, "state": state}
             if error is not None:
@@ -306,7 +318,11 @@ class SinkWorker:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            self._set_state(SinkState.FAILING, exc)
+            self.stats.connect_failures += 1
+            if is_io_error(self.sink, exc):
+                self._set_state(SinkState.FAILING, exc)
+            else:
+                self._connect_bug(exc)
             await self._safe_close()
             return False
         self.stats.connects += 1
@@ -315,6 +331,22 @@ class SinkWorker:
         self.connected = True
         self._set_state(SinkState.CONNECTED)
         return True
+
+    def _connect_bug(self, exc: Exception) -> None:
+        """``connect()`` raised what no bus raises: a bug in the driver. Shown as
+        ``driver_error`` in the state, logged with its traceback once per distinct
+        error; connecting is still retried with backoff (the bus may be fine)."""
+        self.stats.connect_driver_errors += 1
+        key = (type(exc).__name__, str(exc))
+        if key not in self._connect_bugs:
+            if len(self._connect_bugs) < 100:
+                self._connect_bugs.add(key)
+            log.error(
+                "sink %s (%s): connect() failed with a bug in the driver (not an I/O or "
+                "bus error); retrying with backoff", self.name, self.spec.common.driver,
+                exc_info=exc, extra={"sink": self.name},
+            )
+        self._set_state(SinkState.FAILING, exc, prefix="driver_error: ")
 
     async def _safe_close(self, timeout_s: float = 5.0) -> None:
         self.connected = False

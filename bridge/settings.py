@@ -23,7 +23,15 @@ from pydantic import BaseModel, SecretStr, ValidationError
 
 from bridge.loading import read_key_file, validation_problems
 from bridge.schema import Config, ConfigError, RouteConfig, SinkCommon, SourceConfig
-from bridge.sinks import DriverLoadError, Drivers, Sink, SinkOptions, UnknownDriverError
+from bridge.sinks import (
+    Budget,
+    DriverLoadError,
+    Drivers,
+    Sink,
+    SinkOptions,
+    UnknownDriverError,
+    topic_rules,
+)
 from bridge.templates import NEUTRAL_SAMPLES, topic_problem
 
 
@@ -253,6 +261,11 @@ def _resolve_sinks(
         if problem is not None:
             problems.append(f"{where}.format: {problem}")
             continue
+        budget = Budget(common.retry.publish_timeout_s, common.retry.connect_timeout_s)
+        late = [f"{where}.{p}" for p in driver.check_budget(options, budget)]
+        if late:
+            problems.extend(late)
+            continue
         specs[name] = SinkSpec(name, common, driver, options)
     return specs
 
@@ -324,8 +337,9 @@ def _topic_problems(i: int, route: RouteConfig, spec: SinkSpec, source: SourceCo
     whether the result can ever be published."""
     samples = [*NEUTRAL_SAMPLES, *(("ticker", s) for s in source.tickers),
                *(("equity", s) for s in source.equities)]
-    found = topic_problem(route.topic, route.match, samples, spec.driver.safe_token,
-                          spec.driver.check_topic)
+    rules = topic_rules(spec.driver, spec.options)
+    found = topic_problem(route.topic, route.match, samples, rules.safe_token,
+                          rules.check_topic)
     if found is None:
         return []
     symbol, topic, problem = found

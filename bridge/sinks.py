@@ -40,16 +40,29 @@ Lifecycle promises the runner keeps:
   them to the sink's ``dead_letter`` sink when one is configured (counted as
   ``dropped{reason="dead_lettered"}``); the rest of the batch counts as published.
   Any other exception is a driver bug: the batch is dropped as ``driver_error`` and
-  logged with its traceback, so a bug can neither wedge the sink nor hide.
+  logged with its traceback, so a bug can neither wedge the sink nor hide. The same
+  holds for ``connect()``: an exception that is no I/O or bus error (not an
+  :class:`OSError`, :class:`TimeoutError`, :class:`SinkError` or one of
+  :attr:`Sink.retriable_errors`) is logged once with its traceback and shown as
+  ``driver_error`` in the sink's state, and connecting is retried with backoff.
+- Before ``connect()`` the core sets :attr:`Sink.budget`: the seconds the worker gives
+  one ``connect()`` and one ``publish()`` (the sink's ``retry.connect_timeout_s`` and
+  ``retry.publish_timeout_s``). A driver bounds its own waits below them, so its own
+  error (naming the cause) reaches ``/readyz`` instead of the worker's bare timeout;
+  :meth:`Sink.check_budget` refuses at start-up an option that cannot fit.
+
+Helpers for writing a driver (TLS and credential options, server lists, CloudEvents
+headers, partial rejections, topic checks, timeouts) are in :mod:`bridge.sinkkit`.
 """
 
 from __future__ import annotations
 
+import inspect
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, NamedTuple, TypeVar
 
 import orjson
 from pydantic import BaseModel, ConfigDict
@@ -186,6 +199,20 @@ class SinkRejectedError(SinkError):
         self.reason = reason
 
 
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """The seconds the core's worker waits for one driver call before it cancels it.
+
+    Taken from the sink's ``retry`` section: ``publish_s`` is
+    ``retry.publish_timeout_s``, ``connect_s`` is ``retry.connect_timeout_s``. A driver
+    keeps its own bounds below these so that its own error, which names the cause,
+    is what the operator sees.
+    """
+
+    publish_s: float = 15.0
+    connect_s: float = 15.0
+
+
 class Sink(ABC, Generic[OptionsT]):
     """A driver that publishes message batches to one bus.
 
@@ -197,6 +224,15 @@ class Sink(ABC, Generic[OptionsT]):
         exception types after which reconnecting and retrying can succeed.
     ``formats``
         the wire formats this driver can carry; the configuration refuses others.
+    ``quiet_loggers``
+        the client library's loggers; the core keeps them at WARNING or above and, unless
+        the bridge logs at DEBUG, silences them (the worker reports every connection
+        failure once, with its cause; a library's per-attempt errors would repeat it).
+
+    Set by the core before ``connect()`` (a class default until then):
+
+    ``budget``
+        the worker's :class:`Budget` for one ``connect()`` and one ``publish()``.
     """
 
     options_model: ClassVar[type[SinkOptions]]
@@ -207,6 +243,10 @@ class Sink(ABC, Generic[OptionsT]):
     )
     #: formats this driver can carry (all three by default).
     formats: ClassVar[tuple[str, ...]] = ("cloudevents-json", "cloudevents-binary", "raw")
+    #: loggers of the client library the core quiets (see the class docstring)
+    quiet_loggers: ClassVar[tuple[str, ...]] = ()
+    #: the worker's time for one call; replaced per sink by the core before ``connect()``
+    budget: Budget = Budget()
 
     def __init__(self, name: str, options: OptionsT) -> None:
         self.name = name
@@ -229,7 +269,12 @@ class Sink(ABC, Generic[OptionsT]):
 
     @classmethod
     def safe_token(cls, value: str) -> str:
-        """Make one placeholder value safe inside a topic of this bus (default: as is)."""
+        """Make one placeholder value safe inside a topic of this bus (default: as is).
+
+        A driver whose rule depends on its options declares a second parameter,
+        ``safe_token(cls, value, options=None)``; the core then passes the sink's
+        options (see :func:`topic_rules`). The one-parameter form keeps working.
+        """
         return value
 
     @classmethod
@@ -241,10 +286,25 @@ class Sink(ABC, Generic[OptionsT]):
 
     @classmethod
     def check_topic(cls, topic: str) -> str | None:
-        """Why ``topic`` can never be published on this bus, or ``None`` if it can."""
+        """Why ``topic`` can never be published on this bus, or ``None`` if it can.
+
+        Like :meth:`safe_token`, a driver may declare ``check_topic(cls, topic,
+        options=None)`` to receive the sink's options.
+        """
         if not topic:
             return "the topic is empty"
         return None
+
+    @classmethod
+    def check_budget(cls, options: SinkOptions, budget: Budget) -> list[str]:
+        """The options whose waits cannot fit in the worker's ``budget`` (default: none).
+
+        Each item is ``option: message`` (the option's path relative to the sink's
+        section); the core reports them as configuration errors at start-up. Derive
+        the driver's own timeouts from :attr:`budget` at run time and use this hook to
+        refuse an explicit option that exceeds it (:func:`bridge.sinkkit.timeout_problem`).
+        """
+        return []
 
     @classmethod
     def security_warnings(cls, options: SinkOptions) -> list[str]:
@@ -265,6 +325,65 @@ class Sink(ABC, Generic[OptionsT]):
         if isinstance(exc, SinkError):
             return exc.retriable
         return isinstance(exc, self.retriable_errors)
+
+
+def is_io_error(sink: Sink[Any], exc: BaseException) -> bool:
+    """Whether ``exc`` from ``connect()`` is an I/O or bus error (worth retrying
+    quietly) rather than a bug in the driver."""
+    return isinstance(exc, OSError | TimeoutError | SinkError) or sink.is_retriable(exc)
+
+
+class TopicRules(NamedTuple):
+    """A sink's :meth:`Sink.safe_token` and :meth:`Sink.check_topic`, bound to its options."""
+
+    safe_token: Callable[[str], str]
+    check_topic: Callable[[str], str | None]
+
+
+def takes_options(method: Callable[..., Any]) -> bool:
+    """Whether a bound ``safe_token``/``check_topic`` accepts the sink's options as a
+    second argument (a parameter named ``options``, a second positional one or
+    ``*args``)."""
+    try:
+        params = list(inspect.signature(method).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return True
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 2 or any(p.name == "options" for p in params)
+
+
+def _signature_problem(obj: type[Sink[Any]], name: str) -> str | None:
+    method = getattr(obj, name)
+    try:
+        sig = inspect.signature(method)
+    except (TypeError, ValueError):
+        return None
+    try:
+        sig.bind("x")
+    except TypeError:
+        return (f"{obj.__qualname__}.{name} must take one argument, or two (the value "
+                "and the sink's options)")
+    if takes_options(method):
+        try:
+            sig.bind("x", None)
+        except TypeError:
+            return f"{obj.__qualname__}.{name}: its options parameter must be positional"
+    return None
+
+
+def topic_rules(driver: type[Sink[Any]], options: SinkOptions) -> TopicRules:
+    """The driver's topic rules with ``options`` passed to those that accept them."""
+    safe: Callable[..., str] = driver.safe_token
+    check: Callable[..., str | None] = driver.check_topic
+    safe_rule: Callable[[str], str] = (
+        (lambda value: safe(value, options)) if takes_options(safe) else safe
+    )
+    check_rule: Callable[[str], str | None] = (
+        (lambda topic: check(topic, options)) if takes_options(check) else check
+    )
+    return TopicRules(safe_rule, check_rule)
 
 
 def replace_chars(pattern: str, replacement: str) -> Callable[[str], str]:
@@ -389,4 +508,11 @@ def check_driver(obj: Any) -> str | None:
     model = getattr(obj, "options_model", None)
     if not (isinstance(model, type) and issubclass(model, SinkOptions)):
         return f"{obj.__qualname__}.options_model must be a subclass of SinkOptions"
+    for name in ("safe_token", "check_topic"):
+        problem = _signature_problem(obj, name)
+        if problem is not None:
+            return problem
+    loggers = getattr(obj, "quiet_loggers", ())
+    if not (isinstance(loggers, tuple) and all(isinstance(n, str) for n in loggers)):
+        return f"{obj.__qualname__}.quiet_loggers must be a tuple of logger names"
     return None

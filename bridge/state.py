@@ -146,6 +146,8 @@ class SinkSnapshot:
     #: the last permanent refusal by the bus, and how long ago (``None``: never)
     last_rejection: str | None
     seconds_since_rejection: float | None
+    #: ``connect()`` attempts that failed or timed out (each one is retried after a backoff)
+    connect_failures: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -52,8 +52,10 @@ Nothing here waits without a bound: ``connect`` and every ``publish`` are bounde
 ``request_timeout_ms`` (plus ``linger_ms`` and a second of grace), ``close`` by
 :data:`CLOSE_TIMEOUT_S`; aiokafka's ``stop()`` waits for every pending record, which
 never comes when the broker is gone, so after that bound the producer is torn down
-without waiting. Keep ``request_timeout_ms`` below the sink's
-``retry.publish_timeout_s`` so the driver's own error (naming the cause) comes first.
+without waiting. Left at its default, ``request_timeout_ms`` is lowered to fit in the
+sink's ``retry.publish_timeout_s`` and ``retry.connect_timeout_s`` so the driver's own
+error (naming the cause) comes first; set explicitly, a value that does not fit is a
+configuration error.
 """
 
 from __future__ import annotations
@@ -62,14 +64,28 @@ import asyncio
 import contextlib
 import logging
 import re
-import ssl
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Final, Literal
 
 from pydantic import ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from bridge.sinkkit import (
+    KAFKA_PREFIX,
+    Refusals,
+    TlsFilesError,
+    budget_problems,
+    ce_headers,
+    derived_timeout,
+    describe,
+    host_ports,
+    split_list,
+    timeout_problem,
+    tls_context,
+    topic_problem,
+)
 from bridge.sinks import (
+    Budget,
     Message,
     Sink,
     SinkConnectionError,
@@ -96,7 +112,6 @@ try:
         UnsupportedVersionError,
         for_code,
     )
-    from aiokafka.helpers import create_ssl_context
 except ImportError as exc:  # pragma: no cover - depends on the installation
     msg = (
         f"the kafka sink needs aiokafka ({exc}); install it with "
@@ -176,25 +191,12 @@ class KafkaOptions(SinkOptions):
         1, ge=1, description="replication factor of the topics this sink creates"
     )
 
-    @field_validator("bootstrap_servers", mode="before")
-    @classmethod
-    def _split_servers(cls, v: Any) -> Any:
-        if isinstance(v, str):
-            v = [part for part in (p.strip() for p in v.split(",")) if part]
-        if isinstance(v, list) and not v:
-            msg = "give at least one broker as host:port"
-            raise ValueError(msg)
-        return v
+    _split_servers = field_validator("bootstrap_servers", mode="before")(split_list)
 
     @field_validator("bootstrap_servers")
     @classmethod
     def _host_port(cls, v: list[str]) -> list[str]:
-        for server in v:
-            host, sep, port = server.strip().rpartition(":")
-            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-                msg = f"{server!r} is not host:port"
-                raise ValueError(msg)
-        return [s.strip() for s in v]
+        return host_ports(v, "broker")
 
     @field_validator("acks", mode="before")
     @classmethod
@@ -273,6 +275,7 @@ class KafkaSink(Sink[KafkaOptions]):
         *Sink.retriable_errors,
         KafkaError,
     )
+    quiet_loggers = ("aiokafka",)
 
     def __init__(self, name: str, options: KafkaOptions) -> None:
         super().__init__(name, options)
@@ -280,8 +283,33 @@ class KafkaSink(Sink[KafkaOptions]):
         self._admin: AIOKafkaAdminClient | None = None
         #: topics created (or found) by this sink, for ``create_topics: true``
         self._created: set[str] = set()
-        self._timeout_s = options.request_timeout_ms / 1000.0
-        self._publish_timeout_s = self._timeout_s + options.linger_ms / 1000.0 + 1.0
+
+    @property
+    def _timeout_s(self) -> float:
+        """``request_timeout_ms`` in seconds (a default one fits in the budget)."""
+        budget, reserve = self.budget, self.options.linger_ms / 1000.0 + 1.0
+        return min(
+            derived_timeout(self.options, "request_timeout_ms", budget.publish_s,
+                            scale=0.001, reserve_s=reserve),
+            derived_timeout(self.options, "request_timeout_ms", budget.connect_s, scale=0.001),
+        )
+
+    @property
+    def _publish_timeout_s(self) -> float:
+        return self._timeout_s + self.options.linger_ms / 1000.0 + 1.0
+
+    @classmethod
+    def check_budget(cls, options: SinkOptions, budget: Budget) -> list[str]:
+        """``request_timeout_ms`` (plus ``linger_ms`` and a second) within the budget."""
+        if not isinstance(options, KafkaOptions):
+            return []
+        reserve = options.linger_ms / 1000.0 + 1.0
+        return budget_problems(
+            timeout_problem(options, "request_timeout_ms", budget.publish_s,
+                            "publish_timeout_s", scale=0.001, reserve_s=reserve),
+            timeout_problem(options, "request_timeout_ms", budget.connect_s,
+                            "connect_timeout_s", scale=0.001),
+        )
 
     @classmethod
     def security_warnings(cls, options: SinkOptions) -> list[str]:
@@ -313,17 +341,11 @@ class KafkaSink(Sink[KafkaOptions]):
     @classmethod
     def check_topic(cls, topic: str) -> str | None:
         """Why Kafka can never accept ``topic``, or ``None``."""
-        if not topic:
-            return "the topic is empty"
         if topic in (".", ".."):
             return f"Kafka does not allow the topic name {topic!r}"
-        if len(topic) > MAX_TOPIC_LENGTH:
-            return f"the topic has {len(topic)} characters; Kafka allows {MAX_TOPIC_LENGTH}"
-        bad = sorted(set(_UNSAFE.findall(topic)))
-        if bad:
-            shown = " ".join(repr(c) for c in bad)
-            return f"Kafka topics allow only A-Z a-z 0-9 . _ - (found {shown})"
-        return None
+        return topic_problem(topic, bus="Kafka", max_chars=MAX_TOPIC_LENGTH,
+                             control_chars=True, forbidden=_UNSAFE,
+                             allowed="A-Z a-z 0-9 . _ -")
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -334,9 +356,8 @@ class KafkaSink(Sink[KafkaOptions]):
         opts = self.options
         try:
             common = self._client_kwargs()
-        except (OSError, ssl.SSLError) as exc:
-            msg = f"cannot load the TLS files: {self._describe(exc)}"
-            raise SinkConnectionError(self.name, msg) from exc
+        except TlsFilesError as exc:
+            raise SinkConnectionError(self.name, str(exc)) from exc
         try:
             producer = self._producer = AIOKafkaProducer(
                 **common,
@@ -398,7 +419,7 @@ class KafkaSink(Sink[KafkaOptions]):
             if new:
                 await self._create_topics(new)
         sent: list[tuple[Message, asyncio.Future[Any]]] = []
-        rejected: list[tuple[Message, BaseException]] = []
+        refused = Refusals(self.name, batch)
         for m in batch:
             try:
                 fut = await producer.send(
@@ -408,7 +429,7 @@ class KafkaSink(Sink[KafkaOptions]):
                     headers=headers(m),
                 )
             except _REJECTED as exc:
-                rejected.append((m, exc))
+                refused.add(m, self._describe(exc), exc)
                 continue
             except KafkaError as exc:
                 raise self._publish_error(exc, m.topic) from exc
@@ -418,21 +439,14 @@ class KafkaSink(Sink[KafkaOptions]):
         retry: list[BaseException] = []
         for (m, _), result in zip(sent, results, strict=True):
             if isinstance(result, _REJECTED):
-                rejected.append((m, result))
+                refused.add(m, self._describe(result), result)
             elif isinstance(result, BaseException):
                 retry.append(result)
         if retry:
             first = retry[0]
             err = self._publish_error(first, None, f"{len(retry)} of {len(batch)} records failed")
             raise err from first
-        if rejected:
-            bad, cause = rejected[0]
-            msg = (
-                f"the broker can never accept {len(rejected)} of {len(batch)} records "
-                f"(first: {bad.id!r} on {bad.topic!r}, {self._describe(cause)}); "
-                "the others were delivered"
-            )
-            raise SinkRejectedError(self.name, msg, rejected=len(rejected)) from cause
+        refused.raise_if_any()
 
     async def _create_topics(self, topics: Iterable[str]) -> None:
         """Create ``topics``; one that exists already is fine."""
@@ -472,15 +486,15 @@ class KafkaSink(Sink[KafkaOptions]):
         kwargs: dict[str, Any] = {
             "bootstrap_servers": list(opts.bootstrap_servers),
             "client_id": opts.client_id,
-            "request_timeout_ms": opts.request_timeout_ms,
+            "request_timeout_ms": int(self._timeout_s * 1000),
             "security_protocol": opts.security_protocol,
         }
         if opts.security_protocol in ("SSL", "SASL_SSL"):
-            context = create_ssl_context(
-                cafile=opts.ssl_cafile, certfile=opts.ssl_certfile, keyfile=opts.ssl_keyfile
+            kwargs["ssl_context"] = tls_context(
+                opts.ssl_cafile, opts.ssl_certfile, opts.ssl_keyfile,
+                check_hostname=opts.ssl_check_hostname,
+                names=("ssl_cafile", "ssl_certfile", "ssl_keyfile"),
             )
-            context.check_hostname = opts.ssl_check_hostname
-            kwargs["ssl_context"] = context
         if opts.sasl_mechanism is not None and opts.sasl_password is not None:
             kwargs["sasl_mechanism"] = opts.sasl_mechanism
             kwargs["sasl_plain_username"] = opts.sasl_username
@@ -492,12 +506,7 @@ class KafkaSink(Sink[KafkaOptions]):
 
     def _describe(self, exc: BaseException) -> str:
         """``Type: message`` of an exception, with the SASL password masked."""
-        name, detail = type(exc).__name__, str(exc)
-        text = detail if detail.startswith(name) else f"{name}: {detail}" if detail else name
-        secret = self.options.sasl_password
-        if secret is not None and secret.get_secret_value():
-            text = text.replace(secret.get_secret_value(), "**********")
-        return text
+        return describe(exc, self.options)
 
     def _connect_error(self, exc: BaseException) -> SinkConnectionError:
         opts = self.options
@@ -539,12 +548,7 @@ class KafkaSink(Sink[KafkaOptions]):
 
 def headers(message: Message) -> list[tuple[str, bytes]]:
     """The Kafka headers of ``message`` (CloudEvents Kafka protocol binding)."""
-    out = [("content-type", message.content_type.encode())]
-    if message.attributes:
-        out += [(f"ce_{k}", v.encode()) for k, v in message.attributes.items()]
-    else:
-        out.append(("ce_id", message.id.encode()))
-    return out
+    return [(k, v.encode()) for k, v in ce_headers(message, KAFKA_PREFIX, always_id=True).items()]
 
 
 def _retrieve(fut: asyncio.Future[Any]) -> None:

@@ -51,7 +51,6 @@ import logging
 import secrets
 import ssl
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, Final, Literal
 
 import paho.mqtt.client as mqtt
@@ -59,9 +58,20 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersi
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
-from pydantic import ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
+from bridge.sinkkit import (
+    PasswordOptions,
+    TlsFilesError,
+    TlsOptions,
+    budget_problems,
+    derived_timeout,
+    timeout_problem,
+    topic_problem,
+    user_properties,
+)
 from bridge.sinks import (
+    Budget,
     Message,
     Sink,
     SinkConnectionError,
@@ -92,8 +102,9 @@ def _default_client_id() -> str:
     return f"aleno-bridge-{secrets.token_hex(4)}"
 
 
-class MqttOptions(SinkOptions):
-    """Options of an ``mqtt`` sink (everything under ``sinks.<name>`` but the common keys)."""
+class MqttOptions(TlsOptions, PasswordOptions):
+    """Options of an ``mqtt`` sink (everything under ``sinks.<name>`` but the common keys);
+    ``username``/``password`` and the ``tls_*`` files come from the driver kit."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
@@ -106,17 +117,7 @@ class MqttOptions(SinkOptions):
         description="MQTT client identifier; unique per bridge (a broker disconnects the "
         "older of two clients with the same id); default aleno-bridge-<random>",
     )
-    username: str | None = None
-    password: SecretStr | None = None
     tls: bool = Field(False, description="connect with TLS")
-    tls_ca_file: Path | None = Field(
-        None, description="CA bundle (PEM) to verify the broker; default: the system store"
-    )
-    tls_cert_file: Path | None = Field(None, description="client certificate (PEM)")
-    tls_key_file: Path | None = Field(None, description="client key (PEM)")
-    tls_verify: bool = Field(
-        True, description="verify the broker's certificate and host name (false: insecure)"
-    )
     protocol: Literal["5", "3.1.1"] = "5"
     qos: Literal[0, 1, 2] = 1
     retain: bool = Field(
@@ -144,18 +145,8 @@ class MqttOptions(SinkOptions):
 
     @model_validator(mode="after")
     def _consistent(self) -> MqttOptions:
-        if self.password is not None and self.username is None:
-            msg = "password needs a username"
-            raise ValueError(msg)
-        tls_files = [
-            n for n in ("tls_ca_file", "tls_cert_file", "tls_key_file")
-            if getattr(self, n) is not None
-        ]
-        if tls_files and not self.tls:
-            msg = f"{', '.join(tls_files)} given but tls is false; set tls: true"
-            raise ValueError(msg)
-        if self.tls_key_file is not None and self.tls_cert_file is None:
-            msg = "tls_key_file needs tls_cert_file"
+        if self.tls_files and not self.tls:
+            msg = f"{', '.join(self.tls_files)} given but tls is false; set tls: true"
             raise ValueError(msg)
         if self.protocol == "3.1.1" and self.session_expiry_s is not None:
             msg = "session_expiry_s needs protocol 5 (MQTT 3.1.1 has no session expiry)"
@@ -231,6 +222,7 @@ class MqttSink(Sink[MqttOptions]):
     options_model = MqttOptions
     # retriable: the core's default (connection loss, timeouts); the driver raises
     # SinkConnectionError for both
+    quiet_loggers = (paho_log.name,)
 
     def __init__(self, name: str, options: MqttOptions) -> None:
         super().__init__(name, options)
@@ -263,6 +255,25 @@ class MqttSink(Sink[MqttOptions]):
         return found
 
     @classmethod
+    def check_budget(cls, options: SinkOptions, budget: Budget) -> list[str]:
+        """``connect_timeout_s`` and ``ack_timeout_s`` within the worker's budget."""
+        if not isinstance(options, MqttOptions):
+            return []
+        return budget_problems(
+            timeout_problem(options, "connect_timeout_s", budget.connect_s,
+                            "connect_timeout_s"),
+            timeout_problem(options, "ack_timeout_s", budget.publish_s, "publish_timeout_s"),
+        )
+
+    @property
+    def _connect_timeout_s(self) -> float:
+        return derived_timeout(self.options, "connect_timeout_s", self.budget.connect_s)
+
+    @property
+    def _ack_timeout_s(self) -> float:
+        return derived_timeout(self.options, "ack_timeout_s", self.budget.publish_s)
+
+    @classmethod
     def safe_token(cls, value: str) -> str:
         """``+``, ``#``, ``/`` and NUL become ``_``: a value never adds a level or a wildcard."""
         return _safe(value)
@@ -270,14 +281,13 @@ class MqttSink(Sink[MqttOptions]):
     @classmethod
     def check_topic(cls, topic: str) -> str | None:
         """Why ``topic`` can never be an MQTT topic name to publish to, or ``None``."""
-        if not topic:
-            return "the topic is empty"
+        problem = topic_problem(topic, max_bytes=MAX_TOPIC_BYTES, control_chars=True)
+        if problem is not None:
+            return problem
         if "+" in topic or "#" in topic:
             return "MQTT wildcards + and # are not allowed in a topic name to publish to"
         if "\x00" in topic:
             return "the topic contains a NUL character"
-        if len(topic.encode("utf-8")) > MAX_TOPIC_BYTES:
-            return f"the topic is longer than {MAX_TOPIC_BYTES} bytes"
         if topic.startswith("$"):
             return "topics starting with $ are reserved for the broker ($SYS...)"
         return None
@@ -288,28 +298,10 @@ class MqttSink(Sink[MqttOptions]):
         return SinkConnectionError(self.name, message)
 
     def _ssl_context(self) -> ssl.SSLContext:
-        o = self.options
-        for field in ("tls_ca_file", "tls_cert_file", "tls_key_file"):
-            path = getattr(o, field)
-            if path is not None and not Path(path).is_file():
-                msg = f"{field} {str(path)!r} is not a readable file"
-                raise SinkRejectedError(self.name, msg)
         try:
-            ctx = ssl.create_default_context(
-                cafile=str(o.tls_ca_file) if o.tls_ca_file is not None else None
-            )
-            if o.tls_cert_file is not None:
-                ctx.load_cert_chain(
-                    str(o.tls_cert_file),
-                    str(o.tls_key_file) if o.tls_key_file is not None else None,
-                )
-        except (ssl.SSLError, OSError) as exc:
-            msg = f"cannot load the TLS files: {exc}"
-            raise SinkRejectedError(self.name, msg) from None
-        if not o.tls_verify:
-            ctx.check_hostname = False
-            ctx.verify_mode = ssl.CERT_NONE
-        return ctx
+            return self.options.tls_context()
+        except TlsFilesError as exc:
+            raise SinkRejectedError(self.name, str(exc)) from None
 
     def _client(self) -> mqtt.Client:
         o = self.options
@@ -322,7 +314,7 @@ class MqttSink(Sink[MqttOptions]):
             reconnect_on_failure=False,
         )
         client.enable_logger(paho_log)
-        client.connect_timeout = o.connect_timeout_s
+        client.connect_timeout = self._connect_timeout_s
         client.max_inflight_messages_set(o.max_inflight)
         if o.username is not None:
             pw = o.password.get_secret_value() if o.password is not None else None
@@ -358,12 +350,12 @@ class MqttSink(Sink[MqttOptions]):
         self._link = link
         o = self.options
         try:
-            async with asyncio.timeout(o.connect_timeout_s):
+            async with asyncio.timeout(self._connect_timeout_s):
                 await self._open(link)
                 reason, props = await link.connack
         except TimeoutError:
             self._drop(link)
-            msg = (f"not connected to {o.address} within {o.connect_timeout_s}s "
+            msg = (f"not connected to {o.address} within {self._connect_timeout_s:g}s "
                    "(TCP connect, TLS handshake or CONNACK)")
             raise self._error(msg) from None
         except BaseException:
@@ -554,7 +546,7 @@ class MqttSink(Sink[MqttOptions]):
                 props = self._static_props[m.content_type] = self._new_props(m.content_type)
             return props
         props = self._new_props(m.content_type)
-        props.UserProperty = list(m.attributes.items())
+        props.UserProperty = user_properties(m)
         return props
 
     @staticmethod
@@ -604,7 +596,7 @@ class MqttSink(Sink[MqttOptions]):
         waiters: list[asyncio.Future[None]] = []
         mids: list[int] = []
         try:
-            async with asyncio.timeout(o.ack_timeout_s):
+            async with asyncio.timeout(self._ack_timeout_s):
                 for m in batch:
                     props = self._properties(m)
                     self._check_size(link, m, props)
@@ -625,7 +617,7 @@ class MqttSink(Sink[MqttOptions]):
                     await fut
         except TimeoutError:
             msg = (f"{sum(not f.done() for f in waiters)} of {len(batch)} message(s) not "
-                   f"acknowledged by {o.address} within {o.ack_timeout_s}s")
+                   f"acknowledged by {o.address} within {self._ack_timeout_s:g}s")
             raise self._error(msg) from None
         finally:
             for mid in mids:

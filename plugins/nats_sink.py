@@ -59,7 +59,6 @@ import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, Final, Literal, TypeVar
-from urllib.parse import urlsplit
 
 import nats.errors
 import nats.js.errors
@@ -68,13 +67,26 @@ from nats.js import JetStreamContext
 from nats.js.api import PubAck, StorageType, StreamConfig
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from bridge.sinkkit import (
+    BUDGET_SHARE,
+    Refusals,
+    TlsFilesError,
+    TlsHostnameOptions,
+    budget_problems,
+    ce_headers,
+    derived_timeout,
+    server_urls,
+    split_list,
+    timeout_problem,
+    topic_problem,
+)
 from bridge.sinks import (
+    Budget,
     Message,
     Sink,
     SinkConnectionError,
     SinkError,
     SinkOptions,
-    SinkRejectedError,
 )
 
 log = logging.getLogger("aleno_bridge.sinks.nats")
@@ -122,8 +134,9 @@ class StreamOptions(BaseModel):
         return self
 
 
-class NatsOptions(SinkOptions):
-    """Options of the ``nats`` driver (see docs/drivers/nats.md)."""
+class NatsOptions(TlsHostnameOptions):
+    """Options of the ``nats`` driver (see docs/drivers/nats.md); the ``tls_*`` options
+    come from :class:`~bridge.sinkkit.TlsHostnameOptions`."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
@@ -139,13 +152,6 @@ class NatsOptions(SinkOptions):
     creds_file: Path | None = None
     #: a file holding an nkey seed (``SU...``); needs the ``nkeys`` package
     nkeys_seed: Path | None = None
-    tls_ca_file: Path | None = None
-    tls_cert_file: Path | None = None
-    tls_key_file: Path | None = None
-    #: verify the server certificate and host name; ``false`` only when set explicitly
-    tls_verify: bool = True
-    #: the name to verify the server certificate against (default: the URL's host)
-    tls_hostname: str | None = None
     #: publish with a JetStream publish ack per message instead of core publish + flush
     jetstream: bool = False
     stream: StreamOptions | None = None
@@ -160,35 +166,12 @@ class NatsOptions(SinkOptions):
     #: header carrying the route's key (NATS has no message key); ``null``: not sent
     key_header: str | None = "aleno-key"
 
-    @field_validator("servers", mode="before")
-    @classmethod
-    def _split(cls, v: Any) -> Any:
-        if isinstance(v, str):
-            return [s.strip() for s in v.split(",") if s.strip()]
-        return v
+    _split = field_validator("servers", mode="before")(split_list)
 
     @field_validator("servers")
     @classmethod
     def _urls(cls, v: list[str]) -> list[str]:
-        out = []
-        for i, url in enumerate(v):
-            full = url if "://" in url else f"nats://{url}"
-            try:
-                parts = urlsplit(full)
-                parts.port  # noqa: B018 - raises on a bad port
-            except ValueError:
-                msg = f"servers[{i}] is not a valid URL"
-                raise ValueError(msg) from None
-            if parts.scheme not in _SCHEMES or not parts.hostname:
-                schemes = ", ".join(_SCHEMES)
-                msg = f"servers[{i}] must look like nats://host:4222 (schemes: {schemes})"
-                raise ValueError(msg)
-            if parts.username or parts.password:
-                msg = (f"servers[{i}] holds credentials; put them in user/password or token "
-                       "so that they stay secret")
-                raise ValueError(msg)
-            out.append(full)
-        return out
+        return server_urls(v, _SCHEMES, example="nats://host:4222")
 
     @field_validator("key_header")
     @classmethod
@@ -243,6 +226,7 @@ class NatsSink(Sink[NatsOptions]):
 
     options_model = NatsOptions
     retriable_errors = (*Sink.retriable_errors, nats.errors.Error)
+    quiet_loggers = ("nats",)
 
     def __init__(self, name: str, options: NatsOptions) -> None:
         super().__init__(name, options)
@@ -277,6 +261,29 @@ class NatsSink(Sink[NatsOptions]):
         return found
 
     @classmethod
+    def check_budget(cls, options: SinkOptions, budget: Budget) -> list[str]:
+        """``connect_timeout_s`` (one attempt) and ``flush_timeout_s`` within the budget."""
+        if not isinstance(options, NatsOptions):
+            return []
+        return budget_problems(
+            timeout_problem(options, "connect_timeout_s", budget.connect_s,
+                            "connect_timeout_s"),
+            timeout_problem(options, "flush_timeout_s", budget.publish_s,
+                            "publish_timeout_s"),
+        )
+
+    @property
+    def _flush_timeout_s(self) -> float:
+        return derived_timeout(self.options, "flush_timeout_s", self.budget.publish_s)
+
+    @property
+    def _connect_timeout_s(self) -> float:
+        """One attempt's bound: a default one lets two attempts per server fit."""
+        n = 2 * len(self.options.servers)
+        return derived_timeout(self.options, "connect_timeout_s",
+                               (self.budget.connect_s - 1.0) / n, reserve_s=0.2)
+
+    @classmethod
     def safe_token(cls, value: str) -> str:
         """Replace ``.``, whitespace, ``*``, ``>`` and control characters by ``_``."""
         return _UNSAFE.sub("_", value)
@@ -285,7 +292,7 @@ class NatsSink(Sink[NatsOptions]):
     def check_topic(cls, topic: str) -> str | None:
         """Why ``topic`` is not a valid NATS publish subject, or ``None``."""
         if not topic:
-            return "the subject is empty"
+            return topic_problem(topic, noun="subject")
         if _BAD_SUBJECT_CHARS.search(topic):
             return "a NATS subject cannot contain whitespace or control characters"
         tokens = topic.split(".")
@@ -332,10 +339,10 @@ class NatsSink(Sink[NatsOptions]):
             "max_reconnect_attempts": 1,
             "reconnect_time_wait": 0.1,
             "dont_randomize": True,
-            "connect_timeout": opts.connect_timeout_s,
+            "connect_timeout": self._connect_timeout_s,
             "ping_interval": opts.ping_interval_s,
             "max_outstanding_pings": opts.max_outstanding_pings,
-            "flush_timeout": opts.flush_timeout_s,
+            "flush_timeout": self._flush_timeout_s,
             "error_cb": on_error,
             "disconnected_cb": on_lost,
             "closed_cb": on_lost,
@@ -353,8 +360,9 @@ class NatsSink(Sink[NatsOptions]):
             kwargs["user_credentials"] = str(opts.creds_file)
         if opts.nkeys_seed is not None:
             kwargs["nkeys_seed"] = str(opts.nkeys_seed)
-        # two attempts per server plus the waits between them
-        bound = 2 * len(servers) * (opts.connect_timeout_s + 0.2) + 1.0
+        # two attempts per server plus the waits between them, within the worker's budget
+        bound = min(2 * len(servers) * (self._connect_timeout_s + 0.2) + 1.0,
+                    self.budget.connect_s * BUDGET_SHARE)
         try:
             await asyncio.wait_for(nc.connect(**kwargs), bound)
         except asyncio.CancelledError:
@@ -373,7 +381,7 @@ class NatsSink(Sink[NatsOptions]):
                    "connection would be plain text (enable TLS on the server)")
             raise SinkConnectionError(self.name, msg)
         if opts.jetstream:
-            self._js = nc.jetstream(timeout=opts.flush_timeout_s,
+            self._js = nc.jetstream(timeout=self._flush_timeout_s,
                                     publish_async_max_pending=opts.max_inflight)
             if opts.stream is not None:
                 try:
@@ -385,20 +393,10 @@ class NatsSink(Sink[NatsOptions]):
                   _url(nc), nc.connected_server_version)
 
     def _tls_context(self) -> ssl.SSLContext:
-        opts = self.options
         try:
-            ctx = ssl.create_default_context(
-                cafile=str(opts.tls_ca_file) if opts.tls_ca_file else None
-            )
-            if opts.tls_cert_file is not None and opts.tls_key_file is not None:
-                ctx.load_cert_chain(str(opts.tls_cert_file), str(opts.tls_key_file))
-        except (OSError, ssl.SSLError) as exc:
-            msg = f"cannot load the TLS files: {type(exc).__name__}: {exc}"
-            raise SinkConnectionError(self.name, msg) from exc
-        if not opts.tls_verify:
-            ctx.check_hostname = False
-            ctx.verify_mode = ssl.CERT_NONE
-        return ctx
+            return self.options.tls_context()
+        except TlsFilesError as exc:
+            raise SinkConnectionError(self.name, str(exc)) from exc
 
     def _explain(self, exc: BaseException, errors: list[BaseException]) -> str:
         """A one-line cause of a failed connect, without any secret."""
@@ -421,7 +419,7 @@ class NatsSink(Sink[NatsOptions]):
                 if not isinstance(e, nats.errors.NoServersError):
                     return f"{type(e).__name__}: {e}"
             if isinstance(exc, asyncio.TimeoutError):
-                return f"timed out (connect_timeout_s={self.options.connect_timeout_s})"
+                return f"timed out (connect_timeout_s={self._connect_timeout_s:g})"
         return f"{type(exc).__name__}: {exc}"
 
     async def _ensure_stream(self, nc: Client, stream: StreamOptions) -> None:
@@ -433,7 +431,7 @@ class NatsSink(Sink[NatsOptions]):
             storage=StorageType.FILE if stream.storage == "file" else StorageType.MEMORY,
         )
         try:
-            await nc.jsm(timeout=self.options.flush_timeout_s).add_stream(config)
+            await nc.jsm(timeout=self._flush_timeout_s).add_stream(config)
         except nats.js.errors.APIError as exc:
             if exc.err_code == JS_STREAM_NAME_IN_USE:
                 why = (f"stream {stream.name!r} exists with other settings; align `stream:` "
@@ -478,7 +476,7 @@ class NatsSink(Sink[NatsOptions]):
         if nc is None or not nc.is_connected or self._lost.is_set():
             raise SinkConnectionError(self.name, "not connected to NATS")
         jetstream = self._js is not None
-        refused: list[str] = []
+        refused = Refusals(self.name, batch)
         sendable: list[tuple[Message, dict[str, str]]] = []
         limit = nc.max_payload
         for m in batch:
@@ -487,23 +485,20 @@ class NatsSink(Sink[NatsOptions]):
             if problem is None:
                 sendable.append((m, headers))
             else:
-                refused.append(f"{m.id}: {problem}")
+                refused.add(m, problem)
         try:
             if self._js is not None:
                 acks = self._publish_js(nc, self._js, sendable)
-                refused += await self._bounded(acks, "publish acks")
+                late = await self._bounded(acks, "publish acks")
             else:
-                refused += await self._bounded(self._publish_core(nc, sendable), "flush")
+                late = await self._bounded(self._publish_core(nc, sendable), "flush")
         except (nats.errors.ConnectionClosedError, nats.errors.OutboundBufferLimitError,
                 nats.errors.StaleConnectionError, nats.errors.FlushTimeoutError) as exc:
             msg = f"connection lost while publishing: {exc}"
             raise SinkConnectionError(self.name, msg) from exc
-        if refused:
-            more = f" (+{len(refused) - 3} more)" if len(refused) > 3 else ""
-            shown = "; ".join(refused[:3]) + more
-            msg = (f"{len(refused)} of {len(batch)} message(s) refused for good "
-                   f"(the others were delivered): {shown}")
-            raise SinkRejectedError(self.name, msg, rejected=len(refused))
+        for m, why in late:
+            refused.add(m, why)
+        refused.raise_if_any()
 
     def _problem(self, m: Message, headers: dict[str, str], max_payload: int) -> str | None:
         topic = m.topic
@@ -521,9 +516,7 @@ class NatsSink(Sink[NatsOptions]):
         return None
 
     def _headers(self, m: Message, jetstream: bool) -> dict[str, str]:
-        h = {"content-type": m.content_type}
-        for name, value in m.attributes.items():
-            h[f"ce-{name}"] = value
+        h = ce_headers(m)
         key_header = self.options.key_header
         if key_header is not None and m.key is not None:
             h[key_header] = m.key
@@ -533,22 +526,22 @@ class NatsSink(Sink[NatsOptions]):
 
     async def _publish_core(
         self, nc: Client, batch: Sequence[tuple[Message, dict[str, str]]],
-    ) -> list[str]:
-        """Write the batch, then one PING/PONG; the refused messages' reasons."""
+    ) -> list[tuple[Message, str]]:
+        """Write the batch, then one PING/PONG; the refused messages and why."""
         self._denied.clear()
         for m, headers in batch:
             await nc.publish(m.topic, m.body, headers=headers)
         await self._flush(nc)
         # the server answers a denied PUB with -ERR before the PONG of the flush
         denied = {s for e in self._denied for s in _DENIED_SUBJECT.findall(e)}
-        return [f"{m.id}: permission denied to publish to {m.topic!r}"
+        return [(m, f"permission denied to publish to {m.topic!r}")
                 for m, _ in batch if m.topic.lower() in denied]
 
     async def _publish_js(
         self, nc: Client, js: JetStreamContext,
         batch: Sequence[tuple[Message, dict[str, str]]],
-    ) -> list[str]:
-        """Pipeline the publishes in order, then wait for every ack."""
+    ) -> list[tuple[Message, str]]:
+        """Pipeline the publishes in order, then wait for every ack; the refused ones."""
         pending: list[tuple[Message, asyncio.Future[PubAck]]] = []
         denied: set[str] = set()
         self._denied.clear()
@@ -569,14 +562,14 @@ class NatsSink(Sink[NatsOptions]):
             for _, f in pending:
                 if not f.done():
                     f.cancel()
-        refused = []
+        refused: list[tuple[Message, str]] = []
         for (m, _), res in zip(pending, results, strict=True):
             if not isinstance(res, BaseException):
                 continue
             if m.topic.lower() in denied:
-                refused.append(f"{m.id}: permission denied to publish to {m.topic!r}")
+                refused.append((m, f"permission denied to publish to {m.topic!r}"))
             elif isinstance(res, nats.js.errors.APIError) and res.err_code == JS_MESSAGE_TOO_LARGE:
-                refused.append(f"{m.id}: the stream refused it as too large")
+                refused.append((m, "the stream refused it as too large"))
             elif isinstance(res, nats.js.errors.NoStreamResponseError):
                 msg = (f"no JetStream stream captures subject {m.topic!r} (create one, or set "
                        "`stream:` in the sink options)")
@@ -604,7 +597,7 @@ class NatsSink(Sink[NatsOptions]):
             spins += 1
             await asyncio.sleep(0 if spins < 100 else 0.001)
         # nats-py types the timeout as int; it is passed to asyncio.wait_for
-        await nc.flush(self.options.flush_timeout_s)  # type: ignore[arg-type]
+        await nc.flush(self._flush_timeout_s)  # type: ignore[arg-type]
 
     async def _until_lost(self) -> None:
         """Return when the connection is gone.
@@ -624,7 +617,7 @@ class NatsSink(Sink[NatsOptions]):
         lost = asyncio.ensure_future(self._until_lost())
         try:
             done, _ = await asyncio.wait(
-                {task, lost}, timeout=self.options.flush_timeout_s,
+                {task, lost}, timeout=self._flush_timeout_s,
                 return_when=asyncio.FIRST_COMPLETED,
             )
         finally:
@@ -638,7 +631,7 @@ class NatsSink(Sink[NatsOptions]):
         if lost in done:
             msg = f"connection lost while waiting for the {what}"
         else:
-            msg = f"no {what} within flush_timeout_s={self.options.flush_timeout_s}"
+            msg = f"no {what} within flush_timeout_s={self._flush_timeout_s:g}"
             if self._js is not None:
                 msg += (" (is the stream's leader available? JetStream acks also need "
                         "subscribe permission on _INBOX.>)")

@@ -4,22 +4,33 @@
   for unit tests of the core and of routing configurations;
 - :func:`~bridge.testing.sample.sample_events` / :func:`~bridge.testing.sample.messages`:
   realistic events and messages without an upstream;
-- :func:`~bridge.testing.wait.wait_until` / :func:`~bridge.testing.wait.wait_until_sync`:
-  poll until a condition holds, failing with what did not happen in time;
+- :func:`~bridge.testing.wait.until` (async; ``wait_until`` is the same function) /
+  :func:`~bridge.testing.wait.wait_until_sync`: poll until a condition holds, failing
+  with what did not happen in time;
+- :class:`~bridge.testing.proxy.FaultProxy`: a TCP proxy that refuses, stalls or resets
+  the link to a bus on demand (a hung or dead bus without touching the bus);
+- :class:`~bridge.testing.proxy.FaultProxy`: a TCP proxy that refuses, stalls or resets
+  a driver's connections on demand (outages and a hung bus without killing the bus);
 - :class:`~bridge.testing.conformance.SinkConformance`: the reusable pytest suite a
   driver author runs against a real bus (see docs/writing-plugins.md).
+
+Install it with the light extra ``pip install 'aleno-bridge[testing]'`` (pytest and
+pytest-asyncio only).
 """
 
 from bridge.testing.memory import MemoryOptions, MemorySink
+from bridge.testing.proxy import FaultProxy
 from bridge.testing.sample import messages, sample_events, ticker_record
-from bridge.testing.wait import wait_until, wait_until_sync
+from bridge.testing.wait import until, wait_until, wait_until_sync
 
 __all__ = [
+    "FaultProxy",
     "MemoryOptions",
     "MemorySink",
     "messages",
     "sample_events",
     "ticker_record",
+    "until",
     "wait_until",
     "wait_until_sync",
 ]

@@ -24,16 +24,39 @@ the round trip through the real bus, per-symbol order is kept, after the bus dro
 the connection the core's worker reconnects the driver and delivers again, and (with
 a probe that implements ``stop_bus``/``start_bus``) what is published while the bus is
 down fails, is retried and arrives once it is back.
+
+Beyond that, every promise of the :class:`~bridge.sinks.Sink` contract has a test that
+fails when a driver breaks it: each message of a mixed batch arrives exactly once, on
+its own topic, with its own key and its body unchanged; per-symbol order holds across
+batches of every size (none, one, the runner's default 500); a partly refused batch
+reports exactly how many were refused; every format the driver declares carries the
+CloudEvents attributes per the bus's binding; hostile symbols make valid topics;
+``close()`` is quick; reconnecting many times leaks no connection, task or file
+descriptor; a cancelled ``publish`` leaves the driver usable; secrets stay out of
+``repr``, errors and logs.
+
+Optional capabilities are opt-in, each test that needs one skips with the reason when
+it is missing: on the probe, :attr:`BusProbe.delivers_keys`,
+:attr:`BusProbe.exact_bodies`, :meth:`BusProbe.refusing` (make the bus refuse some
+messages), :meth:`BusProbe.attributes`, and :meth:`BusProbe.bus_address` +
+:meth:`BusProbe.options_via`, which route the driver through a
+:class:`~bridge.testing.proxy.FaultProxy` so that outages, dropped connections and a
+hung bus are tested without killing the bus; on the suite,
+:meth:`SinkConformance.secret_options`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import os
 import time
+import traceback
 import uuid
 from abc import ABC, abstractmethod
-from collections import defaultdict
-from collections.abc import Mapping
+from collections import Counter, defaultdict
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -43,9 +66,16 @@ from pydantic import ValidationError
 
 from bridge.config import SinkCommon, SinkSpec
 from bridge.runner import SinkWorker
-from bridge.sinks import Message, Sink, SinkOptions, check_driver
+from bridge.sinks import Message, Sink, SinkOptions, SinkRejectedError, check_driver
+from bridge.testing.proxy import FaultProxy
 from bridge.testing.sample import messages, sample_events
 from bridge.testing.wait import wait_until
+
+#: symbols with every character some bus treats specially in a topic
+HOSTILE_SYMBOLS = (
+    "BRK.B", "BTC/USD", "A*B", "A>B", "A+B", "A#B", "A B", "..", ".", "/", "*", ">", "+",
+    "#", " ", "Ünïcødé€", "日本株/円", "X.Y/Z*>+# W",
+)
 
 
 @dataclass
@@ -93,27 +123,95 @@ class BusProbe(ABC):
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release the probe's own connection."""
 
+    # -- optional capabilities (new tests skip, naming the missing one) --------------
+
+    #: :attr:`Received.key` is the message's key as the sink sent it (set it when the bus
+    #: carries keys and the probe reports them)
+    delivers_keys: bool = False
+    #: :attr:`Received.body` holds the exact bytes sent (else bodies are compared as JSON)
+    exact_bodies: bool = False
+    #: :meth:`bus_address` is also the address the driver publishes to (``False`` for a
+    #: bus whose clients are redirected after bootstrap, like Kafka's metadata)
+    proxy_covers_publish: bool = True
+
+    def refusing(self, batch: Sequence[Message]) -> tuple[list[Message], list[int]] | None:
+        """A copy of ``batch`` in which the bus will refuse some messages for good (too
+        large, forbidden topic...), and the indices of those; ``None``: cannot (the
+        partial-rejection test is then skipped)."""
+        return None
+
+    def attributes(self, received: Received) -> Mapping[str, str] | None:
+        """The CloudEvents attributes of a ``cloudevents-binary`` message, names without
+        prefix; ``None`` when the probe cannot see them. Default: the headers with the
+        prefix ``ce_`` (Kafka), ``ce-`` (NATS, HTTP) or none (MQTT user properties)."""
+        headers = {k.lower(): v for k, v in received.headers.items()}
+        for prefix in ("ce_", "ce-", ""):
+            if f"{prefix}id" in headers:
+                return {k[len(prefix):]: v for k, v in headers.items() if k.startswith(prefix)}
+        return None
+
+    def bus_address(self) -> tuple[str, int] | None:
+        """``(host, port)`` of the bus's TCP endpoint, to put a
+        :class:`~bridge.testing.proxy.FaultProxy` in front of it; ``None``: no proxy
+        tests (hung bus, outages and dropped connections without ``stop_bus`` or
+        ``drop_connections``)."""
+        return None
+
+    def options_via(
+        self, options: Mapping[str, Any], host: str, port: int,
+    ) -> dict[str, Any] | None:
+        """``options`` changed to reach the bus through ``host:port`` (the proxy). Also
+        the place to shorten the driver's timeouts, so that the hung-bus tests are quick."""
+        return None
+
 
 def unique_topic() -> str:
     """A topic name valid on Kafka, NATS and MQTT alike, unique per test."""
     return f"aleno-conformance-{uuid.uuid4().hex[:12]}"
 
 
+@dataclass
+class _Route:
+    """The options a test's sink uses, and the proxy in its path (if the probe allows)."""
+
+    options: dict[str, Any]
+    proxy: FaultProxy | None = None
+    covers_publish: bool = False
+
+
 class SinkConformance:
     """Subclass and set :attr:`driver`; provide the ``options`` and ``probe`` fixtures.
 
     Optional: ``secret_values`` fixture (values that must never appear in ``repr``);
-    :attr:`batch_size`, :attr:`timeout_s`, :attr:`format`.
+    :meth:`secret_options`; :attr:`batch_size`, :attr:`timeout_s`, :attr:`format`,
+    :attr:`large_batch`, :attr:`close_within_s`, :attr:`hung_within_s`,
+    :attr:`settle_s`, :attr:`reconnect_cycles`.
     """
 
     driver: ClassVar[type[Sink[Any]]]
     batch_size: ClassVar[int] = 40
     timeout_s: ClassVar[float] = 20.0
     format: ClassVar[str] = "cloudevents-json"
+    #: the runner's default ``batch.max_events``
+    large_batch: ClassVar[int] = 500
+    #: ``close()`` must return within this, on a healthy and on a hung bus
+    close_within_s: ClassVar[float] = 3.0
+    #: ``connect``/``publish`` must give up within this on a hung bus (the timeouts
+    #: :meth:`BusProbe.options_via` configures, plus slack)
+    hung_within_s: ClassVar[float] = 10.0
+    #: how long to keep listening for duplicates once every message arrived
+    settle_s: ClassVar[float] = 0.5
+    #: connect/close cycles of the leak test
+    reconnect_cycles: ClassVar[int] = 5
 
     @pytest.fixture
     def secret_values(self) -> list[str]:
         return []
+
+    def secret_options(self, sentinel: str) -> dict[str, Any] | None:
+        """Options that put ``sentinel`` in the driver's password (or token) option, to
+        add to ``options``; ``None`` (default): the secrets test is skipped."""
+        return None
 
     def make(self, options: Mapping[str, Any], name: str = "conformance") -> Sink[Any]:
         opts = self.driver.options_model.model_validate(dict(options))
@@ -183,61 +281,391 @@ class SinkConformance:
     ) -> None:
         topic = unique_topic()
         await probe.subscribe(topic)
-        worker = self._worker(options)
-        worker.start()
-        first = messages(sample_events(symbols=2, updates=5), topic, self.format)
-        second = messages(sample_events(symbols=2, updates=5, start_ms=1_800_000_000_000),
-                          topic, self.format)
-        try:
-            for m in first:
-                worker.offer(m)
-            await wait_until(lambda: worker.stats.published == len(first), self.timeout_s)
-            if not await probe.drop_connections():
-                pytest.skip("this probe cannot make the bus drop connections")
-            for m in second:
-                worker.offer(m)
-            await wait_until(lambda: worker.stats.published >= len(first) + len(second), 60.0)
-            # a broker that loses its data on restart may lose ``first``: wait for
-            # ``second`` (published after the drop) only
-            missing = await _missing(probe, second, len(first) + len(second), self.timeout_s)
-        finally:
-            await worker.stop(5.0)
+        async with self._route(options, probe) as route:
+            worker = self._worker(route.options)
+            worker.start()
+            first = messages(sample_events(symbols=2, updates=5), topic, self.format)
+            second = messages(sample_events(symbols=2, updates=5, start_ms=1_800_000_000_000),
+                              topic, self.format)
+            try:
+                for m in first:
+                    worker.offer(m)
+                await wait_until(lambda: worker.stats.published == len(first), self.timeout_s)
+                if not await probe.drop_connections():
+                    if route.proxy is None or not route.covers_publish:
+                        pytest.skip("this probe cannot make the bus drop connections "
+                                    "(drop_connections, or bus_address + options_via)")
+                    route.proxy.set_mode("reset")
+                for m in second:
+                    worker.offer(m)
+                await wait_until(lambda: worker.stats.published >= len(first) + len(second),
+                                 60.0)
+                # a broker that loses its data on restart may lose ``first``: wait for
+                # ``second`` (published after the drop) only
+                missing = await _missing(probe, second, len(first) + len(second),
+                                         self.timeout_s)
+            finally:
+                await worker.stop(5.0)
         assert not missing, f"{len(missing)} message(s) published after the drop never arrived"
         assert worker.stats.dropped.get("rejected", 0) == 0
 
     async def test_publishing_during_an_outage_is_retried_until_the_bus_is_back(
         self, options: Mapping[str, Any], probe: BusProbe
     ) -> None:
+        """The outage lasts until the worker called ``connect()`` on the still-down bus."""
         topic = unique_topic()
         await probe.subscribe(topic)
-        worker = self._worker(options)
-        worker.start()
-        warm = messages(sample_events(symbols=1, updates=1), topic, self.format)
-        during = messages(sample_events(symbols=2, updates=5, start_ms=1_900_000_000_000),
-                          topic, self.format)
-        try:
-            worker.offer(warm[0])  # connected and publishing before the outage starts
-            await wait_until(lambda: worker.stats.published == 1, self.timeout_s)
-            if not await probe.stop_bus():
-                pytest.skip("this probe cannot take the bus down")
+        async with self._route(options, probe) as route:
+            sink = self.make(route.options, "conformance")
+            connects = _count_connects(sink)
+            worker = self._worker(route.options, sink)
+            worker.start()
+            warm = messages(sample_events(symbols=1, updates=1), topic, self.format)
+            during = messages(sample_events(symbols=2, updates=5, start_ms=1_900_000_000_000),
+                              topic, self.format)
             try:
-                for m in during:
-                    worker.offer(m)
-                # the driver must fail (not hang, not pretend) while the bus is down
-                await wait_until(lambda: worker.stats.failed_batches >= 1 or not worker.connected,
-                             self.timeout_s)
-                assert worker.stats.published < 1 + len(during)
+                worker.offer(warm[0])  # connected and publishing before the outage starts
+                await wait_until(lambda: worker.stats.published == 1, self.timeout_s)
+                before = connects[0]
+                stopped = await probe.stop_bus()
+                if not stopped:
+                    if route.proxy is None or not route.covers_publish:
+                        pytest.skip("this probe cannot take the bus down "
+                                    "(stop_bus, or bus_address + options_via)")
+                    route.proxy.set_mode("refuse")
+                try:
+                    for m in during:
+                        worker.offer(m)
+                    # the driver must fail (not hang, not pretend) while the bus is down
+                    await wait_until(
+                        lambda: worker.stats.failed_batches >= 1 or not worker.connected,
+                        self.timeout_s, "publishing failed while the bus is down")
+                    assert worker.stats.published < 1 + len(during), (
+                        "publish reported success while the bus was down")
+                    await wait_until(lambda: connects[0] > before, self.timeout_s,
+                                     "connect() called again while the bus is still down")
+                finally:
+                    if stopped:
+                        await probe.start_bus()
+                    elif route.proxy is not None:
+                        route.proxy.set_mode("pass")
+                await wait_until(lambda: worker.stats.published >= 1 + len(during), 60.0,
+                                 "everything published once the bus is back")
+                missing = await _missing(probe, during, 1 + len(during), self.timeout_s)
             finally:
-                await probe.start_bus()
-            await wait_until(lambda: worker.stats.published >= 1 + len(during), 60.0)
-            missing = await _missing(probe, during, 1 + len(during), self.timeout_s)
-        finally:
-            await worker.stop(5.0)
+                await worker.stop(5.0)
         assert not missing, f"{len(missing)} message(s) published during the outage are lost"
         assert worker.stats.dropped == {}
         assert worker.stats.reconnects >= 1 or worker.stats.failed_batches >= 1
 
-    def _worker(self, options: Mapping[str, Any]) -> SinkWorker:
+    # -- every message once, where it belongs ----------------------------------------
+
+    async def test_each_message_arrives_once_on_its_topic_with_its_key_and_body(
+        self, options: Mapping[str, Any], probe: BusProbe
+    ) -> None:
+        """One batch mixing three topics, per-message keys and no key."""
+        base = unique_topic()
+        topics = [f"{base}-a", f"{base}-b", f"{base}-c"]
+        for t in topics:
+            await probe.subscribe(t)
+        batch = []
+        for i, ev in enumerate(sample_events(symbols=6, updates=3)):
+            enc = ev.encoded(self.format)
+            key = None if i % 5 == 4 else f"k{i}-{ev.symbol}"
+            batch.append(Message(topics[i % 3], key, enc.body, enc.content_type, ev.header,
+                                 enc.attributes))
+        async with self._connected(options) as sink:
+            await asyncio.wait_for(sink.publish(batch), self.timeout_s)
+            got = await self._settled(probe, len(batch))
+        self._assert_exactly(batch, got, probe)
+
+    async def test_order_per_symbol_across_batches_of_every_size(
+        self, options: Mapping[str, Any], probe: BusProbe
+    ) -> None:
+        """Batches of 0, 1, 7, :attr:`large_batch` and 3 messages, one after the other."""
+        topic = unique_topic()
+        await probe.subscribe(topic)
+        symbols = 10
+        sizes = [0, 1, 7, self.large_batch, 3]
+        rounds = -(-sum(sizes) // symbols)
+        events = sample_events(symbols=symbols, updates=rounds)[: sum(sizes)]
+        all_messages = messages(events, topic, self.format)
+        async with self._connected(options) as sink:
+            start = 0
+            for size in sizes:
+                chunk = all_messages[start:start + size]
+                start += size
+                await asyncio.wait_for(sink.publish(chunk), self.timeout_s)
+            got = await self._settled(probe, len(all_messages))
+        self._assert_exactly(all_messages, got, probe)
+        per_symbol: dict[str, list[int]] = defaultdict(list)
+        for r in got:
+            data = r.envelope()["data"]
+            per_symbol[data["symbol"]].append(data["sentTimestampMs"])
+        for symbol, stamps in per_symbol.items():
+            assert stamps == sorted(stamps), f"order of {symbol} not kept across batches"
+
+    async def test_refused_messages_are_counted_exactly(
+        self, options: Mapping[str, Any], probe: BusProbe
+    ) -> None:
+        topic = unique_topic()
+        await probe.subscribe(topic)
+        good = messages(sample_events(symbols=4, updates=3), topic, self.format)
+        plan = probe.refusing(good)
+        if plan is None:
+            pytest.skip("this probe cannot make the bus refuse messages (BusProbe.refusing)")
+        batch, refused = plan
+        assert 0 < len(refused) < len(batch), "refusing() must refuse some, not all"
+        async with self._connected(options) as sink:
+            with pytest.raises(SinkRejectedError) as caught:
+                await asyncio.wait_for(sink.publish(batch), self.timeout_s)
+            delivered = [m for i, m in enumerate(batch) if i not in set(refused)]
+            got = await self._settled(probe, len(delivered))
+        err = caught.value
+        assert err.rejected == len(refused), (
+            f"{len(refused)} of {len(batch)} refused, the error says {err.rejected} "
+            "(None means the whole batch)")
+        if err.refused is not None:
+            said = {i if isinstance(i, int) else batch.index(i) for i in err.refused}
+            assert said == set(refused), "SinkRejectedError.refused names other messages"
+        self._assert_exactly(delivered, got, probe)
+
+    @pytest.mark.parametrize("fmt", ["cloudevents-json", "cloudevents-binary", "raw"])
+    async def test_format(
+        self, fmt: str, options: Mapping[str, Any], probe: BusProbe
+    ) -> None:
+        """The body per format; in binary mode the attributes per the bus's binding."""
+        if fmt not in self.driver.formats:
+            pytest.skip(f"{self.driver.__name__} does not declare {fmt}")
+        parsed = self.driver.options_model.model_validate(dict(options))
+        why = self.driver.check_format(parsed, fmt)
+        if why is not None:
+            pytest.skip(f"{fmt} with these options: {why}")
+        topic = unique_topic()
+        await probe.subscribe(topic)
+        batch = messages(sample_events(symbols=3, updates=2, kind="ticker")
+                         + sample_events(symbols=2, updates=1, kind="equity"), topic, fmt)
+        async with self._connected(options) as sink:
+            await asyncio.wait_for(sink.publish(batch), self.timeout_s)
+            got = await probe.received(len(batch), self.timeout_s)
+        by_body = {orjson.dumps(orjson.loads(m.body), option=orjson.OPT_SORT_KEYS): m
+                   for m in batch}
+        assert len(by_body) == len(batch)
+        seen: dict[str, Received] = {}
+        for r in got:
+            m = by_body.get(orjson.dumps(orjson.loads(r.body), option=orjson.OPT_SORT_KEYS))
+            assert m is not None, f"{fmt}: a body that was never sent arrived: {r.body[:200]!r}"
+            assert m.id not in seen, f"{fmt}: {m.id} arrived twice"
+            seen[m.id] = r
+            if probe.exact_bodies:
+                assert r.body == m.body, f"{fmt}: the body of {m.id} was changed"
+        assert len(seen) == len(batch), f"{fmt}: {len(seen)} of {len(batch)} arrived"
+        if fmt != "cloudevents-binary":
+            return
+        for m in batch:
+            attrs = probe.attributes(seen[m.id])
+            if attrs is None:
+                pytest.skip("this probe cannot see binary-mode attributes (BusProbe.attributes)")
+            wrong = {k: attrs.get(k) for k, v in m.attributes.items() if attrs.get(k) != v}
+            assert not wrong, f"binary-mode attributes of {m.id} missing or changed: {wrong}"
+
+    # -- topics ---------------------------------------------------------------------
+
+    def test_hostile_symbols_make_valid_topics(self) -> None:
+        for value in HOSTILE_SYMBOLS:
+            safe = self.driver.safe_token(value)
+            assert isinstance(safe, str)
+            assert self.driver.safe_token(safe) == safe, f"safe_token({value!r}) not idempotent"
+            topic = f"aleno.{safe}.x"
+            why = self.driver.check_topic(topic)
+            assert why is None, f"safe_token({value!r}) = {safe!r} makes an invalid topic: {why}"
+        assert self.driver.check_topic("") is not None, "check_topic must refuse ''"
+
+    async def test_hostile_symbols_on_the_bus(
+        self, options: Mapping[str, Any], probe: BusProbe
+    ) -> None:
+        """Each safe-made symbol reaches exactly its own topic."""
+        base = unique_topic()
+        values = ("BRK.B", "X.Y/Z*>+# W", "Ünïcødé€/日本")
+        topics = [f"{base}-{self.driver.safe_token(v)}" for v in values]
+        for t in topics:
+            assert self.driver.check_topic(t) is None, t
+            await probe.subscribe(t)
+        events = sample_events(symbols=len(topics), updates=1)
+        batch = [messages([ev], t, self.format)[0] for ev, t in zip(events, topics, strict=True)]
+        async with self._connected(options) as sink:
+            await asyncio.wait_for(sink.publish(batch), self.timeout_s)
+            got = await self._settled(probe, len(batch))
+        self._assert_exactly(batch, got, probe)
+
+    # -- failures, resources, secrets -----------------------------------------------
+
+    async def test_close_is_quick(self, options: Mapping[str, Any], probe: BusProbe) -> None:
+        topic = unique_topic()
+        await probe.subscribe(topic)
+        sink = self.make(options)
+        await asyncio.wait_for(sink.connect(), self.timeout_s)
+        try:
+            await asyncio.wait_for(sink.publish(messages(sample_events(1, 1), topic)),
+                                   self.timeout_s)
+        finally:
+            took = await self._timed_close(sink)
+        assert took < self.close_within_s, f"close() took {took:.1f}s"
+        assert await self._timed_close(sink) < self.close_within_s
+
+    async def test_hung_bus_connect_gives_up_in_time(
+        self, options: Mapping[str, Any], probe: BusProbe
+    ) -> None:
+        """TCP open, nothing answers: ``connect`` returns or fails within its timeout."""
+        async with self._route(options, probe, require=True) as route:
+            assert route.proxy is not None
+            route.proxy.set_mode("stall")
+            sink = self.make(route.options)
+            start = time.monotonic()
+            try:
+                await asyncio.wait_for(sink.connect(), self.hung_within_s + 5)
+            except TimeoutError as exc:
+                if time.monotonic() - start >= self.hung_within_s + 4:
+                    msg = f"connect() hung on a bus that does not answer ({self.hung_within_s}s)"
+                    raise AssertionError(msg) from exc
+                assert sink.is_retriable(exc)
+            except Exception as exc:  # the driver's own error: must be retriable
+                assert sink.is_retriable(exc), f"not retriable: {exc!r}"
+            took = time.monotonic() - start
+            close_took = await self._timed_close(sink)
+        assert took < self.hung_within_s, f"connect() took {took:.1f}s on a hung bus"
+        assert close_took < self.close_within_s, f"close() took {close_took:.1f}s"
+
+    async def test_hung_bus_publish_fails_in_time_and_close_is_quick(
+        self, options: Mapping[str, Any], probe: BusProbe
+    ) -> None:
+        topic = unique_topic()
+        await probe.subscribe(topic)
+        async with self._route(options, probe, require=True, publish=True) as route:
+            assert route.proxy is not None
+            sink = self.make(route.options)
+            await asyncio.wait_for(sink.connect(), self.timeout_s)
+            await asyncio.wait_for(sink.publish(messages(sample_events(1, 1), topic)),
+                                   self.timeout_s)
+            route.proxy.set_mode("stall")
+            batch = messages(sample_events(2, 3, start_ms=1_750_000_000_000), topic)
+            start = time.monotonic()
+            error: BaseException | None = None
+            try:
+                await asyncio.wait_for(sink.publish(batch), self.hung_within_s + 5)
+            except Exception as exc:
+                error = exc
+            took = time.monotonic() - start
+            close_took = await self._timed_close(sink)
+        assert error is not None, "publish() reported success on a bus that does not answer"
+        assert took < self.hung_within_s, f"publish() took {took:.1f}s on a hung bus"
+        assert sink.is_retriable(error), f"a hung bus must be retriable: {error!r}"
+        assert close_took < self.close_within_s, f"close() took {close_took:.1f}s, bus hung"
+
+    async def test_cancelled_publish_leaves_the_driver_usable(
+        self, options: Mapping[str, Any], probe: BusProbe
+    ) -> None:
+        """A ``publish`` cancelled by the runner's timeout, then ``close()`` +
+        ``connect()``: the driver publishes again."""
+        topic = unique_topic()
+        await probe.subscribe(topic)
+        after = messages(sample_events(3, 2, start_ms=1_760_000_000_000), topic, self.format)
+        async with self._route(options, probe, publish=True) as route:
+            sink = self.make(route.options)
+            await asyncio.wait_for(sink.connect(), self.timeout_s)
+            big = messages(sample_events(10, self.large_batch // 10), topic, self.format)
+            if route.proxy is not None:
+                route.proxy.set_mode("stall")
+            task = asyncio.ensure_future(sink.publish(big))
+            await asyncio.sleep(0.3 if route.proxy is not None else 0)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+            if route.proxy is not None:
+                route.proxy.set_mode("pass")
+            try:
+                await asyncio.wait_for(sink.close(), self.close_within_s)
+                await asyncio.wait_for(sink.connect(), self.timeout_s)
+                await asyncio.wait_for(sink.publish(after), self.timeout_s)
+            finally:
+                await sink.close()
+            missing = await _missing(probe, after, len(big) + len(after), self.timeout_s)
+        assert not missing, f"{len(missing)} message(s) published after the cancel are lost"
+
+    async def test_reconnecting_leaks_no_connection_task_or_fd(
+        self, options: Mapping[str, Any], probe: BusProbe
+    ) -> None:
+        """``connect()`` again on a connected sink replaces its connection; after
+        ``close()`` nothing stays open."""
+        topic = unique_topic()
+        await probe.subscribe(topic)
+        async with self._route(options, probe) as route:
+            counted = route.proxy if route.covers_publish else None
+            sink = self.make(route.options)
+            await asyncio.wait_for(sink.connect(), self.timeout_s)  # warm: lazy imports...
+            await sink.close()
+            await asyncio.sleep(0.1)
+            fds, tasks = _open_fds(), len(asyncio.all_tasks())
+            for i in range(self.reconnect_cycles):
+                await asyncio.wait_for(sink.connect(), self.timeout_s)
+                await asyncio.wait_for(sink.connect(), self.timeout_s)
+                await asyncio.wait_for(
+                    sink.publish(messages(sample_events(1, 1, start_ms=1_770_000_000_000
+                                                        + i * 1000), topic, self.format)),
+                    self.timeout_s)
+                if counted is not None:
+                    assert counted.active <= 2, (
+                        f"{counted.active} connections open after connect() twice: the "
+                        "previous one was not closed")
+                await sink.close()
+            if counted is not None:
+                with contextlib.suppress(AssertionError):
+                    await wait_until(lambda: counted.active == 0, 2.0)
+                assert counted.active == 0, f"{counted.active} connection(s) left open"
+            with contextlib.suppress(AssertionError):
+                await wait_until(lambda: len(asyncio.all_tasks()) <= tasks, 2.0)
+            assert len(asyncio.all_tasks()) <= tasks + 1, "tasks left running after close()"
+            if fds is not None:
+                now = _open_fds()
+                assert now is not None and now <= fds + 2, f"file descriptors: {fds} -> {now}"
+
+    async def test_secrets_stay_out_of_errors_and_logs(
+        self, options: Mapping[str, Any], probe: BusProbe
+    ) -> None:
+        """A sentinel password, a failed connect: not in repr, errors or log records."""
+        sentinel = f"Sentinel-Pw-{uuid.uuid4().hex[:12]}"
+        secret = self.secret_options(sentinel)
+        if secret is None:
+            pytest.skip("no secret option to test (SinkConformance.secret_options)")
+        texts: list[str] = []
+        records = _Capture()
+        root = logging.getLogger()
+        level = root.level
+        root.addHandler(records)
+        root.setLevel(logging.DEBUG)
+        try:
+            async with self._route(options, probe) as route:
+                if route.proxy is not None:
+                    route.proxy.set_mode("refuse")
+                sink = self.make({**route.options, **secret})
+                texts += [repr(sink), str(sink.options), repr(sink.options)]
+                for step in (sink.connect, lambda: sink.publish([])):
+                    try:
+                        await asyncio.wait_for(step(), self.hung_within_s)
+                    except Exception as exc:
+                        texts.append("".join(traceback.format_exception(exc)))
+                        texts += [str(e) for e in _chain(exc)]
+                await sink.close()
+        finally:
+            root.removeHandler(records)
+            root.setLevel(level)
+        texts += records.texts
+        leaks = [t for t in texts if sentinel in t]
+        assert not leaks, f"the password appears in: {leaks[0][:500]}"
+
+    # -- helpers ---------------------------------------------------------------------
+
+    def _worker(self, options: Mapping[str, Any], sink: Sink[Any] | None = None) -> SinkWorker:
         name = "conformance"
         common = SinkCommon(
             driver=name,
@@ -246,8 +674,124 @@ class SinkConformance:
             retry={"initial_backoff_s": 0.1, "max_backoff_s": 1.0,
                    "publish_timeout_s": 5.0, "connect_timeout_s": 5.0},
         )
-        sink = self.make(options, name)
+        if sink is None:
+            sink = self.make(options, name)
         return SinkWorker(SinkSpec(name, common, self.driver, sink.options), sink)
+
+    @contextlib.asynccontextmanager
+    async def _connected(self, options: Mapping[str, Any]) -> AsyncIterator[Sink[Any]]:
+        sink = self.make(options)
+        try:
+            await asyncio.wait_for(sink.connect(), self.timeout_s)
+            yield sink
+        finally:
+            await sink.close()
+
+    @contextlib.asynccontextmanager
+    async def _route(
+        self, options: Mapping[str, Any], probe: BusProbe, *, require: bool = False,
+        publish: bool = False,
+    ) -> AsyncIterator[_Route]:
+        """Options through a :class:`FaultProxy` when the probe allows it; else as they
+        are (``require``: skip instead; ``publish``: the proxy must carry publishes)."""
+        address = probe.bus_address()
+        via = None
+        proxy = None
+        if address is not None and (probe.proxy_covers_publish or not publish):
+            proxy = FaultProxy(*address)
+            await proxy.start()
+            via = probe.options_via(options, proxy.host, proxy.port)
+        if via is None or proxy is None:
+            if proxy is not None:
+                await proxy.close()
+            if require:
+                what = "publishes" if publish else "connections"
+                pytest.skip(f"this probe cannot route the driver's {what} through a "
+                            "FaultProxy (BusProbe.bus_address + options_via)")
+            yield _Route(dict(options))
+            return
+        try:
+            yield _Route(via, proxy, probe.proxy_covers_publish)
+        finally:
+            await proxy.close()
+
+    async def _settled(self, probe: BusProbe, count: int) -> list[Received]:
+        """What arrived, ``count`` or more, once :attr:`settle_s` brought no more."""
+        await probe.received(count, self.timeout_s)
+        got = await probe.received(count + 1, self.settle_s)
+        return got
+
+    @staticmethod
+    def _assert_exactly(
+        sent: Sequence[Message], got: Sequence[Received], probe: BusProbe,
+    ) -> None:
+        """Each of ``sent`` arrived once, on its topic, with its key and its body."""
+        by_id = {m.id: m for m in sent}
+        counts = Counter(r.envelope()["id"] for r in got)
+        twice = sorted(i for i, n in counts.items() if n > 1)
+        assert not twice, f"{len(twice)} message(s) delivered more than once: {twice[:3]}"
+        missing = sorted(set(by_id) - set(counts))
+        assert not missing, f"{len(missing)} of {len(sent)} message(s) never arrived"
+        extra = sorted(set(counts) - set(by_id))
+        assert not extra, f"{len(extra)} message(s) arrived that were not sent"
+        for r in got:
+            m = by_id[r.envelope()["id"]]
+            assert r.topic == m.topic, f"{m.id} sent to {m.topic!r} arrived on {r.topic!r}"
+            if probe.delivers_keys:
+                assert r.key == m.key, f"{m.id}: key {m.key!r} arrived as {r.key!r}"
+            if probe.exact_bodies:
+                assert r.body == m.body, f"the body of {m.id} was changed"
+            else:
+                assert r.envelope() == orjson.loads(m.body), f"the body of {m.id} was changed"
+
+    @staticmethod
+    async def _timed_close(sink: Sink[Any]) -> float:
+        start = time.monotonic()
+        await asyncio.wait_for(sink.close(), 30)
+        return time.monotonic() - start
+
+
+class _Capture(logging.Handler):
+    """Every log record as text (message, arguments and traceback)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.texts: list[str] = []
+        self.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with contextlib.suppress(Exception):
+            self.texts.append(self.format(record) + repr(record.args))
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    out: list[BaseException] = []
+    cur: BaseException | None = exc
+    while cur is not None and cur not in out:
+        out.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    return out
+
+
+def _count_connects(sink: Sink[Any]) -> list[int]:
+    """Count the ``connect()`` calls of ``sink`` (in the returned cell)."""
+    calls = [0]
+    connect = sink.connect
+
+    async def counted() -> None:
+        calls[0] += 1
+        await connect()
+
+    setattr(sink, "connect", counted)  # noqa: B010 - an instance attribute shadows the method
+    return calls
+
+
+def _open_fds() -> int | None:
+    """How many file descriptors this process holds (``None`` where unknown)."""
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return None
 
 
 async def _missing(

@@ -19,7 +19,7 @@ import logging
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +62,26 @@ Brokers = Callable[..., PrivateBroker]
 # The conformance suite
 
 
+class ConformanceProbe(MqttProbe):
+    """:class:`MqttProbe` with the suite's optional capabilities (MQTT has no key)."""
+
+    exact_bodies = True
+
+    def bus_address(self) -> tuple[str, int] | None:
+        return self.broker.host, self.broker.port
+
+    def options_via(
+        self, options: Mapping[str, Any], host: str, port: int,
+    ) -> dict[str, Any] | None:
+        return {**options, "host": host, "port": port, "connect_timeout_s": 1.0,
+                "ack_timeout_s": 1.5}
+
+
+def conformance_probe(broker: MqttBroker, client_id: str,
+                      private: PrivateBroker | None = None) -> ConformanceProbe:
+    return ConformanceProbe(broker, client_id, private)
+
+
 class TestMqttConformance(SinkConformance):
     """Against the session's broker. It is shared, so ``drop_connections`` makes it
     drop the sink by a session take-over (a client connecting with the sink's id)."""
@@ -78,9 +98,12 @@ class TestMqttConformance(SinkConformance):
 
     @pytest.fixture
     async def probe(self, mqtt_broker: MqttBroker, client_id: str) -> AsyncIterator[BusProbe]:
-        probe = MqttProbe(mqtt_broker, client_id)
+        probe = conformance_probe(mqtt_broker, client_id)
         yield probe
         await probe.close()
+
+    def secret_options(self, sentinel: str) -> dict[str, Any] | None:
+        return {"username": "conformance", "password": sentinel}
 
     @pytest.fixture
     def secret_values(self) -> list[str]:
@@ -105,9 +128,16 @@ class TestMqttConformancePrivateBroker(TestMqttConformance):
     def options(self, private: PrivateBroker, client_id: str) -> dict[str, Any]:
         return private.options(client_id=client_id, connect_timeout_s=5)
 
+    @pytest.fixture(autouse=True)
+    def _restarts_only(self, request: pytest.FixtureRequest) -> None:
+        """Here only the tests that restart the broker: the others ran on the shared one
+        (each test here starts a broker)."""
+        if not request.node.name.startswith(("test_reconnect", "test_publishing_during")):
+            pytest.skip("runs against the shared broker in TestMqttConformance")
+
     @pytest.fixture
     async def probe(self, private: PrivateBroker, client_id: str) -> AsyncIterator[BusProbe]:
-        probe = MqttProbe(private.info, client_id, private)
+        probe = conformance_probe(private.info, client_id, private)
         yield probe
         await probe.close()
 

@@ -14,9 +14,10 @@ import logging
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 import pytest
@@ -34,7 +35,7 @@ from bridge.config import (
 )
 from bridge.runner import SinkWorker
 from bridge.simulator import Simulator
-from bridge.sinks import SinkConnectionError, SinkError, SinkRejectedError
+from bridge.sinks import Message, SinkConnectionError, SinkError, SinkRejectedError
 from bridge.testing.conformance import BusProbe, Received, SinkConformance, unique_topic
 from bridge.testing.sample import messages, sample_events
 from bridge.testing.wait import wait_until
@@ -105,6 +106,9 @@ class CoreProbe(BusProbe):
     (nats-py does it), and ``drop_connections`` returns only once it did, so what the
     sink publishes after the restart reaches it."""
 
+    delivers_keys = True
+    exact_bodies = True
+
     def __init__(self, url: str, server: NatsServer | None = None, **connect: Any) -> None:
         self.url = url
         self.server = server
@@ -148,6 +152,25 @@ class CoreProbe(BusProbe):
     async def close(self) -> None:
         await close_client(self.nc)
 
+    def refusing(self, batch: Sequence[Message]) -> tuple[list[Message], list[int]] | None:
+        """Every third message made larger than the server's max_payload (1 MiB)."""
+        out, refused = list(batch), list(range(1, len(batch), 3))
+        for i in refused:
+            m = out[i]
+            out[i] = Message(m.topic, m.key, b'"' + b"x" * 1_100_000 + b'"', m.content_type,
+                             m.event, m.attributes)
+        return out, refused
+
+    def bus_address(self) -> tuple[str, int] | None:
+        parts = urlsplit(self.url)
+        return parts.hostname or "127.0.0.1", parts.port or 4222
+
+    def options_via(
+        self, options: Mapping[str, Any], host: str, port: int,
+    ) -> dict[str, Any] | None:
+        return {**options, "servers": f"nats://{host}:{port}", "connect_timeout_s": 1.0,
+                "flush_timeout_s": 1.5, "ping_interval_s": 1.0}
+
 
 class StreamProbe(CoreProbe):
     """A JetStream consumer: ``subscribe`` creates a file-store stream capturing the
@@ -155,6 +178,7 @@ class StreamProbe(CoreProbe):
     (private) server, so nothing published while the probe was away is missed."""
 
     stream: str | None = None
+    streams: tuple[str, ...] = ()
 
     # Only a stream keeps what is published while this probe is away: core NATS would
     # drop what the sink sends between the restart and the probe's resubscription.
@@ -179,20 +203,21 @@ class StreamProbe(CoreProbe):
         config = StreamConfig(name=self.stream, subjects=[topic], storage=StorageType.FILE,
                               duplicate_window=60)
         await nc.jsm(timeout=5).add_stream(config)
+        self.streams += (self.stream,)
 
     async def received(self, count: int, timeout: float) -> list[Received]:
         assert self.stream is not None
         nc = await self._client()
         deadline = time.monotonic() + timeout
         while True:
-            got = await read_stream(nc, self.stream)
+            got = [r for stream in self.streams for r in await read_stream(nc, stream)]
             if len(got) >= count or time.monotonic() > deadline:
                 return got
             await asyncio.sleep(0.1)
 
     async def close(self) -> None:
-        if self.stream is not None:
-            await delete_stream(self.url, self.stream)
+        for stream in self.streams:
+            await delete_stream(self.url, stream)
         await super().close()
 
 
@@ -218,8 +243,15 @@ def broker(
     return url, None
 
 
+def nats_secret(sentinel: str) -> dict[str, Any]:
+    return {"user": "conformance", "password": sentinel}
+
+
 class TestNatsCoreConformance(SinkConformance):
     driver = NatsSink
+
+    def secret_options(self, sentinel: str) -> dict[str, Any] | None:
+        return nats_secret(sentinel)
 
     @pytest.fixture
     def options(self, broker: tuple[str, NatsServer | None]) -> dict[str, Any]:
@@ -246,6 +278,9 @@ def js_broker(
 
 class TestNatsJetStreamConformance(SinkConformance):
     driver = NatsSink
+
+    def secret_options(self, sentinel: str) -> dict[str, Any] | None:
+        return nats_secret(sentinel)
 
     @pytest.fixture
     def options(self, js_broker: tuple[str, NatsServer | None]) -> dict[str, Any]:

@@ -53,3 +53,32 @@ def test_a_configured_driver_that_fails_to_load_is_a_startup_error(
     assert r.returncode == 2
     assert "sinks.b.driver: sink driver 'broken' failed to load: ModuleNotFoundError" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("hidden", [("nats",), ("aiokafka", "nats", "paho")])
+def test_a_builtin_driver_without_its_library_shows_the_extra_to_install(
+    tmp_path: Path, hidden: tuple[str, ...]
+) -> None:
+    """An installation without an extra, simulated by packages on PYTHONPATH that shadow
+    the client libraries and fail to import like a missing one."""
+    for module in hidden:
+        (tmp_path / module).mkdir()
+        (tmp_path / module / "__init__.py").write_text(
+            f"raise ModuleNotFoundError(\"No module named '{module}'\", name={module!r})\n")
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}", "COLUMNS": "200"}
+    r = subprocess.run([sys.executable, "-m", "bridge", "plugins"], capture_output=True,
+                       text=True, timeout=60, env=env)
+    assert r.returncode == 1, r.stderr
+    lines = r.stdout.splitlines()
+    driver_of = {"aiokafka": "kafka", "nats": "nats", "paho": "mqtt"}
+    missing = {driver_of[m] for m in hidden}
+    for name in ("kafka", "nats", "mqtt"):
+        row = next(line for line in lines if f" {name} " in line)
+        hint = f"pip install 'aleno-bridge[{name}]'"
+        if name in missing:
+            assert "failed:" in row and hint in row, row
+            assert f"hint: the {name} driver needs its client library: {hint}" in lines
+        else:
+            assert " ok " in row and hint not in r.stdout, row
+    all_hint = "hint: every built-in bus driver at once: pip install 'aleno-bridge[all]'"
+    assert (all_hint in lines) == (len(missing) > 1)

@@ -56,7 +56,7 @@ def snapshot() -> BridgeSnapshot:
             depth=5, capacity=50, blocked=1, offered=20, published=10, conflated=2,
             dropped=frozen_counts({"buffer_full": 3}), failed_batches=7, reconnects=1,
             rejections=0, last_error="down", last_rejection=None,
-            seconds_since_rejection=None,
+            seconds_since_rejection=None, connect_failures=9,
         ),),
     )
 
@@ -102,6 +102,7 @@ def test_every_family_is_exported_from_the_snapshot() -> None:
         (m.SINK_EVENTS_CONFLATED + T, (("sink", "bus"),)): 2,
         (m.SINK_PUBLISH_FAILURES + T, (("sink", "bus"),)): 7,
         (m.SINK_RECONNECTS + T, (("sink", "bus"),)): 1,
+        (m.SINK_CONNECT_FAILURES + T, (("sink", "bus"),)): 9,
         (m.SINK_REJECTIONS + T, (("sink", "bus"),)): 0,
     }
     for key, value in expected.items():
@@ -124,7 +125,7 @@ def test_a_bridge_without_a_source_exports_an_idle_upstream() -> None:
 def test_metric_names_are_the_documented_ones() -> None:
     names = {v for k, v in vars(m).items() if k.isupper() and isinstance(v, str)
              and v.startswith("aleno_bridge_")}
-    assert len(names) == 30
+    assert len(names) == 31
     assert all(n.startswith("aleno_bridge_") and not n.endswith("_total") for n in names)
 
 
@@ -144,5 +145,28 @@ async def test_a_running_bridge_is_counted_through_its_snapshot() -> None:
         assert got[(m.SINK_STATE, (("driver", "memory"), ("sink", "mem"),
                                    ("state", "connected")))] == 1.0
         assert got[(m.SINK_UP, (("sink", "mem"),))] == 1.0
+    finally:
+        await bridge.shutdown()
+
+
+async def test_failed_connect_attempts_of_a_sink_are_counted() -> None:
+    settings = parse_config(
+        "sinks: {mem: {driver: memory, batch: {linger_ms: 0},"
+        " retry: {initial_backoff_s: 0.01, max_backoff_s: 0.02}}}\nhttp: {enabled: false}\n",
+        env={}, drivers=Drivers(injected={"memory": MemorySink}))
+    sink = MemorySink("mem")
+    sink.down = True
+    bridge = Bridge(settings, sinks={"mem": sink}, with_source=False)
+    key = (m.SINK_CONNECT_FAILURES + m.TOTAL, (("sink", "mem"),))
+    await bridge.start()
+    try:
+        await wait_until(lambda: samples(bridge.registry)[key] >= 3, 5,
+                         "three failed connects counted")
+        sink.down = False
+        await wait_until(lambda: sink.connected, 5, "connected once the bus is back")
+        failures = samples(bridge.registry)[key]
+        bridge.ingest(sample_events(symbols=1, updates=1))
+        await wait_until(lambda: len(sink.received) == 1, 5, "published")
+        assert samples(bridge.registry)[key] == failures  # a success does not count
     finally:
         await bridge.shutdown()

@@ -1,4 +1,4 @@
-"""bridge.testing.wait: the one poll-until helper of the test suites."""
+"""bridge.testing.wait: the one poll-until helper of the test suites (public: ``until``)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import itertools
 
 import pytest
 
-from bridge.testing import wait_until, wait_until_sync
+import bridge.testing
+from bridge.testing import until, wait_until, wait_until_sync
 
 
 async def test_wait_until_returns_once_the_condition_holds() -> None:
@@ -36,3 +37,24 @@ def test_wait_until_sync() -> None:
     assert wait_until_sync(lambda: next(calls) >= 2, 5.0, interval=0.001) < 5.0
     with pytest.raises(AssertionError, match=r"condition: not within 0\.02s"):
         wait_until_sync(lambda: False, 0.02, interval=0.005)
+
+
+def test_until_is_the_public_name_and_wait_until_the_same_function() -> None:
+    assert "until" in bridge.testing.__all__
+    assert wait_until is until
+
+
+async def test_until_awaits_an_async_condition() -> None:
+    calls = itertools.count()
+
+    async def arrived() -> bool:
+        await asyncio.sleep(0)
+        return next(calls) >= 2
+
+    assert await until(arrived, 5.0, "an async probe", interval=0.001) < 5.0
+    with pytest.raises(AssertionError, match=r"never true: not within 0\.02s"):
+        await until(_never, 0.02, "never true", interval=0.005)
+
+
+async def _never() -> bool:
+    return False

@@ -10,9 +10,11 @@ batch order. The topic travels in the ``X-Aleno-Topic`` header; the body is a JS
 ``cloudevents-binary`` carries ONE event's attributes in HTTP headers, which means nothing
 for a batch: the driver does not declare it, so the configuration refuses it.
 
-Delivery is at least once. A 2xx answer means the endpoint took the request. A 5xx, 408
-or 429 answer, a timeout or a connection error is retriable: the core reconnects and
-sends the whole batch again (deduplicate on the envelope ``id``). Any other answer is
+``connect()`` checks that the endpoint accepts a TCP connection (it sends no request)
+and creates the HTTP session. Delivery is at least once. A 2xx answer means the
+endpoint took the request. A 5xx, 408 or 429 answer, a timeout or a connection error
+is retriable: the core reconnects and sends the whole batch again (deduplicate on the
+envelope ``id``). Any other answer is
 permanent (:class:`~bridge.sinks.SinkRejectedError`): the batch is dropped and counted;
 redirects are not followed, so a 3xx is permanent too. If a batch holds several topics
 and a later POST fails, the earlier ones are sent again with the retried batch.
@@ -102,8 +104,13 @@ class WebhookSink(Sink[WebhookOptions]):
         return None
 
     async def connect(self) -> None:
-        """Create the HTTP session; sends nothing (an endpoint may accept only POST)."""
+        """Check that the endpoint accepts a TCP connection, then create the HTTP session.
+
+        No request is sent (an endpoint may accept only POST), but an endpoint that is
+        down fails here, so the core's backoff paces the retries while it stays down.
+        """
         await self.close()
+        await self._reachable()
         o = self.options
         headers = dict(o.headers)
         if o.auth_token is not None:
@@ -114,13 +121,37 @@ class WebhookSink(Sink[WebhookOptions]):
             connector=aiohttp.TCPConnector(ssl=o.tls_verify),
         )
 
+    async def _reachable(self) -> None:
+        parts = urlsplit(self.options.url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        try:
+            _, writer = await asyncio.wait_for(
+                asyncio.open_connection(parts.hostname, port), self.options.timeout_s)
+        except TimeoutError as exc:
+            msg = f"{self._origin} did not accept a connection within {self.options.timeout_s}s"
+            raise SinkConnectionError(self.name, msg) from exc
+        except OSError as exc:
+            msg = f"{self._origin} is unreachable: {type(exc).__name__}: {exc}"
+            raise SinkConnectionError(self.name, msg) from exc
+        writer.transport.abort()  # nothing was sent: no need for a polite close
+
     async def publish(self, batch: Sequence[Message]) -> None:
         by_topic: dict[str, list[Message]] = {}
         for m in batch:
             by_topic.setdefault(m.topic, []).append(m)
+        # one POST per topic; a topic the endpoint refuses for good does not stop the
+        # others: the refused messages are named so the core counts exactly those
+        refused: list[Message] = []
+        errors: list[str] = []
         for topic, msgs in by_topic.items():
             ctype = BATCH_TYPES.get(msgs[0].content_type, "application/json")
-            await self._post(topic, b"[" + b",".join(m.body for m in msgs) + b"]", ctype)
+            try:
+                await self._post(topic, b"[" + b",".join(m.body for m in msgs) + b"]", ctype)
+            except SinkRejectedError as exc:
+                refused.extend(msgs)
+                errors.append(f"{topic}: {exc}")
+        if refused:
+            raise SinkRejectedError(self.name, "; ".join(errors), refused=refused)
 
     async def _post(self, topic: str, body: bytes, ctype: str) -> None:
         if self._session is None:
