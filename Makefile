@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-own-brokers unit lint bench clean
+.PHONY: demo test test-own-brokers unit lint bench bench-e2e clean
 
 $(STAMP): pyproject.toml plugins/examples/webhook/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,11 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/pipeline.py
+
+## end to end (simulator -> bridge -> Kafka/NATS/MQTT -> consumers) vs the raw clients,
+## private brokers on free ports; < 10 min on 2 cores (docs/benchmarks.md)
+bench-e2e: $(STAMP)
+	$(BIN)/python bench/e2e.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

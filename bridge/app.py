@@ -6,13 +6,16 @@ Flow of one upstream payload::
       -> dispatcher task: Router.dispatch -> SinkWorker.offer (per sink buffer)
       -> SinkWorker task: Sink.publish(batch)
 
-``on_payload`` never blocks the Socket.IO receive loop: normalized events go into a
-bounded intake consumed by one dispatcher task, which keeps the upstream order. The
-intake is bounded in events (``intake_max_events``, default 10,000: about 20 MB of
-decoded records at most), not in upstream batches, whose size the upstream decides.
-Only a ``block`` sink can make the dispatcher wait; when the intake is full too, the
-events that do not fit are dropped and counted
-(``aleno_bridge_pipeline_dropped_total{reason="intake_full"}``).
+``on_payload`` never blocks the Socket.IO receive loop and does only what every
+payload needs (check the array, count it, observe the lag): validation and encoding
+happen in the dispatcher, in chunks, so a payload shed under overload costs nothing
+more. The intake queues at most ``intake_max_events`` events (default 10,000: about
+20 MB of decoded records) besides the payload being routed; when a payload does not
+fit, the oldest queued payloads are shed whole
+(``aleno_bridge_pipeline_dropped_total{reason="intake_full"}``). The dispatcher waits
+while every connected non-``block`` sink is full and yields between chunks, so the
+sinks and the reader keep their share of the CPU (see "Overload" in
+``docs/operations.md``).
 
 Shutdown has one deadline, ``shutdown_timeout_s`` from the stop signal, shared by
 every step: stopping the source, routing what the intake holds, draining the sinks
@@ -49,14 +52,25 @@ from bridge.logs import Redactor
 from bridge.metrics import Metrics
 from bridge.normalize import TICKER_EVENT, Normalizer
 from bridge.routing import Router
-from bridge.runner import SinkWorker
+from bridge.runner import DISPATCH_CHUNK, SinkWorker
 from bridge.sinks import Sink
 from bridge.source import AlenoSource
-from bridge.state import BridgeSnapshot, Destination, IntakeSnapshot, frozen_counts, readiness
+from bridge.state import (
+    BridgeSnapshot,
+    Destination,
+    IntakeSnapshot,
+    OverloadSnapshot,
+    frozen_counts,
+    readiness,
+)
 
 log = logging.getLogger("aleno_bridge.app")
 
 GC_THRESHOLDS: Final = (50_000, 50, 100)
+#: seconds without shedding after which an overloaded bridge counts as recovered
+OVERLOAD_CLEAR_S: Final = 5.0
+#: the longest the dispatcher waits for a saturated sink before it looks again
+ROOM_POLL_S: Final = 0.05
 
 #: sees every event before it is routed (``aleno-bridge tap``, tests)
 Tap = Callable[[Event], None]
@@ -74,6 +88,21 @@ def tune_gc() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
+
+
+class _Batch:
+    """One upstream payload in the intake: its records, not yet validated (``events``
+    is ``None``), or events ingested ready-made (:meth:`Bridge.ingest`)."""
+
+    __slots__ = ("events", "kind", "received_ms", "records", "size")
+
+    def __init__(self, kind: str, records: list[Any] | None, events: list[Event] | None,
+                 received_ms: int, size: int) -> None:
+        self.kind = kind
+        self.records = records
+        self.events = events
+        self.received_ms = received_ms
+        self.size = size
 
 
 class Bridge:
@@ -124,7 +153,20 @@ class Bridge:
         #: (including the not yet routed rest of the batch being dispatched)
         self.intake_max_events: int = cfg.intake_max_events
         self.intake_events = 0
-        self._intake: deque[list[Event]] = deque()
+        #: of those, the events of the batches not yet started: ``intake_max_events``
+        #: bounds these (the batch being dispatched is held besides, so the intake
+        #: holds at most twice as many events)
+        self.queued_events = 0
+        self._intake: deque[_Batch] = deque()
+        #: overload: since when (monotonic) the bridge sheds, the last shed, and totals
+        self.overload_clear_s = OVERLOAD_CLEAR_S
+        self._overloaded_since: float | None = None
+        self._last_shed = 0.0
+        self.shed_payloads = 0
+        self._episode_shed = [0, 0]  # payloads, events shed in the current episode
+        #: the sinks whose fullness holds the dispatcher back (not ``block``: those
+        #: make it wait already)
+        self._elastic = [w for w in self.workers.values() if w.policy != "block"]
         self._intake_ready = asyncio.Event()
         self._intake_idle = asyncio.Event()
         self._intake_idle.set()
@@ -149,37 +191,104 @@ class Bridge:
     # -- data path -------------------------------------------------------------
 
     def on_payload(self, event_name: str, payload: Any) -> None:
-        """Normalize one upstream payload and queue its events for routing."""
-        # records of symbols this bridge never subscribed are dropped (``unsubscribed``)
-        wanted = self.source.wanted if self.source is not None else None
-        if event_name == TICKER_EVENT:
-            events = self.normalizer.tickers(payload, wanted["ticker"] if wanted else None)
-            kind = "ticker"
-        else:
-            events = self.normalizer.equities(payload, wanted["equity"] if wanted else None)
-            kind = "equity"
-        if not events:
+        """Queue one upstream payload for the dispatcher (called in the receive loop).
+
+        Only what every payload needs is done here: the array is checked and counted,
+        the upstream lag observed. Validation and encoding happen in the dispatcher,
+        so a payload shed under overload costs nothing more (see :meth:`_admit`).
+        """
+        kind = "ticker" if event_name == TICKER_EVENT else "equity"
+        records = self.normalizer.records(kind, payload)
+        if not records:
             return
-        self.metrics.lag.labels(kind).observe(
-            max(0.0, (events[0].received_ms - events[0].sent_ms) / 1000.0)
-        )
-        self.ingest(events)
+        received = self.normalizer.now_ms()
+        first = records[0]
+        sent = first.get("sentTimestampMs") if type(first) is dict else None
+        if type(sent) is int:
+            self.metrics.lag.labels(kind).observe(max(0.0, (received - sent) / 1000.0))
+        self._admit(_Batch(kind, records, None, received, len(records)))
 
     def ingest(self, events: list[Event]) -> None:
-        """Queue ``events`` for the dispatcher; what does not fit is dropped and counted."""
+        """Queue ready-made ``events`` (one upstream batch) for the dispatcher, under
+        the same rules as an upstream payload."""
+        if events:
+            self._admit(_Batch(events[0].kind, None, events, events[0].received_ms,
+                               len(events)))
+
+    def _admit(self, batch: _Batch) -> None:
+        """Queue ``batch``; when the intake cannot hold it, shed the *oldest* queued
+        batches, whole, until it fits (stale prices go first; a batch bigger than the
+        whole intake keeps only its first ``intake_max_events``).
+
+        Shed events are counted as ``pipeline_dropped{reason="intake_full"}``. The batch
+        being dispatched is never shed: its rest is routed, so every symbol of an
+        upstream snapshot keeps being published under overload.
+        """
         if self._closing:
-            self._pipeline_drop("shutdown", len(events))
+            self._pipeline_drop("shutdown", batch.size)
             return
-        room = self.intake_max_events - self.intake_events
-        if len(events) > room:
-            self._pipeline_drop("intake_full", len(events) - max(0, room))
-            if room <= 0:
-                return
-            events = events[:room]
-        self.intake_events += len(events)
-        self._intake.append(events)
+        intake = self._intake
+        shed_payloads = shed_events = 0
+        room = self.intake_max_events - self.queued_events
+        while batch.size > room and intake:
+            old = intake.popleft()
+            shed_payloads += 1
+            shed_events += old.size
+            self.intake_events -= old.size
+            self.queued_events -= old.size
+            room += old.size
+        if batch.size > room:  # alone, it is bigger than the whole intake
+            cut = room
+            shed_events += batch.size - cut
+            if batch.records is not None:
+                batch.records = batch.records[:cut]
+            if batch.events is not None:
+                batch.events = batch.events[:cut]
+            batch.size = cut
+        if shed_events:
+            self._shed(shed_payloads, shed_events)
+        elif self._overloaded_since is not None:
+            self._check_recovered()
+        self.intake_events += batch.size
+        self.queued_events += batch.size
+        intake.append(batch)
         self._intake_idle.clear()
         self._intake_ready.set()
+
+    def _shed(self, payloads: int, events: int) -> None:
+        self._pipeline_drop("intake_full", events)
+        self.shed_payloads += payloads
+        self._last_shed = time.monotonic()
+        self._episode_shed[0] += payloads
+        self._episode_shed[1] += events
+        if self._overloaded_since is None:
+            self._overloaded_since = self._last_shed
+            saturated = [w.name for w in self.workers.values()
+                         if w.saturated or w.blocked]
+            log.warning(
+                "overloaded: the pipeline is behind the upstream; shedding the oldest "
+                "upstream payloads before validating them (intake %d/%d events; sinks "
+                "full: %s); counted as aleno_bridge_pipeline_dropped_total"
+                "{reason=\"intake_full\"}",
+                self.intake_events, self.intake_max_events, ", ".join(saturated) or "none",
+                extra={"overloaded": True, "sinks_full": saturated},
+            )
+
+    def _check_recovered(self) -> None:
+        since = self._overloaded_since
+        if since is None:
+            return
+        now = time.monotonic()
+        if now - self._last_shed < self.overload_clear_s:
+            return
+        payloads, events = self._episode_shed
+        log.info(
+            "recovered from overload after %.1fs: shed %d upstream payload(s), %d event(s)",
+            self._last_shed - since, payloads, events,
+            extra={"overloaded": False, "shed_payloads": payloads, "shed_events": events},
+        )
+        self._overloaded_since = None
+        self._episode_shed = [0, 0]
 
     def _pipeline_drop(self, reason: str, n: int) -> None:
         if n > 0:
@@ -197,14 +306,38 @@ class Bridge:
             for t in hit.targets
         )
 
+    def _saturated(self) -> SinkWorker | None:
+        """A sink the dispatcher waits for: when every connected non-``block`` sink is
+        :attr:`~bridge.runner.SinkWorker.saturated`, routing more would only make them
+        drop what they hold (``buffer_full``), after paying for its validation and
+        encoding. One sink with room (or none connected) lets the dispatcher go on."""
+        found = None
+        for w in self._elastic:
+            if w.connected:
+                if not w.saturated:
+                    return None
+                found = w
+        return found
+
     async def _dispatch_forever(self) -> None:
         """Route the intake in order until :meth:`shutdown` closes it; what is left
-        then (or when this task is cancelled) is counted as dropped (``shutdown``)."""
+        then (or when this task is cancelled) is counted as dropped (``shutdown``).
+
+        A batch is validated, encoded and routed in chunks of
+        :data:`~bridge.runner.DISPATCH_CHUNK` records; before each chunk the dispatcher
+        waits while every connected sink is saturated, and after each it yields to the
+        event loop, so the sink workers and the Socket.IO reader keep their share of
+        the CPU. Meanwhile newer payloads queue up in the intake, where the oldest are
+        shed whole when it is full (:meth:`_admit`).
+        """
         dispatch = self.router.dispatch
         intake = self._intake
+        wanted = self.source.wanted if self.source is not None else None
         while True:
             if not intake:
                 self._intake_idle.set()
+                if self._overloaded_since is not None:
+                    self._check_recovered()
                 if self._closing:
                     return
                 self._intake_ready.clear()
@@ -213,31 +346,63 @@ class Bridge:
             if self._closing:
                 self._discard_intake()
                 return
-            events = intake.popleft()
-            for tap in self._taps:
-                for ev in events:
-                    tap(ev)
-            routed = 0
+            batch = intake.popleft()
+            size = batch.size
+            self.queued_events -= size
+            done = 0  # records of the batch validated (and routed, or being routed)
+            routed_all = True
             try:
-                for ev in events:
-                    waiters = dispatch(ev)
-                    routed += 1
-                    if waiters:
-                        for waiter in waiters:
-                            await waiter
-                        if self._closing:
-                            break
-            except asyncio.CancelledError:
-                # the event being offered may not have reached every sink: count it too
-                routed -= 1
-                raise
+                while done < size:
+                    while (full := self._saturated()) is not None and not self._closing:
+                        await full.wait_room(ROOM_POLL_S)
+                    if self._closing:
+                        routed_all = False
+                        break
+                    end = min(size, done + DISPATCH_CHUNK)
+                    if batch.records is not None:
+                        events = self.normalizer.validate(
+                            batch.kind, batch.records[done:end], batch.received_ms,
+                            wanted[batch.kind] if wanted else None)
+                    else:
+                        assert batch.events is not None
+                        events = batch.events[done:end]
+                    chunk = end - done
+                    done = end
+                    for tap in self._taps:
+                        for ev in events:
+                            tap(ev)
+                    routed = 0
+                    try:
+                        for ev in events:
+                            waiters = dispatch(ev)
+                            routed += 1
+                            if waiters:
+                                for waiter in waiters:
+                                    await waiter
+                                if self._closing:
+                                    break
+                    except asyncio.CancelledError:
+                        # the event being offered may not have reached every sink
+                        routed -= 1
+                        raise
+                    finally:
+                        self.intake_events -= chunk
+                        if routed < len(events):
+                            self._pipeline_drop("shutdown", len(events) - routed)
+                            routed_all = False
+                    if not routed_all:
+                        break
+                    await asyncio.sleep(0)  # the sinks and the reader get their turn
             finally:
-                self.intake_events -= len(events)
-                self._pipeline_drop("shutdown", len(events) - routed)
+                rest = size - done
+                if rest:
+                    self.intake_events -= rest
+                    self._pipeline_drop("shutdown", rest)
 
     def _discard_intake(self) -> None:
-        n = sum(len(events) for events in self._intake)
+        n = sum(batch.size for batch in self._intake)
         self._intake.clear()
+        self.queued_events = 0
         self.intake_events -= n
         self._pipeline_drop("shutdown", n)
         self._intake_idle.set()
@@ -255,8 +420,22 @@ class Bridge:
             normalizer=self.normalizer.snapshot(),
             router=self.router.snapshot(),
             intake=IntakeSnapshot(self.intake_events, self.intake_max_events,
-                                  frozen_counts(self.pipeline_dropped)),
+                                  frozen_counts(self.pipeline_dropped), len(self._intake)),
+            overload=self._overload_snapshot(),
             sinks=tuple(w.snapshot() for w in self.workers.values()),
+        )
+
+    def _overload_snapshot(self) -> OverloadSnapshot:
+        self._check_recovered()
+        since = self._overloaded_since
+        now = time.monotonic()
+        return OverloadSnapshot(
+            overloaded=since is not None,
+            seconds=None if since is None else now - since,
+            seconds_since_shed=None if not self.shed_payloads else now - self._last_shed,
+            shed_payloads=self.shed_payloads,
+            shed_events=self.pipeline_dropped.get("intake_full", 0),
+            sinks_full=tuple(w.name for w in self.workers.values() if w.saturated or w.blocked),
         )
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:

@@ -51,6 +51,9 @@ EVENTS_FILTERED: Final = "aleno_bridge_events_filtered"
 PIPELINE_DROPPED: Final = "aleno_bridge_pipeline_dropped"
 INTAKE_EVENTS: Final = "aleno_bridge_intake_events"
 INTAKE_CAPACITY: Final = "aleno_bridge_intake_capacity"
+INTAKE_PAYLOADS: Final = "aleno_bridge_intake_payloads"
+OVERLOADED: Final = "aleno_bridge_overloaded"
+PAYLOADS_SHED: Final = "aleno_bridge_payloads_shed"
 SINK_STATE: Final = "aleno_bridge_sink_state"
 SINK_UP: Final = "aleno_bridge_sink_up"
 SINK_QUEUE_DEPTH: Final = "aleno_bridge_sink_queue_depth"
@@ -176,9 +179,10 @@ class SnapshotCollector(Collector):
         yield filtered
         intake_dropped = snap.intake.dropped
         pipeline = CounterMetricFamily(PIPELINE_DROPPED,
-                                       "Valid events dropped before routing, by reason: "
-                                       "intake_full (a 'block' sink is behind), shutdown "
-                                       "(still in the intake at the shutdown deadline).",
+                                       "Events dropped before routing, by reason: "
+                                       "intake_full (shed under overload, whole upstream "
+                                       "payloads, before validation), shutdown (still in "
+                                       "the intake at the shutdown deadline).",
                                        labels=["reason"])
         for reason in sorted({*PIPELINE_DROP_REASONS, *intake_dropped}):
             pipeline.add_metric([reason], intake_dropped.get(reason, 0))
@@ -190,6 +194,21 @@ class SnapshotCollector(Collector):
                                        "intake_max_events: the most events the intake holds.")
         intake_cap.add_metric([], snap.intake.capacity)
         yield intake_cap
+        payloads = GaugeMetricFamily(INTAKE_PAYLOADS,
+                                     "Upstream payloads queued for the router.")
+        payloads.add_metric([], snap.intake.payloads)
+        yield payloads
+        ov = snap.overload
+        overloaded = GaugeMetricFamily(OVERLOADED,
+                                       "1 while the bridge sheds load (an upstream payload "
+                                       "was shed within the last 5 s).")
+        overloaded.add_metric([], 1.0 if ov is not None and ov.overloaded else 0.0)
+        yield overloaded
+        shed = CounterMetricFamily(PAYLOADS_SHED,
+                                   "Upstream payloads shed whole at the intake under "
+                                   "overload (their events: pipeline_dropped intake_full).")
+        shed.add_metric([], ov.shed_payloads if ov is not None else 0)
+        yield shed
 
         state = GaugeMetricFamily(SINK_STATE, "1 for the current state of a sink.",
                                   labels=["sink", "driver", "state"])

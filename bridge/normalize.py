@@ -192,17 +192,46 @@ class Normalizer:
         self, kind: str, payload: Any, one: Callable[[Any, int, Container[str] | None], Event],
         allowed: Container[str] | None,
     ) -> list[Event]:
+        records = self.records(kind, payload)
+        if records is None:
+            return []
+        return self._validate(kind, records, one, allowed, self._clock())
+
+    def now_ms(self) -> int:
+        """The receive time, in ms, as events get it (``receivedTimestampMs``)."""
+        return self._clock()
+
+    def records(self, kind: str, payload: Any) -> list[Any] | None:
+        """The records of one upstream payload, counted as received, without validating
+        them (``None``, counted as invalid, when the payload is not an array).
+
+        The bridge calls this in the receive loop and :meth:`validate` later, so that a
+        payload shed under overload costs no validation (see :mod:`bridge.app`)."""
         if type(payload) is not list:
             # a single object instead of an array is tolerated; anything else is not
             if type(payload) is dict:
                 payload = [payload]
             else:
                 self.reject(kind, "not_an_array", payload)
-                return []
-        received = self._clock()
-        self.received[kind] += len(payload)
+                return None
+        records: list[Any] = payload
+        self.received[kind] += len(records)
+        return records
+
+    def validate(self, kind: str, records: list[Any], received_ms: int,
+                 allowed: Container[str] | None = None) -> list[Event]:
+        """Events of ``records`` (returned by :meth:`records`), received at
+        ``received_ms``; invalid records are dropped and counted."""
+        one = self.ticker if kind == "ticker" else self.equity
+        return self._validate(kind, records, one, allowed, received_ms)
+
+    def _validate(
+        self, kind: str, records: list[Any],
+        one: Callable[[Any, int, Container[str] | None], Event],
+        allowed: Container[str] | None, received: int,
+    ) -> list[Event]:
         events = []
-        for record in payload:
+        for record in records:
             try:
                 events.append(one(record, received, allowed))
             except Invalid as exc:

@@ -15,7 +15,8 @@ happens when it holds that many:
     the arriving event is dropped; what is queued is kept.
 ``block``
     the router waits for room: upstream updates queue up in the pipeline's intake
-    (and are dropped there, counted as ``intake_full``, once it is full too).
+    (where the oldest payloads are shed whole, counted as ``intake_full``, once it
+    is full too).
 ``conflate``
     at most one event per (kind, symbol, topic) is queued: a newer update of a queued
     symbol replaces it in place (counted as ``conflated``), so a recovering sink
@@ -76,6 +77,9 @@ MAX_DEAD_LETTER_ERROR: Final = 1000
 #: the time ``stop`` keeps for closing the driver, at most (a quarter of its budget
 #: when that is smaller)
 CLOSE_RESERVE_S: Final = 1.0
+#: records the bridge's dispatcher validates, encodes and routes between two checks of
+#: the sinks' room (and two yields to the event loop)
+DISPATCH_CHUNK: Final = 500
 
 
 @dataclass
@@ -125,6 +129,8 @@ class SinkWorker:
         self.capacity = spec.common.buffer.max_events
         # a batch is held in flight: it can never be larger than the buffer
         self.batch_max = min(spec.common.batch.max_events, self.capacity)
+        #: the room :attr:`saturated` asks for: one dispatcher chunk, or half the buffer
+        self.headroom = max(1, min(DISPATCH_CHUNK, self.capacity // 2))
         self.linger_s = spec.common.batch.linger_ms / 1000.0
         retry = spec.common.retry
         self.publish_timeout_s = retry.publish_timeout_s
@@ -159,6 +165,20 @@ class SinkWorker:
     def depth(self) -> int:
         """Events accepted but not yet confirmed or dropped (queued + in flight)."""
         return len(self._queue) + len(self._conflated) + len(self._inflight)
+
+    @property
+    def saturated(self) -> bool:
+        """Connected and its buffer has no room for a dispatcher chunk (``headroom``
+        events): routing more to it now would only drop what it holds. A sink that is
+        not connected is never saturated (its policy applies: the bridge keeps routing
+        to it, see :mod:`bridge.app`)."""
+        return self.connected and self.depth > self.capacity - self.headroom
+
+    async def wait_room(self, timeout_s: float) -> None:
+        """Return when a batch left the buffer, or after ``timeout_s``."""
+        self._room.clear()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._room.wait(), timeout_s)
 
     def _queued(self) -> int:
         return len(self._queue) + len(self._conflated)

@@ -116,8 +116,29 @@ class IntakeSnapshot:
 
     events: int
     capacity: int
-    #: valid events dropped before routing, by reason (``intake_full``, ``shutdown``)
+    #: events dropped before routing, by reason (``intake_full``: shed under
+    #: overload, not validated; ``shutdown``)
     dropped: Mapping[str, int]
+    #: upstream payloads queued (not counting the one being dispatched)
+    payloads: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class OverloadSnapshot:
+    """Whether the bridge sheds load: upstream payloads dropped whole at the intake,
+    before validation, because the pipeline is behind the upstream."""
+
+    #: a payload was shed within the last ``OVERLOAD_CLEAR_S`` (see :mod:`bridge.app`)
+    overloaded: bool
+    #: how long the current overload has lasted (``None``: not overloaded)
+    seconds: float | None
+    #: seconds since the last payload was shed (``None``: never)
+    seconds_since_shed: float | None
+    shed_payloads: int
+    #: events of those payloads (the intake's ``dropped["intake_full"]``)
+    shed_events: int
+    #: sinks whose buffer is full now (saturated, or a ``block`` offer waiting)
+    sinks_full: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +192,8 @@ class BridgeSnapshot:
     router: RouterSnapshot
     intake: IntakeSnapshot
     sinks: tuple[SinkSnapshot, ...]
+    #: ``None`` where a snapshot is built by hand (tests)
+    overload: OverloadSnapshot | None = None
 
 
 def readiness(snap: BridgeSnapshot,
@@ -179,6 +202,11 @@ def readiness(snap: BridgeSnapshot,
 
     Ready: the upstream (if any) is :attr:`UpstreamSnapshot.ready` and every required
     sink is ready. Every error text goes through ``redact``.
+
+    The ``overload`` check shows whether the bridge sheds load; it never makes the
+    bridge unready by itself (``ok`` stays true): an overloaded bridge still publishes
+    at its full rate, and taking it out of service or restarting it would only lose
+    more. Alert on ``aleno_bridge_overloaded`` instead.
     """
     checks: dict[str, Any] = {}
     ok = True
@@ -210,6 +238,20 @@ def readiness(snap: BridgeSnapshot,
         checks[f"sink:{sink.name}"] = check
         if sink.required and not sink.ready:
             ok = False
+    ov = snap.overload
+    if ov is not None:
+        checks["overload"] = {
+            "ok": True,
+            "overloaded": ov.overloaded,
+            "seconds": None if ov.seconds is None else round(ov.seconds, 3),
+            "seconds_since_shed": (None if ov.seconds_since_shed is None
+                                   else round(ov.seconds_since_shed, 3)),
+            "shed_payloads": ov.shed_payloads,
+            "shed_events": ov.shed_events,
+            "intake_events": snap.intake.events,
+            "intake_capacity": snap.intake.capacity,
+            "sinks_full": list(ov.sinks_full),
+        }
     return ok, checks
 
 
@@ -222,6 +264,7 @@ __all__ = [
     "Destination",
     "IntakeSnapshot",
     "NormalizerSnapshot",
+    "OverloadSnapshot",
     "RouterSnapshot",
     "SinkSnapshot",
     "SinkState",

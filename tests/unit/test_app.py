@@ -40,6 +40,8 @@ def accounted(bridge: Bridge, received: int) -> None:
 
 
 async def test_the_intake_is_bounded_in_events_not_batches() -> None:
+    """A dead ``block`` sink: the intake queues at most ``intake_max_events`` events
+    besides the batch being routed, and sheds the *oldest* batches whole."""
     s = settings("  dead: {driver: memory, buffer: {max_events: 10, when_full: block}}",
                  "intake_max_events: 250\nshutdown_timeout_s: 0.5")
     sink = MemorySink("dead")
@@ -52,13 +54,16 @@ async def test_the_intake_is_bounded_in_events_not_batches() -> None:
         received += len(events)
         bridge.ingest(events)
         await asyncio.sleep(0)
-        assert bridge.intake_events <= 250
+        assert bridge.queued_events <= 250
     await asyncio.sleep(0.05)
-    assert bridge.intake_events <= 250
-    # the intake holds 250 events (the batch being routed counts whole until it is
-    # done: 11 of its events are in the sink's buffer or waiting for room there)
-    assert bridge.intake_events == 250
-    assert bridge.pipeline_dropped["intake_full"] == received - 250
+    # the first batch is being routed (blocked), the two newest are queued
+    assert bridge.queued_events == 200 and bridge.intake_events == 300
+    assert bridge.pipeline_dropped["intake_full"] == received - 300
+    assert bridge.shed_payloads == 17
+    queued = [b.events[0].sent_ms for b in bridge._intake if b.events]
+    assert queued == [1_732_480_000_000 + u * 1000 for u in (18, 19)]  # the newest kept
+    overload = bridge.snapshot().overload
+    assert overload is not None and overload.overloaded and overload.shed_payloads == 17
     await bridge.shutdown()
     accounted(bridge, received)
     assert bridge.pipeline_dropped["shutdown"] > 0
@@ -194,3 +199,29 @@ async def test_from_settings_and_serve_run_a_bridge_until_stop() -> None:
     lost = await asyncio.wait_for(task, 10)
     assert lost == {"a": 0}
     assert [m.event.id for m in sink.received] == [e.id for e in events]
+
+
+async def test_shed_payloads_are_never_validated_and_the_newest_is_kept() -> None:
+    """Under overload the intake sheds whole upstream payloads before validation: an
+    invalid record in a shed payload is never looked at, and the newest payload wins."""
+    from bridge.testing.sample import ticker_record
+
+    s = settings("  mem: {driver: memory, batch: {linger_ms: 0}}", "intake_max_events: 10")
+    sink = MemorySink("mem")
+    sink.hold()
+    bridge = Bridge(s, sinks={"mem": sink}, with_source=False)
+    await bridge.start()
+    t0 = 1_732_480_000_000
+    bridge.on_payload("new_token_states", [ticker_record("A/USD", 1.0, t0)])
+    await asyncio.sleep(0.01)  # routed: the sink holds it (publish is held)
+    for u in range(1, 6):  # 5 payloads of 10 records, one invalid record each
+        records = [ticker_record(f"S{i}/USD", 1.0 + u, t0 + u) for i in range(9)]
+        bridge.on_payload("new_token_states", [*records, {"id": "BAD"}])
+    assert bridge.shed_payloads == 4 and bridge.pipeline_dropped["intake_full"] == 40
+    assert not bridge.normalizer.invalid  # nothing of the shed payloads was validated
+    sink.release()
+    await bridge.flush_intake()
+    await bridge.shutdown()
+    assert {m.event.sent_ms for m in sink.received} == {t0, t0 + 5}
+    assert sum(bridge.normalizer.invalid.values()) == 1
+    assert sum(bridge.normalizer.received.values()) == 51
