@@ -75,7 +75,9 @@ REFUSED_MARK: Final = "invalid API key"
 #: default, and the upstream may limit the symbols of one request)
 SUBSCRIBE_CHUNK: Final = 200
 #: the largest WebSocket frame accepted from the upstream (aiohttp's default limit)
-MAX_FRAME_BYTES: Final = 4 * 1024 * 1024
+#: one ``new_token_states`` tick of 50,000 tickers is about 10 MB; a frame larger than
+#: this is refused (the connection drops with that reason) instead of buffered
+MAX_FRAME_BYTES: Final = 32 * 1024 * 1024
 #: how long tearing a connection down may take before its tasks are cancelled
 TEARDOWN_S: Final = 2.0
 

@@ -299,7 +299,7 @@ async def test_an_oversized_frame_is_a_named_reason(caplog: Any) -> None:
         got: list[Any] = []
         src = AlenoSource(source_config(up.url), KEY, lambda e, p: got.append(p))
         task = asyncio.create_task(src.run())
-        await wait_until(lambda: "larger than 4 MiB" in caplog.text, 10, "the reason", task=task)
+        await wait_until(lambda: "larger than 32 MiB" in caplog.text, 10, "the reason", task=task)
         src.stop()
         await asyncio.wait_for(task, 5)
 
