@@ -55,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--tickers", help="comma-separated ticker universe (default: built-in)")
     sim.add_argument("--equities", help="comma-separated equity universe (default: built-in)")
     sim.add_argument("--seed", type=int, help="random seed for reproducible prices")
+    sim.add_argument("--compression", action=argparse.BooleanOptionalAction, default=True,
+                     help="offer WebSocket permessage-deflate (default: on, like the upstream)")
 
     demo = sub.add_parser("demo", help="simulator + bridge + console sink in one process")
     demo.add_argument("--duration", type=float, help="stop after this many seconds")
@@ -153,6 +155,7 @@ def _simulate(args: argparse.Namespace) -> int:
         host=args.host, port=args.port, api_keys=args.api_keys or ["demo-key"],
         interval=args.interval, max_subscriptions=args.max_subscriptions,
         tickers=split(args.tickers), equities=split(args.equities), seed=args.seed,
+        compression=args.compression,
     )
 
     async def serve() -> None:

@@ -98,6 +98,9 @@ class SourceConfig(_Model):
     backoff: BackoffConfig = Field(default_factory=BackoffConfig)
     tls_verify: bool = True
     shard: ShardConfig | None = None
+    #: WebSocket permessage-deflate: ``auto`` offers it and the upstream decides,
+    #: ``off`` never offers it (see docs/benchmarks.md, "Upstream compression")
+    compression: Literal["auto", "off"] = "auto"
 
     @field_validator("url")
     @classmethod
@@ -125,6 +128,16 @@ class SourceConfig(_Model):
             msg = "has no host name"
             raise ValueError(msg)
         return v.rstrip("/")
+
+    @field_validator("compression", mode="before")
+    @classmethod
+    def _yaml_switch(cls, v: object) -> object:
+        # YAML 1.1 reads a bare ``off`` / ``on`` as a boolean
+        if v is False:
+            return "off"
+        if v is True:
+            return "auto"
+        return v
 
     @field_validator("api_key")
     @classmethod

@@ -35,6 +35,7 @@ from typing import Any, Final
 
 import socketio
 from aiohttp import web
+from engineio.async_drivers.aiohttp import WebSocket as _EioWebSocket
 
 from bridge import jsoncodec
 
@@ -125,6 +126,7 @@ class Simulator:
         equities: Iterable[str] | None = None,
         path: str = "/v1/socket",
         seed: int | None = None,
+        compression: bool = True,
     ) -> None:
         self.host = host
         self.port = port
@@ -140,6 +142,11 @@ class Simulator:
         self._runner: web.AppRunner | None = None
         self._ticker_task: asyncio.Task[None] | None = None
         self.ticks = 0
+        #: offer WebSocket permessage-deflate (the client decides whether to take it)
+        self.compression = compression
+        #: the negotiated permessage-deflate window bits of every WebSocket accepted,
+        #: in order (0: uncompressed)
+        self.ws_compression: list[int] = []
         self.sio = socketio.AsyncServer(
             async_mode="aiohttp",
             cors_allowed_origins="*",
@@ -148,7 +155,29 @@ class Simulator:
             json=jsoncodec,
             max_http_buffer_size=4_000_000,
         )
+        self._install_websocket()
         self._register()
+
+    def _install_websocket(self) -> None:
+        # python-engineio's aiohttp driver builds a WebSocketResponse with aiohttp's
+        # default (compress=True: permessage-deflate whenever the client offers it);
+        # this one makes the offer an option and records what was negotiated
+        sim = self
+
+        class _WebSocket(_EioWebSocket):  # type: ignore[misc]
+            async def __call__(self, environ: dict[str, Any]) -> web.WebSocketResponse:
+                request = environ["aiohttp.request"]
+                self._sock = web.WebSocketResponse(
+                    max_msg_size=self.server.max_http_buffer_size,
+                    compress=sim.compression)
+                await self._sock.prepare(request)
+                sim.ws_compression.append(int(self._sock.compress))
+                self.environ = environ
+                await self.handler(self)
+                return self._sock
+
+        eio = self.sio.eio
+        eio._async = {**eio._async, "websocket": _WebSocket}
 
     def _universe(
         self, chosen: Iterable[str] | None, default: list[str], prices: dict[str, float],

@@ -37,6 +37,8 @@ Promises:
 - a packet the client cannot read (bad JSON, nesting beyond the decoder's limit, an
   unreadable ack) is counted and reported through ``on_invalid``, never a stray task
   traceback; a frame over :data:`MAX_FRAME_BYTES` drops the connection with that reason;
+- WebSocket permessage-deflate is offered unless ``source.compression`` is ``off``;
+  the upstream decides, and :attr:`SourceStats.compression` says what was negotiated;
 - the API key is sent in ``auth.apiKey`` and in the ``x-api-key`` header and is never
   logged (the Socket.IO and Engine.IO packet loggers stay off); credentials in
   ``source.url`` never reach a log line, an error or ``repr``: :attr:`AlenoSource.url`
@@ -78,6 +80,8 @@ SUBSCRIBE_CHUNK: Final = 200
 #: one ``new_token_states`` tick of 50,000 tickers is about 10 MB; a frame larger than
 #: this is refused (the connection drops with that reason) instead of buffered
 MAX_FRAME_BYTES: Final = 32 * 1024 * 1024
+#: the permessage-deflate window (bits) offered when ``source.compression`` is ``auto``
+WS_DEFLATE_BITS: Final = 15
 #: how long tearing a connection down may take before its tasks are cancelled
 TEARDOWN_S: Final = 2.0
 
@@ -146,6 +150,9 @@ class SourceStats:
     bad_packets: dict[str, int] = field(default_factory=dict)
     #: the cause of the last failed attempt or drop (cleared when data flows)
     last_error: str | None = None
+    #: permessage-deflate window bits negotiated on the current (or last) connection;
+    #: 0: uncompressed
+    compression: int = 0
 
 
 Handler = Callable[[str, Any], None]
@@ -374,7 +381,12 @@ class AlenoSource:
             ssl_verify=self.config.tls_verify,
             handle_sigint=False,
             http_session=session,
-            websocket_extra_options={"max_msg_size": MAX_FRAME_BYTES},
+            websocket_extra_options={
+                "max_msg_size": MAX_FRAME_BYTES,
+                # permessage-deflate: offered (aiohttp's window bits) unless "off";
+                # the upstream decides whether to take it
+                "compress": WS_DEFLATE_BITS if self.config.compression == "auto" else 0,
+            },
         )
 
         @sio.event
@@ -608,6 +620,8 @@ class AlenoSource:
         self._sio = sio
         try:
             await self._connect(sio)
+            ws = getattr(sio.eio, "ws", None)
+            self.stats.compression = int(getattr(ws, "compress", 0) or 0)
             self.stats.connects += 1
             if self.stats.connects > 1:
                 self.stats.reconnects += 1

@@ -15,7 +15,7 @@ Modes:
 ``flapping``       acks the subscriptions, sends nothing, closes after ``close_after`` s
 ``never_ack``      never acknowledges a subscription
 ``garbage_acks``   acks with ``garbage`` raw payloads (one per request, in turn), then behaves
-``oversized``      after the ack, one frame of ``oversized_bytes`` (> the client's 32 MiB limit), then records
+``oversized``      after the ack, one frame of ``oversized_bytes`` (> 32 MiB), then records
 ``deep``           after the ack, deeply nested JSON in ``new_token_states``, then records
 ``symbol_limit``   a subscribe request with more than ``symbol_limit`` symbols gets an ``error``
                    ack (or, with ``over_limit="ignore"``, no ack at all)

@@ -73,3 +73,13 @@ def test_the_public_entry_re_exports_the_schema() -> None:
     assert config.SourceConfig is SourceConfig
     assert config.BackoffConfig is BackoffConfig
     assert not hasattr(config, "Backoff")
+
+
+def test_source_compression_is_auto_or_off_and_reads_yaml_booleans() -> None:
+    assert SourceConfig().compression == "auto"
+    assert SourceConfig.model_validate({"compression": "off"}).compression == "off"
+    # YAML 1.1 reads a bare off/on as a boolean
+    assert SourceConfig.model_validate({"compression": False}).compression == "off"
+    assert SourceConfig.model_validate({"compression": True}).compression == "auto"
+    with pytest.raises(ValidationError):
+        SourceConfig.model_validate({"compression": "gzip"})

@@ -102,3 +102,24 @@ def test_records_are_valid_aleno_records() -> None:
     assert set(one) == {"id", "aggregated", "cex", "dex", "sentTimestampMs"}
     assert set(one["dex"]) == {"price", "h24UsdVolume", "usdTvl"}
     assert set(equities[0]) == {"sentTimestampMs", "symbol", "price"}
+
+
+def test_permessage_deflate_is_offered_by_default_and_can_be_turned_off() -> None:
+    from engineio.async_drivers.aiohttp import WebSocket
+
+    on, off = Simulator(port=0), Simulator(port=0, compression=False)
+    assert on.compression and not off.compression
+    assert on.ws_compression == [] and off.ws_compression == []
+    # each simulator installs its own WebSocket driver; python-engineio's is untouched
+    driver = on.sio.eio._async["websocket"]
+    assert issubclass(driver, WebSocket) and driver is not WebSocket
+    assert off.sio.eio._async["websocket"] is not driver
+    import engineio.async_drivers.aiohttp as eio_aiohttp
+    assert eio_aiohttp._async["websocket"] is WebSocket
+
+
+def test_the_simulate_command_offers_deflate_unless_told_not_to() -> None:
+    from bridge.cli import _parser
+
+    assert _parser().parse_args(["simulate"]).compression is True
+    assert _parser().parse_args(["simulate", "--no-compression"]).compression is False
