@@ -70,6 +70,8 @@ from tests.support.proc import Proc, free_port, venv_bin, wait_port  # noqa: E40
 BUSES = ("kafka", "nats", "mqtt")
 KAFKA_TOPIC = "e2e.prices"
 KAFKA_PARTITIONS = 4
+#: the bridge's default ``intake_max_events``
+INTAKE_DEFAULT = 10_000
 MiB = 1024 * 1024
 SUPPORT = str(ROOT / "bench" / "_e2e_support.py")
 
@@ -218,7 +220,8 @@ class Bench:
     # -- one run ------------------------------------------------------------------------------
 
     async def run(self, label: str, buses: tuple[str, ...], rate: float,
-                  interval: float | None = None, step: float | None = None) -> Result:
+                  interval: float | None = None, step: float | None = None,
+                  intake_max_events: int | None = None) -> Result:
         a = self.args
         interval = interval or a.interval
         step = step or a.step
@@ -248,6 +251,8 @@ class Bench:
                 "http": {"host": "127.0.0.1", "port": http_port},
                 "log": {"level": "WARNING", "format": "text"},
             }
+            if intake_max_events is not None:
+                cfg["intake_max_events"] = intake_max_events
             (rd / "bridge.yaml").write_text(json.dumps(cfg))
             for b in buses:
                 self.consumers[b].rec = recs[b]
@@ -446,8 +451,11 @@ class Bench:
             self.together = await self.run("all", buses, a.all_rate)
         if not a.skip_scale:
             for n in a.scale:
-                self.scale.append(await self.run(f"scale {n}", ("nats",), n, interval=1.0,
-                                                 step=a.scale_step))
+                # one upstream tick carries every symbol: the intake (default 10,000
+                # events) must hold one, or all but its first 10,000 are shed
+                self.scale.append(await self.run(
+                    f"scale {n}", ("nats",), n, interval=1.0, step=a.scale_step,
+                    intake_max_events=n if n > INTAKE_DEFAULT else None))
         self.report(buses)
         return 0 if all(r.error is None for r in self.all_results()) else 1
 
@@ -561,6 +569,9 @@ class Bench:
             w("")
         if self.scale:
             w("### Symbol count: one update per symbol per second, NATS core sink")
+            w("")
+            w(f"(above {INTAKE_DEFAULT:,} symbols `intake_max_events` is set to the symbol "
+              "count, so that one upstream tick fits the intake)")
             w("")
             w("| symbols | offered ev/s | delivered ev/s | loss | bridge CPU s / 1k msgs "
               "| bridge CPU (cores) | peak RSS MiB | upstream lag p99 s |")

@@ -90,3 +90,34 @@ def test_example_config_is_valid() -> None:
     kafka = [s for s in settings.sinks.values() if s.driver is KafkaSink]
     assert kafka, "config/kafka.yaml has no kafka sink"
     assert isinstance(kafka[0].options, KafkaOptions)
+
+
+def test_batch_bytes_default_fits_one_core_batch_and_the_request_limit() -> None:
+    # aiokafka blocks send() on a full partition batch until it is delivered: the
+    # default holds a whole core batch, but never more than max_request_bytes
+    sink = KafkaSink("k", KafkaOptions(bootstrap_servers=["b:9092"]))
+    assert sink._batch_bytes() == 524_288
+    small = KafkaSink("k", KafkaOptions(bootstrap_servers=["b:9092"],
+                                        max_request_bytes=100_000))
+    assert small._batch_bytes() == 100_000
+    explicit = KafkaSink("k", KafkaOptions(bootstrap_servers=["b:9092"],
+                                           max_batch_bytes=16_384))
+    assert explicit._batch_bytes() == 16_384
+
+
+def test_headers_fast_path_matches_the_binding() -> None:
+    from aleno_bridge_plugins.kafka_sink import headers
+
+    from bridge.normalize import Normalizer
+    from bridge.sinkkit import KAFKA_PREFIX, ce_headers
+    from bridge.sinks import Message
+    from bridge.testing.sample import ticker_record
+
+    (ev,) = Normalizer().tickers([ticker_record("BTC/USD", 1.5, 1_700_000_000_000)])
+    for fmt in ("cloudevents-json", "cloudevents-binary", "raw"):
+        enc = ev.encoded(fmt)
+        m = Message("t", "BTC/USD", enc.body, enc.content_type, ev,
+                    enc.attributes)
+        want = [(k, v.encode())
+                for k, v in ce_headers(m, KAFKA_PREFIX, always_id=True).items()]
+        assert headers(m) == want
