@@ -217,8 +217,10 @@ class Bridge:
 
     def _admit(self, batch: _Batch) -> None:
         """Queue ``batch``; when the intake cannot hold it, shed the *oldest* queued
-        batches, whole, until it fits (stale prices go first; a batch bigger than the
-        whole intake keeps only its first ``intake_max_events``).
+        batches, whole, until it fits (stale prices go first). A batch bigger than the
+        whole intake is taken whole once nothing else is queued: cutting it would leave
+        the symbols at its end unpublished for good (one upstream tick of every symbol
+        can exceed ``intake_max_events``; the upstream frame limit bounds its size).
 
         Shed events are counted as ``pipeline_dropped{reason="intake_full"}``. The batch
         being dispatched is never shed: its rest is routed, so every symbol of an
@@ -237,14 +239,6 @@ class Bridge:
             self.intake_events -= old.size
             self.queued_events -= old.size
             room += old.size
-        if batch.size > room:  # alone, it is bigger than the whole intake
-            cut = room
-            shed_events += batch.size - cut
-            if batch.records is not None:
-                batch.records = batch.records[:cut]
-            if batch.events is not None:
-                batch.events = batch.events[:cut]
-            batch.size = cut
         if shed_events:
             self._shed(shed_payloads, shed_events)
         elif self._overloaded_since is not None:

@@ -225,3 +225,19 @@ async def test_shed_payloads_are_never_validated_and_the_newest_is_kept() -> Non
     assert {m.event.sent_ms for m in sink.received} == {t0, t0 + 5}
     assert sum(bridge.normalizer.invalid.values()) == 1
     assert sum(bridge.normalizer.received.values()) == 51
+
+
+async def test_a_tick_bigger_than_the_intake_is_taken_whole_when_alone() -> None:
+    """One upstream tick of every symbol may exceed ``intake_max_events``: cutting it
+    would leave the symbols at its end unpublished for good."""
+    bridge = Bridge(settings("  a: {driver: memory}", extra="intake_max_events: 10"),
+                    sinks={"a": MemorySink("a")}, with_source=False)
+    tick = sample_events(25)
+    assert len(tick) > 10
+    bridge.ingest(tick)
+    assert bridge.intake_events == len(tick)
+    assert sum(bridge.pipeline_dropped.values()) == 0
+    # the next tick replaces it: stale prices go first, whole
+    bridge.ingest(tick[:5])
+    assert bridge.intake_events == 5
+    assert bridge.pipeline_dropped.get("intake_full") == len(tick)
