@@ -56,7 +56,7 @@ import traceback
 import uuid
 from abc import ABC, abstractmethod
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -163,6 +163,18 @@ class BusProbe(ABC):
         """``options`` changed to reach the bus through ``host:port`` (the proxy). Also
         the place to shorten the driver's timeouts, so that the hung-bus tests are quick."""
         return None
+
+
+def refusing_every_third(
+    batch: Sequence[Message], change: Callable[[Message], Message],
+) -> tuple[list[Message], list[int]]:
+    """A :meth:`BusProbe.refusing` answer: a copy of ``batch`` in which every third
+    message (from the second) is replaced by ``change(message)``, one the bus refuses
+    (too large, a forbidden topic...), and the indices of those."""
+    out, refused = list(batch), list(range(1, len(batch), 3))
+    for i in refused:
+        out[i] = change(out[i])
+    return out, refused
 
 
 def unique_topic() -> str:

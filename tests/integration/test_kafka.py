@@ -18,6 +18,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from bridge.runner import SinkWorker
 from bridge.simulator import Simulator
 from bridge.sinks import Message, SinkConnectionError, SinkRejectedError
 from bridge.testing import wait_until
-from bridge.testing.conformance import BusProbe, SinkConformance, unique_topic
+from bridge.testing.conformance import BusProbe, SinkConformance, refusing_every_third, unique_topic
 from bridge.testing.sample import messages, sample_events
 from tests.support.kafka import KafkaProbe, KafkaReader, Record, TansuBroker, recreate_topics
 from tests.support.proc import free_port
@@ -47,6 +48,10 @@ ROOT = Path(__file__).parents[2]
 
 
 RESTART_TESTS = ("test_reconnect", "test_publishing_during", "test_init", "test_driver")
+
+
+#: a body over 1 MiB: larger than the broker or sink limit of these tests
+OVERSIZED_BODY = b'"' + b"x" * 1_100_000 + b'"'
 
 
 class ConformanceProbe(KafkaProbe):
@@ -64,12 +69,7 @@ class ConformanceProbe(KafkaProbe):
 
     def refusing(self, batch: Sequence[Message]) -> tuple[list[Message], list[int]] | None:
         """Every third record larger than the sink's ``max_request_bytes`` (1 MiB)."""
-        out, refused = list(batch), list(range(1, len(batch), 3))
-        for i in refused:
-            m = out[i]
-            out[i] = Message(m.topic, m.key, b'"' + b"x" * 1_100_000 + b'"', m.content_type,
-                             m.event, m.attributes)
-        return out, refused
+        return refusing_every_third(batch, lambda m: replace(m, body=OVERSIZED_BODY))
 
     def bus_address(self) -> tuple[str, int] | None:
         host, _, port = self.bootstrap.split(",")[0].rpartition(":")

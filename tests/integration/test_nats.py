@@ -15,6 +15,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -36,7 +37,13 @@ from bridge.config import (
 from bridge.runner import SinkWorker
 from bridge.simulator import Simulator
 from bridge.sinks import Message, SinkConnectionError, SinkError, SinkRejectedError
-from bridge.testing.conformance import BusProbe, Received, SinkConformance, unique_topic
+from bridge.testing.conformance import (
+    BusProbe,
+    Received,
+    SinkConformance,
+    refusing_every_third,
+    unique_topic,
+)
 from bridge.testing.sample import messages, sample_events
 from bridge.testing.wait import wait_until
 from tests.support.nats import NatsServer
@@ -101,6 +108,10 @@ async def delete_stream(url: str, stream: str) -> None:
             await close_client(nc)
 
 
+#: a body over 1 MiB: larger than the broker or sink limit of these tests
+OVERSIZED_BODY = b'"' + b"x" * 1_100_000 + b'"'
+
+
 class CoreProbe(BusProbe):
     """A core-NATS subscriber. Across a server restart it reconnects and re-subscribes
     (nats-py does it), and ``drop_connections`` returns only once it did, so what the
@@ -154,12 +165,7 @@ class CoreProbe(BusProbe):
 
     def refusing(self, batch: Sequence[Message]) -> tuple[list[Message], list[int]] | None:
         """Every third message made larger than the server's max_payload (1 MiB)."""
-        out, refused = list(batch), list(range(1, len(batch), 3))
-        for i in refused:
-            m = out[i]
-            out[i] = Message(m.topic, m.key, b'"' + b"x" * 1_100_000 + b'"', m.content_type,
-                             m.event, m.attributes)
-        return out, refused
+        return refusing_every_third(batch, lambda m: replace(m, body=OVERSIZED_BODY))
 
     def bus_address(self) -> tuple[str, int] | None:
         parts = urlsplit(self.url)

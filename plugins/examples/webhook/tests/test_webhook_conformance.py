@@ -14,7 +14,7 @@ aleno-bridge's own ``make test`` runs it too (``testpaths`` in its pyproject.tom
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
@@ -24,7 +24,12 @@ from aleno_bridge_webhook import WebhookSink
 
 from bridge.sinks import Message
 from bridge.testing import until
-from bridge.testing.conformance import BusProbe, Received, SinkConformance
+from bridge.testing.conformance import (
+    BusProbe,
+    Received,
+    SinkConformance,
+    refusing_every_third,
+)
 
 TOKEN = "whk-3b9d-conformance-secret"
 
@@ -142,12 +147,8 @@ class HookProbe(BusProbe):
 
     def refusing(self, batch: Sequence[Message]) -> tuple[list[Message], list[int]] | None:
         """Every third message moved to a topic the endpoint refuses (422)."""
-        out, refused = list(batch), list(range(1, len(batch), 3))
-        for i in refused:
-            m = out[i]
-            out[i] = Message(REFUSED_PREFIX + m.topic, m.key, m.body, m.content_type, m.event,
-                             m.attributes)
-        return out, refused
+        return refusing_every_third(
+            batch, lambda m: replace(m, topic=REFUSED_PREFIX + m.topic))
 
     # a FaultProxy (bridge.testing.proxy) in front of the endpoint: the hung-bus tests
     def bus_address(self) -> tuple[str, int] | None:
