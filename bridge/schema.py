@@ -101,6 +101,12 @@ class SourceConfig(_Model):
     #: WebSocket permessage-deflate: ``auto`` offers it and the upstream decides,
     #: ``off`` never offers it (see docs/benchmarks.md, "Upstream compression")
     compression: Literal["auto", "off"] = "auto"
+    #: a symbol with no update for this long while the connection is up gets a
+    #: ``stale`` status event (and ``fresh`` on its next update)
+    symbol_stale_after_s: float = Field(10.0, gt=0)
+    #: the upstream's update cadence: a symbol whose ``sentTimestampMs`` jumps by more
+    #: than :data:`bridge.market.GAP_FACTOR` times this gets a ``gap`` status event
+    update_interval_s: float = Field(1.0, gt=0)
 
     @field_validator("url")
     @classmethod
@@ -216,7 +222,9 @@ class SinkCommon(BaseModel):
 
 
 class Match(_Model):
-    kind: Literal["ticker", "equity", "*"] = "*"
+    #: ``"*"`` matches prices (tickers and equities); status events are routed only by
+    #: routes that say ``kind: status``
+    kind: Literal["ticker", "equity", "status", "*"] = "*"
     symbols: list[str] = Field(default_factory=lambda: ["*"], min_length=1)
     exclude: list[str] = Field(default_factory=list)
 
@@ -249,6 +257,29 @@ class HttpConfig(_Model):
     idle_timeout_s: float = Field(10.0, gt=0, le=3600)
 
 
+class ControlNatsConfig(_Model):
+    """The NATS door of the control surface: one "micro" service (``$SRV`` discovery)
+    whose endpoints live under ``subject_prefix`` (see docs/consuming-prices.md)."""
+
+    servers: list[str] = Field(min_length=1)
+    subject_prefix: str = "aleno.bridge"
+    #: the micro service's name (``$SRV.PING.<name>``)
+    name: str = "aleno-bridge"
+    username: str | None = None
+    password: SecretStr | None = None
+    token: SecretStr | None = None
+    credentials_file: Path | None = None
+    tls_ca_file: Path | None = None
+    tls_verify: bool = True
+    connect_timeout_s: float = Field(5.0, gt=0)
+
+
+class ControlConfig(_Model):
+    """What a client can ask the bridge (``/v1/`` on the HTTP server, and NATS)."""
+
+    nats: ControlNatsConfig | None = None
+
+
 class LogConfig(_Model):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["auto", "json", "text"] = "auto"
@@ -261,6 +292,7 @@ class Config(_Model):
     )
     routes: list[RouteConfig] = Field(default_factory=list)
     http: HttpConfig = Field(default_factory=HttpConfig)
+    control: ControlConfig = Field(default_factory=ControlConfig)
     log: LogConfig = Field(default_factory=LogConfig)
     shutdown_timeout_s: float = Field(10.0, ge=0)
     #: events received but not yet routed, at most (a ``block`` sink that is behind
@@ -274,6 +306,8 @@ __all__ = [
     "BufferConfig",
     "Config",
     "ConfigError",
+    "ControlConfig",
+    "ControlNatsConfig",
     "HttpConfig",
     "LogConfig",
     "Match",

@@ -157,6 +157,9 @@ class SourceStats:
 
 Handler = Callable[[str, Any], None]
 InvalidHandler = Callable[[str, str, Any], None]
+#: ``(up, cause)``: data began to flow on a connection (``True``, cause ``""``), or a
+#: connection that had delivered data ended (``False`` and why)
+LinkHandler = Callable[[bool, str], None]
 
 _PHASES: Final = {
     "tcp": "no TCP/TLS connection within {t}s to {url}",
@@ -215,6 +218,9 @@ class AlenoSource:
         self._api_key = api_key
         self.on_payload = on_payload
         self.on_invalid = on_invalid
+        #: told when data begins to flow and when a flowing connection ends
+        #: (the status events ``up`` / ``down``)
+        self.on_link: LinkHandler | None = None
         self.stats = SourceStats()
         tickers, equities = config.tickers, config.equities
         if config.shard is not None:
@@ -324,7 +330,15 @@ class AlenoSource:
             self._attempts = 0
             self.stats.last_error = None
             log.info("upstream data flowing", extra={"url": self.url})
+            self._tell_link(True, "")
         self.on_payload(event, data)
+
+    def _tell_link(self, up: bool, cause: str) -> None:
+        if self.on_link is not None:
+            try:
+                self.on_link(up, cause)
+            except Exception:  # a status listener must never break the connection
+                log.exception("upstream link listener failed")
 
     def _bad_packet(self, data: Any, exc: BaseException) -> None:
         text = data if isinstance(data, str) else repr(data)
@@ -696,6 +710,8 @@ class AlenoSource:
             elif reason == "dropped":
                 cause = self._scrub(self._last_drop)
             delivered = self._delivered
+            if delivered:
+                self._tell_link(False, cause or reason)
             if reason == "failed" and self.stats.state == UpstreamState.CONNECTING:
                 self.stats.connect_failures += 1
             self.stats.last_error = cause

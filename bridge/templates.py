@@ -63,8 +63,8 @@ def placeholder_values(kind: str, symbol: str) -> dict[str, str]:
 
 def matches(match: SymbolMatch, kind: str, symbol: str) -> bool:
     """Whether a route's ``match`` selects this (kind, symbol); globs are shell-style."""
-    if match.kind != "*" and match.kind != kind:
-        return False
+    if match.kind != kind and (match.kind != "*" or kind == "status"):
+        return False  # ``*`` is every price kind; status events only by ``kind: status``
     if not any(fnmatchcase(symbol, p.strip().upper()) for p in match.symbols):
         return False
     return not any(fnmatchcase(symbol, p.strip().upper()) for p in match.exclude)
