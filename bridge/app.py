@@ -49,6 +49,7 @@ from bridge.config import HttpConfig, Settings
 from bridge.envelope import Event
 from bridge.http import serve_http
 from bridge.logs import Redactor
+from bridge.market import STALE_SCAN_MAX_S, STATUS_KIND, MarketState
 from bridge.metrics import Metrics
 from bridge.normalize import TICKER_EVENT, Normalizer
 from bridge.routing import Router
@@ -145,6 +146,18 @@ class Bridge:
         if with_source:
             key = settings.api_key.get_secret_value() if settings.api_key else None
             self.source = AlenoSource(cfg.source, key, self.on_payload, self.normalizer.reject)
+        #: the last value of every symbol and the status events (``ai.aleno.status.v1``)
+        self.market = MarketState(
+            self.ingest,
+            stale_after_s=cfg.source.symbol_stale_after_s,
+            update_interval_s=cfg.source.update_interval_s,
+            source=cfg.source.endpoint,
+            wanted=self._wanted,
+        )
+        self.last_values = self.market.values
+        if self.source is not None:
+            self.source.on_link = self.market.link
+        self._stale_watch: asyncio.Task[None] | None = None
         #: events dropped between the receive loop and the router, by reason
         #: (``intake_full``, ``shutdown``)
         self.pipeline_dropped: dict[str, int] = {}
@@ -207,6 +220,9 @@ class Bridge:
         if type(sent) is int:
             self.metrics.lag.labels(kind).observe(max(0.0, (received - sent) / 1000.0))
         self._admit(_Batch(kind, records, None, received, len(records)))
+
+    def _wanted(self) -> Mapping[str, frozenset[str]] | None:
+        return self.source.wanted if self.source is not None else None
 
     def ingest(self, events: list[Event]) -> None:
         """Queue ready-made ``events`` (one upstream batch) for the dispatcher, under
@@ -326,7 +342,7 @@ class Bridge:
         """
         dispatch = self.router.dispatch
         intake = self._intake
-        wanted = self.source.wanted if self.source is not None else None
+        observe = self.market.observe
         while True:
             if not intake:
                 self._intake_idle.set()
@@ -354,6 +370,7 @@ class Bridge:
                         break
                     end = min(size, done + DISPATCH_CHUNK)
                     if batch.records is not None:
+                        wanted = self._wanted()
                         events = self.normalizer.validate(
                             batch.kind, batch.records[done:end], batch.received_ms,
                             wanted[batch.kind] if wanted else None)
@@ -362,6 +379,11 @@ class Bridge:
                         events = batch.events[done:end]
                     chunk = end - done
                     done = end
+                    if batch.kind != STATUS_KIND:
+                        # the last values, and the status events they cause (fresh, gap)
+                        statuses = observe(batch.kind, events)
+                        if statuses:
+                            events = events + statuses
                     for tap in self._taps:
                         for ev in events:
                             tap(ev)
@@ -417,6 +439,7 @@ class Bridge:
                                   frozen_counts(self.pipeline_dropped), len(self._intake)),
             overload=self._overload_snapshot(),
             sinks=tuple(w.snapshot() for w in self.workers.values()),
+            market=self.market.snapshot(),
         )
 
     def _overload_snapshot(self) -> OverloadSnapshot:
@@ -455,6 +478,18 @@ class Bridge:
         for w in self.workers.values():
             w.start()
         self._dispatcher = asyncio.create_task(self._dispatch_forever(), name="dispatcher")
+        self._stale_watch = asyncio.create_task(self._watch_stale(), name="stale-watch")
+
+    async def _watch_stale(self) -> None:
+        """Look for symbols gone silent (``stale`` status events), a few times per
+        ``symbol_stale_after_s`` and at most every :data:`STALE_SCAN_MAX_S`."""
+        period = min(STALE_SCAN_MAX_S, self.market.stale_after_s / 4)
+        while True:
+            await asyncio.sleep(period)
+            try:
+                self.market.scan_stale()
+            except Exception:  # the watch must outlive a bug in one scan
+                log.exception("stale watch failed")
 
     async def run(self, stop: asyncio.Event) -> dict[str, int]:
         """Run until ``stop`` is set, then drain; return undelivered events per sink.
@@ -500,6 +535,8 @@ class Bridge:
         loop = asyncio.get_running_loop()
         started = loop.time()
         budget = self.settings.config.shutdown_timeout_s
+        if self._stale_watch is not None:
+            self._stale_watch.cancel()
         deadline = started + budget
         drain_until = deadline - min(1.0, budget / 4)
 

@@ -51,7 +51,15 @@ def _parser() -> argparse.ArgumentParser:
                      help="accepted API key (repeatable; default: demo-key)")
     sim.add_argument("--interval", type=float, default=1.0, help="seconds between updates")
     sim.add_argument("--max-subscriptions", type=int, default=250,
-                     help="per-connection limit of tickers + equities")
+                     help="limit of tickers + equities per API key, over all its "
+                          "connections (default for every key)")
+    sim.add_argument("--key-limit", action="append", dest="key_limits", default=[],
+                     metavar="KEY=N", type=_key_limit,
+                     help="the subscription limit of one accepted key (repeatable; the "
+                          "last '=' splits, so keys may contain '=')")
+    sim.add_argument("--admin", action="store_true",
+                     help="serve the test hooks over HTTP under /admin/ (off by default: "
+                          "anyone who reaches it can pause, drop and disconnect)")
     sim.add_argument("--tickers", help="comma-separated ticker universe (default: built-in)")
     sim.add_argument("--equities", help="comma-separated equity universe (default: built-in)")
     sim.add_argument("--seed", type=int, help="random seed for reproducible prices")
@@ -142,28 +150,45 @@ def _run(args: argparse.Namespace) -> int:
     return asyncio.run(run())
 
 
+def _key_limit(value: str) -> tuple[str, int]:
+    """``KEY=N`` of ``simulate --key-limit``: split at the last ``=`` (a base64 key ends
+    in ``=``). Errors never repeat the value: it holds a key."""
+    key, sep, limit = value.rpartition("=")
+    if not sep or not key or not limit.isdigit():
+        msg = "expected KEY=N with N a whole number (the value is not shown: it holds a key)"
+        raise argparse.ArgumentTypeError(msg)
+    return key, int(limit)
+
+
 def _simulate(args: argparse.Namespace) -> int:
     from bridge.app import install_signals
     from bridge.simulator import Simulator
 
-    logs.setup("INFO", "auto")
+    api_keys = args.api_keys or ["demo-key"]
+    logs.setup("INFO", "auto", secrets=api_keys)
 
     def split(v: str | None) -> list[str] | None:
         return [s.strip() for s in v.split(",") if s.strip()] if v else None
 
-    sim = Simulator(
-        host=args.host, port=args.port, api_keys=args.api_keys or ["demo-key"],
-        interval=args.interval, max_subscriptions=args.max_subscriptions,
-        tickers=split(args.tickers), equities=split(args.equities), seed=args.seed,
-        compression=args.compression,
-    )
+    try:
+        sim = Simulator(
+            host=args.host, port=args.port, api_keys=api_keys,
+            interval=args.interval, max_subscriptions=args.max_subscriptions,
+            tickers=split(args.tickers), equities=split(args.equities), seed=args.seed,
+            compression=args.compression, limits=dict(args.key_limits), admin=args.admin,
+        )
+    except ValueError as exc:  # a --key-limit for a key not given with --api-key
+        print(f"aleno-bridge: simulate: {exc} (with --api-key)", file=sys.stderr)
+        return EXIT_CONFIG
 
     async def serve() -> None:
         stop = asyncio.Event()
         install_signals(stop)
         async with sim:
             print(f"aleno simulator on {sim.url}{sim.path} ({len(sim.tickers)} tickers, "
-                  f"{len(sim.equities)} equities, interval {sim.interval:g}s)", flush=True)
+                  f"{len(sim.equities)} equities, interval {sim.interval:g}s"
+                  f"{', admin API on ' + sim.url + '/admin/' if sim.admin else ''})",
+                  flush=True)
             await stop.wait()
 
     asyncio.run(serve())

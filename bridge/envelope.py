@@ -37,7 +37,8 @@ Format = Literal["cloudevents-json", "cloudevents-binary", "raw"]
 
 SPECVERSION: Final = "1.0"
 DEFAULT_SOURCE: Final = "https://pricing.aleno.ai/v1/socket"
-TYPES: Final = {"ticker": "ai.aleno.ticker.v1", "equity": "ai.aleno.equity.v1"}
+TYPES: Final = {"ticker": "ai.aleno.ticker.v1", "equity": "ai.aleno.equity.v1",
+                "status": "ai.aleno.status.v1"}
 JSON: Final = "application/json"
 CLOUDEVENTS_JSON: Final = "application/cloudevents+json"
 

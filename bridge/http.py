@@ -5,6 +5,11 @@
 ``source.stale_after_s`` and every required sink is connected with its last publish
 successful; 503 otherwise, with the failing checks in the JSON body.
 ``/metrics`` is the Prometheus text format.
+``/v1/snapshot`` is the HTTP door of the control surface: the latest envelope of every
+symbol (``?kind=ticker|equity|*&symbols=BTC/*,ETH/USD&limit=N&after=CURSOR``), answered
+by :meth:`bridge.control.Control.snapshot`; the query and the reply are described in
+:mod:`bridge.control`. A malformed query is a 400 whose JSON body names the parameter;
+404 when the bridge has no control surface.
 
 The port may be reachable from the pod network, so the server protects the rest of
 the process from its clients: at most ``http.max_connections`` connections are open at
@@ -19,13 +24,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from bridge.config import HttpConfig
+from bridge.control import QueryError, query_from_params
+
+if TYPE_CHECKING:
+    from bridge.control import Control
 
 log = logging.getLogger("aleno_bridge.http")
 
@@ -45,6 +54,11 @@ class Observed(Protocol):
 
     def readiness(self) -> tuple[bool, dict[str, Any]]: ...
 
+    #: the control surface (``/v1/...``); ``None``: those paths answer 404. An object
+    #: without the attribute (written before the control surface) is served as ``None``.
+    @property
+    def control(self) -> Control | None: ...
+
 
 def make_app(bridge: Observed) -> web.Application:
     async def healthz(_: web.Request) -> web.Response:
@@ -63,10 +77,22 @@ def make_app(bridge: Observed) -> web.Application:
         resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
         return resp
 
+    async def snapshot(request: web.Request) -> web.Response:
+        control: Control | None = getattr(bridge, "control", None)
+        if control is None:
+            return web.json_response({"error": "this bridge has no control surface"},
+                                     status=404)
+        try:
+            reply = control.answer(query_from_params(request.query))
+        except QueryError as exc:
+            return web.Response(body=exc.body(), status=400, content_type="application/json")
+        return web.Response(body=reply.body, content_type="application/json")
+
     app = web.Application()
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/v1/snapshot", snapshot)
     return app
 
 
@@ -165,5 +191,6 @@ async def serve_http(bridge: Observed) -> HttpServer:
         await runner.cleanup()
         raise
     http = HttpServer(runner, server, guard)
-    log.info("http endpoints on http://%s:%d (/healthz /readyz /metrics)", cfg.host, http.port)
+    log.info("http endpoints on http://%s:%d (/healthz /readyz /metrics /v1/snapshot)",
+             cfg.host, http.port)
     return http

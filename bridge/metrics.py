@@ -26,6 +26,7 @@ from bridge.state import (
     KINDS,
     PIPELINE_DROP_REASONS,
     SINK_DROP_REASONS,
+    STATUSES,
     BridgeSnapshot,
     SinkState,
     UpstreamState,
@@ -43,6 +44,9 @@ UPSTREAM_ACKS: Final = "aleno_bridge_upstream_acks"
 UPSTREAM_REJECTED_SYMBOLS: Final = "aleno_bridge_upstream_rejected_symbols"
 UPSTREAM_SUBSCRIPTIONS: Final = "aleno_bridge_upstream_subscriptions"
 UPSTREAM_SECONDS_SINCE_UPDATE: Final = "aleno_bridge_upstream_seconds_since_update"
+LAST_VALUES: Final = "aleno_bridge_last_values"
+STALE_SYMBOLS: Final = "aleno_bridge_stale_symbols"
+STATUS_EVENTS: Final = "aleno_bridge_status_events"
 UPSTREAM_LAG_SECONDS: Final = "aleno_bridge_upstream_lag_seconds"
 EVENTS_RECEIVED: Final = "aleno_bridge_events_received"
 EVENTS_INVALID: Final = "aleno_bridge_events_invalid"
@@ -209,6 +213,23 @@ class SnapshotCollector(Collector):
                                    "overload (their events: pipeline_dropped intake_full).")
         shed.add_metric([], ov.shed_payloads if ov is not None else 0)
         yield shed
+        market = snap.market
+        cached = GaugeMetricFamily(LAST_VALUES,
+                                   "Symbols with a last value in the cache (snapshots).")
+        cached.add_metric([], market.symbols if market is not None else 0)
+        yield cached
+        stale = GaugeMetricFamily(STALE_SYMBOLS,
+                                  "Symbols without an update for source.symbol_stale_after_s "
+                                  "while the upstream is up.")
+        stale.add_metric([], market.stale if market is not None else 0)
+        yield stale
+        statuses = CounterMetricFamily(STATUS_EVENTS,
+                                       "Status events emitted (ai.aleno.status.v1), by status.",
+                                       labels=["status"])
+        for status in STATUSES:
+            statuses.add_metric([status],
+                                market.status_events.get(status, 0) if market is not None else 0)
+        yield statuses
 
         state = GaugeMetricFamily(SINK_STATE, "1 for the current state of a sink.",
                                   labels=["sink", "driver", "state"])

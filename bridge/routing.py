@@ -124,7 +124,8 @@ class Router:
         """
         hits = self.hits(event.kind, event.symbol)
         if not hits:
-            self.unrouted += 1
+            if event.kind != "status":  # status events are routed only where asked for
+                self.unrouted += 1
             return []
         pending = []
         for hit in hits:

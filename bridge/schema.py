@@ -14,7 +14,7 @@ import re
 import unicodedata
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Final, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -259,9 +259,19 @@ class HttpConfig(_Model):
 
 class ControlNatsConfig(_Model):
     """The NATS door of the control surface: one "micro" service (``$SRV`` discovery)
-    whose endpoints live under ``subject_prefix`` (see docs/consuming-prices.md)."""
+    whose endpoints live under ``subject_prefix`` (see :mod:`bridge.control` and
+    docs/consuming-prices.md).
+
+    The door has its own connection, independent of any NATS sink: it reconnects on
+    its own (nats-py's reconnection, forever) and a bus that is down at start-up is
+    retried in the background with :attr:`backoff`; the bridge runs meanwhile.
+    Credentials: ``username``/``password``, ``token`` or ``credentials_file``, one of
+    them; they are never logged.
+    """
 
     servers: list[str] = Field(min_length=1)
+    #: the endpoints' subjects: ``<subject_prefix>.snapshot`` (every shard answers)
+    #: and ``<subject_prefix>.snapshot.<shard index>`` (one shard, for the next pages)
     subject_prefix: str = "aleno.bridge"
     #: the micro service's name (``$SRV.PING.<name>``)
     name: str = "aleno-bridge"
@@ -272,10 +282,91 @@ class ControlNatsConfig(_Model):
     tls_ca_file: Path | None = None
     tls_verify: bool = True
     connect_timeout_s: float = Field(5.0, gt=0)
+    #: the delays between attempts while the first connection cannot be made
+    backoff: BackoffConfig = Field(default_factory=BackoffConfig)
+    #: the largest snapshot reply (bytes); ``null``: the server's ``max_payload``
+    #: (1 MiB by default). Never more than ``max_payload``, whatever is set here.
+    snapshot_page_bytes: int | None = Field(None, ge=4096)
+
+    @field_validator("servers", mode="before")
+    @classmethod
+    def _split(cls, v: object) -> object:
+        if isinstance(v, str):
+            return [part.strip() for part in v.split(",") if part.strip()]
+        return v
+
+    @field_validator("servers")
+    @classmethod
+    def _urls(cls, v: list[str]) -> list[str]:
+        out = []
+        for i, url in enumerate(v):
+            full = url if "://" in url else f"nats://{url}"
+            try:
+                parts = urlsplit(full)
+                parts.port  # noqa: B018 - raises on a bad port
+            except ValueError:
+                msg = f"servers[{i}] is not a valid URL"
+                raise ValueError(msg) from None
+            if parts.scheme not in _NATS_SCHEMES or not parts.hostname:
+                msg = (f"servers[{i}] must look like nats://host:4222 "
+                       f"(schemes: {', '.join(_NATS_SCHEMES)})")
+                raise ValueError(msg)
+            if parts.username or parts.password:
+                msg = (f"servers[{i}] holds credentials; put them in username/password, "
+                       "token or credentials_file so that they stay secret")
+                raise ValueError(msg)
+            out.append(full)
+        return out
+
+    @field_validator("subject_prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        tokens = v.split(".")
+        if not all(_SUBJECT_TOKEN.match(t) for t in tokens):
+            msg = ("must be dot-separated tokens of letters, digits, - and _ "
+                   "(no empty token, no wildcard * or >, no whitespace)")
+            raise ValueError(msg)
+        return v
+
+    @field_validator("name")
+    @classmethod
+    def _service_name(cls, v: str) -> str:
+        # the micro protocol's rule for a service name (it is a subject token of $SRV)
+        if not _SERVICE_NAME.match(v):
+            msg = "must be letters, digits, - and _ only (it is a $SRV subject token)"
+            raise ValueError(msg)
+        return v
+
+    @model_validator(mode="after")
+    def _one_credential(self) -> ControlNatsConfig:
+        if (self.username is None) != (self.password is None):
+            msg = "username and password go together"
+            raise ValueError(msg)
+        chosen = [name for name, on in (
+            ("username/password", self.username is not None),
+            ("token", self.token is not None),
+            ("credentials_file", self.credentials_file is not None),
+        ) if on]
+        if len(chosen) > 1:
+            msg = f"choose one authentication method, not {' and '.join(chosen)}"
+            raise ValueError(msg)
+        return self
+
+    @property
+    def uses_tls(self) -> bool:
+        """TLS is asked for: a ``tls://``/``wss://`` server, a CA file or no verification."""
+        return (any(s.startswith(("tls://", "wss://")) for s in self.servers)
+                or self.tls_ca_file is not None or not self.tls_verify)
+
+
+_NATS_SCHEMES: Final = ("nats", "tls", "ws", "wss")
+_SUBJECT_TOKEN: Final = re.compile(r"^[A-Za-z0-9_-]+$")
+_SERVICE_NAME: Final = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
 class ControlConfig(_Model):
-    """What a client can ask the bridge (``/v1/`` on the HTTP server, and NATS)."""
+    """What a client can ask the bridge: ``/v1/`` on the HTTP server (always, when the
+    HTTP server is enabled) and, when ``nats`` is set, the same over NATS."""
 
     nats: ControlNatsConfig | None = None
 

@@ -335,8 +335,11 @@ def _topic_problems(i: int, route: RouteConfig, spec: SinkSpec, source: SourceCo
     """Render the topic template for every configured symbol the route matches (and
     for a neutral sample) with the driver's safe-token rule, and ask the driver
     whether the result can ever be published."""
+    symbols = [*source.tickers, *source.equities]
     samples = [*NEUTRAL_SAMPLES, *(("ticker", s) for s in source.tickers),
                *(("equity", s) for s in source.equities)]
+    if route.match.kind == "status":  # status events are about the same symbols
+        samples += [("status", s) for s in symbols]
     rules = topic_rules(spec.driver, spec.options)
     found = topic_problem(route.topic, route.match, samples, rules.safe_token,
                           rules.check_topic)

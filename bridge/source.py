@@ -34,6 +34,12 @@ Promises:
   most :data:`SUBSCRIBE_CHUNK` symbols, from the supervisor task; ``partial`` /
   ``error`` acknowledgements are logged and counted; a rejected symbol is named once
   per process, not on every reconnect;
+- the symbol set is live: :meth:`AlenoSource.subscribe` / :meth:`AlenoSource.unsubscribe`
+  change it with ``subscribe_*`` / ``unsubscribe_*`` on the open connection (never a
+  reconnect), serialized with the (re)connect subscription by one lock, and answer per
+  symbol what the acknowledgement said (:class:`SubscriptionResult`); the desired set
+  they leave is what every reconnect re-issues; a request the upstream refuses for its
+  limit changes nothing that was subscribed before;
 - a packet the client cannot read (bad JSON, nesting beyond the decoder's limit, an
   unreadable ack) is counted and reported through ``on_invalid``, never a stray task
   traceback; a frame over :data:`MAX_FRAME_BYTES` drops the connection with that reason;
@@ -54,8 +60,9 @@ import re
 import socket
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, Final, TypeVar
 from urllib.parse import unquote
 
@@ -130,6 +137,59 @@ class _UnreadableAck:
 
     def __repr__(self) -> str:
         return f"<unreadable ack ({type(self.error).__name__}): {self.raw[:120]!r}>"
+
+
+#: the start of the upstream's per-key limit error ("Subscription limit reached. Contact
+#: us to increase limits.")
+LIMIT_MARK: Final = "Subscription limit reached"
+#: the price kinds and their subscribe / unsubscribe events
+_EVENTS: Final = {
+    "ticker": ("subscribe_ticker", "unsubscribe_ticker"),
+    "equity": ("subscribe_equity", "unsubscribe_equity"),
+}
+
+
+class SubscriptionStatus(StrEnum):
+    """What became of one symbol of a live (un)subscribe request."""
+
+    #: the upstream acknowledged it (subscribed; for unsubscribe: no longer subscribed)
+    ACCEPTED = "accepted"
+    #: the upstream does not support the symbol
+    REJECTED = "rejected"
+    #: refused by the upstream's per-key limit; nothing subscribed before changed
+    LIMIT = "limit"
+    #: refused for another reason (the ack's error text), or the ack was unreadable
+    ERROR = "error"
+    #: not connected now: it is (un)subscribed on the next connect
+    PENDING = "pending"
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriptionResult:
+    """One symbol's answer: the status and, when refused, the upstream's error text."""
+
+    status: SubscriptionStatus
+    error: str | None = None
+
+    @property
+    def held(self) -> bool:
+        """The symbol is in the desired set: subscribed now, or on the next connect."""
+        return self.status in (SubscriptionStatus.ACCEPTED, SubscriptionStatus.PENDING)
+
+
+ACCEPTED: Final = SubscriptionResult(SubscriptionStatus.ACCEPTED)
+PENDING: Final = SubscriptionResult(SubscriptionStatus.PENDING)
+
+
+def normalize_symbols(symbols: Iterable[str]) -> list[str]:
+    """``symbols`` as the upstream normalizes them (trimmed, upper-cased), each once, in
+    order, without empty ones."""
+    out: dict[str, None] = {}
+    for s in symbols:
+        n = s.strip().upper()
+        if n:
+            out[n] = None
+    return list(out)
 
 
 @dataclass
@@ -213,6 +273,7 @@ class AlenoSource:
         api_key: str | None,
         on_payload: Handler,
         on_invalid: InvalidHandler | None = None,
+        symbols: dict[str, list[str]] | None = None,
     ) -> None:
         self.config = config
         self._api_key = api_key
@@ -221,17 +282,37 @@ class AlenoSource:
         #: told when data begins to flow and when a flowing connection ends
         #: (the status events ``up`` / ``down``)
         self.on_link: LinkHandler | None = None
+        #: told whenever :attr:`wanted` changed (an :class:`~bridge.upstream.UpstreamPool`
+        #: keeps its union of every connection's set with it)
+        self.on_wanted: Callable[[], None] | None = None
+        #: told when a (re)connect subscription was refused for the per-key limit, with
+        #: the kind and the symbols refused (a pool moves them to another connection)
+        self.on_limit: Callable[[str, list[str]], None] | None = None
         self.stats = SourceStats()
-        tickers, equities = config.tickers, config.equities
-        if config.shard is not None:
-            tickers = shard_symbols("ticker", tickers, config.shard.index, config.shard.count)
-            equities = shard_symbols("equity", equities, config.shard.index, config.shard.count)
-        self.tickers = tickers
-        self.equities = equities
-        #: the symbols this source asks for, by kind: records of any other are not ours
-        self.wanted: dict[str, frozenset[str]] = {
-            "ticker": frozenset(tickers), "equity": frozenset(equities),
+        if symbols is None:
+            tickers, equities = config.tickers, config.equities
+            if config.shard is not None:
+                tickers = shard_symbols("ticker", tickers, config.shard.index,
+                                        config.shard.count)
+                equities = shard_symbols("equity", equities, config.shard.index,
+                                         config.shard.count)
+            symbols = {"ticker": tickers, "equity": equities}
+        #: the desired set, in subscription order: what every (re)connect re-issues
+        self._desired: dict[str, dict[str, None]] = {
+            kind: dict.fromkeys(normalize_symbols(symbols.get(kind, ()))) for kind in _EVENTS
         }
+        #: the symbols this source asks for, by kind: records of any other are not ours.
+        #: The dict stays the same object; each kind's frozenset is replaced, never
+        #: changed, so a reader in another task always sees a whole set.
+        self.wanted: dict[str, frozenset[str]] = {
+            kind: frozenset(d) for kind, d in self._desired.items()
+        }
+        #: serializes the (re)connect subscription and live (un)subscribe requests
+        self._sub_lock = asyncio.Lock()
+        #: the connection on which the desired set is subscribed (None: not now)
+        self._live: _Client | None = None
+        #: why the supervisor must replace a connection that is still open
+        self._restart_cause: str | None = None
         #: the upstream URL without credentials: the one to log and show
         self.url = sanitize_url(config.url)
         self.ws_url = re.sub(r"^http", "ws", self.url) + "/" + config.path.strip("/") + "/"
@@ -260,6 +341,53 @@ class AlenoSource:
     def endpoint(self) -> str:
         """The CloudEvents ``source`` attribute: sanitized URL and Socket.IO path."""
         return f"{self.url}{self.config.path}"
+
+    # -- the desired set ----------------------------------------------------------
+
+    @property
+    def tickers(self) -> list[str]:
+        """The desired tickers, in subscription order."""
+        return list(self._desired["ticker"])
+
+    @property
+    def equities(self) -> list[str]:
+        """The desired equities, in subscription order."""
+        return list(self._desired["equity"])
+
+    def desired_count(self) -> int:
+        """Symbols of every kind in the desired set (the upstream's limit counts them
+        together)."""
+        return sum(map(len, self._desired.values()))
+
+    def upstream_subscribed(self, kind: str) -> frozenset[str]:
+        """What the last acknowledgement said is subscribed upstream (empty while not
+        connected)."""
+        if self._live is None:
+            return frozenset()
+        return frozenset(self.stats.subscribed.get(kind, ()))
+
+    def upstream_count(self) -> int:
+        """Symbols of every kind subscribed upstream now, by the last acknowledgements."""
+        return sum(len(self.upstream_subscribed(kind)) for kind in _EVENTS)
+
+    def _set_desired(self, kind: str, add: Iterable[str] = (),
+                     remove: Iterable[str] = ()) -> None:
+        d = self._desired[kind]
+        for s in remove:
+            d.pop(s, None)
+        for s in add:
+            d[s] = None
+        self.wanted[kind] = frozenset(d)
+        if self.on_wanted is not None:
+            try:
+                self.on_wanted()
+            except Exception:  # a listener must never break the connection
+                log.exception("upstream wanted-set listener failed")
+
+    def forget(self, kind: str, symbols: Iterable[str]) -> None:
+        """Drop ``symbols`` from the desired set without asking the upstream (they were
+        never subscribed: a pool moves them to another connection)."""
+        self._set_desired(kind, remove=normalize_symbols(symbols))
 
     # -- state ------------------------------------------------------------------
 
@@ -519,27 +647,127 @@ class AlenoSource:
         return args[0] if len(args) == 1 else args
 
     async def _subscribe(self, sio: _Client) -> None:
-        self.stats.subscribed = {}
-        t = self.config.connect_timeout_s
-        for kind, event, symbols in (
-            ("ticker", "subscribe_ticker", self.tickers),
-            ("equity", "subscribe_equity", self.equities),
-        ):
-            chunks = [symbols[i:i + SUBSCRIBE_CHUNK]
-                      for i in range(0, len(symbols), SUBSCRIBE_CHUNK)]
-            for i, chunk in enumerate(chunks, 1):
-                part = f" (request {i}/{len(chunks)})" if len(chunks) > 1 else ""
+        """Issue the whole desired set on a new connection; then it is live."""
+        async with self._sub_lock:
+            self.stats.subscribed = {}
+            t = self.config.connect_timeout_s
+            for kind, (event, _) in _EVENTS.items():
+                symbols = list(self._desired[kind])
+                chunks = [symbols[i:i + SUBSCRIBE_CHUNK]
+                          for i in range(0, len(symbols), SUBSCRIBE_CHUNK)]
+                for i, chunk in enumerate(chunks, 1):
+                    part = f" (request {i}/{len(chunks)})" if len(chunks) > 1 else ""
 
-                def what(event: str = event, part: str = part) -> str:
-                    return f"no {event} ack{part} within {t:g}s from {self.ws_url}"
+                    def what(event: str = event, part: str = part) -> str:
+                        return f"no {event} ack{part} within {t:g}s from {self.ws_url}"
 
+                    try:
+                        ack = await self._bounded(self._ack(sio, event, list(chunk)), t, what)
+                    except _AttemptFailed:
+                        self.stats.failed_subscriptions += 1
+                        raise
+                    if not self._handle_ack(kind, list(chunk), ack, part):
+                        self.stats.failed_subscriptions += 1
+                        self._tell_limit(kind, chunk, ack)
+            self._live = sio
+
+    def _tell_limit(self, kind: str, chunk: list[str], ack: Any) -> None:
+        if self.on_limit is None or not isinstance(ack, dict) \
+                or LIMIT_MARK not in str(ack.get("error") or ""):
+            return
+        after = set(self.stats.subscribed.get(kind, ()))
+        refused = [s for s in chunk if s not in after]
+        if refused:
+            try:
+                self.on_limit(kind, refused)
+            except Exception:
+                log.exception("upstream limit listener failed")
+
+    # -- live changes -------------------------------------------------------------
+
+    async def subscribe(self, kind: str, symbols: Iterable[str]) -> dict[str, SubscriptionResult]:
+        """Add ``symbols`` (normalized) to the desired set of ``kind`` and, when the
+        connection is subscribed, subscribe them on it now, in requests of at most
+        :data:`SUBSCRIBE_CHUNK` symbols.
+
+        Returns, per symbol, what the acknowledgement said. Symbols refused (``rejected``,
+        ``limit``, ``error``) leave the desired set; ``accepted`` and ``pending`` ones
+        stay in it and are re-issued on every reconnect. A symbol already desired
+        answers ``accepted`` (subscribed upstream now) or ``pending`` without a request.
+        Their records are accepted (:attr:`wanted`) from before the request leaves.
+        """
+        return await self._change(kind, normalize_symbols(symbols), subscribe=True)
+
+    async def unsubscribe(self, kind: str,
+                          symbols: Iterable[str]) -> dict[str, SubscriptionResult]:
+        """Remove ``symbols`` from the desired set of ``kind`` (their records are dropped
+        as ``unsubscribed`` from now on) and, when the connection is subscribed,
+        unsubscribe them on it now. ``pending``: not connected, nothing to undo;
+        ``accepted``: the upstream confirmed (or never had it)."""
+        return await self._change(kind, normalize_symbols(symbols), subscribe=False)
+
+    async def _change(self, kind: str, symbols: list[str],
+                      subscribe: bool) -> dict[str, SubscriptionResult]:
+        if kind not in _EVENTS:
+            msg = f"unknown kind {kind!r} (ticker or equity)"
+            raise ValueError(msg)
+        out: dict[str, SubscriptionResult] = {}
+        async with self._sub_lock:
+            desired = self._desired[kind]
+            upstream = self.upstream_subscribed(kind)
+            if subscribe:
+                todo = [s for s in symbols if s not in desired or s not in upstream]
+                for s in symbols:
+                    if s in desired and s in upstream:
+                        out[s] = ACCEPTED
+                self._set_desired(kind, add=todo)
+            else:
+                todo = [s for s in symbols if s in upstream]
+                self._set_desired(kind, remove=symbols)
+                for s in symbols:
+                    if s not in upstream:
+                        out[s] = PENDING if self._live is None else ACCEPTED
+            sio = self._live
+            if not todo:
+                return out
+            if sio is None:
+                out.update(dict.fromkeys(todo, PENDING))
+                return out
+            event = _EVENTS[kind][0 if subscribe else 1]
+            t = self.config.connect_timeout_s
+            for i in range(0, len(todo), SUBSCRIBE_CHUNK):
+                chunk = todo[i:i + SUBSCRIBE_CHUNK]
                 try:
-                    ack = await self._bounded(self._ack(sio, event, list(chunk)), t, what)
-                except _AttemptFailed:
+                    ack = await self._bounded(
+                        self._ack(sio, event, chunk), t,
+                        lambda: f"no {event} ack within {t:g}s from {self.ws_url}")
+                except (_AttemptFailed, _Stopped) as exc:
+                    # the connection is gone or broken: what is desired now is
+                    # re-issued on the next connect
                     self.stats.failed_subscriptions += 1
-                    raise
-                if not self._handle_ack(kind, list(chunk), ack, part):
+                    if isinstance(exc, _AttemptFailed) and not self._dropped.is_set():
+                        self._restart(str(exc))
+                    for s in todo[i:]:
+                        out[s] = PENDING
+                    break
+                ok = self._handle_ack(kind, chunk, ack, " (live)")
+                if not ok:
                     self.stats.failed_subscriptions += 1
+                results = _results(chunk, ack, subscribe)
+                out.update(results)
+                if subscribe:
+                    self._set_desired(kind, remove=[s for s, r in results.items()
+                                                    if not r.held])
+                    if any(r.held for r in results.values()) \
+                            and self.stats.last_update_monotonic is None:
+                        # the watchdog counts from here while no update came yet
+                        self._subscribed_at = time.monotonic()
+        return out
+
+    def _restart(self, cause: str) -> None:
+        """Replace a connection that is open but broken (an unanswered request)."""
+        self._restart_cause = cause
+        self._dropped.set()
 
     def _handle_ack(self, kind: str, requested: list[str], ack: Any, part: str = "") -> bool:
         """Count and log one acknowledgement; False when the request failed."""
@@ -588,6 +816,8 @@ class AlenoSource:
     # -- the loop ---------------------------------------------------------------
 
     def _drop_reason(self) -> str:
+        if self._restart_cause is not None:
+            return self._restart_cause
         ws = getattr(self._sio.eio, "ws", None) if self._sio is not None else None
         code = getattr(ws, "close_code", None)
         if code == _MESSAGE_TOO_BIG:
@@ -601,8 +831,9 @@ class AlenoSource:
     async def _watch(self) -> str:
         """Wait until the connection drops, the feed goes silent, or stop; say which."""
         stale = self.config.stale_after_s
-        watched = bool(self.tickers or self.equities)
         while True:
+            # the set is live: a source with nothing to watch has no watchdog
+            watched = any(self._desired.values())
             if self._stop.is_set():
                 return "stop"
             if self._dropped.is_set():
@@ -628,6 +859,7 @@ class AlenoSource:
         self._flowing = False
         self._subscribed_at = None
         self.stats.last_update_monotonic = None
+        self._restart_cause = None
         self._dropped.clear()
         session = self._session()
         sio = self._client(session)
@@ -649,6 +881,7 @@ class AlenoSource:
                 self._last_drop = self._drop_reason()
             return reason
         finally:
+            self._live = None
             self._delivered = self._flowing
             self._subscribed_at = None
             try:
@@ -753,6 +986,46 @@ class AlenoSource:
         self._stop.set()
 
 
+def _results(chunk: list[str], ack: Any, subscribe: bool) -> dict[str, SubscriptionResult]:
+    """Per symbol of one request, what its acknowledgement said.
+
+    ``subscriptionsAfterUpdate`` is the truth of what is subscribed: after a subscribe,
+    a symbol in it is accepted, even when the request as a whole was refused (it was
+    subscribed before); after an unsubscribe, a symbol no longer in it is accepted.
+    """
+    if not isinstance(ack, dict):
+        err = SubscriptionResult(SubscriptionStatus.ERROR, "unreadable acknowledgement")
+        return dict.fromkeys(chunk, err)
+    status = ack.get("status")
+    raw_after = ack.get("subscriptionsAfterUpdate")
+    after = {s for s in raw_after if isinstance(s, str)} if isinstance(raw_after, list) \
+        else None
+    raw_rejected = ack.get("rejectedSubscriptions")
+    if isinstance(raw_rejected, str):
+        raw_rejected = [raw_rejected]
+    rejected = {s.strip().upper() for s in raw_rejected if isinstance(s, str)} \
+        if isinstance(raw_rejected, list) else set()
+    error = str(ack.get("error") or "") or None
+    if status == "error" and error is None:
+        error = "no reason given"
+    elif status not in ("ok", "partial", "error"):
+        error = f"unknown ack status {str(status)[:40]!r}"
+    out: dict[str, SubscriptionResult] = {}
+    for s in chunk:
+        if s in rejected:
+            out[s] = SubscriptionResult(SubscriptionStatus.REJECTED,
+                                        "unsupported symbol" if error is None else error)
+        elif (s in after) == subscribe if after is not None else status in ("ok", "partial"):
+            out[s] = ACCEPTED
+        elif error is not None and LIMIT_MARK in error and subscribe:
+            out[s] = SubscriptionResult(SubscriptionStatus.LIMIT, error)
+        else:
+            what = "subscribed" if subscribe else "unsubscribed"
+            out[s] = SubscriptionResult(SubscriptionStatus.ERROR,
+                                        error or f"not {what} after the update")
+    return out
+
+
 def _describe_one(e: BaseException, url: str) -> str | None:
     if isinstance(e, aiohttp.ClientConnectorCertificateError):
         cert = e.certificate_error
@@ -785,4 +1058,15 @@ def _describe_one(e: BaseException, url: str) -> str | None:
     return None
 
 
-__all__ = ["AlenoSource", "AuthError", "SourceError", "SourceStats", "sanitize_url"]
+__all__ = [
+    "LIMIT_MARK",
+    "SUBSCRIBE_CHUNK",
+    "AlenoSource",
+    "AuthError",
+    "SourceError",
+    "SourceStats",
+    "SubscriptionResult",
+    "SubscriptionStatus",
+    "normalize_symbols",
+    "sanitize_url",
+]

@@ -182,6 +182,20 @@ class Destination:
     key: str | None
 
 
+#: the ``data.status`` values of ``ai.aleno.status.v1`` events
+STATUSES = ("down", "up", "stale", "fresh", "gap")
+
+
+@dataclass(frozen=True, slots=True)
+class MarketSnapshot:
+    """The market state (:mod:`bridge.market`): symbols with a last value, how many
+    of them are stale now, and the status events emitted so far by status."""
+
+    symbols: int
+    stale: int
+    status_events: Mapping[str, int]
+
+
 @dataclass(frozen=True, slots=True)
 class BridgeSnapshot:
     """The whole bridge at one moment."""
@@ -194,6 +208,7 @@ class BridgeSnapshot:
     sinks: tuple[SinkSnapshot, ...]
     #: ``None`` where a snapshot is built by hand (tests)
     overload: OverloadSnapshot | None = None
+    market: MarketSnapshot | None = None
 
 
 def readiness(snap: BridgeSnapshot,
@@ -252,6 +267,12 @@ def readiness(snap: BridgeSnapshot,
             "intake_capacity": snap.intake.capacity,
             "sinks_full": list(ov.sinks_full),
         }
+    market = snap.market
+    if market is not None:
+        # stale symbols never make the bridge unready: the feed is up, the upstream
+        # is quiet on them (the status events say which)
+        checks["market"] = {"ok": True, "symbols": market.symbols,
+                            "stale_symbols": market.stale}
     return ok, checks
 
 
@@ -260,9 +281,11 @@ __all__ = [
     "KINDS",
     "PIPELINE_DROP_REASONS",
     "SINK_DROP_REASONS",
+    "STATUSES",
     "BridgeSnapshot",
     "Destination",
     "IntakeSnapshot",
+    "MarketSnapshot",
     "NormalizerSnapshot",
     "OverloadSnapshot",
     "RouterSnapshot",

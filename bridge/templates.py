@@ -18,7 +18,8 @@ from typing import Final, Protocol
 PLACEHOLDERS: Final = ("kind", "symbol", "base", "quote")
 
 #: the (kind, symbol) pairs every topic is checked with, besides the configured symbols
-NEUTRAL_SAMPLES: Final = (("ticker", "BTC/USD"), ("equity", "AAPL"))
+NEUTRAL_SAMPLES: Final = (("ticker", "BTC/USD"), ("equity", "AAPL"),
+                          ("status", "BTC/USD"), ("status", "AAPL"), ("status", "upstream"))
 
 
 class SymbolMatch(Protocol):
@@ -65,6 +66,7 @@ def matches(match: SymbolMatch, kind: str, symbol: str) -> bool:
     """Whether a route's ``match`` selects this (kind, symbol); globs are shell-style."""
     if match.kind != kind and (match.kind != "*" or kind == "status"):
         return False  # ``*`` is every price kind; status events only by ``kind: status``
+    symbol = symbol.upper()  # ``upstream``, the subject of down/up, matches UPSTREAM
     if not any(fnmatchcase(symbol, p.strip().upper()) for p in match.symbols):
         return False
     return not any(fnmatchcase(symbol, p.strip().upper()) for p in match.exclude)

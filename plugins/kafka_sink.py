@@ -48,6 +48,12 @@ Formats (CloudEvents Kafka protocol binding)
 
 The record key is the rendered route key (UTF-8), or none when the route has no key.
 
+Last values: topics the sink creates (``create_topics``) get the ``topic_config`` given
+(``compact: true`` is short for ``cleanup.policy: compact``). A compacted topic keeps
+at least the last record of every key, and the key is the route's ``key`` (the symbol
+by default): read from the beginning and folded by key, it is the table of current
+prices (docs/drivers/kafka.md, "Last value per symbol").
+
 Timeouts
 --------
 Nothing here waits without a bound: ``connect`` and every ``publish`` are bounded by
@@ -203,6 +209,16 @@ class KafkaOptions(SinkOptions):
     replication_factor: int = Field(
         1, ge=1, description="replication factor of the topics this sink creates"
     )
+    topic_config: dict[str, str] = Field(
+        default_factory=dict,
+        description="topic-level configs of the topics this sink creates "
+        "(cleanup.policy, retention.ms, min.compaction.lag.ms...)",
+    )
+    compact: bool = Field(
+        False,
+        description="create topics with cleanup.policy=compact: the topic keeps the last "
+        "record per key (the route's key, the symbol by default), a table of prices",
+    )
 
     _split_servers = field_validator("bootstrap_servers", mode="before")(split_list)
 
@@ -244,6 +260,26 @@ class KafkaOptions(SinkOptions):
                     raise ValueError(msg)
         return v
 
+    @field_validator("topic_config", mode="before")
+    @classmethod
+    def _config_values_as_text(cls, v: Any) -> Any:
+        # Kafka configs are strings on the wire; YAML gives `retention.ms: 60000` as an
+        # int and `preallocate: true` as a bool: take them as Kafka writes them
+        if isinstance(v, dict):
+            return {k: (str(x).lower() if isinstance(x, bool)
+                        else str(x) if isinstance(x, int | float) else x)
+                    for k, x in v.items()}
+        return v
+
+    @field_validator("topic_config")
+    @classmethod
+    def _config_names(cls, v: dict[str, str]) -> dict[str, str]:
+        for name in v:
+            if not name.strip() or name != name.strip():
+                msg = f"{name!r} is not a Kafka config name (like cleanup.policy)"
+                raise ValueError(msg)
+        return v
+
     @model_validator(mode="after")
     def _coherent(self) -> KafkaOptions:
         sasl = self.security_protocol.startswith("SASL_")
@@ -275,7 +311,27 @@ class KafkaOptions(SinkOptions):
         if self.enable_idempotence and self.acks != "all":
             msg = f"enable_idempotence needs acks 'all' (got {self.acks!r})"
             raise ValueError(msg)
+        shaping = [n for n in ("topic_config", "compact") if n in self.model_fields_set
+                   and getattr(self, n)]
+        if shaping and not self.create_topics:
+            msg = (f"{' and '.join(shaping)} apply only to topics this sink creates; set "
+                   "create_topics (a list of topics, or true)")
+            raise ValueError(msg)
+        policy = self.topic_config.get("cleanup.policy")
+        if self.compact and policy is not None and "compact" not in policy.split(","):
+            msg = (f"compact: true but topic_config sets cleanup.policy {policy!r}; remove "
+                   "one of them (or use cleanup.policy: compact,delete)")
+            raise ValueError(msg)
         return self
+
+    @property
+    def topic_configs(self) -> dict[str, str]:
+        """The configs a created topic gets: ``topic_config``, plus
+        ``cleanup.policy=compact`` for ``compact: true``."""
+        configs = dict(self.topic_config)
+        if self.compact:
+            configs.setdefault("cleanup.policy", "compact")
+        return configs
 
 
 class KafkaSink(Sink[KafkaOptions]):
@@ -513,12 +569,15 @@ class KafkaSink(Sink[KafkaOptions]):
         refused.raise_if_any()
 
     async def _create_topics(self, topics: Iterable[str]) -> None:
-        """Create ``topics``; one that exists already is fine."""
+        """Create ``topics`` with the configured topic configs; one that exists already
+        is fine and keeps the configs it has (the sink never alters a topic)."""
         admin = self._admin
         if admin is None:
             raise SinkConnectionError(self.name, "not connected")
         opts = self.options
-        new = [NewTopic(t, opts.partitions, opts.replication_factor) for t in topics]
+        configs = opts.topic_configs
+        new = [NewTopic(t, opts.partitions, opts.replication_factor,
+                        topic_configs=configs) for t in topics]
         if not new:
             return
         try:
@@ -535,10 +594,10 @@ class KafkaSink(Sink[KafkaOptions]):
                 continue
             error = for_code(code)
             detail = f"{error.__name__}" + (f": {message}" if message else "")
-            msg = (
-                f"cannot create topic {topic!r} (partitions {opts.partitions}, "
-                f"replication_factor {opts.replication_factor}): {detail}"
-            )
+            shape = f"partitions {opts.partitions}, replication_factor {opts.replication_factor}"
+            if configs:
+                shape += ", " + ", ".join(f"{k}={v}" for k, v in sorted(configs.items()))
+            msg = f"cannot create topic {topic!r} ({shape}): {detail}"
             if error.retriable:
                 raise SinkConnectionError(self.name, msg)
             raise SinkRejectedError(self.name, msg)

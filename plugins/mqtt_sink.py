@@ -38,6 +38,11 @@ Formats (MQTT 5; the CloudEvents MQTT protocol binding):
 
 The route's ``key`` has no MQTT equivalent and is ignored.
 
+Last values: with ``retain: true`` the broker keeps the last message of every topic
+and hands it to each new subscriber at once. ``message_expiry_s`` (MQTT 5) sets the
+Message Expiry Interval of every message, so the broker drops a retained price that
+was not replaced within that time: a late subscriber gets a current price or none.
+
 paho is driven from the asyncio event loop (paho's documented external-loop
 integration: socket callbacks + ``loop_read``/``loop_write``/``loop_misc``), so no
 network thread exists; only the blocking TCP/TLS connect runs in a worker thread.
@@ -62,7 +67,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersi
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
-from pydantic import ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from bridge.sinkkit import (
     PasswordOptions,
@@ -130,6 +135,11 @@ class MqttOptions(TlsOptions, PasswordOptions):
     retain: bool = Field(
         False, description="retain the last message of every topic for new subscribers"
     )
+    message_expiry_s: int | None = Field(
+        None, ge=1, le=4_294_967_295,
+        description="MQTT 5 message expiry interval: the broker discards a message (a "
+        "retained price too) this many seconds after it was published",
+    )
     session_expiry_s: int | None = Field(
         None, ge=0, le=4_294_967_295, description="MQTT 5 session expiry interval"
     )
@@ -149,6 +159,18 @@ class MqttOptions(TlsOptions, PasswordOptions):
     def _protocol_text(cls, v: Any) -> Any:
         # YAML reads `protocol: 5` as an int
         return str(v) if isinstance(v, int | float) else v
+
+    @field_validator("message_expiry_s")
+    @classmethod
+    def _expiry_needs_v5(cls, v: int | None, info: ValidationInfo) -> int | None:
+        # a field validator, not the model one: the error is reported at this option's
+        # path (``sinks.<name>.message_expiry_s``); ``protocol`` is declared earlier,
+        # so it has been validated already
+        if v is not None and info.data.get("protocol") == "3.1.1":
+            msg = ("needs protocol 5 (MQTT 3.1.1 has no message expiry); use protocol: '5' "
+                   "or remove message_expiry_s")
+            raise ValueError(msg)
+        return v
 
     @model_validator(mode="after")
     def _consistent(self) -> MqttOptions:
@@ -573,20 +595,28 @@ class MqttSink(Sink[MqttOptions]):
         if not m.attributes:
             props = self._static_props.get(m.content_type)
             if props is None:
-                props = _PackedOnce(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-                props.ContentType = m.content_type
-                props.PayloadFormatIndicator = 1
+                props = self._new_props(m.content_type, _PackedOnce)
                 self._static_props[m.content_type] = props
             return props
         props = self._new_props(m.content_type)
         props.UserProperty = user_properties(m)
         return props
 
-    @staticmethod
-    def _new_props(content_type: str) -> Properties:
-        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    def _new_props(self, content_type: str,
+                   kind: type[Properties] = Properties) -> Properties:
+        """The PUBLISH properties every message of this sink carries.
+
+        The expiry interval is the same for every message, so it lives in the
+        packed-once properties too: it costs nothing per message.
+        """
+        props = kind(PacketTypes.PUBLISH)
         props.ContentType = content_type
         props.PayloadFormatIndicator = 1  # the body is UTF-8 JSON
+        expiry = self.options.message_expiry_s
+        if expiry is not None:
+            # a retained price is discarded by the broker once stale, so a late
+            # subscriber gets the current price or nothing, never an old one
+            props.MessageExpiryInterval = expiry
         return props
 
     def _check_size(self, link: _Link, m: Message, props: Properties | None) -> None:

@@ -114,6 +114,11 @@ class StreamOptions(BaseModel):
 
     Creating it again with the same settings is a no-op; a stream of that name with
     other settings is left alone and makes ``connect`` fail with a clear error.
+
+    ``max_msgs_per_subject: 1`` with ``allow_direct: true`` makes the stream the
+    bus-native last value of every subject: a consumer that starts late asks
+    ``js.get_last_msg(stream, subject)`` (or the direct-get form) and gets the
+    current price at once (docs/drivers/nats.md, "Last value per subject").
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
@@ -125,6 +130,12 @@ class StreamOptions(BaseModel):
     #: the window in which a repeated ``Nats-Msg-Id`` is recognized as a duplicate
     duplicate_window_s: float = Field(120.0, gt=0)
     storage: Literal["file", "memory"] = "file"
+    #: keep at most this many messages per subject (1: only the last price of each
+    #: symbol, the stream is then a last-value table); ``None``: no per-subject limit
+    max_msgs_per_subject: int | None = Field(None, ge=1)
+    #: let any server with the stream answer "last message of subject X" directly
+    #: (``js.get_last_msg(stream, subject, direct=True)``, the KV ``get``)
+    allow_direct: bool = False
 
     @model_validator(mode="after")
     def _window_fits_age(self) -> StreamOptions:
@@ -429,6 +440,12 @@ class NatsSink(Sink[NatsOptions]):
             max_age=stream.max_age_s,
             duplicate_window=stream.duplicate_window_s,
             storage=StorageType.FILE if stream.storage == "file" else StorageType.MEMORY,
+            # unset, these are the server's defaults (-1: no per-subject limit; no
+            # direct get), so a stream created before the options existed still
+            # compares equal and connect stays a no-op for it
+            max_msgs_per_subject=(-1 if stream.max_msgs_per_subject is None
+                                  else stream.max_msgs_per_subject),
+            allow_direct=stream.allow_direct or None,
         )
         try:
             await nc.jsm(timeout=self._flush_timeout_s).add_stream(config)

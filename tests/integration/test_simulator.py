@@ -159,3 +159,266 @@ async def test_clients_are_isolated(simulator: Simulator) -> None:
     assert a.states and not b.states
     await a.sio.disconnect()
     await b.sio.disconnect()
+
+
+# -- test hooks and the admin API ------------------------------------------------------
+
+FAST = 0.05
+
+
+def sent_times(client: Client, kind: str, symbol: str) -> list[int]:
+    """The sent times of every update of ``symbol`` the client received, in order."""
+    key = "id" if kind == "ticker" else "symbol"
+    return [r["sentTimestampMs"] for k, _, data in client.states if k == kind
+            for r in data if r[key] == symbol]
+
+
+async def until(predicate: Any, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+async def connected(sim: Simulator, key: str) -> Client:
+    c = Client()
+    await c.connect(sim, auth={"apiKey": key})
+    return c
+
+
+async def test_a_paused_symbol_stops_while_the_others_flow_and_comes_back() -> None:
+    async with Simulator(port=0, api_keys=["k"], interval=FAST) as sim:
+        c = await connected(sim, "k")
+        await c.call("subscribe_ticker", ["BTC/USD", "ETH/USD"])
+        await until(lambda: len(sent_times(c, "ticker", "BTC/USD")) >= 2)
+
+        sim.pause_symbols("ticker", [" btc/usd"])
+        paused_ms = time.time_ns() // 1_000_000
+        # a tick stamped after the pause began after it: from there on, ETH only
+        await until(lambda: len([t for t in sent_times(c, "ticker", "ETH/USD")
+                                 if t > paused_ms]) >= 5)
+        assert [t for t in sent_times(c, "ticker", "BTC/USD") if t > paused_ms] == []
+        assert c.sio.connected and sim.connections("k") == 1
+
+        sim.resume_symbols("ticker", ["BTC/USD"])
+        resumed_ms = time.time_ns() // 1_000_000
+        await until(lambda: len([t for t in sent_times(c, "ticker", "ETH/USD")
+                                 if t > resumed_ms]) >= 3)
+        after = [t for t in sent_times(c, "ticker", "ETH/USD") if t > resumed_ms]
+        assert [t for t in sent_times(c, "ticker", "BTC/USD") if t > resumed_ms] == after
+        await c.sio.disconnect()
+
+
+async def test_a_client_whose_every_symbol_is_paused_gets_no_event_of_that_kind() -> None:
+    async with Simulator(port=0, api_keys=["k"], interval=FAST) as sim:
+        c = await connected(sim, "k")
+        await c.call("subscribe_equity", ["AAPL"])
+        await c.call("subscribe_ticker", ["BTC/USD"])
+        sim.pause_symbols("equity", ["AAPL"])
+        paused_ms = time.time_ns() // 1_000_000
+        await until(lambda: len([t for t in sent_times(c, "ticker", "BTC/USD")
+                                 if t > paused_ms]) >= 4)
+        late_equity_events = [d for k, _, d in c.states if k == "equity"
+                              and d and d[0]["sentTimestampMs"] > paused_ms]
+        assert late_equity_events == []  # not even an empty array
+        await c.sio.disconnect()
+
+
+async def test_dropped_ticks_are_exactly_the_sent_times_missing_for_the_client() -> None:
+    async with Simulator(port=0, api_keys=["k"], interval=FAST) as sim:
+        c = await connected(sim, "k")
+        await c.call("subscribe_ticker", ["BTC/USD", "ETH/USD"])
+        await until(lambda: len(sent_times(c, "ticker", "BTC/USD")) >= 2)
+        sim.drop("ticker", ["btc/usd"], 3)
+        await until(lambda: len(sim.dropped("ticker", "BTC/USD")) == 3)
+        dropped = sim.dropped("ticker", "BTC/USD")
+        await until(lambda: sent_times(c, "ticker", "BTC/USD")[-1] > dropped[-1])
+
+        btc = sent_times(c, "ticker", "BTC/USD")
+        before = max(t for t in btc if t < dropped[0])
+        after = min(t for t in btc if t > dropped[-1])
+        assert not set(dropped) & set(btc)
+        assert [t for t in btc if before < t < after] == []
+        # ETH was not dropped: it got every tick, so it shows exactly which went missing
+        eth = sent_times(c, "ticker", "ETH/USD")
+        assert [t for t in eth if before < t < after] == dropped
+        # the cadence held: the gap is (ticks + 1) intervals
+        assert 3.5 * FAST * 1000 < after - before < 6 * FAST * 1000, (before, after)
+        assert sim.dropped("ticker", "ETH/USD") == []
+        await c.sio.disconnect()
+
+
+async def test_limits_are_per_key_across_keys_and_across_connections() -> None:
+    tickers, equities = default_tickers(), default_equities()
+    async with Simulator(port=0, api_keys=["a", "b"], limits={"a": 50, "b": 50},
+                         max_subscriptions=5, interval=5) as sim:
+        a1, a2, b = (await connected(sim, "a"), await connected(sim, "a"),
+                     await connected(sim, "b"))
+        # two keys: 50 each, neither eats the other's
+        assert (await a1.call("subscribe_ticker", tickers[:30]))["status"] == "ok"
+        assert (await b.call("subscribe_ticker", tickers[:50]))["status"] == "ok"
+        ack = await b.call("subscribe_equity", equities[:1])
+        assert ack["status"] == "error" and ack["error"] == LIMIT_REACHED
+        # two connections of one key share its 50
+        assert (await a2.call("subscribe_equity", equities[:20]))["status"] == "ok"
+        ack = await a2.call("subscribe_equity", equities[20:21])
+        assert ack["status"] == "error" and ack["error"] == LIMIT_REACHED
+        assert ack["subscriptionsAfterUpdate"] == sorted(equities[:20])
+        # a feed the key already holds elsewhere costs nothing
+        assert (await a2.call("subscribe_ticker", tickers[:1]))["status"] == "ok"
+        assert sim.subscriptions_by_key()["a"] == {"ticker": set(tickers[:30]),
+                                                   "equity": set(equities[:20])}
+        assert len(sim.subscriptions()) == 3  # per connection, as before
+        # a connection that goes frees what only it held
+        await a1.sio.disconnect()
+        await until(lambda: sim.connections("a") == 1)
+        assert (await a2.call("subscribe_equity", equities[20:49]))["status"] == "ok"
+        assert sim.connects == {"a": 2, "b": 1}
+        await a2.sio.disconnect()
+        await b.sio.disconnect()
+
+
+async def test_kick_by_key_disconnects_only_that_keys_clients() -> None:
+    async with Simulator(port=0, api_keys=["a", "b"], interval=FAST) as sim:
+        a1, a2, b = (await connected(sim, "a"), await connected(sim, "a"),
+                     await connected(sim, "b"))
+        await b.call("subscribe_equity", ["AAPL"])
+        assert await sim.kick("a") == 2
+        await until(lambda: not a1.sio.connected and not a2.sio.connected)
+        assert sim.connections("a") == 0 and sim.connections("b") == 1 and b.sio.connected
+        seen = len(b.states)
+        await until(lambda: len(b.states) > seen + 2)
+        assert await sim.kick() == 1
+        await until(lambda: not b.sio.connected)
+        assert sim.connections() == 0 and sim.connects == {"a": 2, "b": 1}
+
+
+async def test_the_admin_api_round_trips_and_never_shows_a_key() -> None:
+    import aiohttp
+
+    from bridge.simulator import fingerprint
+
+    key, other = "s3cret-admin-key", "0ther-admin-key"
+    async with Simulator(port=0, api_keys=[key, other], interval=FAST, admin=True,
+                         limits={other: 7}) as sim, aiohttp.ClientSession(sim.url) as http:
+        c, o = await connected(sim, key), await connected(sim, other)
+        await c.call("subscribe_ticker", ["BTC/USD", "ETH/USD"])
+
+        async with http.get("/admin/subscriptions") as r:
+            text = await r.text()
+            body = await r.json()
+        assert r.status == 200 and key not in text and other not in text
+        assert body["keys"][fingerprint(key)] == {
+            "tickers": ["BTC/USD", "ETH/USD"], "equities": [], "connections": 1,
+            "connects": 1, "limit": 250}
+        assert body["keys"][fingerprint(other)]["limit"] == 7
+        assert body["paused"] == {"ticker": [], "equity": []} and body["feed_paused"] is False
+
+        async with http.post("/admin/pause", json={"kind": "ticker", "symbols": ["eth/usd"]}) as r:
+            assert r.status == 200 and await r.json() == {"kind": "ticker",
+                                                          "paused": ["ETH/USD"]}
+        assert sim.paused_symbols("ticker") == {"ETH/USD"}
+        async with http.post("/admin/resume", json={"kind": "ticker", "symbols": ["ETH/USD"]}) as r:
+            assert r.status == 200 and (await r.json())["paused"] == []
+
+        async with http.post("/admin/drop", json={"kind": "ticker", "symbols": ["BTC/USD"],
+                                                  "ticks": 2}) as r:
+            assert r.status == 204
+        await until(lambda: len(sim.dropped("ticker", "BTC/USD")) == 2)
+        async with http.get("/admin/dropped", params={"kind": "ticker",
+                                                       "symbol": "btc/usd"}) as r:
+            assert await r.json() == {"kind": "ticker", "symbol": "BTC/USD",
+                                      "sentTimestampMs": sim.dropped("ticker", "BTC/USD")}
+
+        for path, payload in [("/admin/pause", {"kind": "tickers", "symbols": ["BTC/USD"]}),
+                              ("/admin/pause", {"kind": "ticker", "symbols": "BTC/USD"}),
+                              ("/admin/resume", {"kind": "ticker", "symbols": ["NOPE/USD"]}),
+                              ("/admin/drop", {"kind": "ticker", "symbols": ["BTC/USD"]}),
+                              ("/admin/drop", {"kind": "ticker", "symbols": ["BTC/USD"],
+                                               "ticks": -1})]:
+            async with http.post(path, json=payload) as r:
+                assert r.status == 400 and "error" in await r.json(), (path, payload)
+        async with http.post("/admin/kick", data=b"[not json") as r:
+            assert r.status == 400
+        async with http.get("/admin/dropped", params={"kind": "ticker"}) as r:
+            assert r.status == 400
+
+        async with http.post("/admin/kick", json={"key_fingerprint": "00000000"}) as r:
+            assert r.status == 404 and key not in await r.text()
+        async with http.post("/admin/kick", json={"key_fingerprint": fingerprint(key)}) as r:
+            assert r.status == 200 and await r.json() == {"disconnected": 1}
+        await until(lambda: not c.sio.connected)
+        assert o.sio.connected
+        async with http.post("/admin/kick") as r:
+            assert await r.json() == {"disconnected": 1}
+        await until(lambda: not o.sio.connected)
+
+
+async def test_the_admin_api_is_off_unless_asked_for(simulator: Simulator) -> None:
+    import aiohttp
+
+    assert simulator.admin is False
+    async with aiohttp.ClientSession(simulator.url) as http:
+        for method, path in [("GET", "/admin/subscriptions"), ("POST", "/admin/pause"),
+                             ("POST", "/admin/resume"), ("POST", "/admin/drop"),
+                             ("GET", "/admin/dropped"), ("POST", "/admin/kick")]:
+            async with http.request(method, path, json={}) as r:
+                assert r.status == 404, (method, path)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_the_simulate_command_takes_key_limits_and_the_admin_flag() -> None:
+    import sys
+
+    import aiohttp
+
+    from bridge.simulator import fingerprint
+
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bridge", "simulate", "--host", "127.0.0.1", "--port", str(port),
+        "--api-key", "k1==", "--api-key", "k2", "--interval", "0.1",
+        "--max-subscriptions", "3", "--tickers", "BTC/USD,ETH/USD", "--equities", "AAPL,MSFT",
+        "--key-limit", "k1===1", "--admin",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        line = (await asyncio.wait_for(proc.stdout.readline(), 15)).decode()
+        assert f"127.0.0.1:{port}/v1/socket (2 tickers, 2 equities" in line
+        assert "/admin/" in line
+        sim = Simulator(port=port)  # only for its url
+        c = Client()
+        await c.connect(sim, auth={"apiKey": "k1=="})
+        assert (await c.call("subscribe_ticker", ["BTC/USD"]))["status"] == "ok"
+        assert (await c.call("subscribe_ticker", ["ETH/USD"]))["error"] == LIMIT_REACHED
+        async with aiohttp.ClientSession(sim.url) as http, \
+                http.get("/admin/subscriptions") as r:
+            keys = (await r.json())["keys"]
+        assert keys[fingerprint("k1==")]["limit"] == 1 and keys[fingerprint("k2")]["limit"] == 3
+        assert keys[fingerprint("k1==")]["tickers"] == ["BTC/USD"]
+        await c.sio.disconnect()
+    finally:
+        proc.terminate()
+        _, err = await asyncio.wait_for(proc.communicate(), 15)
+    assert b"k1==" not in err
+
+
+async def test_a_key_limit_for_a_key_not_accepted_exits_2_without_naming_it() -> None:
+    import subprocess
+    import sys
+
+    from bridge.simulator import fingerprint
+
+    done = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "bridge", "simulate", "--port", "0",
+                         "--key-limit", "s3cret=5"], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2
+    assert fingerprint("s3cret") in done.stderr and "s3cret" not in done.stderr
+    assert "--api-key" in done.stderr

@@ -370,6 +370,8 @@ class Got:
     retain: bool
     content_type: str | None
     user_properties: tuple[tuple[str, str], ...]
+    #: MQTT 5 Message Expiry Interval left when the broker forwarded it (``None``: none)
+    message_expiry_s: int | None = None
 
     @property
     def headers(self) -> dict[str, str]:
@@ -454,8 +456,10 @@ class MqttConsumer:
         props = getattr(msg, "properties", None)
         content_type = getattr(props, "ContentType", None) if props is not None else None
         user = tuple(getattr(props, "UserProperty", []) or []) if props is not None else ()
+        expiry = getattr(props, "MessageExpiryInterval", None) if props is not None else None
         got = Got(msg.topic, bytes(msg.payload), msg.qos, bool(msg.retain), content_type,
-                  tuple((str(k), str(v)) for k, v in user))
+                  tuple((str(k), str(v)) for k, v in user),
+                  None if expiry is None else int(expiry))
         with self.state.lock:
             self.state.messages.append(got)
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from bridge.normalize import Normalizer
 from bridge.simulator import (
     BAD_PAYLOAD,
@@ -18,6 +20,7 @@ from bridge.simulator import (
     _Client,
     default_equities,
     default_tickers,
+    fingerprint,
     normalize_symbol,
 )
 
@@ -123,3 +126,117 @@ def test_the_simulate_command_offers_deflate_unless_told_not_to() -> None:
 
     assert _parser().parse_args(["simulate"]).compression is True
     assert _parser().parse_args(["simulate", "--no-compression"]).compression is False
+
+
+def ok(sim: Simulator, sid: str, symbols: list[str], ticker: bool = True) -> str:
+    return str(sim._update(sid, symbols, ticker=ticker, subscribe=True)["status"])
+
+
+def test_the_limit_is_per_key_over_the_distinct_feeds_of_all_its_connections() -> None:
+    sim = Simulator(port=0, api_keys=["a", "b"], max_subscriptions=3, limits={"b": 1})
+    sim._clients.update({"a1": _Client("a"), "a2": _Client("a"), "b1": _Client("b")})
+    assert ok(sim, "a1", ["BTC/USD", "ETH/USD"]) == "ok"
+    # a feed the key already holds on another connection costs nothing
+    assert ok(sim, "a2", ["BTC/USD"]) == "ok"
+    assert ok(sim, "a2", ["AAPL"], ticker=False) == "ok"  # 3 distinct feeds: the limit
+    ack = sim._update("a2", ["MSFT"], ticker=False, subscribe=True)
+    assert ack["status"] == "error" and ack["error"] == LIMIT_REACHED
+    assert ack["subscriptionsAfterUpdate"] == ["AAPL"]  # this connection's, unchanged
+    # the other key has its own limit, from `limits`
+    assert sim.limit("a") == 3 and sim.limit("b") == 1
+    assert ok(sim, "b1", ["MSFT"], ticker=False) == "ok"
+    assert ok(sim, "b1", ["BTC/USD"]) == "error"
+    assert sim.subscriptions_by_key() == {
+        "a": {"ticker": {"BTC/USD", "ETH/USD"}, "equity": {"AAPL"}},
+        "b": {"ticker": set(), "equity": {"MSFT"}},
+    }
+    assert sim.connections() == 3 and sim.connections("a") == 2 and sim.connections("c") == 0
+    # a connection that goes frees only what no other connection of the key holds
+    del sim._clients["a2"]
+    assert ok(sim, "a1", ["SOL/USD"]) == "ok"
+    assert ok(sim, "a1", ["XRP/USD"]) == "error"
+
+
+def test_a_limit_for_a_key_that_is_not_accepted_is_refused_without_naming_it() -> None:
+    with pytest.raises(ValueError, match=fingerprint("s3cret-key")) as info:
+        Simulator(port=0, api_keys=["demo-key"], limits={"s3cret-key": 5})
+    assert "s3cret" not in str(info.value)
+    with pytest.raises(ValueError, match="negative"):
+        Simulator(port=0, api_keys=["k"], limits={"k": -1})
+
+
+def test_a_fingerprint_is_short_stable_and_hides_the_key() -> None:
+    assert fingerprint("demo-key") == fingerprint("demo-key")
+    assert len(fingerprint("demo-key")) == 8 and fingerprint("demo-key") != fingerprint("x")
+    assert int(fingerprint("demo-key"), 16) >= 0 and "demo" not in fingerprint("demo-key")
+
+
+def test_connects_count_per_key_from_zero() -> None:
+    assert Simulator(port=0, api_keys=["a", "b"]).connects == {"a": 0, "b": 0}
+
+
+def test_pausing_symbols_normalizes_them_and_refuses_unknown_ones() -> None:
+    sim = Simulator(port=0)
+    sim.pause_symbols("ticker", [" btc/usd", "ETH/USD"])
+    sim.pause_symbols("equity", ["aapl"])
+    assert sim.paused_symbols("ticker") == {"BTC/USD", "ETH/USD"}
+    sim.resume_symbols("ticker", ["eth/usd "])
+    assert sim.paused_symbols("ticker") == {"BTC/USD"}
+    assert sim._left_out(1)["ticker"] == {"BTC/USD"} and sim._left_out(1)["equity"] == {"AAPL"}
+    with pytest.raises(ValueError, match="NOPE/USD"):
+        sim.pause_symbols("ticker", ["NOPE/USD"])
+    with pytest.raises(ValueError, match="kind"):
+        sim.pause_symbols("tickers", ["BTC/USD"])
+    with pytest.raises(TypeError):
+        sim.pause_symbols("ticker", "BTC/USD")
+
+
+def test_a_drop_counts_only_updates_a_client_would_have_had() -> None:
+    sim, sid = connected()
+    sim.drop("ticker", ["btc/usd"], 2)
+    assert sim._left_out(100)["ticker"] == set()  # nobody subscribed: nothing missed yet
+    sim._update(sid, ["BTC/USD", "ETH/USD"], ticker=True, subscribe=True)
+    sim.pause_symbols("ticker", ["BTC/USD"])
+    assert sim._left_out(200)["ticker"] == {"BTC/USD"}  # paused, the drop waits
+    sim.resume_symbols("ticker", ["BTC/USD"])
+    assert sim._left_out(300)["ticker"] == {"BTC/USD"}
+    assert sim._left_out(400)["ticker"] == {"BTC/USD"}
+    assert sim._left_out(500)["ticker"] == set()
+    assert sim.dropped("ticker", " btc/usd") == [300, 400]
+    assert sim.dropped("ticker", "ETH/USD") == [] and sim.dropped("equity", "AAPL") == []
+    sim.drop("ticker", ["ETH/USD"], 5)
+    sim.drop("ticker", ["ETH/USD"], 0)  # cancels
+    assert sim._left_out(600)["ticker"] == set()
+    with pytest.raises(ValueError):
+        sim.drop("ticker", ["ETH/USD"], -1)
+
+
+def test_the_simulate_command_takes_key_limits_split_at_the_last_equals_sign() -> None:
+    from bridge.cli import _parser
+
+    args = _parser().parse_args(["simulate", "--api-key", "a=b==", "--key-limit", "a=b===7",
+                                 "--key-limit", "k=0"])
+    assert args.key_limits == [("a=b==", 7), ("k", 0)] and args.admin is False
+    assert _parser().parse_args(["simulate", "--admin"]).admin is True
+    # the contract's flags are unchanged
+    args = _parser().parse_args(["simulate", "--host", "0.0.0.0", "--port", "1", "--api-key",
+                                 "K", "--api-key", "K2", "--interval", "0.5",
+                                 "--max-subscriptions", "9", "--tickers", "A/USD,B/USD",
+                                 "--equities", "X,Y"])
+    assert (args.host, args.port, args.api_keys, args.interval, args.max_subscriptions,
+            args.tickers, args.equities) == ("0.0.0.0", 1, ["K", "K2"], 0.5, 9,
+                                             "A/USD,B/USD", "X,Y")
+
+
+@pytest.mark.parametrize("value", ["s3cret", "s3cret=", "s3cret=many", "=5", "s3cret=-1"])
+def test_a_bad_key_limit_is_a_usage_error_that_does_not_echo_the_key(
+    value: str, capsys: pytest.CaptureFixture[str],
+) -> None:
+    from bridge.cli import _parser
+
+    with pytest.raises(SystemExit) as info:
+        _parser().parse_args(["simulate", "--key-limit", value])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--key-limit" in err and "s3cret" not in err
+

@@ -1,0 +1,162 @@
+"""The last value cache and the status events (bridge.market), on real events."""
+
+from __future__ import annotations
+
+import orjson
+
+from bridge.envelope import Event
+from bridge.market import GAP_FACTOR, LastValues, MarketState, StatusEvent
+from bridge.testing.sample import T0_MS, sample_events
+
+
+def _state(stale_after_s: float = 10.0, interval_s: float = 1.0,
+           wanted: dict[str, frozenset[str]] | None = None) -> tuple[MarketState, list[Event]]:
+    emitted: list[Event] = []
+    st = MarketState(emitted.extend, stale_after_s=stale_after_s,
+                     update_interval_s=interval_s,
+                     wanted=(lambda: wanted) if wanted is not None else None)
+    return st, emitted
+
+
+def _by_round(events: list[Event], symbols: int) -> list[list[Event]]:
+    return [events[i:i + symbols] for i in range(0, len(events), symbols)]
+
+
+def test_the_cache_keeps_the_newest_event_per_symbol_and_ignores_older_ones() -> None:
+    st, _ = _state()
+    rounds = _by_round(sample_events(symbols=3, updates=3), 3)
+    for r in rounds:
+        assert st.observe("ticker", r) is None
+    assert len(st.values) == 3
+    assert st.values.get("ticker", "t1/usd").event is rounds[2][1]  # type: ignore[union-attr]
+    # a late duplicate of an older record does not replace the newer value
+    assert st.observe("ticker", rounds[0]) is None
+    assert st.values.get("ticker", "T1/USD").event is rounds[2][1]  # type: ignore[union-attr]
+
+
+def test_select_filters_by_kind_and_globs_sorted() -> None:
+    values = LastValues()
+    for ev in sample_events(symbols=12, updates=1) + sample_events(symbols=2, kind="equity"):
+        values.put(ev)
+    assert [v.event.symbol for v in values.select("ticker", ["T1*"])] == \
+        ["T1/USD", "T10/USD", "T11/USD"]
+    assert [v.event.symbol for v in values.select("*", ["t2/usd", "EQ1", "nope"])] == \
+        ["T2/USD", "EQ1"]
+    assert len(values.select()) == 14
+    assert len(values.select("equity")) == 2
+    assert values.select("ticker", ["EQ?"]) == []
+    assert values.forget("ticker", ["T1/USD", "T1/USD", "X"]) == 1
+    assert len(values) == 13
+
+
+def test_a_jump_beyond_the_cadence_is_one_gap_naming_the_missing_interval() -> None:
+    st, _ = _state(interval_s=1.0)
+    evs = sample_events(symbols=2, updates=6)
+    rounds = _by_round(evs, 2)
+    st.observe("ticker", rounds[0])
+    st.observe("ticker", rounds[1])
+    # rounds 2, 3 and 4 never arrive: round 5 resumes
+    out = st.observe("ticker", rounds[5])
+    assert out is not None and [e.data["status"] for e in out] == ["gap", "gap"]
+    gap = out[0]
+    assert gap.kind == "status" and gap.symbol == "T0/USD"
+    assert gap.data["lastSeenMs"] == T0_MS + 1000
+    assert gap.data["resumedMs"] == T0_MS + 5000
+    assert gap.data["missingFromMs"] == T0_MS + 2000
+    assert gap.data["missingToMs"] == T0_MS + 4000
+    assert gap.data["missedUpdates"] == 3
+    assert gap.id == f"status:gap:ticker:T0/USD:{T0_MS + 5000}"
+    assert st.snapshot().status_events["gap"] == 2
+    # one interval of jitter is not a gap
+    late = sample_events(symbols=1, updates=1, start_ms=T0_MS + 5000 + int(GAP_FACTOR * 1000))
+    assert st.observe("ticker", late) is None
+
+
+def test_stale_once_while_up_then_fresh_on_the_next_update() -> None:
+    st, emitted = _state(stale_after_s=5.0)
+    rounds = _by_round(sample_events(symbols=2, updates=3), 2)
+    st.observe("ticker", rounds[0])
+    t_quiet = st.values.get("ticker", "T0/USD").received_monotonic  # type: ignore[union-attr]
+    st._up_since = t_quiet - 100  # the link has been up for long
+    # T1 keeps updating (received later), T0 goes silent
+    st.values.get("ticker", "T1/USD").received_monotonic = t_quiet + 4.9  # type: ignore[union-attr]
+    assert st.scan_stale(now=t_quiet + 4.9) == []
+    stale = st.scan_stale(now=t_quiet + 5.1)
+    assert [(e.data["status"], e.symbol) for e in stale] == [("stale", "T0/USD")]
+    assert stale[0].data["lastPrice"] == rounds[0][0].price
+    assert emitted == stale and st.stale == 1
+    assert st.scan_stale(now=t_quiet + 9.0) == []  # exactly one stale event
+    fresh = st.observe("ticker", [rounds[1][0]])
+    assert fresh is not None and [e.data["status"] for e in fresh] == ["fresh"]
+    assert fresh[0].data["price"] == rounds[1][0].price
+    assert st.stale == 0
+
+
+def test_no_stale_while_the_link_is_down_and_a_full_period_after_it_comes_up() -> None:
+    st, emitted = _state(stale_after_s=1.0)
+    st.observe("ticker", sample_events(symbols=3, updates=1))
+    st.link(True, "")  # the first connection: nothing to report
+    assert emitted == []
+    st.link(False, "connection lost (close code 1006)")
+    now = st.values.get("ticker", "T0/USD").received_monotonic + 30  # type: ignore[union-attr]
+    assert st.scan_stale(now=now) == []
+    st.link(True, "")
+    assert [e.data["status"] for e in emitted] == ["down", "up"]
+    down, up = emitted
+    assert down.data["reason"] == "connection lost (close code 1006)"
+    assert up.data["reason"] == down.data["reason"] and up.data["outageMs"] >= 0
+    assert down.id == f"status:down:upstream:{T0_MS}" and up.id == f"status:up:upstream:{T0_MS}"
+    assert down.symbol == "upstream" and "symbol" not in down.data
+    assert st.scan_stale() == []  # the stale clock restarted with the link
+
+
+def test_status_events_are_cloudevents_of_their_own_type() -> None:
+    ev = StatusEvent("stale", "BTC/USD", T0_MS, {"feed": "ticker", "symbol": "BTC/USD"},
+                     "http://127.0.0.1:1/v1/socket")
+    body = orjson.loads(ev.encoded("cloudevents-json").body)
+    assert body["type"] == "ai.aleno.status.v1" and body["subject"] == "BTC/USD"
+    assert body["data"] == {"kind": "status", "status": "stale", "feed": "ticker",
+                            "symbol": "BTC/USD"}
+    assert body["id"] == f"status:stale:ticker:BTC/USD:{T0_MS}"
+    assert ev.header.type == "ai.aleno.status.v1" and ev.header.base == "BTC"
+    binary = ev.encoded("cloudevents-binary")
+    assert binary.attributes["type"] == "ai.aleno.status.v1"
+
+
+def test_the_stale_watch_skips_symbols_no_longer_subscribed() -> None:
+    st, _ = _state(stale_after_s=1.0, wanted={"ticker": frozenset({"T1/USD"}),
+                                              "equity": frozenset()})
+    st.observe("ticker", sample_events(symbols=2, updates=1))
+    st._up_since -= 100
+    now = st.values.get("ticker", "T0/USD").received_monotonic + 2  # type: ignore[union-attr]
+    assert [e.symbol for e in st.scan_stale(now=now)] == ["T1/USD"]
+
+
+def test_status_events_follow_only_routes_that_ask_for_them() -> None:
+    from bridge.routing import Router
+    from bridge.schema import RouteConfig
+    from bridge.testing import MemorySink
+
+    class _Worker:
+        def __init__(self, name: str) -> None:
+            self.name, self.format, self.got = name, "cloudevents-json", []
+
+        def safe_token(self, v: str) -> str:
+            return MemorySink.safe_token(v)
+
+        def offer(self, message: object) -> None:
+            self.got.append(message)
+
+    prices, status = _Worker("prices"), _Worker("status")
+    router = Router([RouteConfig(sinks=["prices"]),
+                     RouteConfig(match={"kind": "status", "symbols": ["BTC/*", "upstream"]},
+                                 sinks=["status"], topic="status.{symbol}")],
+                    {"prices": prices, "status": status})
+    stale = StatusEvent("stale", "BTC/USD", T0_MS, {"feed": "ticker"}, "src")
+    other = StatusEvent("stale", "ETH/USD", T0_MS, {"feed": "ticker"}, "src")
+    down = StatusEvent("down", "upstream", T0_MS, {}, "src")
+    for ev in (stale, other, down, *sample_events(symbols=1, updates=1)):
+        router.dispatch(ev)
+    assert [m.topic for m in status.got] == ["status.BTC/USD", "status.upstream"]
+    assert [m.event.kind for m in prices.got] == ["ticker"]
+    assert router.unrouted == 0  # a status event no route asked for is not "unrouted"
