@@ -40,18 +40,26 @@ import signal
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any, Final
 
 from prometheus_client import CollectorRegistry
 
 from bridge import __version__
-from bridge.config import HttpConfig, Settings
+from bridge.config import ConfigError, HttpConfig, Settings, load_config
 from bridge.envelope import Event
 from bridge.http import serve_http
 from bridge.logs import Redactor
 from bridge.market import STALE_SCAN_MAX_S, STATUS_KIND, MarketState
 from bridge.metrics import Metrics
 from bridge.normalize import TICKER_EVENT, Normalizer
+from bridge.reload import (
+    ConfigWatcher,
+    ReloadOutcome,
+    restart_needed,
+    same_sink,
+    symbol_diff,
+)
 from bridge.routing import Router
 from bridge.runner import DISPATCH_CHUNK, SinkWorker
 from bridge.sinks import Sink
@@ -137,11 +145,12 @@ class Bridge:
             name: SinkWorker(spec, (sinks or {}).get(name), self.metrics.observe_publish)
             for name, spec in settings.sinks.items()
         }
-        for name, spec in settings.sinks.items():
-            dead_letter = spec.common.dead_letter
-            if dead_letter is not None and dead_letter in self.workers:
-                self.workers[name].dead_letter = self.workers[dead_letter]
+        _link_dead_letters(settings, self.workers)
         self.router: Router = Router(settings.routes, self.workers)
+        #: configuration reloads, by result (``aleno_bridge_config_reloads_total``)
+        self.reloads: dict[str, int] = {}
+        self._reload_lock = asyncio.Lock()
+        self._retiring: set[asyncio.Task[Any]] = set()
         self.source: AlenoSource | None = None
         if with_source:
             key = settings.api_key.get_secret_value() if settings.api_key else None
@@ -158,6 +167,8 @@ class Bridge:
         if self.source is not None:
             self.source.on_link = self.market.link
         self._stale_watch: asyncio.Task[None] | None = None
+        #: the control surface (``/v1/`` and the NATS service)
+        self.control: Any = None
         #: events dropped between the receive loop and the router, by reason
         #: (``intake_full``, ``shutdown``)
         self.pipeline_dropped: dict[str, int] = {}
@@ -340,7 +351,6 @@ class Bridge:
         the CPU. Meanwhile newer payloads queue up in the intake, where the oldest are
         shed whole when it is full (:meth:`_admit`).
         """
-        dispatch = self.router.dispatch
         intake = self._intake
         observe = self.market.observe
         while True:
@@ -388,6 +398,8 @@ class Bridge:
                         for ev in events:
                             tap(ev)
                     routed = 0
+                    # read per chunk: a reload swaps the router between two chunks
+                    dispatch = self.router.dispatch
                     try:
                         for ev in events:
                             waiters = dispatch(ev)
@@ -427,6 +439,116 @@ class Bridge:
         """Wait until every queued upstream batch has been routed (for tests and drain)."""
         await self._intake_idle.wait()
 
+    # -- reload -------------------------------------------------------------------
+
+    async def reload_file(self, path: str) -> ReloadOutcome:
+        """Read, validate and apply the configuration file at ``path`` (SIGHUP and the
+        file watch call this); see :mod:`bridge.reload`."""
+        try:
+            new = load_config(path)
+        except ConfigError as exc:
+            self._count_reload("invalid")
+            log.error("configuration reload refused, the running configuration stays: %s",
+                      self.redact(str(exc)), extra={"reload": "invalid",
+                                                    "problems": exc.problems})
+            return ReloadOutcome("invalid", message=str(exc))
+        return await self.reload(new)
+
+    async def reload(self, new: Settings) -> ReloadOutcome:
+        """Apply ``new`` to the running bridge, or refuse it whole (see
+        :mod:`bridge.reload`). Reloads run one at a time."""
+        async with self._reload_lock:
+            try:
+                outcome = await self._reload(new)
+            except Exception as exc:
+                log.exception("configuration reload failed")
+                outcome = ReloadOutcome("failed", message=f"{type(exc).__name__}: {exc}")
+            self._count_reload(outcome.result)
+            return outcome
+
+    def _count_reload(self, result: str) -> None:
+        self.reloads[result] = self.reloads.get(result, 0) + 1
+
+    async def _reload(self, new: Settings) -> ReloadOutcome:
+        old = self.settings
+        blocked = restart_needed(old, new)
+        if blocked:
+            msg = ("configuration reload refused: " + ", ".join(blocked)
+                   + " changed, which needs a restart; the running configuration stays")
+            log.error(msg, extra={"reload": "refused", "needs_restart": blocked})
+            return ReloadOutcome("refused", blocked, msg)
+        changes: list[str] = []
+        # secrets of the old sinks stay redacted while those drain
+        self.redact = Redactor([*old.secrets(), *new.secrets()])
+        # sinks: unchanged ones stay, new and changed ones are built and started first
+        workers: dict[str, SinkWorker] = {}
+        retired: list[SinkWorker] = []
+        for name, spec in new.sinks.items():
+            current = self.workers.get(name)
+            if current is not None and same_sink(current.spec, spec):
+                workers[name] = current
+                continue
+            workers[name] = SinkWorker(spec, None, self.metrics.observe_publish)
+            workers[name].start()
+            changes.append(f"sink {name} " + ("replaced" if current is not None else "added"))
+            if current is not None:
+                retired.append(current)
+        for name, current in self.workers.items():
+            if name not in new.sinks:
+                retired.append(current)
+                changes.append(f"sink {name} removed")
+        _link_dead_letters(new, workers)
+        router = Router(new.routes, workers)
+        if [r.model_dump() for r in old.routes] != [r.model_dump() for r in new.routes]:
+            changes.append("routes")
+        # the swap: the dispatcher reads the router once per chunk
+        self.workers = workers
+        self._elastic = [w for w in workers.values() if w.policy != "block"]
+        self.router = router
+        self.settings = new
+        self.market.stale_after_s = new.config.source.symbol_stale_after_s
+        self.market.set_interval(new.config.source.update_interval_s)
+        for w in retired:
+            self._retire(w)
+        diff = symbol_diff(old.config, new.config)
+        if diff:
+            changes += diff.describe()
+            await self._apply_symbols(diff.added, diff.removed)
+        if not changes:
+            log.info("configuration reloaded: nothing changed", extra={"reload": "unchanged"})
+            return ReloadOutcome("unchanged")
+        log.info("configuration reloaded: %s", "; ".join(changes),
+                 extra={"reload": "applied", "changes": changes})
+        return ReloadOutcome("applied", changes)
+
+    async def _apply_symbols(self, added: Mapping[str, list[str]],
+                             removed: Mapping[str, list[str]]) -> None:
+        """Subscribe and unsubscribe on the live connection (no reconnect)."""
+        for kind, symbols in removed.items():
+            if symbols:
+                if self.source is not None:
+                    await self.source.unpin(kind, symbols)
+                self.last_values.forget(kind, symbols)
+        for kind, symbols in added.items():
+            if symbols and self.source is not None:
+                await self.source.pin(kind, symbols)
+
+    def _retire(self, worker: SinkWorker) -> None:
+        """Drain and close a sink that a reload replaced or removed, in the background."""
+        async def retire() -> None:
+            worker.begin_stop()
+            lost = await worker.stop(self.settings.config.shutdown_timeout_s)
+            if lost:
+                log.warning("sink %s (replaced by a reload): %d event(s) not delivered",
+                            worker.name, lost, extra={"sink": worker.name, "undelivered": lost})
+            else:
+                log.info("sink %s (replaced by a reload) drained and closed", worker.name,
+                         extra={"sink": worker.name})
+
+        task = asyncio.create_task(retire(), name=f"retire-{worker.name}")
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
     # -- read model -------------------------------------------------------------
 
     def snapshot(self) -> BridgeSnapshot:
@@ -440,6 +562,7 @@ class Bridge:
             overload=self._overload_snapshot(),
             sinks=tuple(w.snapshot() for w in self.workers.values()),
             market=self.market.snapshot(),
+            reloads=frozen_counts(self.reloads),
         )
 
     def _overload_snapshot(self) -> OverloadSnapshot:
@@ -607,6 +730,12 @@ class Bridge:
         return lost
 
 
+def _link_dead_letters(settings: Settings, workers: Mapping[str, SinkWorker]) -> None:
+    for name, spec in settings.sinks.items():
+        dead_letter = spec.common.dead_letter
+        workers[name].dead_letter = workers.get(dead_letter) if dead_letter else None
+
+
 def install_signals(stop: asyncio.Event) -> None:
     """Set ``stop`` on SIGINT and SIGTERM (where the loop supports signal handlers)."""
     loop = asyncio.get_running_loop()
@@ -615,8 +744,38 @@ def install_signals(stop: asyncio.Event) -> None:
             loop.add_signal_handler(sig, stop.set)
 
 
-async def serve(bridge: Bridge, stop: asyncio.Event | None = None) -> dict[str, int]:
+def _watch_config(bridge: Bridge, path: str) -> ConfigWatcher | None:
+    """SIGHUP reloads ``path``; so does a change of it when ``reload.watch`` is on."""
+    loop = asyncio.get_running_loop()
+    pending: set[asyncio.Task[Any]] = set()
+
+    def hangup() -> None:
+        log.info("SIGHUP: reloading %s", path)
+        task = asyncio.create_task(bridge.reload_file(path), name="reload")
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+
+    with contextlib.suppress(NotImplementedError, RuntimeError, AttributeError):
+        loop.add_signal_handler(signal.SIGHUP, hangup)
+    cfg = bridge.settings.config.reload
+    if not cfg.watch:
+        return None
+
+    async def changed() -> None:
+        log.info("%s changed: reloading", path)
+        await bridge.reload_file(path)
+
+    watcher = ConfigWatcher(Path(path), changed, cfg.debounce_s)
+    watcher.start()
+    return watcher
+
+
+async def serve(bridge: Bridge, stop: asyncio.Event | None = None,
+                config_path: str | None = None) -> dict[str, int]:
     """Run ``bridge`` until SIGINT/SIGTERM (or ``stop`` is set), then drain it.
+
+    With ``config_path`` (``aleno-bridge run``), SIGHUP reloads that file and, unless
+    ``reload.watch`` is off, so does a change of it (see :mod:`bridge.reload`).
 
     Serves the HTTP endpoints when the bridge does (:class:`Bridge`'s ``http``), tunes
     the garbage collector for the hot path and logs the start and the end. Returns
@@ -629,7 +788,14 @@ async def serve(bridge: Bridge, stop: asyncio.Event | None = None) -> dict[str, 
     tune_gc()
     log.info("aleno-bridge %s starting: %d sink(s), %d route(s)", __version__,
              len(bridge.workers), len(bridge.settings.routes))
-    lost = await bridge.run(stop)
+    watcher = None
+    if config_path is not None:
+        watcher = _watch_config(bridge, config_path)
+    try:
+        lost = await bridge.run(stop)
+    finally:
+        if watcher is not None:
+            await watcher.close()
     log.info("aleno-bridge stopped; undelivered events: %s", sum(lost.values()),
              extra={"undelivered": lost})
     return lost

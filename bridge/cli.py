@@ -144,7 +144,7 @@ def _run(args: argparse.Namespace) -> int:
         log.warning("insecure setting: %s", warning)
 
     async def run() -> int:
-        await serve(Bridge.from_settings(settings))
+        await serve(Bridge.from_settings(settings), config_path=str(args.config))
         return EXIT_OK
 
     return asyncio.run(run())

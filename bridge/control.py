@@ -18,8 +18,9 @@ The query
     comma-separated and/or repeated (``symbols=BTC/*&symbols=AAPL``), over NATS a JSON
     array (or one comma-separated string). Default: every symbol.
 ``after``
-    a cursor: the ``next`` of the previous page. Items come sorted by (kind, symbol);
-    a page starts after the cursor's (kind, symbol), so paging needs no server state
+    a cursor: the ``next`` of the previous page (``kind:SYMBOL``). Items come in a fixed
+    order (tickers, then equities, each by symbol); a page starts after the cursor's
+    (kind, symbol), so paging needs no server state
     and a page may be asked of any replica of the same shard.
 ``limit``
     at most this many items in the reply (default: no limit over HTTP).
@@ -41,8 +42,8 @@ The reply (``application/json``)
 
 ``event`` is the latest valid envelope of the symbol, byte for byte what a sink
 receives in ``cloudevents-json`` (``data.sentTimestampMs`` is the upstream send time).
-``ageMs`` is how long ago the bridge received it. Items are sorted by kind
-(``equity`` before ``ticker``), then symbol. A symbol that never updated since the
+``ageMs`` is how long ago the bridge received it. Items come tickers first, then
+equities, each sorted by symbol (code point order). A symbol that never updated since the
 bridge started is absent. The reply is spliced from the cached envelope bytes: no
 envelope is decoded or encoded again, so a full snapshot of 10,000 symbols takes a
 few milliseconds (``bench/snapshot.py``).
@@ -145,6 +146,8 @@ log = logging.getLogger("aleno_bridge.control")
 #: the envelope format a snapshot splices (what ``event`` holds)
 SNAPSHOT_FORMAT: Final = "cloudevents-json"
 KINDS: Final = ("ticker", "equity", "*")
+#: the order of the items: tickers, then equities, each sorted by symbol
+ORDER: Final = ("ticker", "equity")
 #: at most this many glob patterns per query, each at most this long (bounds the cost
 #: of one request)
 MAX_PATTERNS: Final = 256
@@ -345,13 +348,10 @@ class SnapshotReply:
     next: str | None
 
 
-_ITEM: Final = b'{"ageMs":%d,"event":%b}'
-_ITEM_OVERHEAD: Final = len(_ITEM % (0, b"")) - 1  # without the digits of ageMs
 
 
-def _key(value: LastValueView) -> tuple[str, str]:
-    ev = value.event
-    return ev.kind, ev.symbol
+def _symbol(value: LastValueView) -> str:
+    return value.event.symbol
 
 
 class Control:
@@ -398,51 +398,64 @@ class Control:
         """
         if isinstance(after, str):
             after = parse_cursor(after)
-        values = self._host.last_values.select(None if kind == "*" else kind,
-                                               list(symbols) if symbols is not None else None)
+        patterns = list(symbols) if symbols is not None else None
+        select = self._host.last_values.select
+        values: list[LastValueView] = []
+        for k in ORDER if kind in (None, "*") else (kind,):
+            if after is not None and ORDER.index(k) < ORDER.index(after[0]):
+                continue
+            chosen = select(k, patterns)
+            if after is not None and k == after[0]:
+                chosen = chosen[bisect.bisect_right(chosen, after[1], key=_symbol):]
+            values.extend(chosen)
         start = 0
-        if after is not None:
-            start = bisect.bisect_right(values, after, key=_key)
         end = len(values)
         if limit is not None:
             end = min(end, start + limit)
         shard = self.shard
         head = (b'{"shard":' + (b"null" if shard is None else b'{"index":%d,"count":%d}'
                                 % (shard.index, shard.count)) + b',"count":')
+        # the reply is one join of small constant pieces and the cached envelope bytes:
+        # [head+count+items-open] [age prefix, envelope, "},"] ... with the last "},"
+        # turned into "}" (measured: ~4 ms for 10,000 symbols, half of it the copy)
         now = time.monotonic()
-        items: list[bytes] = []
-        append = items.append
-        item = _ITEM
-        if max_bytes is None:
-            for i in range(start, end):
-                lv = values[i]
-                age = int((now - lv.received_monotonic) * 1000.0)
-                append(item % (age if age > 0 else 0, lv.event.encoded(SNAPSHOT_FORMAT).body))
-        else:
+        parts: list[bytes] = [b""]
+        extend = parts.extend
+        prefixes: dict[int, bytes] = {}
+        n = 0
+        budget = None if max_bytes is None else (
             # the count's digits are bounded by those of the whole selection
-            used = len(head) + len(str(end - start)) + len(b',"items":[')
-            for i in range(start, end):
-                lv = values[i]
-                age = int((now - lv.received_monotonic) * 1000.0)
-                piece = item % (age if age > 0 else 0, lv.event.encoded(SNAPSHOT_FORMAT).body)
-                ev = lv.event
+            max_bytes - len(head) - len(str(end - start)) - len(b',"items":['))
+        for i in range(start, end):
+            lv = values[i]
+            ev = lv.event
+            age = int((now - lv.received_monotonic) * 1000.0)
+            if age < 0:
+                age = 0
+            prefix = prefixes.get(age)
+            if prefix is None:
+                prefix = prefixes[age] = b'{"ageMs":%d,"event":' % age
+            body = ev.encoded(SNAPSHOT_FORMAT).body
+            if budget is not None:
+                size = len(prefix) + len(body) + 1 + (1 if n else 0)
                 tail = (len(b'],"next":null}') if i + 1 == len(values) else
                         len(b'],"next":}') + len(orjson.dumps(make_cursor(ev.kind, ev.symbol))))
-                need = used + len(piece) + (1 if items else 0)
-                if items and need + tail > max_bytes:
+                if n and size + tail > budget:
                     break
-                used = need
-                append(piece)
-        last = start + len(items)
+                budget -= size
+            extend((prefix, body, b"},"))
+            n += 1
+        if n:
+            parts[-1] = b"}"
+        parts[0] = head + str(n).encode() + b',"items":['
+        last = start + n
         cursor = None
-        if last < len(values) and items:
+        if n and last < len(values):
             ev = values[last - 1].event
             cursor = make_cursor(ev.kind, ev.symbol)
-        body = b"".join((
-            head, str(len(items)).encode(), b',"items":[', b",".join(items), b'],"next":',
-            b"null" if cursor is None else orjson.dumps(cursor), b"}",
-        ))
-        return SnapshotReply(body, len(items), cursor)
+        parts.append(b'],"next":null}' if cursor is None
+                     else b'],"next":' + orjson.dumps(cursor) + b"}")
+        return SnapshotReply(b"".join(parts), n, cursor)
 
 
 # -- the NATS door --------------------------------------------------------------------

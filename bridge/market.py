@@ -208,8 +208,7 @@ class MarketState:
         self.values = LastValues()
         self.emit = emit
         self.stale_after_s = stale_after_s
-        self.gap_ms = GAP_FACTOR * update_interval_s * 1000.0
-        self.interval_ms = int(update_interval_s * 1000)
+        self.set_interval(update_interval_s)
         self.source = source
         self._wanted = wanted
         self.stale = 0
@@ -220,6 +219,11 @@ class MarketState:
         self._down_at: float | None = None
         self._down_reason = ""
         self._last_sent_ms = 0
+
+    def set_interval(self, update_interval_s: float) -> None:
+        """The upstream cadence the gap detection expects (a reload may change it)."""
+        self.gap_ms = GAP_FACTOR * update_interval_s * 1000.0
+        self.interval_ms = int(update_interval_s * 1000)
 
     def snapshot(self) -> MarketSnapshot:
         return MarketSnapshot(len(self.values), self.stale, frozen_counts(self.counts))

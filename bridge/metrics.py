@@ -47,6 +47,7 @@ UPSTREAM_SECONDS_SINCE_UPDATE: Final = "aleno_bridge_upstream_seconds_since_upda
 LAST_VALUES: Final = "aleno_bridge_last_values"
 STALE_SYMBOLS: Final = "aleno_bridge_stale_symbols"
 STATUS_EVENTS: Final = "aleno_bridge_status_events"
+CONFIG_RELOADS: Final = "aleno_bridge_config_reloads"
 UPSTREAM_LAG_SECONDS: Final = "aleno_bridge_upstream_lag_seconds"
 EVENTS_RECEIVED: Final = "aleno_bridge_events_received"
 EVENTS_INVALID: Final = "aleno_bridge_events_invalid"
@@ -230,6 +231,12 @@ class SnapshotCollector(Collector):
             statuses.add_metric([status],
                                 market.status_events.get(status, 0) if market is not None else 0)
         yield statuses
+        reloads = CounterMetricFamily(CONFIG_RELOADS,
+                                      "Configuration reloads (SIGHUP or a change of the file), "
+                                      "by result.", labels=["result"])
+        for result in ("applied", "unchanged", "invalid", "refused", "failed"):
+            reloads.add_metric([result], snap.reloads.get(result, 0))
+        yield reloads
 
         state = GaugeMetricFamily(SINK_STATE, "1 for the current state of a sink.",
                                   labels=["sink", "driver", "state"])

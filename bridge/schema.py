@@ -81,11 +81,73 @@ class ShardConfig(_Model):
         return self
 
 
+class ApiKeyConfig(_Model):
+    """One of ``source.api_keys``: an API key of its own connection to the upstream.
+
+    ``name`` labels the connection in metrics, logs and ``/readyz`` (never the key).
+    ``limit``: the symbols (tickers and equities together) the upstream lets this key
+    subscribe; when unset, it is learned from the upstream's limit error.
+    """
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", min_length=1, max_length=64)
+    key: SecretStr | None = None
+    key_file: Path | None = None
+    limit: int | None = Field(None, ge=1)
+
+    @field_validator("key")
+    @classmethod
+    def _one_line_key(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is None:
+            return None
+        key = v.get_secret_value().removesuffix("\n").removesuffix("\r")
+        problem = key_problem(key) if key else "the key must not be empty"
+        if problem is not None:
+            raise ValueError(problem)
+        return SecretStr(key)
+
+    @model_validator(mode="after")
+    def _key_or_file(self) -> ApiKeyConfig:
+        if (self.key is None) == (self.key_file is None):
+            msg = "set key or key_file (exactly one)"
+            raise ValueError(msg)
+        return self
+
+
+class LeaseConfig(_Model):
+    """``source.leases``: symbols that consumers lease over the control surface.
+
+    A leased symbol is subscribed upstream while a lease on it lives, and unsubscribed
+    ``grace_s`` after its last lease ended unless the configuration pins it.
+    """
+
+    enabled: bool = False
+    #: the longest lease granted (a longer ``ttl_s`` is cut to this)
+    max_ttl_s: float = Field(300.0, gt=0)
+    #: the TTL of a lease that asks for none
+    default_ttl_s: float = Field(60.0, gt=0)
+    grace_s: float = Field(10.0, ge=0)
+    #: at most this many symbols held by the live leases of one holder (unset: no bound)
+    max_per_holder: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _default_within_max(self) -> LeaseConfig:
+        if self.default_ttl_s > self.max_ttl_s:
+            msg = (f"default_ttl_s ({self.default_ttl_s:g}) must not be longer than "
+                   f"max_ttl_s ({self.max_ttl_s:g})")
+            raise ValueError(msg)
+        return self
+
+
 class SourceConfig(_Model):
     url: str = "https://pricing.aleno.ai"
     path: str = "/v1/socket"
     api_key: SecretStr | None = None
     api_key_file: Path | None = None
+    #: several keys, one connection each; symbols are packed across them within each
+    #: key's limit (instead of api_key / api_key_file)
+    api_keys: list[ApiKeyConfig] | None = Field(None, min_length=1)
+    #: consumers' leases on symbols (off unless enabled)
+    leases: LeaseConfig = Field(default_factory=LeaseConfig)
     tickers: list[str] = Field(default_factory=list)
     equities: list[str] = Field(default_factory=list)
     #: reconnect when no update arrived for this long while subscribed
@@ -176,6 +238,26 @@ class SourceConfig(_Model):
         if self.api_key is not None and self.api_key_file is not None:
             msg = "set api_key or api_key_file, not both"
             raise ValueError(msg)
+        if self.api_keys is not None:
+            if self.api_key is not None or self.api_key_file is not None:
+                msg = "set api_key, api_key_file or api_keys, only one of them"
+                raise ValueError(msg)
+            names: dict[str, int] = {}
+            keys: dict[str, int] = {}
+            for i, k in enumerate(self.api_keys):
+                if k.name in names:
+                    msg = (f"api_keys[{i}].name: {k.name!r} is also the name of "
+                           f"api_keys[{names[k.name]}]")
+                    raise ValueError(msg)
+                names[k.name] = i
+                if k.key is not None:
+                    value = k.key.get_secret_value()
+                    if value in keys:
+                        # never quote the key
+                        msg = (f"api_keys[{i}].key: the same key as api_keys[{keys[value]}] "
+                               "(one connection per key)")
+                        raise ValueError(msg)
+                    keys[value] = i
         return self
 
     @property
@@ -371,6 +453,15 @@ class ControlConfig(_Model):
     nats: ControlNatsConfig | None = None
 
 
+class ReloadConfig(_Model):
+    """Hot reload: SIGHUP always reloads the configuration file; ``watch`` also
+    reloads when the file (or the directory holding it: a Kubernetes ConfigMap swaps a
+    symlink) changes, ``debounce_s`` after the last change."""
+
+    watch: bool = True
+    debounce_s: float = Field(1.0, ge=0, le=60)
+
+
 class LogConfig(_Model):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["auto", "json", "text"] = "auto"
@@ -384,6 +475,7 @@ class Config(_Model):
     routes: list[RouteConfig] = Field(default_factory=list)
     http: HttpConfig = Field(default_factory=HttpConfig)
     control: ControlConfig = Field(default_factory=ControlConfig)
+    reload: ReloadConfig = Field(default_factory=ReloadConfig)
     log: LogConfig = Field(default_factory=LogConfig)
     shutdown_timeout_s: float = Field(10.0, ge=0)
     #: events received but not yet routed, at most (a ``block`` sink that is behind
@@ -402,6 +494,7 @@ __all__ = [
     "HttpConfig",
     "LogConfig",
     "Match",
+    "ReloadConfig",
     "RetryConfig",
     "RouteConfig",
     "ShardConfig",

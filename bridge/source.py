@@ -367,8 +367,14 @@ class AlenoSource:
         return frozenset(self.stats.subscribed.get(kind, ()))
 
     def upstream_count(self) -> int:
-        """Symbols of every kind subscribed upstream now, by the last acknowledgements."""
-        return sum(len(self.upstream_subscribed(kind)) for kind in _EVENTS)
+        """Symbols of every kind subscribed upstream by the last acknowledgements of the
+        current (or last) connection."""
+        return sum(len(v) for v in self.stats.subscribed.values())
+
+    @property
+    def live(self) -> bool:
+        """The desired set is subscribed on an open connection: a change goes out now."""
+        return self._live is not None
 
     def _set_desired(self, kind: str, add: Iterable[str] = (),
                      remove: Iterable[str] = ()) -> None:

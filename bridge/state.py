@@ -16,7 +16,7 @@ This module imports nothing of the bridge: every other module may depend on it.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from types import MappingProxyType
 from typing import Any
@@ -209,6 +209,8 @@ class BridgeSnapshot:
     #: ``None`` where a snapshot is built by hand (tests)
     overload: OverloadSnapshot | None = None
     market: MarketSnapshot | None = None
+    #: configuration reloads so far, by result (:data:`bridge.reload.RESULTS`)
+    reloads: Mapping[str, int] = field(default_factory=dict)
 
 
 def readiness(snap: BridgeSnapshot,

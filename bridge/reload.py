@@ -1,0 +1,183 @@
+"""Hot reload: a new configuration applied to a running bridge, or refused whole.
+
+What triggers it: SIGHUP, and (``reload.watch``, on by default) a change of the
+configuration file. The directory holding the file is watched (watchfiles), not the
+file: Kubernetes updates a ConfigMap volume by swapping a ``..data`` symlink, which
+never writes the file itself. Changes are debounced (``reload.debounce_s``) and a
+file whose content did not change is not reloaded.
+
+What a reload does (:meth:`bridge.app.Bridge.reload`):
+
+1. the whole file is read and validated as at start-up, drivers included; an invalid
+   one is refused with every problem and its path in the log, and nothing changes;
+2. a change that needs a restart (:func:`restart_needed`: the upstream URL, path or
+   keys, TLS, sharding, the HTTP server, the control surface, the log settings, the
+   intake size) refuses the reload with a message naming what changed;
+3. otherwise the symbols are changed with ``subscribe_*`` / ``unsubscribe_*`` on the
+   live connection (no reconnect, no gap on the symbols that stay), new and changed
+   sinks are built and started, the routes are swapped between two dispatch chunks
+   (never in the middle of an event's targets), and the sinks that were replaced or
+   removed are drained and closed in the background; unchanged sinks are untouched.
+
+Every outcome is counted: ``aleno_bridge_config_reloads_total{result}`` with result
+``applied``, ``unchanged``, ``invalid``, ``refused`` or ``failed``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from bridge.config import Config, Settings, SinkSpec
+
+log = logging.getLogger("aleno_bridge.reload")
+
+RESULTS: Final = ("applied", "unchanged", "invalid", "refused", "failed")
+#: source keys a reload may change (the rest of ``source`` needs a restart)
+HOT_SOURCE_KEYS: Final = frozenset({
+    "tickers", "equities", "symbol_stale_after_s", "update_interval_s", "leases",
+})
+#: top-level sections a reload applies (the others need a restart)
+HOT_SECTIONS: Final = frozenset({"source", "sinks", "routes", "shutdown_timeout_s", "reload"})
+
+
+@dataclass(frozen=True)
+class ReloadOutcome:
+    """What one reload did: ``result`` (one of :data:`RESULTS`) and, in words, each
+    change applied or the reason it was refused."""
+
+    result: str
+    changes: list[str] = field(default_factory=list)
+    message: str = ""
+
+
+def _dump(model: Any) -> Any:
+    # secrets compare by value (SecretStr equality), and never leave this function
+    return model.model_dump() if hasattr(model, "model_dump") else model
+
+
+def restart_needed(old: Settings, new: Settings) -> list[str]:
+    """The changed settings a running bridge cannot apply (paths, never values)."""
+    out: list[str] = []
+    o_src, n_src = _dump(old.config.source), _dump(new.config.source)
+    for key in sorted(set(o_src) | set(n_src)):
+        if key not in HOT_SOURCE_KEYS and o_src.get(key) != n_src.get(key):
+            out.append(f"source.{key}")
+    if old.api_key != new.api_key and "source.api_key" not in out \
+            and "source.api_key_file" not in out:
+        out.append("source.api_key_file (the key in the file changed)")
+    for name in type(old.config).model_fields:
+        if name in HOT_SECTIONS:
+            continue
+        if _dump(getattr(old.config, name)) != _dump(getattr(new.config, name)):
+            out.append(name)
+    return out
+
+
+def same_sink(a: SinkSpec, b: SinkSpec) -> bool:
+    """Whether a sink's configuration is unchanged (driver, common keys, options)."""
+    return (a.driver is b.driver and a.common.model_dump() == b.common.model_dump()
+            and a.options.model_dump() == b.options.model_dump())
+
+
+@dataclass(frozen=True)
+class SymbolDiff:
+    """Symbols to subscribe and to unsubscribe, per kind."""
+
+    added: dict[str, list[str]]
+    removed: dict[str, list[str]]
+
+    def __bool__(self) -> bool:
+        return any(self.added.values()) or any(self.removed.values())
+
+    def describe(self) -> list[str]:
+        out = []
+        for kind in ("ticker", "equity"):
+            if self.added.get(kind):
+                out.append(f"+{len(self.added[kind])} {kind}(s)")
+            if self.removed.get(kind):
+                out.append(f"-{len(self.removed[kind])} {kind}(s)")
+        return out
+
+
+def symbol_diff(old: Config, new: Config) -> SymbolDiff:
+    """The configured (pinned) symbols added and removed, in the new file's order."""
+    added: dict[str, list[str]] = {}
+    removed: dict[str, list[str]] = {}
+    for kind, o, n in (("ticker", old.source.tickers, new.source.tickers),
+                       ("equity", old.source.equities, new.source.equities)):
+        o_set, n_set = set(o), set(n)
+        added[kind] = [s for s in n if s not in o_set]
+        removed[kind] = [s for s in o if s not in n_set]
+    return SymbolDiff(added, removed)
+
+
+def file_digest(path: Path) -> str | None:
+    """The SHA-256 of the file's content (through symlinks), or ``None`` if unreadable."""
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+class ConfigWatcher:
+    """Calls ``on_change()`` when the content of ``path`` changes (debounced), until
+    :meth:`close`. Watches the directory, so symlink swaps are seen."""
+
+    def __init__(self, path: Path, on_change: Callable[[], Awaitable[Any]],
+                 debounce_s: float = 1.0) -> None:
+        self.path = path
+        self.on_change = on_change
+        self.debounce_s = debounce_s
+        self.digest = file_digest(path)
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="config-watch")
+
+    async def _run(self) -> None:
+        from watchfiles import awatch  # imported here: only a running bridge watches
+
+        directory = self.path.absolute().parent
+        debounce_ms = int(self.debounce_s * 1000)
+        try:
+            async for _ in awatch(directory, stop_event=self._stop, debounce=max(debounce_ms, 50),
+                                  step=50, recursive=False, ignore_permission_denied=True):
+                digest = file_digest(self.path)
+                if digest is None or digest == self.digest:
+                    continue
+                self.digest = digest
+                try:
+                    await self.on_change()
+                except Exception:
+                    log.exception("reloading %s failed", self.path)
+        except Exception as exc:  # a watch that cannot run leaves SIGHUP working
+            log.warning("cannot watch %s for changes (%s: %s); reload with SIGHUP",
+                        directory, type(exc).__name__, exc)
+
+    async def close(self) -> None:
+        self._stop.set()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+
+
+__all__ = [
+    "HOT_SOURCE_KEYS",
+    "RESULTS",
+    "ConfigWatcher",
+    "ReloadOutcome",
+    "SymbolDiff",
+    "file_digest",
+    "restart_needed",
+    "same_sink",
+    "symbol_diff",
+]
