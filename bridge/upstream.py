@@ -384,6 +384,8 @@ class UpstreamPool:
             out[s] = r
             if r.held:
                 self._owner[(kind, s)] = conn
+                if s in self.unplaced[kind]:
+                    self.unplaced[kind] = self.unplaced[kind] - {s}
             else:
                 self._owner.pop((kind, s), None)
         if limited:

@@ -434,19 +434,7 @@ class NatsSink(Sink[NatsOptions]):
         return f"{type(exc).__name__}: {exc}"
 
     async def _ensure_stream(self, nc: Client, stream: StreamOptions) -> None:
-        config = StreamConfig(
-            name=stream.name,
-            subjects=list(stream.subjects),
-            max_age=stream.max_age_s,
-            duplicate_window=stream.duplicate_window_s,
-            storage=StorageType.FILE if stream.storage == "file" else StorageType.MEMORY,
-            # unset, these are the server's defaults (-1: no per-subject limit; no
-            # direct get), so a stream created before the options existed still
-            # compares equal and connect stays a no-op for it
-            max_msgs_per_subject=(-1 if stream.max_msgs_per_subject is None
-                                  else stream.max_msgs_per_subject),
-            allow_direct=stream.allow_direct or None,
-        )
+        config = stream_config(stream)
         try:
             await nc.jsm(timeout=self._flush_timeout_s).add_stream(config)
         except nats.js.errors.APIError as exc:
@@ -653,6 +641,23 @@ class NatsSink(Sink[NatsOptions]):
                 msg += (" (is the stream's leader available? JetStream acks also need "
                         "subscribe permission on _INBOX.>)")
         raise SinkConnectionError(self.name, msg)
+
+
+def stream_config(stream: StreamOptions) -> StreamConfig:
+    """The JetStream configuration the sink creates ``stream`` with."""
+    return StreamConfig(
+        name=stream.name,
+        subjects=list(stream.subjects),
+        max_age=stream.max_age_s,
+        duplicate_window=stream.duplicate_window_s,
+        storage=StorageType.FILE if stream.storage == "file" else StorageType.MEMORY,
+        # unset, these are the server's defaults (-1: no per-subject limit; no
+        # direct get), so a stream created before the options existed still
+        # compares equal and connect stays a no-op for it
+        max_msgs_per_subject=(-1 if stream.max_msgs_per_subject is None
+                              else stream.max_msgs_per_subject),
+        allow_direct=stream.allow_direct or None,
+    )
 
 
 def _is_permission(exc: BaseException) -> bool:

@@ -374,6 +374,23 @@ def test_config_checksum_follows_the_config(chart: Any) -> None:
     assert unrelated.checksum == base.checksum
 
 
+def test_hot_config_reload_does_not_roll_the_pods(chart: Any) -> None:
+    hot = render(chart, {"configReload": "hot"})
+    annotations = hot.workload["spec"]["template"]["metadata"]["annotations"]
+    assert "checksum/config" not in annotations
+    assert annotations["aleno.ai/config-reload"] == "hot"
+    check_k8s(hot.workload)
+    changed = render(chart, {"configReload": "hot",
+                             "config": {"source": {"tickers": ["BTC/USD", "SOL/USD"]}}})
+    assert changed.workload["spec"]["template"] == hot.workload["spec"]["template"]
+    assert changed.all("ConfigMap") != hot.all("ConfigMap")
+    # the config is mounted as a directory (no subPath), so the kubelet's updates reach it
+    mounts = hot.container["volumeMounts"]
+    assert all("subPath" not in m for m in mounts)
+    with pytest.raises(helm.HelmValuesError):
+        chart.validate_schema({"configReload": "sometimes"})
+
+
 # ---------------------------------------------------------------------------
 # the schema rejects bad values at install time
 

@@ -121,3 +121,33 @@ def test_headers_fast_path_matches_the_binding() -> None:
         want = [(k, v.encode())
                 for k, v in ce_headers(m, KAFKA_PREFIX, always_id=True).items()]
         assert headers(m) == want
+
+
+def test_topic_config_and_compact_options() -> None:
+    base = {"bootstrap_servers": "a:9092", "create_topics": True}
+    o = KafkaOptions.model_validate(base)
+    assert (o.topic_config, o.compact, o.topic_configs) == ({}, False, {})
+    o = KafkaOptions.model_validate({**base, "compact": True})
+    assert o.topic_configs == {"cleanup.policy": "compact"}
+    # YAML numbers and booleans are taken as Kafka writes them
+    o = KafkaOptions.model_validate({**base, "compact": True, "topic_config": {
+        "min.compaction.lag.ms": 0, "min.cleanable.dirty.ratio": 0.1, "preallocate": True}})
+    assert o.topic_configs == {"cleanup.policy": "compact", "min.compaction.lag.ms": "0",
+                               "min.cleanable.dirty.ratio": "0.1", "preallocate": "true"}
+    both = KafkaOptions.model_validate(
+        {**base, "compact": True, "topic_config": {"cleanup.policy": "compact,delete"}})
+    assert both.topic_configs == {"cleanup.policy": "compact,delete"}
+    bad: list[tuple[dict[str, Any], str]] = [
+        ({**base, "compact": True, "topic_config": {"cleanup.policy": "delete"}},
+         "remove one of them"),
+        ({"bootstrap_servers": "a:9092", "compact": True}, "set create_topics"),
+        ({"bootstrap_servers": "a:9092", "topic_config": {"retention.ms": "1"}},
+         "set create_topics"),
+        ({**base, "topic_config": {" ": "x"}}, "not a Kafka config name"),
+        ({**base, "topic_config": {"retention.ms": [1]}}, "topic_config"),
+    ]
+    for raw, why in bad:
+        with pytest.raises(ValidationError) as info:
+            KafkaOptions.model_validate(raw)
+        assert why in str(info.value), (raw, str(info.value))
+

@@ -86,3 +86,54 @@ def test_example_config_is_valid() -> None:
     mqtt = [s for s in settings.sinks.values() if s.driver is MqttSink]
     assert mqtt, "config/mqtt.yaml has no mqtt sink"
     assert isinstance(mqtt[0].options, MqttOptions)
+
+
+def _expiry_config(extra: str) -> str:
+    return f"""
+source: {{api_key: k, tickers: [BTC/USD]}}
+sinks:
+  bus: {{driver: mqtt, host: 127.0.0.1, retain: true{extra}}}
+routes:
+  - sinks: [bus]
+    topic: "aleno/{{kind}}/{{base}}/{{quote}}"
+"""
+
+
+def test_message_expiry_option() -> None:
+    assert MqttOptions.model_validate({"host": "b"}).message_expiry_s is None
+    assert MqttOptions.model_validate({"host": "b", "message_expiry_s": 30}).message_expiry_s == 30
+    for bad in (0, -1, 2**32, 1.5, "soon"):
+        with pytest.raises(ValidationError) as info:
+            MqttOptions.model_validate({"host": "b", "message_expiry_s": bad})
+        assert "message_expiry_s" in str(info.value), bad
+    # MQTT 3.1.1 has no message expiry: a config error at the option's own path
+    with pytest.raises(ConfigError) as err:
+        parse_config(_expiry_config(', protocol: "3.1.1", message_expiry_s: 30'), env={})
+    assert "sinks.bus.message_expiry_s: needs protocol 5" in str(err.value)
+    ok = parse_config(_expiry_config(", message_expiry_s: 30"), env={})
+    assert ok.sinks["bus"].options.message_expiry_s == 30  # type: ignore[attr-defined]
+
+
+def test_message_expiry_is_a_publish_property_of_every_message() -> None:
+    from bridge.sinks import Message
+    from bridge.testing.sample import messages, sample_events
+
+    (ev,) = sample_events(1, 1)
+    structured = messages([ev], "t")[0]
+    enc = ev.encoded("cloudevents-binary")
+    binary = Message("t", None, enc.body, enc.content_type, ev, enc.attributes)
+    with_expiry = MqttSink("bus", MqttOptions.model_validate({"host": "b",
+                                                             "message_expiry_s": 90}))
+    without = MqttSink("bus", MqttOptions.model_validate({"host": "b"}))
+    for m in (structured, binary):
+        props = with_expiry._properties(m)
+        assert props is not None and props.MessageExpiryInterval == 90
+        assert props.ContentType == m.content_type
+        plain = without._properties(m)
+        assert plain is not None and not hasattr(plain, "MessageExpiryInterval")
+    # the hot path: messages without user properties share one pre-packed object
+    first = with_expiry._properties(structured)
+    assert first is with_expiry._properties(structured)
+    assert first is not None and b"\x02\x00\x00\x00\x5a" in first.pack()  # id 2, 90 s
+    v311 = MqttSink("bus", MqttOptions.model_validate({"host": "b", "protocol": "3.1.1"}))
+    assert v311._properties(structured) is None

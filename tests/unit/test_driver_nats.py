@@ -125,3 +125,43 @@ def test_creds_need_the_nkeys_package(tmp_path: Path) -> None:
         with pytest.raises(ValidationError) as info:
             NatsOptions.model_validate({"servers": "nats://a:4222", option: str(tmp_path / "x")})
         assert "pip install nkeys" in str(info.value)
+
+
+def test_stream_last_value_options_reach_the_stream_config() -> None:
+    from aleno_bridge_plugins.nats_sink import StreamOptions, stream_config
+
+    plain = StreamOptions.model_validate({"name": "PRICES", "subjects": ["prices.>"]})
+    assert (plain.max_msgs_per_subject, plain.allow_direct) == (None, False)
+    # unset: the server's defaults, so a stream made before these options is unchanged
+    assert stream_config(plain).max_msgs_per_subject == -1
+    assert "allow_direct" not in stream_config(plain).as_dict()
+    last = StreamOptions.model_validate({"name": "PRICES", "subjects": ["prices.>"],
+                                         "max_msgs_per_subject": 1, "allow_direct": True})
+    config = stream_config(last).as_dict()
+    assert config["max_msgs_per_subject"] == 1 and config["allow_direct"] is True
+    assert config["name"] == "PRICES" and config["subjects"] == ["prices.>"]
+    for bad in ({"max_msgs_per_subject": 0}, {"max_msgs_per_subject": -1},
+                {"allow_direct": "sometimes"}):
+        with pytest.raises(ValidationError):
+            StreamOptions.model_validate({"name": "S", "subjects": ["a.>"], **bad})
+
+
+def test_stream_last_value_options_in_a_config_file() -> None:
+    text = """
+source: {api_key: k, tickers: [BTC/USD]}
+sinks:
+  bus:
+    driver: nats
+    servers: nats://127.0.0.1:4222
+    jetstream: true
+    stream: {name: PRICES, subjects: ["prices.>"], max_msgs_per_subject: 1,
+             allow_direct: true}
+routes: [{sinks: [bus], topic: "prices.{kind}.{symbol}"}]
+"""
+    opts = parse_config(text, env={}).sinks["bus"].options
+    assert isinstance(opts, NatsOptions) and opts.stream is not None
+    assert opts.stream.max_msgs_per_subject == 1 and opts.stream.allow_direct
+    with pytest.raises(ConfigError) as info:
+        parse_config(text.replace("max_msgs_per_subject: 1", "max_msgs_per_subject: 0"),
+                     env={})
+    assert "sinks.bus.stream.max_msgs_per_subject" in str(info.value)

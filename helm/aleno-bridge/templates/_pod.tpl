@@ -14,7 +14,11 @@ metadata:
     {{- toYaml . | nindent 4 }}
     {{- end }}
   annotations:
+    {{- if eq .Values.configReload "roll" }}
     checksum/config: {{ include (print $.Template.BasePath "/configmap.yaml") . | sha256sum }}
+    {{- else }}
+    aleno.ai/config-reload: hot
+    {{- end }}
     {{- if and .Values.secrets (not .Values.existingSecret) }}
     checksum/secret: {{ include (print $.Template.BasePath "/secret.yaml") . | sha256sum }}
     {{- end }}
