@@ -192,15 +192,13 @@ async def bench(args: argparse.Namespace) -> int:
             own_door = await start_nats_control(bridge.control, cfg, bridge.redact)
         task = asyncio.create_task(bridge.run(stop))
         start = time.monotonic()
-        while len(bridge.last_values) < args.symbols:
+        while len(bridge.last_values) < args.symbols or bridge.http_port is None:
             if task.done():
                 task.result()
             if time.monotonic() - start > 60:
                 msg = f"the cache holds {len(bridge.last_values)} of {args.symbols} symbols"
                 raise RuntimeError(msg)
             await asyncio.sleep(0.2)
-        while bridge.http_port is None:
-            await asyncio.sleep(0.05)
         await asyncio.sleep(2.0)  # warm: steady flow
         http_url = f"http://127.0.0.1:{bridge.http_port}/v1/snapshot"
         phases: dict[str, dict[str, int]] = {}
@@ -255,7 +253,8 @@ def _report(args: argparse.Namespace, phases: dict[str, dict[str, int]],
         print(f"{phase:<9} {c['received']:>9} {c['published']:>10} {ratio:>9.4f} "
               f"{c['intake_shed']:>12} {c['sink_dropped']:>13}")
     print("(received: upstream records the bridge took in during the phase; published: "
-          "what the sink accepted; a few in flight at a phase edge move pub/recv by <1%)")
+          "what the sink accepted; one upstream tick in flight at a phase edge moves "
+          "pub/recv by up to one tick's share; the drop counters are exact)")
 
 
 def main(argv: list[str] | None = None) -> int:

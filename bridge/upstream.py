@@ -250,6 +250,11 @@ class UpstreamPool:
         conn = self._owner.get((kind, symbol.strip().upper()))
         return conn.source if conn is not None else None
 
+    @property
+    def pending_moves(self) -> int:
+        """Moves of symbols refused by a connection's limit to the others, still running."""
+        return len(self._tasks)
+
     def subscribed(self) -> dict[str, frozenset[str]]:
         """What the upstream's last acknowledgements say is subscribed, across every
         open connection, by kind."""

@@ -354,6 +354,8 @@ class KafkaSink(Sink[KafkaOptions]):
         self._created: set[str] = set()
         #: aiokafka's default partitioner: murmur2 of the key, as ``send()`` does
         self._partitioner = DefaultPartitioner()
+        #: the topics this sink creates are compacted: every record needs a key
+        self._compacted = "compact" in options.topic_configs.get("cleanup.policy", "").split(",")
 
     @property
     def _timeout_s(self) -> float:
@@ -521,7 +523,16 @@ class KafkaSink(Sink[KafkaOptions]):
                     sorted(cluster.partitions_for_topic(topic) or ()),
                     sorted(cluster.available_partitions_for_topic(topic) or ()),
                 )
-            key = None if m.key is None else m.key.encode()
+            if m.key is None:
+                if self._compacted:
+                    # Kafka refuses it too, but as INVALID_RECORD (87), which aiokafka
+                    # does not know: resending would fail forever
+                    refused.add(m, "a compacted topic needs a record key; give the route "
+                               "a key (default {symbol})")
+                    continue
+                key = None
+            else:
+                key = m.key.encode()
             hdrs = headers(m)
             size = DefaultRecordBatchBuilder.estimate_size_in_bytes(key, m.body, hdrs)
             if size > limit:
