@@ -42,7 +42,7 @@ def recipe() -> Callable[..., Any]:
     code = "\n".join(line[4:] for line in block.splitlines())
     code = code.replace("asyncio.run(main())", "")
     namespace: dict[str, Any] = {}
-    exec(compile(code, "bridge.control docstring", "exec"), namespace)  # noqa: S102
+    exec(compile(code, "bridge.control docstring", "exec"), namespace)
     fn: Callable[..., Any] = namespace["full_snapshot"]
     return fn
 

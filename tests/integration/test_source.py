@@ -196,3 +196,144 @@ async def test_readiness_needs_a_price_on_the_current_connection(
     assert not ok and checks["upstream"]["seconds_since_update"] is None, checks
     simulator.resume()
     await r.until(lambda: r.bridge.readiness()[0], 5)
+
+
+# -- a live symbol set on one connection ----------------------------------------------------
+
+
+def _stamps(got: list[tuple[str, Any]]) -> dict[str, list[int]]:
+    """symbol -> the sentTimestampMs of every record received for it, in order."""
+    out: dict[str, list[int]] = {}
+    for event, payload in got:
+        for rec in payload:
+            sym = rec.get("id") if event == "new_token_states" else rec.get("symbol")
+            out.setdefault(sym, []).append(rec["sentTimestampMs"])
+    return out
+
+
+async def test_100_symbols_added_live_cause_no_reconnect_and_no_missed_update() -> None:
+    from bridge.source import AlenoSource, SubscriptionStatus
+
+    interval = 0.25
+    async with Simulator(port=0, api_keys=[KEY], interval=interval, seed=1) as sim:
+        got: list[tuple[str, Any]] = []
+        s = settings(sim)
+        src = AlenoSource(s.config.source, KEY, lambda e, p: got.append((e, p)))
+        task = asyncio.create_task(src.run())
+        try:
+            deadline = time.monotonic() + 5
+            while not (src.flowing and len(got) >= 4):
+                assert time.monotonic() < deadline and not task.done()
+                await asyncio.sleep(0.02)
+            connects = sim.connects[KEY]
+            new_tickers = [t for t in sim.tickers if t not in src.tickers][:50]
+            new_equities = [e for e in sim.equities if e not in src.equities][:50]
+            await asyncio.sleep(interval * 2)
+            before_ack = len(got)
+            results = {**await src.subscribe("ticker", new_tickers),
+                       **await src.subscribe("equity", [e.lower() for e in new_equities])}
+            assert len(results) == 100
+            assert {r.status for r in results.values()} == {SubscriptionStatus.ACCEPTED}
+            assert "BTC/USD" in src.wanted["ticker"] and new_equities[0] in src.wanted["equity"]
+            tickers, equities = sim.subscriptions()[0]
+            assert tickers == {"BTC/USD", "ETH/USD", *new_tickers}
+            assert equities == {"AAPL", *new_equities}
+            # the new symbols flow on the same connection
+            deadline = time.monotonic() + 2.5
+            while not set(new_tickers + new_equities) <= set(_stamps(got[before_ack:])):
+                assert time.monotonic() < deadline, "new symbols did not arrive within 2.5s"
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(interval * 4)
+            assert sim.connects[KEY] == connects and src.stats.connects == 1
+            assert src.stats.reconnects == 0
+            # the symbols that stayed missed no update: no hole in their sent times
+            for sym, stamps in _stamps(got).items():
+                if sym in ("BTC/USD", "ETH/USD", "AAPL"):
+                    holes = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+                    assert max(holes) < 1.8 * interval * 1000, (sym, holes)
+            # and unsubscribing them live stops them on the same connection
+            gone = await src.unsubscribe("ticker", new_tickers[:25])
+            assert {r.status for r in gone.values()} == {SubscriptionStatus.ACCEPTED}
+            assert not set(new_tickers[:25]) & src.wanted["ticker"]
+            after = len(got)
+            assert sim.subscriptions()[0][0] == {"BTC/USD", "ETH/USD", *new_tickers[25:]}
+            await asyncio.sleep(interval * 3)
+            assert not set(new_tickers[:25]) & set(_stamps(got[after:]))
+            assert sim.connects[KEY] == connects
+        finally:
+            src.stop()
+            await asyncio.wait_for(task, 10)
+
+
+async def test_a_change_while_disconnected_is_pending_and_applied_on_connect() -> None:
+    from bridge.source import AlenoSource, SubscriptionStatus
+
+    sim = Simulator(port=0, api_keys=[KEY], interval=0.2)
+    await sim.start()
+    port = sim.port
+    got: list[tuple[str, Any]] = []
+    src = AlenoSource(settings(sim).config.source, KEY, lambda e, p: got.append((e, p)))
+    task = asyncio.create_task(src.run())
+    try:
+        deadline = time.monotonic() + 5
+        while not src.flowing:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        await sim.stop()
+        deadline = time.monotonic() + 5
+        while src.live:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        added = await src.subscribe("ticker", ["SOL/USD"])
+        removed = await src.unsubscribe("ticker", ["ETH/USD"])
+        assert added == {"SOL/USD": src_result(SubscriptionStatus.PENDING)}
+        assert removed == {"ETH/USD": src_result(SubscriptionStatus.PENDING)}
+        assert src.tickers == ["BTC/USD", "SOL/USD"]
+        sim = Simulator(port=port, api_keys=[KEY], interval=0.2)
+        await sim.start()
+        deadline = time.monotonic() + 10
+        while sim.subscriptions() != [({"BTC/USD", "SOL/USD"}, {"AAPL"})]:
+            assert time.monotonic() < deadline, sim.subscriptions()
+            await asyncio.sleep(0.05)
+    finally:
+        src.stop()
+        await asyncio.wait_for(task, 10)
+        await sim.stop()
+
+
+async def test_a_live_request_over_the_limit_changes_nothing_that_was_subscribed() -> None:
+    from bridge.source import LIMIT_MARK, AlenoSource, SubscriptionStatus
+
+    async with Simulator(port=0, api_keys=[KEY], limits={KEY: 5}, interval=0.2) as sim:
+        got: list[tuple[str, Any]] = []
+        src = AlenoSource(settings(sim).config.source, KEY, lambda e, p: got.append((e, p)))
+        task = asyncio.create_task(src.run())
+        try:
+            deadline = time.monotonic() + 5
+            while not src.live:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.02)
+            res = await src.subscribe("ticker", ["SOL/USD", "XRP/USD", "ADA/USD", "NOPE/USD"])
+            assert {s: r.status for s, r in res.items()} == {
+                "SOL/USD": SubscriptionStatus.LIMIT, "XRP/USD": SubscriptionStatus.LIMIT,
+                "ADA/USD": SubscriptionStatus.LIMIT, "NOPE/USD": SubscriptionStatus.REJECTED}
+            assert LIMIT_MARK in (res["SOL/USD"].error or "")
+            assert src.tickers == ["BTC/USD", "ETH/USD"]
+            assert "SOL/USD" not in src.wanted["ticker"]
+            assert sim.subscriptions() == [({"BTC/USD", "ETH/USD"}, {"AAPL"})]
+            fits = await src.subscribe("ticker", ["SOL/USD", "BTC/USD", "XRP/USD"])
+            assert {r.status for r in fits.values()} == {SubscriptionStatus.ACCEPTED}
+            n = len(got)
+            deadline = time.monotonic() + 3
+            while "XRP/USD" not in _stamps(got[n:]) or "BTC/USD" not in _stamps(got[n:]):
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+            assert src.stats.connects == 1
+        finally:
+            src.stop()
+            await asyncio.wait_for(task, 10)
+
+
+def src_result(status: Any) -> Any:
+    from bridge.source import SubscriptionResult
+    return SubscriptionResult(status)
