@@ -47,6 +47,7 @@ from prometheus_client import CollectorRegistry
 
 from bridge import __version__
 from bridge.config import ConfigError, HttpConfig, Settings, load_config
+from bridge.control import Control, NatsControl, start_nats_control
 from bridge.envelope import Event
 from bridge.http import serve_http
 from bridge.logs import Redactor
@@ -167,8 +168,8 @@ class Bridge:
         if self.source is not None:
             self.source.on_link = self.market.link
         self._stale_watch: asyncio.Task[None] | None = None
-        #: the control surface (``/v1/`` and the NATS service)
-        self.control: Any = None
+        #: the control surface (``/v1/`` on the HTTP server and the NATS service)
+        self.control: Control | None = Control(self)
         #: events dropped between the receive loop and the router, by reason
         #: (``intake_full``, ``shutdown``)
         self.pipeline_dropped: dict[str, int] = {}
@@ -623,6 +624,10 @@ class Bridge:
         http = await serve_http(self) if self.serves_http else None
         if http is not None:
             self.http_port = http.port
+        nats_control: NatsControl | None = None
+        control_cfg = self.settings.config.control.nats
+        if control_cfg is not None and self.control is not None:
+            nats_control = await start_nats_control(self.control, control_cfg, self.redact)
         tasks: set[asyncio.Task[Any]] = {asyncio.create_task(stop.wait(), name="stop")}
         source_task = None
         if self.source is not None:
@@ -635,6 +640,8 @@ class Bridge:
                 if t is not source_task:
                     t.cancel()
             lost = await self.shutdown(source_task)
+            if nats_control is not None:
+                await nats_control.close()
             if http is not None:
                 await http.cleanup()
         if source_task is not None and source_task.done() and not source_task.cancelled():

@@ -1,6 +1,8 @@
 """The control surface: what a client can ask a running bridge, behind two doors.
 
-Both doors call the same core function, :meth:`Control.snapshot`:
+Both doors call the same core functions: :meth:`Control.snapshot` (below) and the
+leases, :meth:`Control.lease` / :meth:`Control.renew` / :meth:`Control.release`
+("Leases" further down):
 
 * HTTP, on the bridge's HTTP server (:mod:`bridge.http`)::
 
@@ -113,6 +115,153 @@ nats-py (the ``shard`` of each first reply says how many shards to wait for)::
 
 (``tests/integration/test_control.py`` runs this very snippet against two shards.)
 
+Leases: symbols on demand
+-------------------------
+With ``source.leases.enabled: true`` a client leases symbols: the bridge subscribes
+them upstream (``subscribe_ticker`` / ``subscribe_equity`` on the open connection) for
+as long as a lease on them lives, and unsubscribes them ``source.leases.grace_s`` after
+the last one ended, unless the configuration pins them (:mod:`bridge.subscriptions`).
+Both doors call :meth:`Control.lease`, :meth:`Control.renew` and :meth:`Control.release`.
+
+The request (a JSON object; anything else is refused, naming the parameter):
+
+``kind``
+    ``ticker`` or ``equity`` (required).
+``symbols``
+    an array of exact symbols (no globs), at most 256; trimmed and upper-cased like
+    the upstream does.
+``ttl_s``
+    a positive number of seconds (default ``source.leases.default_ttl_s``; a longer
+    one is cut to ``max_ttl_s``: ``ttlS`` in the reply is what was granted).
+``holder``
+    who asks, at most 64 printable characters (``max_per_holder`` counts per holder).
+
+The reply (``subscribe`` and ``renew``)::
+
+    {"lease": "0.3f9a1c2e.6d1f...",      // null: no symbol held, nothing to renew
+     "kind": "ticker", "holder": "svc-a",
+     "ttlS": 60.0,                       // the TTL granted
+     "expiresInS": 59.998,               // null without a lease
+     "symbols": {"BTC/USD": {"status": "accepted", "error": null,
+                             "event": {<latest cloudevents-json envelope>}, "ageMs": 412},
+                 "NOPE/USD": {"status": "rejected", "error": "...", "event": null,
+                              "ageMs": null}},
+     "shard": {"index": 0, "count": 2}}  // null when the bridge is not sharded
+
+``status`` is what the upstream's acknowledgement said: ``accepted``; ``rejected``
+(the upstream does not support the symbol); ``limit`` (the API key's subscription
+limit: ``error`` holds the upstream's text, and nothing subscribed before moved);
+``error`` (another refusal, ``max_per_holder``, or a symbol of another shard:
+``"owned by shard 1 of 2"``); ``pending`` (the upstream is reconnecting: the symbol is
+subscribed on the next connect, and the lease holds it). The lease holds the
+``accepted`` and ``pending`` symbols. ``event`` is the symbol's latest envelope
+from the last-value cache (as in a snapshot), ``null`` until its first update arrived;
+the updates themselves flow through the routes like any other symbol's. A
+request whose every symbol was refused is answered all the same (HTTP 200,
+``"lease": null``): the per-symbol statuses are the answer.
+
+Errors, both doors, ``{"error": "...", "parameter": "<name>"|null}``: 400 malformed;
+404 no live lease of that id here (released, expired, never granted, or granted by
+another process); 409 leases are off (``source.leases.enabled`` is false).
+
+A lease id is ``<shard index>.<process>.<lease>`` (``0`` when not sharded): a lease
+lives in the memory of the process that granted it (a restart ends it), and the id
+says which. Renew before ``expiresInS`` runs out (every third of the TTL is a good
+pace); a renew that finds nothing (404, or no answer at all over NATS) means the lease
+is gone: lease again.
+
+The NATS endpoints of leases (same service, JSON bodies as above):
+
+``subscribe`` on ``<subject_prefix>.subscribe``
+    in the per-shard queue group like ``snapshot``: every shard receives the request
+    once and answers for the symbols it owns (``crc32(kind:SYMBOL) % count``, see
+    :mod:`bridge.sharding`); a shard that owns none of them stays silent. An unsharded
+    bridge always answers. So a client collects replies until every symbol it asked
+    for is answered, one lease per answering shard.
+``subscribe-shard`` on ``<subject_prefix>.subscribe.<index>`` (sharded bridges only)
+    shard ``<index>`` alone; symbols of other shards are answered ``error``,
+    ``"owned by shard N of M"`` (what the HTTP door does too: an HTTP request reaches
+    one pod, and the error says where to ask).
+``renew`` on ``<subject_prefix>.renew``, ``release`` on ``<subject_prefix>.release``
+    bodies ``{"lease": id, "ttl_s": 60}`` and ``{"lease": id}``; ``release`` answers
+    ``{"lease": id, "released": true}``. Unlike ``subscribe``,
+    every process receives these (each listens in a queue group of its own,
+    ``lease-<process>``) and only the process named in the id answers; the others stay
+    silent, so plain request/reply works whatever the shards and replicas.
+
+With replicas of a shard, one replica (the queue group's pick) grants a lease and
+subscribes its symbols; the others do not. If that replica goes, its leases go with
+it: the client's next renew is not answered, and leasing again reaches a live one.
+
+Leasing over every shard, renewing and releasing, with nats-py::
+
+    import asyncio, json
+    import nats
+
+    async def lease_all(nc, kind, symbols, ttl_s=60, holder="", prefix="aleno.bridge",
+                        timeout=5.0):
+        # lease `symbols` on whichever shards own them: ({symbol: answer}, [lease ids])
+        wanted = {s.strip().upper() for s in symbols}
+        body = json.dumps({"kind": kind, "symbols": sorted(wanted), "ttl_s": ttl_s,
+                           "holder": holder}).encode()
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox)
+        await nc.publish(f"{prefix}.subscribe", body, reply=inbox)
+        answers, leases = {}, []
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        try:
+            while not wanted <= answers.keys():
+                try:
+                    msg = await sub.next_msg(timeout=max(0.001, deadline - loop.time()))
+                except nats.errors.TimeoutError:
+                    missing = sorted(wanted - answers.keys())
+                    raise TimeoutError(f"no shard answered for {missing}") from None
+                if msg.headers and "Nats-Service-Error" in msg.headers:
+                    raise RuntimeError(msg.headers["Nats-Service-Error"])
+                reply = json.loads(msg.data)
+                answers.update(reply["symbols"])
+                if reply["lease"] is not None:
+                    leases.append(reply["lease"])
+        finally:
+            await sub.unsubscribe()
+        return answers, leases
+
+    async def renew_all(nc, leases, ttl_s=60, prefix="aleno.bridge", timeout=2.0):
+        # renew each lease; returns the ones that are gone (lease those symbols again)
+        gone = []
+        for lease in leases:
+            body = json.dumps({"lease": lease, "ttl_s": ttl_s}).encode()
+            try:
+                msg = await nc.request(f"{prefix}.renew", body, timeout=timeout)
+            except nats.errors.TimeoutError:
+                gone.append(lease)  # the process that granted it is gone
+                continue
+            if msg.headers and "Nats-Service-Error" in msg.headers:
+                gone.append(lease)  # 404: expired or released
+        return gone
+
+    async def release_all(nc, leases, prefix="aleno.bridge", timeout=2.0):
+        for lease in leases:
+            body = json.dumps({"lease": lease}).encode()
+            await nc.request(f"{prefix}.release", body, timeout=timeout)
+
+    async def main():
+        nc = await nats.connect("nats://127.0.0.1:4222")
+        answers, leases = await lease_all(nc, "ticker", ["BTC/USD", "ETH/USD"], ttl_s=30,
+                                          holder="svc-a")
+        for symbol, answer in sorted(answers.items()):
+            price = answer["event"]["data"]["price"] if answer["event"] else None
+            print(symbol, answer["status"], answer["error"] or "", price)
+        await asyncio.sleep(10)
+        print("gone:", await renew_all(nc, leases, ttl_s=30))
+        await release_all(nc, leases)
+        await nc.close()
+
+    asyncio.run(main())
+
+(``tests/integration/test_lease_doors.py`` runs this snippet against two shards.)
+
 The door has a connection of its own, independent of any NATS sink: nats-py
 reconnects it forever once it was made (the service's subscriptions come back with
 it); a bus unreachable at start-up is retried in the background with capped, jittered
@@ -127,8 +276,9 @@ import contextlib
 import logging
 import math
 import re
+import secrets
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
@@ -139,7 +289,10 @@ from bridge.backoff import Backoff
 from bridge.config import Settings
 from bridge.envelope import Event
 from bridge.schema import ControlNatsConfig, ShardConfig
+from bridge.sharding import shard_of
 from bridge.sinkkit import TlsFilesError, mask_secrets, tls_context
+from bridge.source import SubscriptionResult, SubscriptionStatus, normalize_symbols
+from bridge.subscriptions import LeaseError, LeaseNotFound, LeaseReply, Subscriptions
 
 log = logging.getLogger("aleno_bridge.control")
 
@@ -154,6 +307,20 @@ MAX_PATTERNS: Final = 256
 MAX_PATTERN_LEN: Final = 128
 #: the query parameters a snapshot accepts (both doors)
 PARAMETERS: Final = ("kind", "symbols", "after", "limit")
+#: the kinds a lease takes
+LEASE_KINDS: Final = ("ticker", "equity")
+#: the parameters of ``subscribe``, ``renew`` and ``release`` (JSON bodies)
+LEASE_PARAMETERS: Final = ("kind", "symbols", "ttl_s", "holder")
+RENEW_PARAMETERS: Final = ("lease", "ttl_s")
+RELEASE_PARAMETERS: Final = ("lease",)
+#: at most this many symbols per lease request, each at most this long
+MAX_LEASE_SYMBOLS: Final = 256
+MAX_SYMBOL_LEN: Final = 64
+MAX_HOLDER_LEN: Final = 64
+MAX_LEASE_ID_LEN: Final = 128
+#: the answer when the bridge takes no lease
+LEASES_OFF: Final = ("leases are off on this bridge (source.leases.enabled is false): "
+                     "only the configured symbols are subscribed")
 #: how long :meth:`NatsControl.close` waits for the service and connection to close
 CLOSE_TIMEOUT_S: Final = 2.0
 _SEMVER: Final = re.compile(r"^\d+\.\d+\.\d+(?:-[0-9A-Za-z.-]+)?(?:\+[0-9A-Za-z.-]+)?$")
@@ -178,6 +345,8 @@ class LastValuesView(Protocol):
     def select(self, kind: str | None = None,
                symbols: Sequence[str] | None = None) -> Sequence[LastValueView]: ...
 
+    def get(self, kind: str, symbol: str) -> LastValueView | None: ...
+
 
 class ControlHost(Protocol):
     """What :class:`Control` reads of a bridge (:class:`bridge.app.Bridge` is one).
@@ -191,21 +360,41 @@ class ControlHost(Protocol):
     @property
     def settings(self) -> Settings: ...
 
+    # ``subscriptions`` (:class:`bridge.subscriptions.Subscriptions` or ``None``): the
+    # leases; read with ``getattr`` so that a host without it answers "leases are
+    # off" (409) instead of failing.
+
 
 # -- the query ------------------------------------------------------------------------
 
 
-class QueryError(ValueError):
-    """A malformed query; ``parameter`` names the offending parameter."""
+class ControlError(Exception):
+    """A request the control surface refuses. ``status`` is the HTTP status (over NATS:
+    the ``Nats-Service-Error-Code`` header); ``parameter`` names the offending request
+    parameter, ``None`` when the request is well-formed but cannot be served."""
 
-    def __init__(self, parameter: str, message: str) -> None:
-        super().__init__(f"{parameter}: {message}")
+    status: int = 400
+
+    def __init__(self, message: str, parameter: str | None = None,
+                 status: int | None = None) -> None:
+        super().__init__(message)
         self.parameter = parameter
-        self.message = message
+        if status is not None:
+            self.status = status
 
     def body(self) -> bytes:
         """The JSON error body both doors send."""
         return orjson.dumps({"error": str(self), "parameter": self.parameter})
+
+
+class QueryError(ControlError, ValueError):
+    """A malformed query or request (400); ``parameter`` names the offending parameter."""
+
+    parameter: str
+
+    def __init__(self, parameter: str, message: str) -> None:
+        super().__init__(f"{parameter}: {message}", parameter, 400)
+        self.message = message
 
 
 @dataclass(frozen=True, slots=True)
@@ -336,6 +525,132 @@ def query_from_json(body: bytes) -> SnapshotQuery:
     return parse_query(doc.get("kind"), symbols, doc.get("after"), limit)
 
 
+# -- lease requests -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseRequest:
+    """A validated ``subscribe`` request (see "Leases" in the module docstring)."""
+
+    kind: str
+    #: upper-cased, trimmed, each once, in the order asked
+    symbols: tuple[str, ...]
+    #: ``None``: ``source.leases.default_ttl_s``
+    ttl_s: float | None = None
+    holder: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RenewRequest:
+    """A validated ``renew`` request."""
+
+    lease: str
+    ttl_s: float | None = None
+
+
+def _json_object(body: bytes, known: Sequence[str], *, empty: bool) -> dict[str, Any]:
+    """The JSON object of a request body, with only ``known`` keys (``empty``: an empty
+    body is the empty object)."""
+    if not body.strip():
+        if empty:
+            return {}
+        raise QueryError("body", "must be a JSON object")
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise QueryError("body", "must be a JSON object") from None
+    if not isinstance(doc, dict):
+        raise QueryError("body", "must be a JSON object")
+    for key in doc:
+        if key not in known:
+            raise QueryError(str(key)[:64], f"unknown parameter (known: {', '.join(known)})")
+    return doc
+
+
+def parse_ttl(value: object) -> float | None:
+    """``ttl_s``: a positive, finite number of seconds; ``None`` (absent) for the default."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not math.isfinite(value) or value <= 0:
+        raise QueryError("ttl_s", "must be a positive number of seconds")
+    return float(value)
+
+
+def parse_lease_id(value: object) -> str:
+    """``lease``: the ``lease`` of a ``subscribe`` reply."""
+    if not isinstance(value, str) or not value.strip():
+        raise QueryError("lease", "must be the 'lease' of a subscribe reply (a string)")
+    value = value.strip()
+    if len(value) > MAX_LEASE_ID_LEN or not value.isprintable():
+        raise QueryError("lease", f"must be printable and at most {MAX_LEASE_ID_LEN} "
+                         "characters")
+    return value
+
+
+def parse_lease(
+    kind: object = None,
+    symbols: object = None,
+    ttl_s: object = None,
+    holder: object = None,
+) -> LeaseRequest:
+    """Validate one ``subscribe`` request; raises :class:`QueryError` naming the
+    parameter. ``symbols`` is a list of exact symbols (no globs: a lease names what
+    is subscribed upstream)."""
+    if not isinstance(kind, str) or kind.strip().lower() not in LEASE_KINDS:
+        raise QueryError("kind", "must be ticker or equity")
+    if not isinstance(symbols, list):
+        raise QueryError("symbols", "must be an array of symbols, e.g. [\"BTC/USD\"]")
+    found: dict[str, None] = {}
+    for entry in symbols:
+        if not isinstance(entry, str):
+            raise QueryError("symbols", "must be strings")
+        symbol = entry.strip().upper()
+        if not symbol:
+            raise QueryError("symbols", "an empty symbol")
+        if len(symbol) > MAX_SYMBOL_LEN or not symbol.isprintable():
+            raise QueryError("symbols", f"a symbol must be printable and at most "
+                             f"{MAX_SYMBOL_LEN} characters")
+        if any(c in symbol for c in "*?[]"):
+            raise QueryError("symbols", f"{symbol[:MAX_SYMBOL_LEN]!r} is a pattern; a lease "
+                             "names exact symbols")
+        found[symbol] = None
+    if not found:
+        raise QueryError("symbols", "at least one symbol")
+    if len(found) > MAX_LEASE_SYMBOLS:
+        raise QueryError("symbols", f"at most {MAX_LEASE_SYMBOLS} symbols per lease")
+    if holder is None:
+        holder = ""
+    if not isinstance(holder, str) or len(holder) > MAX_HOLDER_LEN \
+            or not holder.isprintable():
+        raise QueryError("holder", f"must be a printable string of at most "
+                         f"{MAX_HOLDER_LEN} characters")
+    return LeaseRequest(kind.strip().lower(), tuple(found), parse_ttl(ttl_s), holder)
+
+
+def lease_from_json(body: bytes) -> LeaseRequest:
+    """The ``subscribe`` request of a JSON body (both doors)."""
+    doc = _json_object(body, LEASE_PARAMETERS, empty=False)
+    return parse_lease(doc.get("kind"), doc.get("symbols"), doc.get("ttl_s"),
+                       doc.get("holder"))
+
+
+def renew_from_json(body: bytes, lease: str | None = None) -> RenewRequest:
+    """The ``renew`` request of a JSON body. Over HTTP the lease is in the path
+    (``lease``) and the body holds ``ttl_s`` at most (it may be empty); over NATS
+    the body holds both."""
+    if lease is not None:
+        doc = _json_object(body, ("ttl_s",), empty=True)
+        return RenewRequest(parse_lease_id(lease), parse_ttl(doc.get("ttl_s")))
+    doc = _json_object(body, RENEW_PARAMETERS, empty=False)
+    return RenewRequest(parse_lease_id(doc.get("lease")), parse_ttl(doc.get("ttl_s")))
+
+
+def release_from_json(body: bytes) -> str:
+    """The lease of a NATS ``release`` request body (``{"lease": id}``)."""
+    return parse_lease_id(_json_object(body, RELEASE_PARAMETERS, empty=False).get("lease"))
+
+
 # -- the core function --------------------------------------------------------------
 
 
@@ -346,6 +661,22 @@ class SnapshotReply:
     body: bytes
     count: int
     next: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseAnswer:
+    """The answer to ``subscribe`` or ``renew``: ``body`` is the JSON reply."""
+
+    body: bytes
+    #: the lease id (``None``: no symbol held, nothing to renew)
+    lease: str | None
+    #: how many of the requested symbols this process answered for (the rest belong
+    #: to other shards); the broadcast NATS ``subscribe`` stays silent at 0
+    owned: int
+
+
+def _not_live(lease: str) -> str:
+    return f"no live lease {lease!r} (released, expired or never granted)"
 
 
 
@@ -364,6 +695,9 @@ class Control:
 
     def __init__(self, host: ControlHost) -> None:
         self._host = host
+        #: this process among the replicas: part of every lease id it grants, so
+        #: ``renew`` / ``release`` over NATS find the process that holds the lease
+        self.instance = secrets.token_hex(4)
 
     @property
     def shard(self) -> ShardConfig | None:
@@ -457,6 +791,147 @@ class Control:
                      else b'],"next":' + orjson.dumps(cursor) + b"}")
         return SnapshotReply(b"".join(parts), n, cursor)
 
+    # -- leases ---------------------------------------------------------------------
+
+    def check_leases(self) -> None:
+        """Raise :class:`ControlError` (409) when this bridge takes no lease."""
+        self._subscriptions()
+
+    def _subscriptions(self) -> Subscriptions:
+        subs: Subscriptions | None = getattr(self._host, "subscriptions", None)
+        if subs is None or not subs.config.enabled:
+            raise ControlError(LEASES_OFF, None, 409)
+        return subs
+
+    def owner(self, kind: str, symbol: str) -> int | None:
+        """The shard that owns ``symbol`` of ``kind``; ``None`` when not sharded."""
+        shard = self.shard
+        return None if shard is None else shard_of(kind, symbol, shard.count)
+
+    def lease_id(self, internal: str) -> str:
+        """The id a client sees: ``<shard index>.<process>.<lease>`` (see the module)."""
+        shard = self.shard
+        return f"{0 if shard is None else shard.index}.{self.instance}.{internal}"
+
+    def granted_here(self, lease: str) -> bool:
+        """Whether this process granted ``lease`` (alive or not): the NATS door answers
+        ``renew`` / ``release`` only for its own leases."""
+        return self._internal(lease) is not None
+
+    def _internal(self, lease: str) -> str | None:
+        index, _, rest = lease.partition(".")
+        instance, _, internal = rest.partition(".")
+        shard = self.shard
+        mine = str(0 if shard is None else shard.index)
+        if index != mine or instance != self.instance or not internal:
+            return None
+        return internal
+
+    def _own(self, lease: str) -> str:
+        internal = self._internal(lease)
+        if internal is not None:
+            return internal
+        shard = self.shard
+        index = lease.partition(".")[0]
+        if shard is not None and index.isdigit() and int(index) != shard.index \
+                and int(index) < shard.count:
+            msg = (f"lease {lease!r} belongs to shard {index} of {shard.count}; this is "
+                   f"shard {shard.index}: renew or release it there")
+        else:
+            msg = (f"no live lease {lease!r} here: it was granted by another bridge "
+                   "process, or before this one restarted, or never")
+        raise ControlError(msg, "lease", 404)
+
+    async def lease(self, kind: str, symbols: Sequence[str], ttl_s: float | None = None,
+                    holder: str = "", *, foreign: str = "report") -> LeaseAnswer:
+        """Lease ``symbols`` of ``kind`` (see "Leases" in the module docstring).
+
+        Symbols owned by another shard are not leased here: ``foreign="report"``
+        answers each with ``status: error`` naming its shard, ``"omit"`` leaves them
+        out of the reply. Raises :class:`ControlError` (409) when leases are off.
+        """
+        subs = self._subscriptions()
+        wanted = normalize_symbols(symbols)
+        shard = self.shard
+        mine = [s for s in wanted if shard is None or self.owner(kind, s) == shard.index]
+        reply: LeaseReply | None = None
+        if mine:
+            try:
+                reply = await subs.lease(kind, mine, ttl_s, holder)
+            except LeaseError as exc:
+                raise ControlError(str(exc), None, 409) from None
+        results: dict[str, SubscriptionResult | None] = {}
+        for s in wanted:
+            if reply is not None and s in reply.results:
+                results[s] = reply.results[s]
+            elif foreign == "report" and shard is not None:
+                results[s] = SubscriptionResult(
+                    SubscriptionStatus.ERROR,
+                    f"owned by shard {self.owner(kind, s)} of {shard.count}")
+        if reply is None:
+            cfg = subs.config
+            ttl = min(cfg.default_ttl_s if ttl_s is None else ttl_s, cfg.max_ttl_s)
+            reply = LeaseReply(None, kind, holder, ttl, None, {})
+        lease = None if reply.lease_id is None else self.lease_id(reply.lease_id)
+        return LeaseAnswer(self._lease_body(subs, reply, lease, results), lease, len(mine))
+
+    async def renew(self, lease: str, ttl_s: float | None = None) -> LeaseAnswer:
+        """Extend a live lease to ``ttl_s`` from now (default: the default TTL).
+        Raises :class:`ControlError`: 404 for a lease that is not live here."""
+        subs = self._subscriptions()
+        internal = self._own(lease)
+        try:
+            reply = await subs.renew(internal, ttl_s)
+        except LeaseNotFound:
+            raise ControlError(_not_live(lease), "lease", 404) from None
+        except LeaseError as exc:
+            raise ControlError(str(exc), None, 409) from None
+        return LeaseAnswer(self._lease_body(subs, reply, lease, dict(reply.results)), lease,
+                           len(reply.results))
+
+    async def release(self, lease: str) -> None:
+        """End a live lease now (its symbols go ``grace_s`` later unless held
+        otherwise). Raises :class:`ControlError`: 404 for a lease that is not live here."""
+        subs = self._subscriptions()
+        internal = self._own(lease)
+        try:
+            await subs.release(internal)
+        except LeaseNotFound:
+            raise ControlError(_not_live(lease), "lease", 404) from None
+        except LeaseError as exc:
+            raise ControlError(str(exc), None, 409) from None
+
+    def _lease_body(self, subs: Subscriptions, reply: LeaseReply, lease: str | None,
+                    results: Mapping[str, SubscriptionResult | None]) -> bytes:
+        now = time.monotonic()
+        values = self._host.last_values
+        symbols: dict[str, Any] = {}
+        for s, r in results.items():
+            if r is None:
+                continue
+            lv = values.get(reply.kind, s)
+            symbols[s] = {
+                "status": r.status.value,
+                "error": r.error,
+                # the cached envelope's bytes, spliced as they are (never re-encoded)
+                "event": None if lv is None else
+                orjson.Fragment(lv.event.encoded(SNAPSHOT_FORMAT).body),
+                "ageMs": None if lv is None else
+                max(0, int((now - lv.received_monotonic) * 1000.0)),
+            }
+        expires = None if reply.expires_at is None else \
+            round(max(0.0, reply.expires_at - subs.clock()), 3)
+        shard = self.shard
+        return orjson.dumps({
+            "lease": lease,
+            "kind": reply.kind,
+            "holder": reply.holder,
+            "ttlS": reply.ttl_s,
+            "expiresInS": expires,
+            "symbols": symbols,
+            "shard": None if shard is None else {"index": shard.index, "count": shard.count},
+        })
+
 
 # -- the NATS door --------------------------------------------------------------------
 
@@ -468,6 +943,12 @@ def queue_group(shard: ShardConfig | None) -> str:
     """The queue group of this process's endpoints: one per shard, so that every shard
     answers a request once, whichever of its replicas does."""
     return "q" if shard is None else f"shard-{shard.index}"
+
+
+def lease_queue_group(control: Control) -> str:
+    """The queue group of ``renew`` / ``release``: this process's own, so that every
+    process receives them (the one that granted the lease answers)."""
+    return f"lease-{control.instance}"
 
 
 class NatsControl:
@@ -621,7 +1102,7 @@ class NatsControl:
         try:
             service = await add_service(
                 nc, name=cfg.name, version=_semver(__version__),
-                description="aleno-bridge control surface: snapshots of the last prices",
+                description="aleno-bridge control surface: snapshots of the last prices, leases",
                 metadata=self._metadata(),
             )
             await self._add_endpoints(service)
@@ -631,8 +1112,8 @@ class NatsControl:
             raise
         self._nc, self._service = nc, service
         self.ready.set()
-        log.info("control: NATS service %s (id %s) on %s.snapshot, queue group %s (%s)",
-                 cfg.name, service.id, cfg.subject_prefix,
+        log.info("control: NATS service %s (id %s) on %s.{snapshot,subscribe,renew,release}, "
+                 "queue group %s (%s)", cfg.name, service.id, cfg.subject_prefix,
                  queue_group(self.control.shard), _server_url(nc))
 
     def _metadata(self) -> dict[str, str]:
@@ -655,6 +1136,23 @@ class NatsControl:
                 name="snapshot-shard", subject=f"{prefix}.snapshot.{shard.index}",
                 queue_group=group, handler=self._on_snapshot,
                 metadata={"shard": str(shard.index)})
+        await service.add_endpoint(name="subscribe", subject=f"{prefix}.subscribe",
+                                   queue_group=group, handler=self._on_subscribe,
+                                   metadata={"request": "kind, symbols, ttl_s, holder"})
+        if shard is not None:
+            await service.add_endpoint(
+                name="subscribe-shard", subject=f"{prefix}.subscribe.{shard.index}",
+                queue_group=group, handler=self._on_subscribe_shard,
+                metadata={"shard": str(shard.index)})
+        # every process receives renew / release (a queue group of its own) and
+        # answers only for the leases it granted: a lease lives in one process
+        mine = lease_queue_group(self.control)
+        await service.add_endpoint(name="renew", subject=f"{prefix}.renew",
+                                   queue_group=mine, handler=self._on_renew,
+                                   metadata={"request": "lease, ttl_s"})
+        await service.add_endpoint(name="release", subject=f"{prefix}.release",
+                                   queue_group=mine, handler=self._on_release,
+                                   metadata={"request": "lease"})
 
     # -- handlers --------------------------------------------------------------------
 
@@ -669,6 +1167,53 @@ class NatsControl:
         await _respond(request, lambda: self.control.answer(
             query_from_json(request.data), max_bytes=self.page_bytes()).body)
 
+    async def _on_subscribe(self, request: Any) -> None:
+        """Every shard receives it and answers for its own symbols; a shard that owns
+        none of them stays silent (unsharded: always answers)."""
+        try:
+            req = lease_from_json(request.data)
+            sharded = self.control.shard is not None
+            answer = await self.control.lease(req.kind, req.symbols, req.ttl_s, req.holder,
+                                              foreign="omit" if sharded else "report")
+        except ControlError as exc:
+            await _respond_error(request, exc)
+            return
+        if answer.owned or self.control.shard is None:
+            await request.respond(answer.body)
+
+    async def _on_subscribe_shard(self, request: Any) -> None:
+        try:
+            req = lease_from_json(request.data)
+            answer = await self.control.lease(req.kind, req.symbols, req.ttl_s, req.holder)
+        except ControlError as exc:
+            await _respond_error(request, exc)
+            return
+        await request.respond(answer.body)
+
+    async def _on_renew(self, request: Any) -> None:
+        try:
+            req = renew_from_json(request.data)
+            self.control.check_leases()
+            if not self.control.granted_here(req.lease):
+                return  # another process's lease: that one answers
+            answer = await self.control.renew(req.lease, req.ttl_s)
+        except ControlError as exc:
+            await _respond_error(request, exc)
+            return
+        await request.respond(answer.body)
+
+    async def _on_release(self, request: Any) -> None:
+        try:
+            lease = release_from_json(request.data)
+            self.control.check_leases()
+            if not self.control.granted_here(lease):
+                return
+            await self.control.release(lease)
+        except ControlError as exc:
+            await _respond_error(request, exc)
+            return
+        await request.respond(orjson.dumps({"lease": lease, "released": True}))
+
 
 class ControlConnectError(Exception):
     """The control door could not connect (the message holds no secret)."""
@@ -677,10 +1222,14 @@ class ControlConnectError(Exception):
 async def _respond(request: Any, build: Callable[[], bytes]) -> None:
     try:
         body = build()
-    except QueryError as exc:
-        await request.respond_error("400", str(exc), data=exc.body())
+    except ControlError as exc:
+        await _respond_error(request, exc)
         return
     await request.respond(body)
+
+
+async def _respond_error(request: Any, exc: ControlError) -> None:
+    await request.respond_error(str(exc.status), str(exc), data=exc.body())
 
 
 def _semver(version: str) -> str:
@@ -729,22 +1278,35 @@ async def start_nats_control(control: Control, cfg: ControlNatsConfig,
 
 __all__ = [
     "KINDS",
+    "LEASES_OFF",
+    "LEASE_PARAMETERS",
     "PARAMETERS",
     "Control",
     "ControlConnectError",
+    "ControlError",
     "ControlHost",
     "LastValueView",
     "LastValuesView",
+    "LeaseAnswer",
+    "LeaseRequest",
     "NatsControl",
     "QueryError",
     "QueryParams",
+    "RenewRequest",
     "SnapshotQuery",
     "SnapshotReply",
+    "lease_from_json",
+    "lease_queue_group",
     "make_cursor",
     "parse_cursor",
+    "parse_lease",
+    "parse_lease_id",
     "parse_query",
+    "parse_ttl",
     "query_from_json",
     "query_from_params",
     "queue_group",
+    "release_from_json",
+    "renew_from_json",
     "start_nats_control",
 ]

@@ -10,6 +10,17 @@ symbol (``?kind=ticker|equity|*&symbols=BTC/*,ETH/USD&limit=N&after=CURSOR``), a
 by :meth:`bridge.control.Control.snapshot`; the query and the reply are described in
 :mod:`bridge.control`. A malformed query is a 400 whose JSON body names the parameter;
 404 when the bridge has no control surface.
+``/v1/subscriptions`` leases symbols (:meth:`bridge.control.Control.lease`)::
+
+    POST   /v1/subscriptions                  {"kind": "ticker", "symbols": ["BTC/USD"],
+                                               "ttl_s": 60, "holder": "svc-a"}  -> 200
+    POST   /v1/subscriptions/{lease}/renew    {"ttl_s": 60} (or no body)        -> 200
+    DELETE /v1/subscriptions/{lease}                                            -> 204
+
+A lease whose every symbol was refused is still a 200 (``"lease": null``, the
+per-symbol statuses say why): the upstream's answer is the reply. 400: a malformed
+request (the body names the parameter); 404: no live lease of that id on this pod;
+409: leases are off (``source.leases.enabled``). Request bodies are at most 64 KiB.
 
 The port may be reachable from the pod network, so the server protects the rest of
 the process from its clients: at most ``http.max_connections`` connections are open at
@@ -31,7 +42,14 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from bridge.config import HttpConfig
-from bridge.control import QueryError, query_from_params
+from bridge.control import (
+    ControlError,
+    QueryError,
+    lease_from_json,
+    parse_lease_id,
+    query_from_params,
+    renew_from_json,
+)
 
 if TYPE_CHECKING:
     from bridge.control import Control
@@ -39,6 +57,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("aleno_bridge.http")
 
 REFUSAL_LOG_INTERVAL_S: Final = 60.0
+#: the largest request body (a lease of 256 symbols is ~5 KiB)
+MAX_BODY_BYTES: Final = 64 * 1024
 
 
 class Observed(Protocol):
@@ -88,11 +108,54 @@ def make_app(bridge: Observed) -> web.Application:
             return web.Response(body=exc.body(), status=400, content_type="application/json")
         return web.Response(body=reply.body, content_type="application/json")
 
-    app = web.Application()
+    def _error(exc: ControlError) -> web.Response:
+        return web.Response(body=exc.body(), status=exc.status,
+                            content_type="application/json")
+
+    def _no_control() -> web.Response:
+        return web.json_response({"error": "this bridge has no control surface"},
+                                 status=404)
+
+    async def subscribe(request: web.Request) -> web.Response:
+        control: Control | None = getattr(bridge, "control", None)
+        if control is None:
+            return _no_control()
+        try:
+            req = lease_from_json(await request.read())
+            answer = await control.lease(req.kind, req.symbols, req.ttl_s, req.holder)
+        except ControlError as exc:
+            return _error(exc)
+        return web.Response(body=answer.body, content_type="application/json")
+
+    async def renew(request: web.Request) -> web.Response:
+        control: Control | None = getattr(bridge, "control", None)
+        if control is None:
+            return _no_control()
+        try:
+            req = renew_from_json(await request.read(), request.match_info["lease"])
+            answer = await control.renew(req.lease, req.ttl_s)
+        except ControlError as exc:
+            return _error(exc)
+        return web.Response(body=answer.body, content_type="application/json")
+
+    async def release(request: web.Request) -> web.Response:
+        control: Control | None = getattr(bridge, "control", None)
+        if control is None:
+            return _no_control()
+        try:
+            await control.release(parse_lease_id(request.match_info["lease"]))
+        except ControlError as exc:
+            return _error(exc)
+        return web.Response(status=204)
+
+    app = web.Application(client_max_size=MAX_BODY_BYTES)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/snapshot", snapshot)
+    app.router.add_post("/v1/subscriptions", subscribe)
+    app.router.add_post("/v1/subscriptions/{lease}/renew", renew)
+    app.router.add_delete("/v1/subscriptions/{lease}", release)
     return app
 
 
@@ -191,6 +254,7 @@ async def serve_http(bridge: Observed) -> HttpServer:
         await runner.cleanup()
         raise
     http = HttpServer(runner, server, guard)
-    log.info("http endpoints on http://%s:%d (/healthz /readyz /metrics /v1/snapshot)",
+    log.info("http endpoints on http://%s:%d (/healthz /readyz /metrics /v1/snapshot "
+             "/v1/subscriptions)",
              cfg.host, http.port)
     return http

@@ -92,6 +92,9 @@ class LastValues:
 
     def __init__(self) -> None:
         self._kinds: dict[str, dict[str, LastValue]] = {k: {} for k in PRICE_KINDS}
+        #: the symbols of each kind in order, kept between snapshots (``None``: a
+        #: symbol came or went since)
+        self._sorted: dict[str, list[str] | None] = dict.fromkeys(PRICE_KINDS)
 
     def __len__(self) -> int:
         return sum(map(len, self._kinds.values()))
@@ -108,6 +111,7 @@ class LastValues:
         now = time.monotonic() if received_monotonic is None else received_monotonic
         if prev is None:
             values[event.symbol] = LastValue(event, now)
+            self._sorted[event.kind] = None
         elif event.sent_ms >= prev.event.sent_ms:
             prev = LastValue(prev.event, prev.received_monotonic)
             current = values[event.symbol]
@@ -122,7 +126,15 @@ class LastValues:
     def forget(self, kind: str, symbols: Iterable[str]) -> int:
         """Drop the values of symbols no longer subscribed; return how many were held."""
         values = self._kinds[kind]
+        self._sorted[kind] = None
         return sum(values.pop(s, None) is not None for s in symbols)
+
+    def symbols(self, kind: str) -> list[str]:
+        """The cached symbols of ``kind`` in order (shared: do not modify)."""
+        order = self._sorted.get(kind)
+        if order is None:
+            order = self._sorted[kind] = sorted(self._kinds[kind])
+        return order
 
     def select(self, kind: str | None = None,
                symbols: Sequence[str] | None = None) -> list[LastValue]:
@@ -137,12 +149,12 @@ class LastValues:
             if not values:
                 continue
             if patterns is None or "*" in patterns:
-                out.extend(values[s] for s in sorted(values))
+                out.extend(map(values.__getitem__, self.symbols(k)))
             elif not any(_GLOB_CHARS.intersection(p) for p in patterns):
                 out.extend(values[s] for s in sorted(set(patterns)) if s in values)
             else:
                 match = _glob_matcher(patterns)
-                out.extend(values[s] for s in sorted(values) if match(s))
+                out.extend(values[s] for s in self.symbols(k) if match(s))
         return out
 
 
@@ -249,6 +261,7 @@ class MarketState:
             lv = values.get(ev.symbol)
             if lv is None:
                 values[ev.symbol] = LastValue(ev, now)
+                self.values._sorted[kind] = None
                 continue
             prev = lv.event
             delta = ev.sent_ms - prev.sent_ms

@@ -64,6 +64,8 @@ class Settings:
             found.append(self.api_key.get_secret_value())
         for spec in self.sinks.values():
             found.extend(_secret_values(spec.options))
+        if self.config.control.nats is not None:
+            found.extend(_secret_values(self.config.control.nats))
         return [s for s in found if s]
 
     def memory_estimate(self) -> int:

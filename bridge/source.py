@@ -712,6 +712,16 @@ class AlenoSource:
         ``accepted``: the upstream confirmed (or never had it)."""
         return await self._change(kind, normalize_symbols(symbols), subscribe=False)
 
+    async def pin(self, kind: str, symbols: Iterable[str]) -> dict[str, SubscriptionResult]:
+        """:meth:`subscribe`, for the configuration's symbols (a reload). With leases,
+        reloads go through :meth:`bridge.subscriptions.Subscriptions.set_pinned`, which
+        keeps a symbol a lease still holds."""
+        return await self.subscribe(kind, symbols)
+
+    async def unpin(self, kind: str, symbols: Iterable[str]) -> dict[str, SubscriptionResult]:
+        """:meth:`unsubscribe`, for symbols a reload removed from the configuration."""
+        return await self.unsubscribe(kind, symbols)
+
     async def _change(self, kind: str, symbols: list[str],
                       subscribe: bool) -> dict[str, SubscriptionResult]:
         if kind not in _EVENTS:

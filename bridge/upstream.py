@@ -376,6 +376,14 @@ class UpstreamPool:
                 out.update(await self._connections[i].source.unsubscribe(kind, syms))
             return {s: out[s] for s in wanted}
 
+    async def pin(self, kind: str, symbols: Iterable[str]) -> dict[str, SubscriptionResult]:
+        """:meth:`subscribe` (see :meth:`AlenoSource.pin`)."""
+        return await self.subscribe(kind, symbols)
+
+    async def unpin(self, kind: str, symbols: Iterable[str]) -> dict[str, SubscriptionResult]:
+        """:meth:`unsubscribe` (see :meth:`AlenoSource.unpin`)."""
+        return await self.unsubscribe(kind, symbols)
+
     def _settle(self, conn: _Connection, kind: str, results: Mapping[str, SubscriptionResult],
                 out: dict[str, SubscriptionResult]) -> list[str]:
         """Record what one connection answered; return the symbols refused for its limit

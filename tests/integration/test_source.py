@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from typing import Any
@@ -13,7 +14,13 @@ from bridge.app import Bridge
 from bridge.config import Settings, parse_config
 from bridge.simulator import Simulator
 from bridge.sinks import Drivers
-from bridge.source import AuthError
+from bridge.source import (
+    LIMIT_MARK,
+    AlenoSource,
+    AuthError,
+    SubscriptionResult,
+    SubscriptionStatus,
+)
 from bridge.testing import MemorySink
 
 pytestmark = pytest.mark.integration
@@ -212,8 +219,6 @@ def _stamps(got: list[tuple[str, Any]]) -> dict[str, list[int]]:
 
 
 async def test_100_symbols_added_live_cause_no_reconnect_and_no_missed_update() -> None:
-    from bridge.source import AlenoSource, SubscriptionStatus
-
     interval = 0.25
     async with Simulator(port=0, api_keys=[KEY], interval=interval, seed=1) as sim:
         got: list[tuple[str, Any]] = []
@@ -249,7 +254,7 @@ async def test_100_symbols_added_live_cause_no_reconnect_and_no_missed_update() 
             # the symbols that stayed missed no update: no hole in their sent times
             for sym, stamps in _stamps(got).items():
                 if sym in ("BTC/USD", "ETH/USD", "AAPL"):
-                    holes = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+                    holes = [b - a for a, b in itertools.pairwise(stamps)]
                     assert max(holes) < 1.8 * interval * 1000, (sym, holes)
             # and unsubscribing them live stops them on the same connection
             gone = await src.unsubscribe("ticker", new_tickers[:25])
@@ -266,8 +271,6 @@ async def test_100_symbols_added_live_cause_no_reconnect_and_no_missed_update() 
 
 
 async def test_a_change_while_disconnected_is_pending_and_applied_on_connect() -> None:
-    from bridge.source import AlenoSource, SubscriptionStatus
-
     sim = Simulator(port=0, api_keys=[KEY], interval=0.2)
     await sim.start()
     port = sim.port
@@ -286,8 +289,8 @@ async def test_a_change_while_disconnected_is_pending_and_applied_on_connect() -
             await asyncio.sleep(0.02)
         added = await src.subscribe("ticker", ["SOL/USD"])
         removed = await src.unsubscribe("ticker", ["ETH/USD"])
-        assert added == {"SOL/USD": src_result(SubscriptionStatus.PENDING)}
-        assert removed == {"ETH/USD": src_result(SubscriptionStatus.PENDING)}
+        assert added == {"SOL/USD": SubscriptionResult(SubscriptionStatus.PENDING)}
+        assert removed == {"ETH/USD": SubscriptionResult(SubscriptionStatus.PENDING)}
         assert src.tickers == ["BTC/USD", "SOL/USD"]
         sim = Simulator(port=port, api_keys=[KEY], interval=0.2)
         await sim.start()
@@ -302,8 +305,6 @@ async def test_a_change_while_disconnected_is_pending_and_applied_on_connect() -
 
 
 async def test_a_live_request_over_the_limit_changes_nothing_that_was_subscribed() -> None:
-    from bridge.source import LIMIT_MARK, AlenoSource, SubscriptionStatus
-
     async with Simulator(port=0, api_keys=[KEY], limits={KEY: 5}, interval=0.2) as sim:
         got: list[tuple[str, Any]] = []
         src = AlenoSource(settings(sim).config.source, KEY, lambda e, p: got.append((e, p)))
@@ -332,8 +333,3 @@ async def test_a_live_request_over_the_limit_changes_nothing_that_was_subscribed
         finally:
             src.stop()
             await asyncio.wait_for(task, 10)
-
-
-def src_result(status: Any) -> Any:
-    from bridge.source import SubscriptionResult
-    return SubscriptionResult(status)

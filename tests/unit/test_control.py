@@ -16,20 +16,32 @@ from multidict import MultiDict
 from bridge.config import Settings, parse_config
 from bridge.control import (
     Control,
+    ControlError,
+    LeaseRequest,
     QueryError,
+    RenewRequest,
     SnapshotQuery,
+    lease_from_json,
+    parse_lease,
     parse_query,
     query_from_json,
     query_from_params,
+    release_from_json,
+    renew_from_json,
 )
 from bridge.envelope import Event
 from bridge.http import make_app
 from bridge.market import LastValues
 from bridge.normalize import Normalizer
+from bridge.schema import LeaseConfig
+from bridge.sharding import shard_of
 from bridge.sinks import Drivers
+from bridge.source import SubscriptionResult, SubscriptionStatus
+from bridge.subscriptions import Subscriptions
 from bridge.testing import MemorySink
 from bridge.testing.sample import T0_MS, equity_record, ticker_record
 
+LIMIT_ERROR = "Subscription limit reached. Contact us to increase limits."
 TICKERS = ["BTC/USD", "ETH/USD", "BTCB/USD", "SOL/USD", "DOGE/USD"]
 EQUITIES = ["AAPL", "MSFT", "AMZN"]
 
@@ -322,3 +334,276 @@ async def test_http_snapshot_is_404_without_a_control_surface() -> None:
         assert resp.status == 404
         assert "control" in decode(await resp.read())["error"]
         assert (await client.get("/healthz")).status == 200
+
+
+# -- leases: the requests ------------------------------------------------------------
+
+
+def test_parse_lease_normalizes_and_defaults() -> None:
+    req = parse_lease("Ticker", [" btc/usd", "ETH/USD", "BTC/USD"])
+    assert req == LeaseRequest("ticker", ("BTC/USD", "ETH/USD"), None, "")
+    req = lease_from_json(b'{"kind": "equity", "symbols": ["aapl"], "ttl_s": 5,'
+                          b' "holder": "svc-a"}')
+    assert req == LeaseRequest("equity", ("AAPL",), 5.0, "svc-a")
+    assert renew_from_json(b"", "0.ab.cd") == RenewRequest("0.ab.cd", None)
+    assert renew_from_json(b'{"ttl_s": 2.5}', "0.ab.cd") == RenewRequest("0.ab.cd", 2.5)
+    assert renew_from_json(b'{"lease": "x", "ttl_s": 1}') == RenewRequest("x", 1.0)
+    assert release_from_json(b'{"lease": " 0.ab.cd "}') == "0.ab.cd"
+    for ttl in (float("inf"), float("nan")):
+        with pytest.raises(QueryError, match="ttl_s"):
+            parse_lease("ticker", ["A"], ttl)
+
+
+@pytest.mark.parametrize(("body", "parameter"), [
+    (b"", "body"),
+    (b"[]", "body"),
+    (b"{nope", "body"),
+    (b'{"symbols": ["BTC/USD"]}', "kind"),
+    (b'{"kind": "*", "symbols": ["BTC/USD"]}', "kind"),
+    (b'{"kind": "status", "symbols": ["BTC/USD"]}', "kind"),
+    (b'{"kind": "ticker"}', "symbols"),
+    (b'{"kind": "ticker", "symbols": "BTC/USD"}', "symbols"),
+    (b'{"kind": "ticker", "symbols": []}', "symbols"),
+    (b'{"kind": "ticker", "symbols": [" "]}', "symbols"),
+    (b'{"kind": "ticker", "symbols": [1]}', "symbols"),
+    (b'{"kind": "ticker", "symbols": ["BTC/*"]}', "symbols"),
+    (b'{"kind": "ticker", "symbols": ["' + b"X" * 65 + b'"]}', "symbols"),
+    (orjson.dumps({"kind": "ticker", "symbols": [f"S{i}" for i in range(257)]}), "symbols"),
+    (b'{"kind": "ticker", "symbols": ["A"], "ttl_s": 0}', "ttl_s"),
+    (b'{"kind": "ticker", "symbols": ["A"], "ttl_s": -1}', "ttl_s"),
+    (b'{"kind": "ticker", "symbols": ["A"], "ttl_s": "60"}', "ttl_s"),
+    (b'{"kind": "ticker", "symbols": ["A"], "ttl_s": true}', "ttl_s"),
+    (b'{"kind": "ticker", "symbols": ["A"], "holder": 7}', "holder"),
+    (b'{"kind": "ticker", "symbols": ["A"], "holder": "' + b"h" * 65 + b'"}', "holder"),
+    (b'{"kind": "ticker", "symbols": ["A"], "ttl": 60}', "ttl"),
+])
+def test_lease_request_errors_name_the_parameter(body: bytes, parameter: str) -> None:
+    with pytest.raises(QueryError) as info:
+        lease_from_json(body)
+    assert info.value.parameter == parameter
+    assert info.value.status == 400
+    assert decode(info.value.body())["parameter"] == parameter
+
+
+@pytest.mark.parametrize(("call", "parameter"), [
+    (lambda: renew_from_json(b"{}"), "lease"),
+    (lambda: renew_from_json(b'{"lease": 5}'), "lease"),
+    (lambda: renew_from_json(b'{"lease": "a", "ttl_s": 0}'), "ttl_s"),
+    (lambda: renew_from_json(b'{"lease": "a"}', "0.a.b"), "lease"),  # not in the HTTP body
+    (lambda: renew_from_json(b"", "x" * 200), "lease"),
+    (lambda: release_from_json(b'{"lease": "a", "ttl_s": 1}'), "ttl_s"),
+    (lambda: release_from_json(b""), "body"),
+])
+def test_renew_and_release_errors_name_the_parameter(call: Any, parameter: str) -> None:
+    with pytest.raises(QueryError) as info:
+        call()
+    assert info.value.parameter == parameter
+
+
+# -- leases: the core ----------------------------------------------------------------
+
+
+class BookUpstream:
+    """An upstream of a fixed universe and a limit (the protocol the pool answers)."""
+
+    def __init__(self, limit: int = 3) -> None:
+        self.limit = limit
+        self.subs: dict[str, set[str]] = {"ticker": set(), "equity": set()}
+
+    async def subscribe(self, kind: str, symbols: Any) -> dict[str, SubscriptionResult]:
+        out: dict[str, SubscriptionResult] = {}
+        for s in symbols:
+            if s.startswith("NOPE"):
+                out[s] = SubscriptionResult(SubscriptionStatus.REJECTED, "unsupported")
+            elif sum(map(len, self.subs.values())) >= self.limit:
+                out[s] = SubscriptionResult(SubscriptionStatus.LIMIT, LIMIT_ERROR)
+            else:
+                self.subs[kind].add(s)
+                out[s] = SubscriptionResult(SubscriptionStatus.ACCEPTED)
+        return out
+
+    async def unsubscribe(self, kind: str, symbols: Any) -> dict[str, SubscriptionResult]:
+        self.subs[kind].difference_update(symbols)
+        return dict.fromkeys(symbols, SubscriptionResult(SubscriptionStatus.ACCEPTED))
+
+    def subscribed(self) -> dict[str, frozenset[str]]:
+        return {k: frozenset(v) for k, v in self.subs.items()}
+
+
+@dataclass
+class LeaseHost:
+    last_values: LastValues
+    settings: Settings
+    subscriptions: Subscriptions | None
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def lease_control(values: LastValues | None = None, extra: str = "", limit: int = 3,
+                  enabled: bool = True, clock: Clock | None = None,
+                  ) -> tuple[Control, Subscriptions, BookUpstream]:
+    upstream = BookUpstream(limit)
+    subs = Subscriptions(upstream, LeaseConfig(enabled=enabled, max_ttl_s=100,
+                                               default_ttl_s=30, grace_s=0),
+                         clock=clock or Clock())
+    ctl = Control(LeaseHost(values or LastValues(), settings(extra), subs))
+    return ctl, subs, upstream
+
+
+async def test_lease_reply_carries_statuses_and_cached_events() -> None:
+    values = filled(events(), received=time.monotonic() - 0.25)
+    ctl, subs, upstream = lease_control(values)
+    answer = await ctl.lease("ticker", ["btc/usd", "NOPE/USD", "ETH/USD", "ZZZ/USD",
+                                        "QQQ/USD"], ttl_s=500, holder="svc-a")
+    doc = decode(answer.body)
+    assert list(doc) == ["lease", "kind", "holder", "ttlS", "expiresInS", "symbols", "shard"]
+    assert doc["lease"] == answer.lease
+    index, instance, internal = doc["lease"].split(".")
+    assert (index, instance) == ("0", ctl.instance)
+    assert subs.lease_ids() == [internal]
+    assert doc["kind"] == "ticker" and doc["holder"] == "svc-a" and doc["shard"] is None
+    assert doc["ttlS"] == 100.0 and doc["expiresInS"] == 100.0  # cut to max_ttl_s
+    assert list(doc["symbols"]) == ["BTC/USD", "NOPE/USD", "ETH/USD", "ZZZ/USD", "QQQ/USD"]
+    btc = doc["symbols"]["BTC/USD"]
+    assert btc["status"] == "accepted" and btc["error"] is None
+    # the cached envelope, byte for byte what a sink receives
+    cached = values.get("ticker", "BTC/USD")
+    assert cached is not None
+    assert orjson.dumps(btc["event"]) == orjson.dumps(
+        orjson.loads(cached.event.encoded("cloudevents-json").body))
+    assert 200 <= btc["ageMs"] < 5000
+    assert doc["symbols"]["NOPE/USD"] == {"status": "rejected", "error": "unsupported",
+                                          "event": None, "ageMs": None}
+    assert doc["symbols"]["ZZZ/USD"] == {"status": "accepted", "error": None,
+                                         "event": None, "ageMs": None}
+    assert doc["symbols"]["QQQ/USD"] == {"status": "limit", "error": LIMIT_ERROR,
+                                         "event": None, "ageMs": None}
+    assert upstream.subs["ticker"] == {"BTC/USD", "ETH/USD", "ZZZ/USD"}
+
+
+async def test_a_lease_refused_for_every_symbol_has_no_id() -> None:
+    ctl, subs, _ = lease_control(limit=0)
+    answer = await ctl.lease("ticker", ["BTC/USD"])
+    doc = decode(answer.body)
+    assert answer.lease is None and doc["lease"] is None and doc["expiresInS"] is None
+    assert doc["ttlS"] == 30.0
+    assert doc["symbols"]["BTC/USD"]["status"] == "limit"
+    assert subs.lease_ids() == []
+
+
+async def test_renew_and_release_through_the_core() -> None:
+    clock = Clock()
+    ctl, subs, upstream = lease_control(clock=clock)
+    lease = (await ctl.lease("equity", ["AAPL"], ttl_s=10)).lease
+    assert lease is not None
+    clock.now += 8
+    doc = decode((await ctl.renew(lease, 20)).body)
+    assert doc["lease"] == lease and doc["ttlS"] == 20.0 and doc["expiresInS"] == 20.0
+    assert doc["symbols"] == {"AAPL": {"status": "accepted", "error": None, "event": None,
+                                       "ageMs": None}}
+    clock.now += 15  # past the first TTL, within the renewed one
+    await ctl.release(lease)
+    assert upstream.subs["equity"] == set()  # grace_s: 0
+    for call in (ctl.renew(lease), ctl.release(lease)):
+        with pytest.raises(ControlError) as info:
+            await call
+        assert info.value.status == 404 and info.value.parameter == "lease"
+        assert lease in str(info.value)
+    # a lease of another process, or of another shard, is not this one's
+    other = f"0.{'0' * 8}.{lease.split('.')[2]}"
+    assert not ctl.granted_here(other) and ctl.granted_here(lease)
+    with pytest.raises(ControlError) as info:
+        await ctl.renew(other)
+    assert info.value.status == 404 and "another bridge process" in str(info.value)
+
+
+async def test_leases_off_is_409_naming_the_option() -> None:
+    for ctl in (lease_control(enabled=False)[0], control(LastValues())):
+        for call in (ctl.lease("ticker", ["BTC/USD"]), ctl.renew("0.a.b"), ctl.release("0.a.b")):
+            with pytest.raises(ControlError) as info:
+                await call
+            assert info.value.status == 409
+            assert "source.leases.enabled" in str(info.value)
+
+
+async def test_a_shard_leases_its_own_symbols_and_names_the_owner_of_the_others() -> None:
+    symbols = [f"S{i}/USD" for i in range(12)]
+    ctl, _, upstream = lease_control(extra="source: {shard: {index: 1, count: 3}}", limit=99)
+    mine = {s for s in symbols if shard_of("ticker", s, 3) == 1}
+    assert mine and len(mine) < len(symbols)
+    answer = await ctl.lease("ticker", symbols)
+    doc = decode(answer.body)
+    assert answer.owned == len(mine) and answer.lease is not None
+    assert answer.lease.startswith("1.")
+    assert doc["shard"] == {"index": 1, "count": 3}
+    for s in symbols:
+        entry = doc["symbols"][s]
+        if s in mine:
+            assert entry["status"] == "accepted"
+        else:
+            assert entry == {"status": "error", "error":
+                             f"owned by shard {shard_of('ticker', s, 3)} of 3",
+                             "event": None, "ageMs": None}
+    assert upstream.subs["ticker"] == mine
+    # the broadcast door's form: other shards' symbols left out
+    others = [s for s in symbols if s not in mine]
+    answer = await ctl.lease("ticker", others, foreign="omit")
+    assert answer.owned == 0 and answer.lease is None
+    assert decode(answer.body)["symbols"] == {}
+    # a lease id of shard 2 is answered with where it lives
+    with pytest.raises(ControlError) as info:
+        await ctl.release(f"2.{ctl.instance}.abc")
+    assert info.value.status == 404 and "shard 2 of 3" in str(info.value)
+
+
+# -- leases: the HTTP door -----------------------------------------------------------
+
+
+async def test_http_lease_renew_release() -> None:
+    values = filled(events())
+    ctl, _, upstream = lease_control(values)
+    async with TestClient(TestServer(make_app(Observed(ctl)))) as client:
+        resp = await client.post("/v1/subscriptions", json={
+            "kind": "ticker", "symbols": ["BTC/USD", "NEW/USD"], "ttl_s": 60,
+            "holder": "svc-a"})
+        assert resp.status == 200 and resp.content_type == "application/json"
+        doc = decode(await resp.read())
+        lease = doc["lease"]
+        assert doc["symbols"]["BTC/USD"]["event"]["data"]["symbol"] == "BTC/USD"
+        assert doc["symbols"]["NEW/USD"]["status"] == "accepted"
+        resp = await client.post(f"/v1/subscriptions/{lease}/renew", json={"ttl_s": 5})
+        assert resp.status == 200 and decode(await resp.read())["ttlS"] == 5.0
+        resp = await client.post(f"/v1/subscriptions/{lease}/renew")  # no body: default
+        assert resp.status == 200 and decode(await resp.read())["ttlS"] == 30.0
+        resp = await client.delete(f"/v1/subscriptions/{lease}")
+        assert resp.status == 204 and await resp.read() == b""
+        assert upstream.subs["ticker"] == set()
+        assert (await client.delete(f"/v1/subscriptions/{lease}")).status == 404
+        resp = await client.post(f"/v1/subscriptions/{lease}/renew")
+        assert resp.status == 404 and decode(await resp.read())["parameter"] == "lease"
+        # all refused: still 200, the statuses are the answer
+        resp = await client.post("/v1/subscriptions", json={"kind": "ticker",
+                                                            "symbols": ["NOPE/USD"]})
+        assert resp.status == 200 and decode(await resp.read())["lease"] is None
+        for body, parameter in [({"kind": "ticker"}, "symbols"),
+                                ({"kind": "ticker", "symbols": ["A"], "ttl_s": -1}, "ttl_s")]:
+            resp = await client.post("/v1/subscriptions", json=body)
+            assert resp.status == 400 and decode(await resp.read())["parameter"] == parameter
+        resp = await client.post("/v1/subscriptions", data=b"x" * 70_000)
+        assert resp.status == 413
+
+
+async def test_http_leases_off_and_no_control_surface() -> None:
+    async with TestClient(TestServer(make_app(Observed(control(LastValues()))))) as client:
+        resp = await client.post("/v1/subscriptions", json={"kind": "ticker",
+                                                            "symbols": ["BTC/USD"]})
+        assert resp.status == 409
+        assert "source.leases.enabled" in decode(await resp.read())["error"]
+    async with TestClient(TestServer(make_app(Observed(None)))) as client:
+        assert (await client.delete("/v1/subscriptions/0.a.b")).status == 404
