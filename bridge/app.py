@@ -63,8 +63,9 @@ from bridge.reload import (
 )
 from bridge.routing import Router
 from bridge.runner import DISPATCH_CHUNK, SinkWorker
+from bridge.settings import upstream_keys
+from bridge.sharding import shard_symbols
 from bridge.sinks import Sink
-from bridge.source import AlenoSource
 from bridge.state import (
     BridgeSnapshot,
     Destination,
@@ -73,6 +74,8 @@ from bridge.state import (
     frozen_counts,
     readiness,
 )
+from bridge.subscriptions import Subscriptions
+from bridge.upstream import UpstreamPool
 
 log = logging.getLogger("aleno_bridge.app")
 
@@ -152,10 +155,17 @@ class Bridge:
         self.reloads: dict[str, int] = {}
         self._reload_lock = asyncio.Lock()
         self._retiring: set[asyncio.Task[Any]] = set()
-        self.source: AlenoSource | None = None
+        #: the upstream connections (one per API key) and the symbols they carry
+        self.source: UpstreamPool | None = None
+        #: the desired symbol set: pinned by the configuration, or leased by consumers
+        self.subscriptions: Subscriptions | None = None
         if with_source:
-            key = settings.api_key.get_secret_value() if settings.api_key else None
-            self.source = AlenoSource(cfg.source, key, self.on_payload, self.normalizer.reject)
+            keys = settings.api_keys or tuple(upstream_keys(cfg.source, settings.api_key))
+            self.source = UpstreamPool(cfg.source, keys, self.on_payload,
+                                       self.normalizer.reject)
+            self.subscriptions = Subscriptions(
+                self.source, cfg.source.leases,
+                pinned={k: sorted(self.source.wanted[k]) for k in ("ticker", "equity")})
         #: the last value of every symbol and the status events (``ai.aleno.status.v1``)
         self.market = MarketState(
             self.ingest,
@@ -511,10 +521,10 @@ class Bridge:
         self.market.set_interval(new.config.source.update_interval_s)
         for w in retired:
             self._retire(w)
-        diff = symbol_diff(old.config, new.config)
-        if diff:
-            changes += diff.describe()
-            await self._apply_symbols(diff.added, diff.removed)
+        if self.subscriptions is not None:
+            self.subscriptions.config = new.config.source.leases
+        if symbol_diff(old.config, new.config):
+            changes += await self._apply_symbols(new)
         if not changes:
             log.info("configuration reloaded: nothing changed", extra={"reload": "unchanged"})
             return ReloadOutcome("unchanged")
@@ -522,17 +532,30 @@ class Bridge:
                  extra={"reload": "applied", "changes": changes})
         return ReloadOutcome("applied", changes)
 
-    async def _apply_symbols(self, added: Mapping[str, list[str]],
-                             removed: Mapping[str, list[str]]) -> None:
-        """Subscribe and unsubscribe on the live connection (no reconnect)."""
-        for kind, symbols in removed.items():
-            if symbols:
-                if self.source is not None:
-                    await self.source.unpin(kind, symbols)
-                self.last_values.forget(kind, symbols)
-        for kind, symbols in added.items():
-            if symbols and self.source is not None:
-                await self.source.pin(kind, symbols)
+    async def _apply_symbols(self, new: Settings) -> list[str]:
+        """Subscribe and unsubscribe the configured symbols that changed, on the live
+        connections (no reconnect); a symbol a lease still holds stays subscribed."""
+        subs = self.subscriptions
+        if subs is None:
+            return []
+        src = new.config.source
+        pinned = {"ticker": list(src.tickers), "equity": list(src.equities)}
+        if src.shard is not None:
+            pinned = {k: shard_symbols(k, v, src.shard.index, src.shard.count)
+                      for k, v in pinned.items()}
+        diff = await subs.set_pinned(pinned)
+        out: list[str] = []
+        for kind in ("ticker", "equity"):
+            added, removed = diff.added.get(kind, {}), diff.removed.get(kind, {})
+            if added:
+                took = sum(1 for r in added.values() if r.held)
+                out.append(f"+{len(added)} {kind}(s)"
+                           + (f" ({len(added) - took} refused)" if took < len(added) else ""))
+            if removed:
+                out.append(f"-{len(removed)} {kind}(s)")
+                gone = [s for s in removed if s not in subs.desired().get(kind, ())]
+                self.last_values.forget(kind, gone)
+        return out
 
     def _retire(self, worker: SinkWorker) -> None:
         """Drain and close a sink that a reload replaced or removed, in the background."""
@@ -630,15 +653,20 @@ class Bridge:
             nats_control = await start_nats_control(self.control, control_cfg, self.redact)
         tasks: set[asyncio.Task[Any]] = {asyncio.create_task(stop.wait(), name="stop")}
         source_task = None
+        expiry: asyncio.Task[None] | None = None
         if self.source is not None:
             source_task = asyncio.create_task(self.source.run(), name="source")
             tasks.add(source_task)
+        if self.subscriptions is not None:
+            expiry = asyncio.create_task(self.subscriptions.run(stop), name="leases")
         try:
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for t in tasks:
                 if t is not source_task:
                     t.cancel()
+            if expiry is not None:
+                expiry.cancel()
             lost = await self.shutdown(source_task)
             if nats_control is not None:
                 await nats_control.close()

@@ -69,8 +69,9 @@ def restart_needed(old: Settings, new: Settings) -> list[str]:
     for key in sorted(set(o_src) | set(n_src)):
         if key not in HOT_SOURCE_KEYS and o_src.get(key) != n_src.get(key):
             out.append(f"source.{key}")
-    if old.api_key != new.api_key and "source.api_key" not in out \
-            and "source.api_key_file" not in out:
+    if (old.api_key != new.api_key or [k.key for k in old.api_keys]
+            != [k.key for k in new.api_keys]) and not any(
+                p.startswith("source.api_key") for p in out):
         out.append("source.api_key_file (the key in the file changed)")
     for name in type(old.config).model_fields:
         if name in HOT_SECTIONS:

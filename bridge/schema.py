@@ -484,6 +484,7 @@ class Config(_Model):
 
 
 __all__ = [
+    "ApiKeyConfig",
     "BackoffConfig",
     "BatchConfig",
     "BufferConfig",
@@ -492,6 +493,7 @@ __all__ = [
     "ControlConfig",
     "ControlNatsConfig",
     "HttpConfig",
+    "LeaseConfig",
     "LogConfig",
     "Match",
     "ReloadConfig",

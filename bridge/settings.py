@@ -45,6 +45,46 @@ class SinkSpec:
     options: SinkOptions
 
 
+#: the connection name of a single ``api_key`` / ``api_key_file``
+DEFAULT_NAME: Final = "default"
+
+
+@dataclass(frozen=True)
+class UpstreamKey:
+    """One API key of the pool: its connection's name, the key, its known limit."""
+
+    name: str
+    key: SecretStr | None = field(repr=False)
+    limit: int | None = None
+
+
+def upstream_keys(config: SourceConfig, api_key: SecretStr | str | None = None,
+                  problems: list[str] | None = None) -> list[UpstreamKey]:
+    """The keys of ``config``: ``source.api_keys`` (each ``key_file`` read, problems
+    named ``source.api_keys[i].key_file: ...``), else the one ``api_key`` (already
+    resolved from ``api_key`` / ``api_key_file`` by the settings) as ``default``.
+
+    Problems go to ``problems``; without a list, they raise :class:`ConfigError`.
+    """
+    own = problems if problems is not None else []
+    keys: list[UpstreamKey] = []
+    if config.api_keys is None:
+        single = SecretStr(api_key) if isinstance(api_key, str) else api_key
+        keys.append(UpstreamKey(DEFAULT_NAME, single))
+    else:
+        for i, entry in enumerate(config.api_keys):
+            key = entry.key
+            if entry.key_file is not None:
+                found: list[str] = []
+                key = read_key_file(entry.key_file, found)
+                own.extend(p.replace("source.api_key_file", f"source.api_keys[{i}].key_file", 1)
+                           for p in found)
+            keys.append(UpstreamKey(entry.name, key, entry.limit))
+    if problems is None and own:
+        raise ConfigError(own)
+    return keys
+
+
 @dataclass(frozen=True)
 class Settings:
     """A configuration that passed every check, with its drivers resolved."""
@@ -53,6 +93,9 @@ class Settings:
     sinks: dict[str, SinkSpec]
     routes: list[RouteConfig]
     api_key: SecretStr | None
+    #: every API key with its name and limit (``source.api_keys``, or the one key of
+    #: ``api_key`` / ``api_key_file`` named ``default``): one upstream connection each
+    api_keys: tuple[UpstreamKey, ...] = ()
     #: valid but insecure settings, one ``path: message`` each (never a secret value);
     #: ``validate`` prints them, ``run`` logs them at WARNING
     warnings: list[str] = field(default_factory=list)
@@ -62,6 +105,9 @@ class Settings:
         found: list[str] = []
         if self.api_key is not None:
             found.append(self.api_key.get_secret_value())
+        for k in self.api_keys:
+            if k.key is not None and k.key.get_secret_value() not in found:
+                found.append(k.key.get_secret_value())
         for spec in self.sinks.values():
             found.extend(_secret_values(spec.options))
         if self.config.control.nats is not None:
@@ -168,9 +214,12 @@ def _resolve(config: Config, drivers: Drivers, problems: list[str]) -> Settings:
     problems.extend(_dead_letter_problems(config.sinks, specs))
     routes = config.routes or [RouteConfig(sinks=list(config.sinks))]
     problems.extend(_route_problems(routes, list(config.sinks), specs, config.source))
-    warnings = _security_warnings(config, api_key, specs)
+    keys = tuple(upstream_keys(config.source, api_key, problems))
+    any_key = api_key if api_key is not None else next(
+        (k.key for k in keys if k.key is not None), None)
+    warnings = _security_warnings(config, any_key, specs)
     return Settings(config=config, sinks=specs, routes=routes, api_key=api_key,
-                    warnings=warnings)
+                    api_keys=keys, warnings=warnings)
 
 
 def _route_problems(

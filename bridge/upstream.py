@@ -30,13 +30,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Final
 
-from pydantic import SecretStr
-
-from bridge.loading import read_key_file
-from bridge.schema import ConfigError, SourceConfig
+from bridge.schema import SourceConfig
+from bridge.settings import DEFAULT_NAME, UpstreamKey, upstream_keys
 from bridge.sharding import shard_symbols
 from bridge.source import (
     LIMIT_MARK,
@@ -46,6 +44,7 @@ from bridge.source import (
     InvalidHandler,
     LinkHandler,
     SourceError,
+    SourceStats,
     SubscriptionResult,
     SubscriptionStatus,
     normalize_symbols,
@@ -54,8 +53,6 @@ from bridge.state import UpstreamSnapshot, UpstreamState, frozen_counts
 
 log = logging.getLogger("aleno_bridge.upstream")
 
-#: the connection name of a single ``api_key`` / ``api_key_file``
-DEFAULT_NAME: Final = "default"
 KINDS: Final = ("ticker", "equity")
 #: the limit error given for a request that fits on no connection (the upstream's words)
 LIMIT_ERROR: Final = "Subscription limit reached. Contact us to increase limits."
@@ -68,42 +65,6 @@ _STATE_ORDER: Final = (UpstreamState.REFUSED, UpstreamState.DISCONNECTED,
 #: ``(connection name, up, cause)``: the ``up`` / ``down`` of one connection
 ConnectionLinkHandler = Callable[[str, bool, str], None]
 _LimitHandler = Callable[[str, list[str]], None]
-
-
-@dataclass(frozen=True)
-class UpstreamKey:
-    """One API key of the pool: its connection's name, the key, its known limit."""
-
-    name: str
-    key: SecretStr | None = field(repr=False)
-    limit: int | None = None
-
-
-def upstream_keys(config: SourceConfig, api_key: SecretStr | str | None = None,
-                  problems: list[str] | None = None) -> list[UpstreamKey]:
-    """The keys of ``config``: ``source.api_keys`` (each ``key_file`` read, problems
-    named ``source.api_keys[i].key_file: ...``), else the one ``api_key`` (already
-    resolved from ``api_key`` / ``api_key_file`` by the settings) as ``default``.
-
-    Problems go to ``problems``; without a list, they raise :class:`ConfigError`.
-    """
-    own = problems if problems is not None else []
-    keys: list[UpstreamKey] = []
-    if config.api_keys is None:
-        single = SecretStr(api_key) if isinstance(api_key, str) else api_key
-        keys.append(UpstreamKey(DEFAULT_NAME, single))
-    else:
-        for i, entry in enumerate(config.api_keys):
-            key = entry.key
-            if entry.key_file is not None:
-                found: list[str] = []
-                key = read_key_file(entry.key_file, found)
-                own.extend(p.replace("source.api_key_file", f"source.api_keys[{i}].key_file", 1)
-                           for p in found)
-            keys.append(UpstreamKey(entry.name, key, entry.limit))
-    if problems is None and own:
-        raise ConfigError(own)
-    return keys
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,6 +205,12 @@ class UpstreamPool:
     def sources(self) -> list[AlenoSource]:
         """The connections' sources, in the order of the keys."""
         return [c.source for c in self._connections]
+
+    @property
+    def stats(self) -> SourceStats:
+        """The counters of the first connection (the only one with a single key);
+        :meth:`connection_snapshots` has every connection's."""
+        return self._connections[0].source.stats
 
     def source_of(self, kind: str, symbol: str) -> AlenoSource | None:
         """The connection a symbol is placed on (``None``: on none)."""

@@ -330,3 +330,48 @@ async def test_two_shards_each_lease_their_own_symbols(
     await wait_until(lambda: not upstream(simulator, "test-key") and
                      not upstream(simulator, "other-key"), 5, "all released")
     assert await snippet["renew_all"](client, leases, prefix=prefix, timeout=1.0) == leases
+
+
+async def test_a_real_bridge_leases_over_nats_and_delivers_through_its_routes(
+    simulator: Simulator, run_bridge: Any, client: Client, nats_url: str,
+) -> None:
+    """The wiring of :class:`bridge.app.Bridge`: its ``subscriptions`` reach the doors,
+    and a leased symbol's updates go through the routes to the sink."""
+    prefix = unique()
+    pinned, leased = simulator.tickers[0], simulator.tickers[5]
+    text = f"""
+source:
+  url: {simulator.url}
+  api_key: test-key
+  tickers: [{pinned}]
+  backoff: {{initial_s: 0.05, max_s: 0.3}}
+  leases: {{enabled: true, default_ttl_s: 5, max_ttl_s: 30, grace_s: 0.3}}
+sinks: {{mem: {{driver: memory}}}}
+routes: [{{sinks: [mem]}}]
+http: {{enabled: false}}
+shutdown_timeout_s: 5
+control:
+  nats: {{servers: ["{nats_url}"], subject_prefix: {prefix}, name: {prefix.replace('.', '-')}}}
+"""
+    settings = parse_config(text, env={}, drivers=Drivers(injected={"memory": MemorySink}))
+    running = run_bridge(settings)
+    await running.until(lambda: upstream(simulator, "test-key") == {pinned})
+    deadline = time.monotonic() + 10
+    while True:  # the door connects in the background
+        try:
+            code, doc = await ask(client, f"{prefix}.subscribe",
+                                  {"kind": "ticker", "symbols": [leased], "ttl_s": 5}, 1)
+            break
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError):
+            assert time.monotonic() < deadline, "the NATS door never answered"
+    assert code is None and doc["symbols"][leased]["status"] == "accepted", doc
+    assert leased in upstream(simulator, "test-key")
+
+    def delivered() -> bool:
+        return any(json.loads(m.body)["subject"] == leased for m in running.sink.received)
+
+    await running.until(delivered, 2.5)
+    code, doc = await ask(client, f"{prefix}.release", {"lease": doc["lease"]})
+    assert code is None and doc["released"] is True
+    await running.until(lambda: leased not in upstream(simulator, "test-key"), 5)
+    assert upstream(simulator, "test-key") == {pinned}
