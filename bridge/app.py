@@ -176,7 +176,11 @@ class Bridge:
         )
         self.last_values = self.market.values
         if self.source is not None:
-            self.source.on_link = self.market.link
+            if len(self.source.sources) > 1:
+                self.source.on_connection_link = (
+                    lambda name, up, cause: self.market.link(up, cause, name))
+            else:
+                self.source.on_link = self.market.link
         self._stale_watch: asyncio.Task[None] | None = None
         #: the control surface (``/v1/`` on the HTTP server and the NATS service)
         self.control: Control | None = Control(self)

@@ -228,8 +228,9 @@ class MarketState:
         #: the connection is up (data flows); the stale watch runs only then
         self.link_up = True
         self._up_since = time.monotonic()
-        self._down_at: float | None = None
-        self._down_reason = ""
+        #: the connections that are down: since when, and why
+        self._down: dict[str, float] = {}
+        self._down_reasons: dict[str, str] = {}
         self._last_sent_ms = 0
 
     def set_interval(self, update_interval_s: float) -> None:
@@ -334,39 +335,42 @@ class MarketState:
             self.emit(self._count(out))
         return out
 
-    def link(self, up: bool, cause: str) -> None:
-        """The upstream connection came up (data flows) or went down: emit ``up`` /
-        ``down``. While it is down no symbol is declared stale (``down`` says it all);
-        when it comes up, the stale watch waits a whole period again (see
+    def link(self, up: bool, cause: str, connection: str = "") -> None:
+        """An upstream connection came up (data flows) or went down: emit ``up`` /
+        ``down``. While a connection is down no symbol is declared stale (``down`` says
+        it all); when it comes up, the stale watch waits a whole period again (see
         :meth:`scan_stale`), so a reconnect does not make every symbol stale at once.
 
+        ``connection`` names the connection when the bridge has several API keys
+        (``data.connection``, and part of the id); each has its own up/down.
         Both ids name the last update seen before the outage: replicas of a shard that
         lost the same upstream at the same point agree on them.
         """
         now = time.monotonic()
         last = self._last_sent_ms
         wall = time.time_ns() // 1_000_000
+        named = {"connection": connection} if connection else {}
+        tag = f"{connection}:" if connection else ""
+        down_at = self._down.get(connection)
         if up:
             self._up_since = now
-            if self.link_up:
-                return  # the first connection: no outage to report
-            self.link_up = True
-            outage = None if self._down_at is None else int((now - self._down_at) * 1000)
+            if down_at is None:
+                return  # the first connection, or no outage to report
+            del self._down[connection]
+            reason = self._down_reasons.pop(connection, "")
             ev = StatusEvent("up", UPSTREAM_SUBJECT, wall, {
-                "reason": self._down_reason, "outageMs": outage,
+                **named, "reason": reason, "outageMs": int((now - down_at) * 1000),
                 "lastSentTimestampMs": last or None,
-            }, self.source, id_=f"status:up:{UPSTREAM_SUBJECT}:{last}")
-            self._down_at = None
-            self._down_reason = ""
+            }, self.source, id_=f"status:up:{UPSTREAM_SUBJECT}:{tag}{last}")
         else:
-            if not self.link_up:
+            if down_at is not None:
                 return
-            self.link_up = False
-            self._down_at = now
-            self._down_reason = cause
+            self._down[connection] = now
+            self._down_reasons[connection] = cause
             ev = StatusEvent("down", UPSTREAM_SUBJECT, wall, {
-                "reason": cause, "lastSentTimestampMs": last or None,
-            }, self.source, id_=f"status:down:{UPSTREAM_SUBJECT}:{last}")
+                **named, "reason": cause, "lastSentTimestampMs": last or None,
+            }, self.source, id_=f"status:down:{UPSTREAM_SUBJECT}:{tag}{last}")
+        self.link_up = not self._down
         self.emit(self._count([ev]))
 
 

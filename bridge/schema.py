@@ -27,6 +27,7 @@ from pydantic import (
 )
 
 from bridge.envelope import Format
+from bridge.sinkkit import server_urls, split_list
 from bridge.templates import template_problem
 
 
@@ -370,35 +371,12 @@ class ControlNatsConfig(_Model):
     #: (1 MiB by default). Never more than ``max_payload``, whatever is set here.
     snapshot_page_bytes: int | None = Field(None, ge=4096)
 
-    @field_validator("servers", mode="before")
-    @classmethod
-    def _split(cls, v: object) -> object:
-        if isinstance(v, str):
-            return [part.strip() for part in v.split(",") if part.strip()]
-        return v
+    _split = field_validator("servers", mode="before")(split_list)
 
     @field_validator("servers")
     @classmethod
     def _urls(cls, v: list[str]) -> list[str]:
-        out = []
-        for i, url in enumerate(v):
-            full = url if "://" in url else f"nats://{url}"
-            try:
-                parts = urlsplit(full)
-                parts.port  # noqa: B018 - raises on a bad port
-            except ValueError:
-                msg = f"servers[{i}] is not a valid URL"
-                raise ValueError(msg) from None
-            if parts.scheme not in _NATS_SCHEMES or not parts.hostname:
-                msg = (f"servers[{i}] must look like nats://host:4222 "
-                       f"(schemes: {', '.join(_NATS_SCHEMES)})")
-                raise ValueError(msg)
-            if parts.username or parts.password:
-                msg = (f"servers[{i}] holds credentials; put them in username/password, "
-                       "token or credentials_file so that they stay secret")
-                raise ValueError(msg)
-            out.append(full)
-        return out
+        return server_urls(v, _NATS_SCHEMES, example="nats://host:4222")
 
     @field_validator("subject_prefix")
     @classmethod

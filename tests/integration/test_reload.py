@@ -184,3 +184,31 @@ def _wait(cond: Any, timeout: float, proc: Proc) -> None:
             break
         time.sleep(0.1)
     raise AssertionError(f"condition not met within {timeout}s; output:\n{proc.output()[-3000:]}")
+
+
+def test_a_configmap_style_symlink_swap_is_reloaded_without_a_signal(tmp_path: Path) -> None:
+    """Kubernetes updates a ConfigMap volume by swapping the ``..data`` symlink: the
+    file itself is never written. The directory watch sees it and the bridge reloads
+    (here: one symbol added, subscribed on the open connection)."""
+    port = free_port()
+    with Proc([*CLI, "simulate", "--port", str(port), "--api-key", "test-key",
+               "--interval", "0.2", "--admin"], tmp_path / "sim.log") as _sim:
+        wait_port(port)
+        url = f"http://127.0.0.1:{port}"
+        mount, out = tmp_path / "mount", tmp_path / "out.jsonl"
+        (mount / "..v1").mkdir(parents=True)
+        (mount / "..v1" / "config.yaml").write_text(_config(url, out, ["BTC/USD"], watch=True))
+        (mount / "..data").symlink_to("..v1")
+        (mount / "config.yaml").symlink_to("..data/config.yaml")
+        with Proc([*CLI, "run", "-c", str(mount / "config.yaml")],
+                  tmp_path / "bridge.log") as bridge:
+            _wait(lambda: _symbols(out) == {"BTC/USD"}, 15, bridge)
+            connects = _admin(port)["connects"]
+            (mount / "..v2").mkdir()
+            (mount / "..v2" / "config.yaml").write_text(
+                _config(url, out, ["BTC/USD", "ETH/USD"], watch=True))
+            (mount / "..data_tmp").symlink_to("..v2")
+            os.replace(mount / "..data_tmp", mount / "..data")  # the atomic swap
+            _wait(lambda: "ETH/USD" in _symbols(out), 15, bridge)
+            assert _admin(port)["connects"] == connects
+        assert "changed: reloading" in bridge.output()

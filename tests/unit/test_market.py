@@ -160,3 +160,24 @@ def test_status_events_follow_only_routes_that_ask_for_them() -> None:
     assert [m.topic for m in status.got] == ["status.BTC/USD", "status.upstream"]
     assert [m.event.kind for m in prices.got] == ["ticker"]
     assert router.unrouted == 0  # a status event no route asked for is not "unrouted"
+
+
+def test_several_keys_each_connection_has_its_own_down_and_up() -> None:
+    st, emitted = _state(stale_after_s=1.0)
+    st.observe("ticker", sample_events(symbols=2, updates=1))
+    st.link(True, "", "a")
+    st.link(True, "", "b")
+    st.link(False, "connection lost", "a")
+    st.link(False, "no update for 10s", "b")
+    st.link(False, "again", "a")  # already down: nothing new
+    st.link(True, "", "a")
+    assert not st.link_up  # b is still down: no symbol is declared stale
+    now = st.values.get("ticker", "T0/USD").received_monotonic + 30  # type: ignore[union-attr]
+    assert st.scan_stale(now=now) == []
+    st.link(True, "", "b")
+    assert st.link_up
+    got = [(e.data["status"], e.data["connection"], e.data["reason"]) for e in emitted]
+    assert got == [("down", "a", "connection lost"), ("down", "b", "no update for 10s"),
+                   ("up", "a", "connection lost"), ("up", "b", "no update for 10s")]
+    assert emitted[0].id == f"status:down:upstream:a:{T0_MS}"
+    assert len({e.id for e in emitted}) == 4
