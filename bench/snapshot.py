@@ -135,7 +135,6 @@ async def _run_client(mode: str, url: str, args: argparse.Namespace) -> dict[str
 async def bench(args: argparse.Namespace) -> int:
     from bridge.app import Bridge
     from bridge.config import parse_config
-    from bridge.control import Control, start_nats_control
     from bridge.sinks import Drivers, Message
     from bridge.testing import MemorySink
     from tests.support.nats import NatsServer
@@ -153,7 +152,10 @@ async def bench(args: argparse.Namespace) -> int:
     server = None
     nats_url = args.nats
     if nats_url is None:
-        server = NatsServer(work / "nats", jetstream=False).start()
+        # a full 10,000-symbol snapshot is ~6 MB: with the default max_payload (1 MiB)
+        # it comes in 6 pages, with 8 MiB (the largest NATS recommends) in one reply
+        server = NatsServer(work / "nats", jetstream=False,
+                            config=f"max_payload: {args.max_payload}\n").start()
         nats_url = server.url
     port = free_port()
     sim = await asyncio.create_subprocess_exec(
@@ -161,7 +163,6 @@ async def bench(args: argparse.Namespace) -> int:
         str(args.interval), "--count", str(args.symbols), "--ticks-file",
         str(work / "ticks.txt"), stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.DEVNULL)
-    own_door = None
     stop = asyncio.Event()
     task = None
     try:
@@ -184,12 +185,6 @@ async def bench(args: argparse.Namespace) -> int:
                                 drivers=Drivers(injected={"memory": MemorySink}))
         sink = CountingSink("mem")
         bridge = Bridge.from_settings(settings, sinks={"mem": sink})
-        if getattr(bridge, "control", None) is None:
-            # app.py does not build the control surface yet: wire it as it will
-            bridge.control = Control(bridge)
-            cfg = settings.config.control.nats
-            assert cfg is not None
-            own_door = await start_nats_control(bridge.control, cfg, bridge.redact)
         task = asyncio.create_task(bridge.run(stop))
         start = time.monotonic()
         while len(bridge.last_values) < args.symbols or bridge.http_port is None:
@@ -219,8 +214,6 @@ async def bench(args: argparse.Namespace) -> int:
         if task is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(task, 20)
-        if own_door is not None:
-            await own_door.close()
         with contextlib.suppress(ProcessLookupError):
             sim.terminate()
         with contextlib.suppress(Exception):
@@ -271,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--rate", type=float, default=5.0, help="snapshots per second")
     parser.add_argument("--nats", default=None, help="a running nats-server (default: own)")
+    parser.add_argument("--max-payload", type=int, default=8 * 1024 * 1024,
+                        help="max_payload of the bench's own nats-server (bytes)")
     args = parser.parse_args(argv)
     if args.cmd == "client":
         asyncio.run(_client(args))

@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import time
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -129,7 +130,7 @@ async def test_a_reload_adds_a_sink_and_a_route_and_leaves_the_others_untouched(
 
 def _gaps(events: list[dict[str, Any]], symbol: str, interval_ms: float) -> list[int]:
     sent = sorted({e["data"]["sentTimestampMs"] for e in events if e["subject"] == symbol})
-    return [b - a for a, b in zip(sent, sent[1:], strict=False) if b - a > 1.5 * interval_ms]
+    return [b - a for a, b in pairwise(sent) if b - a > 1.5 * interval_ms]
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="SIGHUP is POSIX")
