@@ -198,16 +198,26 @@ async def bench(args: argparse.Namespace) -> int:
         http_url = f"http://127.0.0.1:{bridge.http_port}/v1/snapshot"
         phases: dict[str, dict[str, int]] = {}
         results: dict[str, dict[str, Any]] = {}
+        lags: dict[str, list[float]] = {}
         for phase in ("baseline", "http", "nats"):
             before = _Counters(bridge, sink)
+            lags[phase] = []
+            probe = asyncio.create_task(_loop_lag(lags[phase]))
             if phase == "baseline":
                 await asyncio.sleep(args.seconds)
             else:
                 url = http_url if phase == "http" else nats_url
                 results[phase] = await _run_client(phase, url, args)
+            probe.cancel()
             await asyncio.sleep(0)
             phases[phase] = _Counters(bridge, sink).minus(before)
         _report(args, phases, results)
+        print("\nevent-loop lag of the bridge (a 5 ms timer's lateness: how long a request "
+              "may wait before the bridge even reads it)")
+        print(f"{'phase':<9} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8}")
+        for phase, values in lags.items():
+            ms = [v * 1000 for v in values] or [0.0]
+            print(f"{phase:<9} {_pct(ms, 0.5):>8.2f} {_pct(ms, 0.99):>8.2f} {max(ms):>8.2f}")
         return 0
     finally:
         stop.set()
@@ -220,6 +230,14 @@ async def bench(args: argparse.Namespace) -> int:
             await asyncio.wait_for(sim.wait(), 10)
         if server is not None:
             server.stop()
+
+
+async def _loop_lag(out: list[float], period: float = 0.005) -> None:
+    """Record how late a ``period`` timer fires on the bridge's event loop."""
+    while True:
+        start = time.perf_counter()
+        await asyncio.sleep(period)
+        out.append(max(0.0, time.perf_counter() - start - period))
 
 
 def _pct(values: list[float], q: float) -> float:
