@@ -590,6 +590,8 @@ class Bridge:
             overload=self._overload_snapshot(),
             sinks=tuple(w.snapshot() for w in self.workers.values()),
             market=self.market.snapshot(),
+            connections=(self.source.connection_snapshots()
+                         if self.source is not None else ()),
             reloads=frozen_counts(self.reloads),
         )
 

@@ -48,6 +48,9 @@ LAST_VALUES: Final = "aleno_bridge_last_values"
 STALE_SYMBOLS: Final = "aleno_bridge_stale_symbols"
 STATUS_EVENTS: Final = "aleno_bridge_status_events"
 CONFIG_RELOADS: Final = "aleno_bridge_config_reloads"
+UPSTREAM_CONNECTION_UP: Final = "aleno_bridge_upstream_connection_up"
+UPSTREAM_CONNECTION_SYMBOLS: Final = "aleno_bridge_upstream_connection_symbols"
+UPSTREAM_CONNECTION_LIMIT: Final = "aleno_bridge_upstream_connection_limit"
 UPSTREAM_LAG_SECONDS: Final = "aleno_bridge_upstream_lag_seconds"
 EVENTS_RECEIVED: Final = "aleno_bridge_events_received"
 EVENTS_INVALID: Final = "aleno_bridge_events_invalid"
@@ -237,6 +240,23 @@ class SnapshotCollector(Collector):
         for result in ("applied", "unchanged", "invalid", "refused", "failed"):
             reloads.add_metric([result], snap.reloads.get(result, 0))
         yield reloads
+        conn_up = GaugeMetricFamily(UPSTREAM_CONNECTION_UP,
+                                    "1 while an upstream connection (one per API key) is "
+                                    "ready: it carries no symbol, or prices flow on it.",
+                                    labels=["connection"])
+        conn_symbols = GaugeMetricFamily(UPSTREAM_CONNECTION_SYMBOLS,
+                                         "Symbols placed on an upstream connection.",
+                                         labels=["connection"])
+        conn_limit = GaugeMetricFamily(UPSTREAM_CONNECTION_LIMIT,
+                                       "The symbols an API key may hold, configured or "
+                                       "learned (-1: not known yet).", labels=["connection"])
+        for conn in snap.connections:
+            conn_up.add_metric([conn.name], 1.0 if conn.ready else 0.0)
+            conn_symbols.add_metric([conn.name], conn.symbols)
+            conn_limit.add_metric([conn.name], -1 if conn.limit is None else conn.limit)
+        yield conn_up
+        yield conn_symbols
+        yield conn_limit
 
         state = GaugeMetricFamily(SINK_STATE, "1 for the current state of a sink.",
                                   labels=["sink", "driver", "state"])

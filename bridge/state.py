@@ -182,6 +182,27 @@ class Destination:
     key: str | None
 
 
+@dataclass(frozen=True, slots=True)
+class ConnectionSnapshot:
+    """One connection of the pool (one API key)."""
+
+    name: str
+    #: the symbols this key may hold (``None``: not known yet)
+    limit: int | None
+    #: ``limit`` was learned from the upstream's limit error, not configured
+    limit_learned: bool
+    #: symbols placed on this connection (subscribed, or on its next connect)
+    symbols: int
+    #: why the connection gave up for good (``None``: it runs)
+    failed: str | None
+    upstream: UpstreamSnapshot
+
+    @property
+    def ready(self) -> bool:
+        """Carries no symbol, or carries some and a price arrived lately."""
+        return self.failed is None and (self.symbols == 0 or self.upstream.ready)
+
+
 #: the ``data.status`` values of ``ai.aleno.status.v1`` events
 STATUSES = ("down", "up", "stale", "fresh", "gap")
 
@@ -209,6 +230,8 @@ class BridgeSnapshot:
     #: ``None`` where a snapshot is built by hand (tests)
     overload: OverloadSnapshot | None = None
     market: MarketSnapshot | None = None
+    #: every upstream connection (one per API key), when the bridge has a source
+    connections: tuple[ConnectionSnapshot, ...] = ()
     #: configuration reloads so far, by result (:data:`bridge.reload.RESULTS`)
     reloads: Mapping[str, int] = field(default_factory=dict)
 
@@ -238,6 +261,18 @@ def readiness(snap: BridgeSnapshot,
             "error": redact(up.last_error) if up.last_error and not upstream_ok else None,
         }
         ok = ok and upstream_ok
+    if len(snap.connections) > 1:  # several API keys: each connection on its own
+        for conn in snap.connections:
+            c_up = conn.upstream
+            c_since = c_up.seconds_since_update
+            checks[f"upstream:{conn.name}"] = {
+                "ok": conn.ready, "state": c_up.state.value, "symbols": conn.symbols,
+                "limit": conn.limit, "limit_learned": conn.limit_learned,
+                "seconds_since_update": None if c_since is None else round(c_since, 3),
+                "failed": redact(conn.failed) if conn.failed else None,
+                "error": (redact(c_up.last_error)
+                          if c_up.last_error and not conn.ready else None),
+            }
     for sink in snap.sinks:
         # not ready: why (the connection error, or the refusal of the last publish)
         error = (sink.last_error or sink.last_rejection) if not sink.ready else None
@@ -285,6 +320,7 @@ __all__ = [
     "SINK_DROP_REASONS",
     "STATUSES",
     "BridgeSnapshot",
+    "ConnectionSnapshot",
     "Destination",
     "IntakeSnapshot",
     "MarketSnapshot",

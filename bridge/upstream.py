@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Final
 
 from bridge.schema import SourceConfig
@@ -49,7 +48,7 @@ from bridge.source import (
     SubscriptionStatus,
     normalize_symbols,
 )
-from bridge.state import UpstreamSnapshot, UpstreamState, frozen_counts
+from bridge.state import ConnectionSnapshot, UpstreamSnapshot, UpstreamState, frozen_counts
 
 log = logging.getLogger("aleno_bridge.upstream")
 
@@ -65,27 +64,6 @@ _STATE_ORDER: Final = (UpstreamState.REFUSED, UpstreamState.DISCONNECTED,
 #: ``(connection name, up, cause)``: the ``up`` / ``down`` of one connection
 ConnectionLinkHandler = Callable[[str, bool, str], None]
 _LimitHandler = Callable[[str, list[str]], None]
-
-
-@dataclass(frozen=True, slots=True)
-class ConnectionSnapshot:
-    """One connection of the pool (one API key)."""
-
-    name: str
-    #: the symbols this key may hold (``None``: not known yet)
-    limit: int | None
-    #: ``limit`` was learned from the upstream's limit error, not configured
-    limit_learned: bool
-    #: symbols placed on this connection (subscribed, or on its next connect)
-    symbols: int
-    #: why the connection gave up for good (``None``: it runs)
-    failed: str | None
-    upstream: UpstreamSnapshot
-
-    @property
-    def ready(self) -> bool:
-        """Carries no symbol, or carries some and a price arrived lately."""
-        return self.failed is None and (self.symbols == 0 or self.upstream.ready)
 
 
 class _Connection:
