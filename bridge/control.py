@@ -278,7 +278,7 @@ import math
 import re
 import secrets
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
@@ -1164,68 +1164,63 @@ class NatsControl:
         return limit if wanted is None else min(wanted, limit)
 
     async def _on_snapshot(self, request: Any) -> None:
-        await _respond(request, lambda: self.control.answer(
-            query_from_json(request.data), max_bytes=self.page_bytes()).body)
+        async def answer() -> bytes:
+            query = query_from_json(request.data)
+            return self.control.answer(query, max_bytes=self.page_bytes()).body
+        await _respond(request, answer)
 
     async def _on_subscribe(self, request: Any) -> None:
         """Every shard receives it and answers for its own symbols; a shard that owns
         none of them stays silent (unsharded: always answers)."""
-        try:
+        async def answer() -> bytes | None:
             req = lease_from_json(request.data)
             sharded = self.control.shard is not None
-            answer = await self.control.lease(req.kind, req.symbols, req.ttl_s, req.holder,
-                                              foreign="omit" if sharded else "report")
-        except ControlError as exc:
-            await _respond_error(request, exc)
-            return
-        if answer.owned or self.control.shard is None:
-            await request.respond(answer.body)
+            got = await self.control.lease(req.kind, req.symbols, req.ttl_s, req.holder,
+                                           foreign="omit" if sharded else "report")
+            return got.body if got.owned or not sharded else None
+        await _respond(request, answer)
 
     async def _on_subscribe_shard(self, request: Any) -> None:
-        try:
+        async def answer() -> bytes:
             req = lease_from_json(request.data)
-            answer = await self.control.lease(req.kind, req.symbols, req.ttl_s, req.holder)
-        except ControlError as exc:
-            await _respond_error(request, exc)
-            return
-        await request.respond(answer.body)
+            return (await self.control.lease(req.kind, req.symbols, req.ttl_s,
+                                             req.holder)).body
+        await _respond(request, answer)
 
     async def _on_renew(self, request: Any) -> None:
-        try:
+        async def answer() -> bytes | None:
             req = renew_from_json(request.data)
             self.control.check_leases()
             if not self.control.granted_here(req.lease):
-                return  # another process's lease: that one answers
-            answer = await self.control.renew(req.lease, req.ttl_s)
-        except ControlError as exc:
-            await _respond_error(request, exc)
-            return
-        await request.respond(answer.body)
+                return None  # another process's lease: that one answers
+            return (await self.control.renew(req.lease, req.ttl_s)).body
+        await _respond(request, answer)
 
     async def _on_release(self, request: Any) -> None:
-        try:
+        async def answer() -> bytes | None:
             lease = release_from_json(request.data)
             self.control.check_leases()
             if not self.control.granted_here(lease):
-                return
+                return None
             await self.control.release(lease)
-        except ControlError as exc:
-            await _respond_error(request, exc)
-            return
-        await request.respond(orjson.dumps({"lease": lease, "released": True}))
+            return orjson.dumps({"lease": lease, "released": True})
+        await _respond(request, answer)
 
 
 class ControlConnectError(Exception):
     """The control door could not connect (the message holds no secret)."""
 
 
-async def _respond(request: Any, build: Callable[[], bytes]) -> None:
+async def _respond(request: Any, answer: Callable[[], Awaitable[bytes | None]]) -> None:
+    """Reply with what ``answer()`` returns (``None``: stay silent, another process
+    answers), or with the micro protocol's error for a :class:`ControlError`."""
     try:
-        body = build()
+        body = await answer()
     except ControlError as exc:
         await _respond_error(request, exc)
         return
-    await request.respond(body)
+    if body is not None:
+        await request.respond(body)
 
 
 async def _respond_error(request: Any, exc: ControlError) -> None:

@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import orjson
@@ -44,7 +45,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from bridge.config import HttpConfig
 from bridge.control import (
     ControlError,
-    QueryError,
     lease_from_json,
     parse_lease_id,
     query_from_params,
@@ -97,65 +97,48 @@ def make_app(bridge: Observed) -> web.Application:
         resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
         return resp
 
-    async def snapshot(request: web.Request) -> web.Response:
-        control: Control | None = getattr(bridge, "control", None)
-        if control is None:
-            return web.json_response({"error": "this bridge has no control surface"},
-                                     status=404)
-        try:
-            reply = control.answer(query_from_params(request.query))
-        except QueryError as exc:
-            return web.Response(body=exc.body(), status=400, content_type="application/json")
-        return web.Response(body=reply.body, content_type="application/json")
+    def door(handle: Callable[[Control, web.Request], Awaitable[web.Response]]
+             ) -> Callable[[web.Request], Awaitable[web.Response]]:
+        """A ``/v1/`` route: 404 without a control surface, a refused request's
+        :class:`ControlError` as its JSON body and status."""
+        async def route(request: web.Request) -> web.Response:
+            control: Control | None = getattr(bridge, "control", None)
+            if control is None:
+                return web.json_response({"error": "this bridge has no control surface"},
+                                         status=404)
+            try:
+                return await handle(control, request)
+            except ControlError as exc:
+                return web.Response(body=exc.body(), status=exc.status,
+                                    content_type="application/json")
+        return route
 
-    def _error(exc: ControlError) -> web.Response:
-        return web.Response(body=exc.body(), status=exc.status,
-                            content_type="application/json")
+    def _json(body: bytes) -> web.Response:
+        return web.Response(body=body, content_type="application/json")
 
-    def _no_control() -> web.Response:
-        return web.json_response({"error": "this bridge has no control surface"},
-                                 status=404)
+    async def snapshot(control: Control, request: web.Request) -> web.Response:
+        return _json(control.answer(query_from_params(request.query)).body)
 
-    async def subscribe(request: web.Request) -> web.Response:
-        control: Control | None = getattr(bridge, "control", None)
-        if control is None:
-            return _no_control()
-        try:
-            req = lease_from_json(await request.read())
-            answer = await control.lease(req.kind, req.symbols, req.ttl_s, req.holder)
-        except ControlError as exc:
-            return _error(exc)
-        return web.Response(body=answer.body, content_type="application/json")
+    async def subscribe(control: Control, request: web.Request) -> web.Response:
+        req = lease_from_json(await request.read())
+        return _json((await control.lease(req.kind, req.symbols, req.ttl_s, req.holder)).body)
 
-    async def renew(request: web.Request) -> web.Response:
-        control: Control | None = getattr(bridge, "control", None)
-        if control is None:
-            return _no_control()
-        try:
-            req = renew_from_json(await request.read(), request.match_info["lease"])
-            answer = await control.renew(req.lease, req.ttl_s)
-        except ControlError as exc:
-            return _error(exc)
-        return web.Response(body=answer.body, content_type="application/json")
+    async def renew(control: Control, request: web.Request) -> web.Response:
+        req = renew_from_json(await request.read(), request.match_info["lease"])
+        return _json((await control.renew(req.lease, req.ttl_s)).body)
 
-    async def release(request: web.Request) -> web.Response:
-        control: Control | None = getattr(bridge, "control", None)
-        if control is None:
-            return _no_control()
-        try:
-            await control.release(parse_lease_id(request.match_info["lease"]))
-        except ControlError as exc:
-            return _error(exc)
+    async def release(control: Control, request: web.Request) -> web.Response:
+        await control.release(parse_lease_id(request.match_info["lease"]))
         return web.Response(status=204)
 
     app = web.Application(client_max_size=MAX_BODY_BYTES)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
-    app.router.add_get("/v1/snapshot", snapshot)
-    app.router.add_post("/v1/subscriptions", subscribe)
-    app.router.add_post("/v1/subscriptions/{lease}/renew", renew)
-    app.router.add_delete("/v1/subscriptions/{lease}", release)
+    app.router.add_get("/v1/snapshot", door(snapshot))
+    app.router.add_post("/v1/subscriptions", door(subscribe))
+    app.router.add_post("/v1/subscriptions/{lease}/renew", door(renew))
+    app.router.add_delete("/v1/subscriptions/{lease}", door(release))
     return app
 
 
