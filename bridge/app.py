@@ -57,14 +57,14 @@ from bridge.normalize import TICKER_EVENT, Normalizer
 from bridge.reload import (
     ConfigWatcher,
     ReloadOutcome,
+    pinned_changed,
     restart_needed,
     same_sink,
-    symbol_diff,
 )
 from bridge.routing import Router
 from bridge.runner import DISPATCH_CHUNK, SinkWorker
 from bridge.settings import upstream_keys
-from bridge.sharding import shard_symbols
+from bridge.sharding import configured_symbols
 from bridge.sinks import Sink
 from bridge.state import (
     BridgeSnapshot,
@@ -527,7 +527,7 @@ class Bridge:
             self._retire(w)
         if self.subscriptions is not None:
             self.subscriptions.config = new.config.source.leases
-        if symbol_diff(old.config, new.config):
+        if pinned_changed(old.config, new.config):
             changes += await self._apply_symbols(new)
         if not changes:
             log.info("configuration reloaded: nothing changed", extra={"reload": "unchanged"})
@@ -542,12 +542,7 @@ class Bridge:
         subs = self.subscriptions
         if subs is None:
             return []
-        src = new.config.source
-        pinned = {"ticker": list(src.tickers), "equity": list(src.equities)}
-        if src.shard is not None:
-            pinned = {k: shard_symbols(k, v, src.shard.index, src.shard.count)
-                      for k, v in pinned.items()}
-        diff = await subs.set_pinned(pinned)
+        diff = await subs.set_pinned(configured_symbols(new.config.source))
         out: list[str] = []
         for kind in ("ticker", "equity"):
             added, removed = diff.added.get(kind, {}), diff.removed.get(kind, {})

@@ -103,21 +103,17 @@ class LastValues:
         """The live mapping of one kind (symbol -> value); read-only for callers."""
         return self._kinds[kind]
 
-    def put(self, event: Event, received_monotonic: float | None = None) -> LastValue | None:
-        """Keep ``event`` as the last value of its symbol unless a newer one is cached;
-        return the previous value."""
+    def put(self, event: Event, received_monotonic: float | None = None) -> None:
+        """Keep ``event`` as the last value of its symbol unless a newer one is cached."""
         values = self._kinds[event.kind]
-        prev = values.get(event.symbol)
         now = time.monotonic() if received_monotonic is None else received_monotonic
-        if prev is None:
+        lv = values.get(event.symbol)
+        if lv is None:
             values[event.symbol] = LastValue(event, now)
             self._sorted[event.kind] = None
-        elif event.sent_ms >= prev.event.sent_ms:
-            prev = LastValue(prev.event, prev.received_monotonic)
-            current = values[event.symbol]
-            current.event = event
-            current.received_monotonic = now
-        return prev
+        elif event.sent_ms >= lv.event.sent_ms:
+            lv.event = event
+            lv.received_monotonic = now
 
     def get(self, kind: str, symbol: str) -> LastValue | None:
         values = self._kinds.get(kind)
@@ -225,13 +221,16 @@ class MarketState:
         self._wanted = wanted
         self.stale = 0
         self.counts: dict[str, int] = dict.fromkeys(STATUSES, 0)
-        #: the connection is up (data flows); the stale watch runs only then
-        self.link_up = True
         self._up_since = time.monotonic()
         #: the connections that are down: since when, and why
         self._down: dict[str, float] = {}
         self._down_reasons: dict[str, str] = {}
         self._last_sent_ms = 0
+
+    @property
+    def link_up(self) -> bool:
+        """No connection is down: the stale watch runs only then."""
+        return not self._down
 
     def set_interval(self, update_interval_s: float) -> None:
         """The upstream cadence the gap detection expects (a reload may change it)."""
@@ -370,7 +369,6 @@ class MarketState:
             ev = StatusEvent("down", UPSTREAM_SUBJECT, wall, {
                 **named, "reason": cause, "lastSentTimestampMs": last or None,
             }, self.source, id_=f"status:down:{UPSTREAM_SUBJECT}:{tag}{last}")
-        self.link_up = not self._down
         self.emit(self._count([ev]))
 
 

@@ -25,6 +25,7 @@ from bridge.state import (
     ACK_STATUSES,
     KINDS,
     PIPELINE_DROP_REASONS,
+    RELOAD_RESULTS,
     SINK_DROP_REASONS,
     STATUSES,
     BridgeSnapshot,
@@ -237,7 +238,7 @@ class SnapshotCollector(Collector):
         reloads = CounterMetricFamily(CONFIG_RELOADS,
                                       "Configuration reloads (SIGHUP or a change of the file), "
                                       "by result.", labels=["result"])
-        for result in ("applied", "unchanged", "invalid", "refused", "failed"):
+        for result in RELOAD_RESULTS:
             reloads.add_metric([result], snap.reloads.get(result, 0))
         yield reloads
         conn_up = GaugeMetricFamily(UPSTREAM_CONNECTION_UP,

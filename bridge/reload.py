@@ -35,10 +35,11 @@ from pathlib import Path
 from typing import Any, Final
 
 from bridge.config import Config, Settings, SinkSpec
+from bridge.state import RELOAD_RESULTS
 
 log = logging.getLogger("aleno_bridge.reload")
 
-RESULTS: Final = ("applied", "unchanged", "invalid", "refused", "failed")
+RESULTS: Final = RELOAD_RESULTS
 #: source keys a reload may change (the rest of ``source`` needs a restart)
 HOT_SOURCE_KEYS: Final = frozenset({
     "tickers", "equities", "symbol_stale_after_s", "update_interval_s", "leases",
@@ -87,36 +88,10 @@ def same_sink(a: SinkSpec, b: SinkSpec) -> bool:
             and a.options.model_dump() == b.options.model_dump())
 
 
-@dataclass(frozen=True)
-class SymbolDiff:
-    """Symbols to subscribe and to unsubscribe, per kind."""
-
-    added: dict[str, list[str]]
-    removed: dict[str, list[str]]
-
-    def __bool__(self) -> bool:
-        return any(self.added.values()) or any(self.removed.values())
-
-    def describe(self) -> list[str]:
-        out = []
-        for kind in ("ticker", "equity"):
-            if self.added.get(kind):
-                out.append(f"+{len(self.added[kind])} {kind}(s)")
-            if self.removed.get(kind):
-                out.append(f"-{len(self.removed[kind])} {kind}(s)")
-        return out
-
-
-def symbol_diff(old: Config, new: Config) -> SymbolDiff:
-    """The configured (pinned) symbols added and removed, in the new file's order."""
-    added: dict[str, list[str]] = {}
-    removed: dict[str, list[str]] = {}
-    for kind, o, n in (("ticker", old.source.tickers, new.source.tickers),
-                       ("equity", old.source.equities, new.source.equities)):
-        o_set, n_set = set(o), set(n)
-        added[kind] = [s for s in n if s not in o_set]
-        removed[kind] = [s for s in o if s not in n_set]
-    return SymbolDiff(added, removed)
+def pinned_changed(old: Config, new: Config) -> bool:
+    """Whether the configured (pinned) ticker or equity set differs (order aside)."""
+    return (set(old.source.tickers) != set(new.source.tickers)
+            or set(old.source.equities) != set(new.source.equities))
 
 
 def file_digest(path: Path) -> str | None:
@@ -176,9 +151,8 @@ __all__ = [
     "RESULTS",
     "ConfigWatcher",
     "ReloadOutcome",
-    "SymbolDiff",
     "file_digest",
+    "pinned_changed",
     "restart_needed",
     "same_sink",
-    "symbol_diff",
 ]

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from bridge.schema import SourceConfig
 
 
 def shard_of(kind: str, symbol: str, count: int) -> int:
@@ -26,3 +30,13 @@ def shard_symbols(kind: str, symbols: Iterable[str], index: int, count: int) -> 
         msg = f"shard index must be in [0, {count}), got {index}"
         raise ValueError(msg)
     return [s for s in symbols if shard_of(kind, s, count) == index]
+
+
+def configured_symbols(source: SourceConfig) -> dict[str, list[str]]:
+    """The configured symbols this process subscribes, by kind, in the file's order:
+    all of them, or those of its shard (``source.shard``)."""
+    out = {"ticker": list(source.tickers), "equity": list(source.equities)}
+    shard = source.shard
+    if shard is not None:
+        out = {k: shard_symbols(k, v, shard.index, shard.count) for k, v in out.items()}
+    return out

@@ -74,7 +74,7 @@ from bridge import jsoncodec
 from bridge.backoff import Backoff
 from bridge.config import SourceConfig
 from bridge.normalize import EQUITY_EVENT, TICKER_EVENT
-from bridge.sharding import shard_symbols
+from bridge.sharding import configured_symbols
 from bridge.state import UpstreamSnapshot, UpstreamState, frozen_counts
 
 log = logging.getLogger("aleno_bridge.source")
@@ -290,13 +290,7 @@ class AlenoSource:
         self.on_limit: Callable[[str, list[str]], None] | None = None
         self.stats = SourceStats()
         if symbols is None:
-            tickers, equities = config.tickers, config.equities
-            if config.shard is not None:
-                tickers = shard_symbols("ticker", tickers, config.shard.index,
-                                        config.shard.count)
-                equities = shard_symbols("equity", equities, config.shard.index,
-                                         config.shard.count)
-            symbols = {"ticker": tickers, "equity": equities}
+            symbols = configured_symbols(config)
         #: the desired set, in subscription order: what every (re)connect re-issues
         self._desired: dict[str, dict[str, None]] = {
             kind: dict.fromkeys(normalize_symbols(symbols.get(kind, ()))) for kind in _EVENTS

@@ -203,6 +203,9 @@ class ConnectionSnapshot:
         return self.failed is None and (self.symbols == 0 or self.upstream.ready)
 
 
+#: the results of a configuration reload (``aleno_bridge_config_reloads_total{result}``)
+RELOAD_RESULTS = ("applied", "unchanged", "invalid", "refused", "failed")
+
 #: the ``data.status`` values of ``ai.aleno.status.v1`` events
 STATUSES = ("down", "up", "stale", "fresh", "gap")
 
@@ -232,7 +235,7 @@ class BridgeSnapshot:
     market: MarketSnapshot | None = None
     #: every upstream connection (one per API key), when the bridge has a source
     connections: tuple[ConnectionSnapshot, ...] = ()
-    #: configuration reloads so far, by result (:data:`bridge.reload.RESULTS`)
+    #: configuration reloads so far, by result (:data:`RELOAD_RESULTS`)
     reloads: Mapping[str, int] = field(default_factory=dict)
 
 
@@ -317,6 +320,7 @@ __all__ = [
     "ACK_STATUSES",
     "KINDS",
     "PIPELINE_DROP_REASONS",
+    "RELOAD_RESULTS",
     "SINK_DROP_REASONS",
     "STATUSES",
     "BridgeSnapshot",

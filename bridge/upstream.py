@@ -34,7 +34,7 @@ from typing import Final
 
 from bridge.schema import SourceConfig
 from bridge.settings import DEFAULT_NAME, UpstreamKey, upstream_keys
-from bridge.sharding import shard_symbols
+from bridge.sharding import configured_symbols
 from bridge.source import (
     LIMIT_MARK,
     AlenoSource,
@@ -102,15 +102,11 @@ class UpstreamPool:
         self.config = config
         self.on_link: LinkHandler | None = None
         self.on_connection_link: ConnectionLinkHandler | None = None
-        tickers, equities = config.tickers, config.equities
-        if config.shard is not None:
-            tickers = shard_symbols("ticker", tickers, config.shard.index, config.shard.count)
-            equities = shard_symbols("equity", equities, config.shard.index, config.shard.count)
         self._lock = asyncio.Lock()
         self._owner: dict[tuple[str, str], _Connection] = {}
         #: configured symbols that fit in no key's limit (logged, counted)
         self.unplaced: dict[str, frozenset[str]] = {k: frozenset() for k in KINDS}
-        placement = self._pack(keys, {"ticker": tickers, "equity": equities})
+        placement = self._pack(keys, configured_symbols(config))
         self._connections: list[_Connection] = []
         for key, symbols in zip(keys, placement, strict=True):
             secret = key.key.get_secret_value() if key.key is not None else None
