@@ -733,6 +733,13 @@ class Bridge:
                     await asyncio.wait_for(asyncio.shield(dispatcher), 0.1)
         self._discard_intake()  # ingested after the dispatcher ended, if anything
         results = await asyncio.gather(*(w.stop(left(deadline)) for w in self.workers.values()))
+        if self._retiring:  # sinks a reload replaced, still draining: same deadline
+            retiring = set(self._retiring)
+            _, late = await asyncio.wait(retiring, timeout=max(0.01, left(deadline)))
+            for task in late:
+                task.cancel()
+            if late:
+                await asyncio.wait(late, timeout=0.5)
         lost = dict(zip(self.workers, results, strict=True))
         for name, n in lost.items():
             w = self.workers[name]

@@ -213,3 +213,40 @@ def test_a_configmap_style_symlink_swap_is_reloaded_without_a_signal(tmp_path: P
             _wait(lambda: "ETH/USD" in _symbols(out), 15, bridge)
             assert _admin(port)["connects"] == connects
         assert "changed: reloading" in bridge.output()
+
+
+async def test_shutdown_waits_for_a_sink_a_reload_retired_within_its_deadline(
+        simulator: Simulator, tmp_path: Path) -> None:
+    """A sink removed by a reload drains in the background; a SIGTERM right after must
+    not leave that drain running past the shutdown deadline."""
+    from bridge.config import parse_config
+    from bridge.sinks import Drivers
+    from bridge.testing import MemorySink
+
+    def settings(with_mem: bool) -> Any:
+        mem = "  mem: {driver: memory, batch: {linger_ms: 0}}\n" if with_mem else ""
+        text = f"""
+source: {{url: {simulator.url}, api_key: test-key, tickers: [BTC/USD]}}
+sinks:
+  keep: {{driver: memory, batch: {{linger_ms: 0}}}}
+{mem}http: {{enabled: false}}
+reload: {{watch: false}}
+shutdown_timeout_s: 2
+"""
+        return parse_config(text, env={}, drivers=Drivers(injected={"memory": MemorySink}))
+
+    held = MemorySink("mem")
+    bridge = Bridge(settings(True), sinks={"mem": held})
+    stop = asyncio.Event()
+    task = asyncio.create_task(bridge.run(stop))
+    await wait_until(lambda: len(held.received) >= 1, 10, task=task)
+    held.hold()  # its bus hangs: what it holds cannot be delivered
+    await wait_until(lambda: bridge.workers["mem"].depth > 0, 5, task=task)
+    outcome = await bridge.reload(settings(False))
+    assert outcome.result == "applied" and "sink mem removed" in outcome.changes
+    assert bridge._retiring  # draining in the background
+    started = time.monotonic()
+    stop.set()
+    await asyncio.wait_for(task, 10)
+    assert time.monotonic() - started < 2 + 1.5
+    assert not bridge._retiring
