@@ -133,7 +133,7 @@ async def _run_client(mode: str, url: str, args: argparse.Namespace) -> dict[str
 
 
 async def bench(args: argparse.Namespace) -> int:
-    from bridge.app import Bridge
+    from bridge.app import Bridge, tune_gc
     from bridge.config import parse_config
     from bridge.sinks import Drivers, Message
     from bridge.testing import MemorySink
@@ -185,6 +185,7 @@ async def bench(args: argparse.Namespace) -> int:
                                 drivers=Drivers(injected={"memory": MemorySink}))
         sink = CountingSink("mem")
         bridge = Bridge.from_settings(settings, sinks={"mem": sink})
+        tune_gc()  # as `aleno-bridge run` does (bridge.app.serve)
         task = asyncio.create_task(bridge.run(stop))
         start = time.monotonic()
         while len(bridge.last_values) < args.symbols or bridge.http_port is None:

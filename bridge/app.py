@@ -48,6 +48,7 @@ from prometheus_client import CollectorRegistry
 from bridge import __version__
 from bridge.config import ConfigError, HttpConfig, Settings, load_config
 from bridge.control import Control, NatsControl, start_nats_control
+from bridge.controlloop import ControlLoop
 from bridge.envelope import Event
 from bridge.http import serve_http
 from bridge.logs import Redactor
@@ -645,13 +646,27 @@ class Bridge:
         Raises :class:`~bridge.source.SourceError` when the upstream gives up (bad key).
         """
         await self.start()
-        http = await serve_http(self) if self.serves_http else None
-        if http is not None:
-            self.http_port = http.port
         nats_control: NatsControl | None = None
         control_cfg = self.settings.config.control.nats
-        if control_cfg is not None and self.control is not None:
-            nats_control = await start_nats_control(self.control, control_cfg, self.redact)
+        if self.control is not None:
+            self.control.home = asyncio.get_running_loop()
+        # the HTTP server and the NATS control service answer on a thread of their own,
+        # beside the data path (see bridge.controlloop)
+        thread: ControlLoop | None = None
+        if self.serves_http or (control_cfg is not None and self.control is not None):
+            thread = ControlLoop()
+            await thread.start()
+        try:
+            http = await serve_http(self, thread) if self.serves_http else None
+            if control_cfg is not None and self.control is not None and thread is not None:
+                nats_control = await thread.run(
+                    start_nats_control(self.control, control_cfg, self.redact))
+        except BaseException:
+            if thread is not None:
+                await thread.stop()
+            raise
+        if http is not None:
+            self.http_port = http.port
         tasks: set[asyncio.Task[Any]] = {asyncio.create_task(stop.wait(), name="stop")}
         source_task = None
         expiry: asyncio.Task[None] | None = None
@@ -669,10 +684,12 @@ class Bridge:
             if expiry is not None:
                 expiry.cancel()
             lost = await self.shutdown(source_task)
-            if nats_control is not None:
-                await nats_control.close()
+            if nats_control is not None and thread is not None:
+                await thread.run(nats_control.close())
             if http is not None:
                 await http.cleanup()
+            if thread is not None:
+                await thread.stop()
         if source_task is not None and source_task.done() and not source_task.cancelled():
             exc = source_task.exception()
             if exc is not None:

@@ -50,6 +50,7 @@ from bridge.control import (
     query_from_params,
     renew_from_json,
 )
+from bridge.controlloop import ControlLoop, LoopTimeout, call_on
 
 if TYPE_CHECKING:
     from bridge.control import Control
@@ -80,19 +81,36 @@ class Observed(Protocol):
     def control(self) -> Control | None: ...
 
 
-def make_app(bridge: Observed) -> web.Application:
+def make_app(bridge: Observed, home: asyncio.AbstractEventLoop | None = None
+             ) -> web.Application:
+    """The endpoints of ``bridge``. ``home``: the bridge's event loop when the app is
+    served on another one (the control thread, :mod:`bridge.controlloop`): every
+    endpoint but ``/v1/snapshot`` then reads the bridge there."""
+
+    def at_home(handle: Callable[[web.Request], Awaitable[web.Response]]
+                ) -> Callable[[web.Request], Awaitable[web.Response]]:
+        async def route(request: web.Request) -> web.Response:
+            try:
+                return await handle(request)
+            except LoopTimeout as exc:
+                return web.json_response({"error": str(exc)}, status=503)
+        return route
+
+    @at_home
     async def healthz(_: web.Request) -> web.Response:
-        alive = bridge.alive()
+        alive = await call_on(home, bridge.alive)
         return web.json_response({"status": "ok" if alive else "dead"},
                                  status=200 if alive else 503)
 
+    @at_home
     async def readyz(_: web.Request) -> web.Response:
-        ok, checks = bridge.readiness()
+        ok, checks = await call_on(home, bridge.readiness)
         body = orjson.dumps({"ready": ok, "checks": checks})
         return web.Response(body=body, status=200 if ok else 503, content_type="application/json")
 
+    @at_home
     async def metrics(_: web.Request) -> web.Response:
-        payload = generate_latest(bridge.registry)
+        payload = await call_on(home, generate_latest, bridge.registry)
         resp = web.Response(body=payload)
         resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
         return resp
@@ -117,6 +135,7 @@ def make_app(bridge: Observed) -> web.Application:
         return web.Response(body=body, content_type="application/json")
 
     async def snapshot(control: Control, request: web.Request) -> web.Response:
+        # answered here, on the control thread: the cache is made to be read from it
         return _json(control.answer(query_from_params(request.query)).body)
 
     async def subscribe(control: Control, request: web.Request) -> web.Response:
@@ -214,19 +233,37 @@ class HttpServer:
         self._server = server
         self.guard = guard
         self.port: int = server.sockets[0].getsockname()[1]
+        #: the control thread the server runs on (``None``: the caller's loop)
+        self.thread: ControlLoop | None = None
 
     async def cleanup(self) -> None:
+        if self.thread is not None and self.thread.loop is not None:
+            await self.thread.run(self._cleanup())
+        else:
+            await self._cleanup()
+
+    async def _cleanup(self) -> None:
         self._server.close()
         await self._runner.cleanup()
 
 
-async def serve_http(bridge: Observed) -> HttpServer:
+async def serve_http(bridge: Observed, thread: ControlLoop | None = None) -> HttpServer:
     """Serve the endpoints of ``bridge`` on ``http.host``/``http.port`` until
-    :meth:`HttpServer.cleanup`."""
+    :meth:`HttpServer.cleanup`; on the control ``thread`` when given (started), else on
+    the running loop."""
+    if thread is not None:
+        home = asyncio.get_running_loop()
+        http = await thread.run(_serve(bridge, home))
+        http.thread = thread
+        return http
+    return await _serve(bridge, None)
+
+
+async def _serve(bridge: Observed, home: asyncio.AbstractEventLoop | None) -> HttpServer:
     cfg = bridge.http_config
     # aiohttp closes a connection whose handler waited this long for a complete
     # request: idle keep-alive and never-finished headers alike
-    runner = web.AppRunner(make_app(bridge), handle_signals=False, access_log=None,
+    runner = web.AppRunner(make_app(bridge, home), handle_signals=False, access_log=None,
                            keepalive_timeout=cfg.idle_timeout_s)
     await runner.setup()
     guard = ConnectionGuard(runner.server, cfg.max_connections)

@@ -476,7 +476,7 @@ async def test_lease_reply_carries_statuses_and_cached_events() -> None:
     cached = values.get("ticker", "BTC/USD")
     assert cached is not None
     assert orjson.dumps(btc["event"]) == orjson.dumps(
-        orjson.loads(cached.event.encoded("cloudevents-json").body))
+        orjson.loads(cached.body))
     assert 200 <= btc["ageMs"] < 5000
     assert doc["symbols"]["NOPE/USD"] == {"status": "rejected", "error": "unsupported",
                                           "event": None, "ageMs": None}

@@ -28,25 +28,47 @@ def test_the_cache_keeps_the_newest_event_per_symbol_and_ignores_older_ones() ->
     for r in rounds:
         assert st.observe("ticker", r) is None
     assert len(st.values) == 3
-    assert st.values.get("ticker", "t1/usd").event is rounds[2][1]  # type: ignore[union-attr]
+    newest = rounds[2][1]
+    lv = st.values.get("ticker", "t1/usd")
+    assert lv is not None and (lv.id, lv.price) == (newest.id, newest.price)
+    # the cache holds the very bytes the sinks publish
+    assert lv.body is newest.encoded("cloudevents-json").body
+    assert lv.envelope()["data"] == newest.data
     # a late duplicate of an older record does not replace the newer value
     assert st.observe("ticker", rounds[0]) is None
-    assert st.values.get("ticker", "T1/USD").event is rounds[2][1]  # type: ignore[union-attr]
+    assert st.values.get("ticker", "T1/USD").id == newest.id  # type: ignore[union-attr]
+
+
+def test_cache_entries_are_left_alone_by_the_cycle_collector() -> None:
+    """An entry holds only atomic values, so the collector untracks it: 10,000 symbols
+    updated every second never fill the old generation (full-collection pauses)."""
+    import gc
+
+    st, _ = _state()
+    st.observe("ticker", sample_events(symbols=50, updates=1))
+    gc.collect()
+    entries = list(st.values.by_kind("ticker").values())
+    assert len(entries) == 50
+    assert not any(gc.is_tracked(e) for e in entries)
 
 
 def test_select_filters_by_kind_and_globs_sorted() -> None:
     values = LastValues()
     for ev in sample_events(symbols=12, updates=1) + sample_events(symbols=2, kind="equity"):
         values.put(ev)
-    assert [v.event.symbol for v in values.select("ticker", ["T1*"])] == \
-        ["T1/USD", "T10/USD", "T11/USD"]
-    assert [v.event.symbol for v in values.select("*", ["t2/usd", "EQ1", "nope"])] == \
-        ["T2/USD", "EQ1"]
-    assert len(values.select()) == 14
+    assert values.select("ticker", ["T1*"]) == ["T1/USD", "T10/USD", "T11/USD"]
+    assert values.select("ticker", ["t2/usd", "EQ1", "nope"]) == ["T2/USD"]
+    assert values.select("equity", ["t2/usd", "EQ1", "nope"]) == ["EQ1"]
+    assert len(values.select("ticker")) == 12
     assert len(values.select("equity")) == 2
     assert values.select("ticker", ["EQ?"]) == []
+    everything = values.select("ticker")
     assert values.forget("ticker", ["T1/USD", "T1/USD", "X"]) == 1
     assert len(values) == 13
+    # the sorted list is made again once the key set changed
+    assert "T1/USD" in everything and "T1/USD" not in values.select("ticker")
+    values.put(sample_events(symbols=1, updates=1)[0])
+    assert "T0/USD" in values.select("ticker", ["T0/USD"])
 
 
 def test_a_jump_beyond_the_cadence_is_one_gap_naming_the_missing_interval() -> None:
@@ -79,17 +101,28 @@ def test_stale_once_while_up_then_fresh_on_the_next_update() -> None:
     t_quiet = st.values.get("ticker", "T0/USD").received_monotonic  # type: ignore[union-attr]
     st._up_since = t_quiet - 100  # the link has been up for long
     # T1 keeps updating (received later), T0 goes silent
-    st.values.get("ticker", "T1/USD").received_monotonic = t_quiet + 4.9  # type: ignore[union-attr]
+    st.observe("ticker", [rounds[1][1]], now=t_quiet + 4.9)
     assert st.scan_stale(now=t_quiet + 4.9) == []
     stale = st.scan_stale(now=t_quiet + 5.1)
     assert [(e.data["status"], e.symbol) for e in stale] == [("stale", "T0/USD")]
     assert stale[0].data["lastPrice"] == rounds[0][0].price
     assert emitted == stale and st.stale == 1
+    assert st.snapshot().stale == 1
     assert st.scan_stale(now=t_quiet + 9.0) == []  # exactly one stale event
     fresh = st.observe("ticker", [rounds[1][0]])
     assert fresh is not None and [e.data["status"] for e in fresh] == ["fresh"]
     assert fresh[0].data["price"] == rounds[1][0].price
     assert st.stale == 0
+
+
+def test_forgetting_a_stale_symbol_no_longer_counts_it_stale() -> None:
+    st, _ = _state(stale_after_s=1.0)
+    st.observe("ticker", sample_events(symbols=2, updates=1))
+    st._up_since -= 100
+    now = st.values.get("ticker", "T0/USD").received_monotonic + 2  # type: ignore[union-attr]
+    assert len(st.scan_stale(now=now)) == 2 and st.stale == 2
+    assert st.values.forget("ticker", ["T0/USD"]) == 1
+    assert st.stale == 1
 
 
 def test_no_stale_while_the_link_is_down_and_a_full_period_after_it_comes_up() -> None:
