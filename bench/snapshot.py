@@ -6,19 +6,27 @@ tickers (default 10,000: ``S00000/USD`` ...) at ``--interval`` 1.0 s, i.e. 10,00
 events/s, into a counting in-memory sink, with the control surface on HTTP
 (``/v1/snapshot``) and NATS (a private ``nats-server`` unless ``--nats URL``).
 
-Three phases of ``--seconds`` each, after the cache holds every symbol:
+Five phases of ``--seconds`` each, after the cache holds every symbol:
 
 1. ``baseline``: no snapshot requests;
 2. ``http``: a client process fetches ``GET /v1/snapshot`` (everything) ``--rate`` times
    a second;
-3. ``nats``: a client process fetches the whole snapshot over NATS (all pages, the
-   recipe of :mod:`bridge.control`) ``--rate`` times a second.
+3. ``http-raw``: the same client against a bare aiohttp server that answers with a
+   ready-made body of the same bytes (a full snapshot taken before), on a thread of
+   the bridge's process like the bridge's own control thread: the floor of moving that
+   many bytes through aiohttp on this machine, under the same load;
+4. ``nats``: a client process fetches the whole snapshot over NATS (all pages, the
+   recipe of :mod:`bridge.control`) ``--rate`` times a second;
+5. ``nats-raw``: the same client against a bare nats-py responder answering the same
+   ready-made pages.
 
 The clients run in their own process so that their parsing does not share the
-bridge's event loop. Printed: p50/p99/max latency of one full snapshot per door, and
-per phase the events the bridge received from the upstream, the events the sink
-published, and the bridge's drop counters (intake shed, sink drops): "no added loss"
-means the drop counters stay at zero and published tracks received in every phase.
+bridge's process. Printed: p50/p99/max latency of one full snapshot per door, the
+ratio of the bridge's door to the bare library's (the comparison that holds on a
+shared machine), and per phase the events the bridge received from the upstream, the
+events the sink published, and the bridge's drop counters (intake shed, sink drops):
+"no added loss" means the drop counters stay at zero and published tracks received
+in every phase.
 
     python bench/snapshot.py                      # 10,000 symbols, 20 s per phase
     python bench/snapshot.py --symbols 2000 --seconds 5
@@ -45,6 +53,8 @@ for _p in (str(ROOT), str(ROOT / "bench")):
 
 SUPPORT = str(ROOT / "bench" / "_e2e_support.py")
 PREFIX = "bench.control"
+#: the subject prefix of the bare nats-py responder
+RAW_PREFIX = "bench.raw"
 
 
 def symbols(n: int) -> list[str]:
@@ -119,10 +129,74 @@ class _Counters:
                 "sink_dropped": self.sink_dropped - before.sink_dropped}
 
 
-async def _run_client(mode: str, url: str, args: argparse.Namespace) -> dict[str, Any]:
+def _page_bytes(args: argparse.Namespace) -> int:
+    """The page size of the bridge's NATS door: the server's ``max_payload`` (the
+    bench's own server; give ``--max-payload`` of a server given by ``--nats``)."""
+    return int(args.max_payload)
+
+
+def _pages(control: Any, max_bytes: int) -> dict[bytes, bytes]:
+    """A full snapshot in pages of at most ``max_bytes``, by the request that asks for
+    each (``b""`` for the first, then ``{"after": cursor}``)."""
+    import orjson
+
+    from bridge.control import parse_query
+
+    out: dict[bytes, bytes] = {}
+    request = b""
+    after = None
+    while True:
+        reply = control.answer(parse_query(after=after), max_bytes=max_bytes)
+        out[request] = reply.body
+        if reply.next is None:
+            return out
+        after = reply.next
+        request = orjson.dumps({"after": after})
+
+
+class _Raw:
+    def __init__(self, runner: Any, nc: Any, http_url: str) -> None:
+        self.runner, self.nc, self.http_url = runner, nc, http_url
+
+    async def close(self) -> None:
+        await self.nc.close()
+        await self.runner.cleanup()
+
+
+async def _raw_servers(pages: dict[bytes, bytes], nats_url: str) -> _Raw:
+    """A bare aiohttp server and a bare nats-py responder answering ``pages``."""
+    from aiohttp import web
+    from nats.aio.client import Client
+
+    from tests.support.proc import free_port
+
+    first = pages[b""]
+
+    async def handle(_: web.Request) -> web.Response:
+        return web.Response(body=first, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_get("/v1/snapshot", handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    nc = Client()
+    await nc.connect(nats_url)
+
+    async def respond(msg: Any) -> None:
+        await msg.respond(pages[msg.data])
+
+    await nc.subscribe(f"{RAW_PREFIX}.snapshot", cb=respond)
+    await nc.flush()
+    return _Raw(runner, nc, f"http://127.0.0.1:{port}/v1/snapshot")
+
+
+async def _run_client(mode: str, url: str, args: argparse.Namespace,
+                      prefix: str = PREFIX) -> dict[str, Any]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, __file__, "client", "--mode", mode, "--url", url,
-        "--prefix", PREFIX, "--seconds", str(args.seconds), "--rate", str(args.rate),
+        "--prefix", prefix, "--seconds", str(args.seconds), "--rate", str(args.rate),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     out, err = await proc.communicate()
     if proc.returncode != 0:
@@ -135,6 +209,7 @@ async def _run_client(mode: str, url: str, args: argparse.Namespace) -> dict[str
 async def bench(args: argparse.Namespace) -> int:
     from bridge.app import Bridge, tune_gc
     from bridge.config import parse_config
+    from bridge.controlloop import ControlLoop
     from bridge.sinks import Drivers, Message
     from bridge.testing import MemorySink
     from tests.support.nats import NatsServer
@@ -200,18 +275,29 @@ async def bench(args: argparse.Namespace) -> int:
         phases: dict[str, dict[str, int]] = {}
         results: dict[str, dict[str, Any]] = {}
         lags: dict[str, list[float]] = {}
-        for phase in ("baseline", "http", "nats"):
+        # the bare libraries, on a thread of this process (as the bridge's control
+        # thread), answering ready-made bytes of a full snapshot
+        assert bridge.control is not None
+        pages = _pages(bridge.control, _page_bytes(args))
+        raw_thread = ControlLoop("bench-raw")
+        await raw_thread.start()
+        raw = await raw_thread.run(_raw_servers(pages, nats_url))
+        for phase in ("baseline", "http", "http-raw", "nats", "nats-raw"):
             before = _Counters(bridge, sink)
             lags[phase] = []
             probe = asyncio.create_task(_loop_lag(lags[phase]))
             if phase == "baseline":
                 await asyncio.sleep(args.seconds)
             else:
-                url = http_url if phase == "http" else nats_url
-                results[phase] = await _run_client(phase, url, args)
+                url = {"http": http_url, "http-raw": raw.http_url,
+                       "nats": nats_url, "nats-raw": nats_url}[phase]
+                prefix = RAW_PREFIX if phase == "nats-raw" else PREFIX
+                results[phase] = await _run_client(phase.split("-")[0], url, args, prefix)
             probe.cancel()
             await asyncio.sleep(0)
             phases[phase] = _Counters(bridge, sink).minus(before)
+        await raw_thread.run(raw.close())
+        await raw_thread.stop()
         _report(args, phases, results)
         print("\nevent-loop lag of the bridge (a 5 ms timer's lateness: how long a request "
               "may wait before the bridge even reads it)")
@@ -250,14 +336,21 @@ def _report(args: argparse.Namespace, phases: dict[str, dict[str, int]],
             results: dict[str, dict[str, Any]]) -> None:
     print(f"\nsnapshot latency: {args.symbols} symbols, {args.symbols / args.interval:,.0f} "
           f"events/s, {args.rate:g} snapshots/s for {args.seconds:g} s per door")
-    print(f"{'door':<6} {'requests':>8} {'items':>7} {'p50 ms':>8} {'p99 ms':>8} "
-          f"{'max ms':>8}  goal p99 <= 20 ms")
+    print(f"{'door':<9} {'requests':>8} {'items':>7} {'p50 ms':>8} {'p99 ms':>8} "
+          f"{'max ms':>8}  {'p50 x raw':>9} {'p99 x raw':>9}")
     for door, res in results.items():
         lat = [v * 1000 for v in res["latencies"]]
         items = int(statistics.median(res["counts"])) if res["counts"] else 0
-        p99 = _pct(lat, 0.99)
-        print(f"{door:<6} {len(lat):>8} {items:>7} {_pct(lat, 0.50):>8.2f} {p99:>8.2f} "
-              f"{max(lat):>8.2f}  {'ok' if p99 <= 20 else 'MISSED'}")
+        ratios = ""
+        raw = results.get(f"{door}-raw")
+        if raw is not None and raw["latencies"] and lat:
+            base = [v * 1000 for v in raw["latencies"]]
+            ratios = (f"{_pct(lat, 0.5) / _pct(base, 0.5):>9.2f} "
+                      f"{_pct(lat, 0.99) / _pct(base, 0.99):>9.2f}")
+        print(f"{door:<9} {len(lat):>8} {items:>7} {_pct(lat, 0.50):>8.2f} "
+              f"{_pct(lat, 0.99):>8.2f} {max(lat):>8.2f}  {ratios}")
+    print("(raw: the bare library answering ready-made bytes of the same size, on a "
+          "thread of the bridge's process; the goal of issue 12 is p99 <= 20 ms)")
     print(f"\n{'phase':<9} {'received':>9} {'published':>10} {'pub/recv':>9} "
           f"{'intake shed':>12} {'sink dropped':>13}")
     for phase, c in phases.items():

@@ -290,7 +290,7 @@ import orjson
 from bridge import __version__
 from bridge.backoff import Backoff
 from bridge.config import Settings
-from bridge.controlloop import LoopTimeout, call_on
+from bridge.controlloop import call_on
 from bridge.market import BODY, RECEIVED, Entry, LastValue, monotonic_ms
 from bridge.schema import ControlNatsConfig, ShardConfig
 from bridge.sharding import shard_of
@@ -916,10 +916,10 @@ class Control:
         await self._at_home(functools.partial(self._release, lease))
 
     async def _at_home(self, call: Callable[[], Awaitable[T]]) -> T:
-        try:
-            return await call_on(self.home, call)
-        except LoopTimeout as exc:
-            raise ControlError(str(exc), None, 503) from None
+        # no timeout: the call runs to its end on the bridge's loop whatever the
+        # caller does, so only its own answer says what it did (a 503 for a lease
+        # that is granted anyway would make the client lease twice)
+        return await call_on(self.home, call, timeout=None)
 
     async def _lease(self, kind: str, symbols: Sequence[str], ttl_s: float | None,
                      holder: str, *, foreign: str) -> LeaseAnswer:
@@ -1026,6 +1026,9 @@ class NatsControl:
     with backoff while it fails (each failure logged, redacted). Once made, nats-py
     keeps it (reconnects forever; the service's subscriptions are restored with it).
     :meth:`close` stops the service and the connection; it is safe to call twice.
+    :class:`~bridge.app.Bridge` runs it on the control thread
+    (:mod:`bridge.controlloop`): ``snapshot`` is answered there, the lease endpoints
+    by the bridge's loop (:meth:`Control.lease` goes there by itself).
     """
 
     def __init__(self, control: Control, cfg: ControlNatsConfig,

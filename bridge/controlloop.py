@@ -11,8 +11,11 @@ on a second event loop, in a thread of their own (:class:`ControlLoop`):
   reading the last-value cache directly (:class:`bridge.market.LastValues` is made to be
   read from another thread without a lock);
 - everything that touches the rest of the bridge runs on the bridge's own loop, as
-  before: ``/healthz``, ``/readyz``, ``/metrics`` and the lease doors hop there with
-  :func:`call_on` and wait for the answer (at most :data:`HOP_TIMEOUT_S`).
+  before: ``/healthz``, ``/readyz`` and ``/metrics`` hop there with :func:`call_on`
+  and wait for the answer at most :data:`HOP_TIMEOUT_S` (then 503: a stuck loop
+  fails the liveness probe); the lease doors wait for theirs as long as it takes
+  (their own upstream timeouts bound it), because a lease call runs to its end once
+  handed over and its answer is the only true account of what it did.
 
 Python runs one thread at a time (the GIL), but the interpreter switches threads every
 few milliseconds (``sys.setswitchinterval``), so a request no longer waits for a whole
@@ -45,11 +48,19 @@ class LoopTimeout(Exception):
 
 async def call_on(loop: asyncio.AbstractEventLoop | None,
                   fn: Callable[..., T | Awaitable[T]], *args: Any,
-                  timeout: float = HOP_TIMEOUT_S) -> T:
+                  timeout: float | None = HOP_TIMEOUT_S) -> T:
     """Run ``fn(*args)`` (a function or a coroutine function) on ``loop`` and return
     its result, from whichever loop this is awaited on. ``loop`` ``None`` or the
-    running loop: called right here. Raises :class:`LoopTimeout` when ``loop`` did not
-    answer within ``timeout`` (the call is cancelled there)."""
+    running loop: called right here.
+
+    Once handed over, the call runs to its end on ``loop``: neither the timeout nor a
+    cancellation of the caller stops it there, because a call stopped half-way (a
+    lease granted but not recorded, a symbol subscribed upstream but not held) would
+    leave the bridge inconsistent. Raises :class:`LoopTimeout` when ``loop`` did not
+    answer within ``timeout`` (``None``: wait as long as it takes); the call may still
+    take effect afterwards, so only calls that are harmless to repeat or to lose
+    (reads) should have a timeout.
+    """
     if loop is None or loop is asyncio.get_running_loop():
         result = fn(*args)
         if inspect.isawaitable(result):
@@ -62,11 +73,13 @@ async def call_on(loop: asyncio.AbstractEventLoop | None,
             return await result
         return result
 
-    future = asyncio.run_coroutine_threadsafe(call(), loop)
+    # shielded: cancelling this wait must not cancel the call on the other loop
+    waited = asyncio.shield(asyncio.wrap_future(asyncio.run_coroutine_threadsafe(call(), loop)))
+    if timeout is None:
+        return await waited
     try:
-        return await asyncio.wait_for(asyncio.wrap_future(future), timeout)
+        return await asyncio.wait_for(waited, timeout)
     except TimeoutError:
-        future.cancel()
         msg = f"the bridge's event loop did not answer within {timeout:g}s"
         raise LoopTimeout(msg) from None
 

@@ -5,6 +5,11 @@
 ``source.stale_after_s`` and every required sink is connected with its last publish
 successful; 503 otherwise, with the failing checks in the JSON body.
 ``/metrics`` is the Prometheus text format.
+The server runs on the control thread (:mod:`bridge.controlloop`): ``/v1/snapshot`` is
+answered there, beside the data path; the other endpoints are answered by the bridge's
+own event loop, which the control thread waits for (503 after
+:data:`~bridge.controlloop.HOP_TIMEOUT_S`: a stuck loop fails the liveness probe).
+
 ``/v1/snapshot`` is the HTTP door of the control surface: the latest envelope of every
 symbol (``?kind=ticker|equity|*&symbols=BTC/*,ETH/USD&limit=N&after=CURSOR``), answered
 by :meth:`bridge.control.Control.snapshot`; the query and the reply are described in
