@@ -30,7 +30,7 @@ import inspect
 import logging
 import threading
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, Final, TypeVar
+from typing import Any, Final, TypeVar, overload
 
 log = logging.getLogger("aleno_bridge.control")
 
@@ -46,9 +46,19 @@ class LoopTimeout(Exception):
     """The bridge's event loop did not run a call in time (it is stuck or overloaded)."""
 
 
+@overload
+async def call_on(loop: asyncio.AbstractEventLoop | None, fn: Callable[..., Awaitable[T]],
+                  *args: Any, timeout: float | None = ...) -> T: ...
+
+
+@overload
+async def call_on(loop: asyncio.AbstractEventLoop | None, fn: Callable[..., T],
+                  *args: Any, timeout: float | None = ...) -> T: ...
+
+
 async def call_on(loop: asyncio.AbstractEventLoop | None,
-                  fn: Callable[..., T | Awaitable[T]], *args: Any,
-                  timeout: float | None = HOP_TIMEOUT_S) -> T:
+                  fn: Callable[..., Any], *args: Any,
+                  timeout: float | None = HOP_TIMEOUT_S) -> Any:
     """Run ``fn(*args)`` (a function or a coroutine function) on ``loop`` and return
     its result, from whichever loop this is awaited on. ``loop`` ``None`` or the
     running loop: called right here.
@@ -67,7 +77,7 @@ async def call_on(loop: asyncio.AbstractEventLoop | None,
             return await result
         return result
 
-    async def call() -> T:
+    async def call() -> Any:
         result = fn(*args)
         if inspect.isawaitable(result):
             return await result
