@@ -240,6 +240,7 @@ async def bench(args: argparse.Namespace) -> int:
         stderr=asyncio.subprocess.DEVNULL)
     stop = asyncio.Event()
     task = None
+    owned: list[Any] = [None]  # the bare server process of phase http-own
     try:
         for _ in range(200):
             with contextlib.suppress(OSError):
@@ -282,7 +283,17 @@ async def bench(args: argparse.Namespace) -> int:
         raw_thread = ControlLoop("bench-raw")
         await raw_thread.start()
         raw = await raw_thread.run(_raw_servers(pages, nats_url))
-        for phase in ("baseline", "http", "http-raw", "nats", "nats-raw"):
+        # and a bare aiohttp server in a process of its own: the floor without sharing
+        # the bridge's interpreter (its GIL)
+        body_file = work / "snapshot.json"
+        body_file.write_bytes(pages[b""])
+        own_port = free_port()
+        owned[0] = await asyncio.create_subprocess_exec(
+            sys.executable, __file__, "serve", "--port", str(own_port), "--body-file",
+            str(body_file), stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL)
+        await _wait_port(own_port)
+        for phase in ("baseline", "http", "http-raw", "http-own", "nats", "nats-raw"):
             before = _Counters(bridge, sink)
             lags[phase] = []
             probe = asyncio.create_task(_loop_lag(lags[phase]))
@@ -290,6 +301,7 @@ async def bench(args: argparse.Namespace) -> int:
                 await asyncio.sleep(args.seconds)
             else:
                 url = {"http": http_url, "http-raw": raw.http_url,
+                       "http-own": f"http://127.0.0.1:{own_port}/v1/snapshot",
                        "nats": nats_url, "nats-raw": nats_url}[phase]
                 prefix = RAW_PREFIX if phase == "nats-raw" else PREFIX
                 results[phase] = await _run_client(phase.split("-")[0], url, args, prefix)
@@ -311,8 +323,13 @@ async def bench(args: argparse.Namespace) -> int:
         if task is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(task, 20)
-        with contextlib.suppress(ProcessLookupError):
-            sim.terminate()
+        for proc in (sim, owned[0]):
+            if proc is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.terminate()
+        if owned[0] is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(owned[0].wait(), 10)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(sim.wait(), 10)
         if server is not None:
@@ -342,7 +359,7 @@ def _report(args: argparse.Namespace, phases: dict[str, dict[str, int]],
         lat = [v * 1000 for v in res["latencies"]]
         items = int(statistics.median(res["counts"])) if res["counts"] else 0
         ratios = ""
-        raw = results.get(f"{door}-raw")
+        raw = results.get(f"{door}-raw") if door in ("http", "nats") else None
         if raw is not None and raw["latencies"] and lat:
             base = [v * 1000 for v in raw["latencies"]]
             ratios = (f"{_pct(lat, 0.5) / _pct(base, 0.5):>9.2f} "
@@ -350,7 +367,8 @@ def _report(args: argparse.Namespace, phases: dict[str, dict[str, int]],
         print(f"{door:<9} {len(lat):>8} {items:>7} {_pct(lat, 0.50):>8.2f} "
               f"{_pct(lat, 0.99):>8.2f} {max(lat):>8.2f}  {ratios}")
     print("(raw: the bare library answering ready-made bytes of the same size, on a "
-          "thread of the bridge's process; the goal of issue 12 is p99 <= 20 ms)")
+          "thread of the bridge's process; own: bare aiohttp in a process of its own; "
+          "the goal of issue 12 is p99 <= 20 ms)")
     print(f"\n{'phase':<9} {'received':>9} {'published':>10} {'pub/recv':>9} "
           f"{'intake shed':>12} {'sink dropped':>13}")
     for phase, c in phases.items():
@@ -362,6 +380,35 @@ def _report(args: argparse.Namespace, phases: dict[str, dict[str, int]],
           "pub/recv by up to one tick's share; the drop counters are exact)")
 
 
+async def _wait_port(port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            _r, w = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.05)
+            continue
+        w.close()
+        return
+
+
+async def _serve_file(port: int, body: bytes) -> None:
+    """A bare aiohttp server answering ``body`` (until killed)."""
+    from aiohttp import web
+
+    async def handle(_: web.Request) -> web.Response:
+        return web.Response(body=body, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_get("/v1/snapshot", handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    await asyncio.Event().wait()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="cmd")
@@ -371,6 +418,9 @@ def main(argv: list[str] | None = None) -> int:
     client.add_argument("--prefix", default=PREFIX)
     client.add_argument("--seconds", type=float, required=True)
     client.add_argument("--rate", type=float, required=True)
+    serve = sub.add_parser("serve")
+    serve.add_argument("--port", type=int, required=True)
+    serve.add_argument("--body-file", required=True)
     parser.add_argument("--symbols", type=int, default=10_000)
     parser.add_argument("--interval", type=float, default=1.0)
     parser.add_argument("--seconds", type=float, default=20.0)
@@ -381,6 +431,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.cmd == "client":
         asyncio.run(_client(args))
+        return 0
+    if args.cmd == "serve":
+        asyncio.run(_serve_file(args.port, Path(args.body_file).read_bytes()))
         return 0
     return asyncio.run(bench(args))
 
