@@ -165,22 +165,12 @@ class _Raw:
 
 async def _raw_servers(pages: dict[bytes, bytes], nats_url: str) -> _Raw:
     """A bare aiohttp server and a bare nats-py responder answering ``pages``."""
-    from aiohttp import web
     from nats.aio.client import Client
 
     from tests.support.proc import free_port
 
-    first = pages[b""]
-
-    async def handle(_: web.Request) -> web.Response:
-        return web.Response(body=first, content_type="application/json")
-
-    app = web.Application()
-    app.router.add_get("/v1/snapshot", handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
     port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    runner = await _bare_http(port, pages[b""])
     nc = Client()
     await nc.connect(nats_url)
 
@@ -394,8 +384,8 @@ async def _wait_port(port: int, timeout: float = 20.0) -> None:
         return
 
 
-async def _serve_file(port: int, body: bytes) -> None:
-    """A bare aiohttp server answering ``body`` (until killed)."""
+async def _bare_http(port: int, body: bytes) -> Any:
+    """A bare aiohttp server answering ``body`` on ``/v1/snapshot``; its runner."""
     from aiohttp import web
 
     async def handle(_: web.Request) -> web.Response:
@@ -406,6 +396,12 @@ async def _serve_file(port: int, body: bytes) -> None:
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner
+
+
+async def _serve_file(port: int, body: bytes) -> None:
+    """:func:`_bare_http` until killed (phase ``http-own``)."""
+    await _bare_http(port, body)
     await asyncio.Event().wait()
 
 
