@@ -278,7 +278,6 @@ import logging
 import math
 import re
 import secrets
-import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import accumulate, chain, repeat
@@ -807,9 +806,9 @@ class Control:
             took = m
             if budget is not None:
                 # sizes[j]: the bytes of this kind's first j+1 items, "}" and comma each
-                sizes = list(accumulate(map(add, map(len, prefixes), map(len, bodies)),
-                                        initial=0))[1:]
-                sizes = list(map(add, sizes, range(2, 2 * m + 1, 2)))
+                sizes = list(map(add, accumulate(map(add, map(len, prefixes),
+                                                     map(len, bodies))),
+                                 range(2, 2 * m + 1, 2)))
                 final = c == len(chosen) - 1 and not more
                 # the longest run that fits with the shortest tail, then shortened
                 # while the exact tail does not fit (the cursor of its last item, or
@@ -972,7 +971,7 @@ class Control:
 
     def _lease_body(self, subs: Subscriptions, reply: LeaseReply, lease: str | None,
                     results: Mapping[str, SubscriptionResult | None]) -> bytes:
-        now = time.monotonic()
+        now_ms = monotonic_ms()
         values = self._host.last_values
         symbols: dict[str, Any] = {}
         for s, r in results.items():
@@ -984,8 +983,7 @@ class Control:
                 "error": r.error,
                 # the cached envelope's bytes, spliced as they are (never re-encoded)
                 "event": None if lv is None else orjson.Fragment(lv.body),
-                "ageMs": None if lv is None else
-                max(0, int((now - lv.received_monotonic) * 1000.0)),
+                "ageMs": None if lv is None else max(0, now_ms - lv.received_ms),
             }
         expires = None if reply.expires_at is None else \
             round(max(0.0, reply.expires_at - subs.clock()), 3)

@@ -71,18 +71,14 @@ async def call_on(loop: asyncio.AbstractEventLoop | None,
     take effect afterwards, so only calls that are harmless to repeat or to lose
     (reads) should have a timeout.
     """
-    if loop is None or loop is asyncio.get_running_loop():
-        result = fn(*args)
-        if inspect.isawaitable(result):
-            return await result
-        return result
-
     async def call() -> Any:
         result = fn(*args)
         if inspect.isawaitable(result):
             return await result
         return result
 
+    if loop is None or loop is asyncio.get_running_loop():
+        return await call()
     # shielded: cancelling this wait must not cancel the call on the other loop
     waited = asyncio.shield(asyncio.wrap_future(asyncio.run_coroutine_threadsafe(call(), loop)))
     if timeout is None:
@@ -97,21 +93,18 @@ async def call_on(loop: asyncio.AbstractEventLoop | None,
 class ControlLoop:
     """A daemon thread running an event loop for the control surface.
 
-    :meth:`start` and :meth:`stop` are awaited on the bridge's loop (:attr:`home`);
-    :meth:`run` runs a coroutine on the control loop and waits for it there.
+    :meth:`start` and :meth:`stop` are awaited on the bridge's loop; :meth:`run` runs
+    a coroutine on the control loop and waits for it there.
     """
 
     def __init__(self, name: str = "aleno-bridge-control") -> None:
         self.name = name
-        #: the bridge's loop (set by :meth:`start`)
-        self.home: asyncio.AbstractEventLoop | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
 
     async def start(self) -> None:
         if self._thread is not None:
             return
-        self.home = asyncio.get_running_loop()
         loop = asyncio.new_event_loop()
         started = threading.Event()
 

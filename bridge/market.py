@@ -95,10 +95,6 @@ class LastValue(NamedTuple):
         """When it arrived, in ``time.monotonic()`` seconds."""
         return self.received_ms / 1000.0
 
-    @property
-    def id(self) -> str:
-        return f"{self.kind}:{self.symbol}:{self.sent_ms}"
-
     def envelope(self) -> dict[str, Any]:
         """The envelope, decoded."""
         env: dict[str, Any] = orjson.loads(self.body)
@@ -339,8 +335,7 @@ class MarketState:
             symbol = ev.symbol
             prev = values.get(symbol)
             if prev is None:
-                values[symbol] = (ev.encoded(SNAPSHOT_FORMAT).body, ev.sent_ms, now_ms,
-                                  ev.price)
+                values[symbol] = _entry(ev, now_ms)
                 new = True
                 continue
             delta = ev.sent_ms - prev[SENT_MS]
@@ -354,7 +349,7 @@ class MarketState:
                 if symbol in stale:
                     stale.discard(symbol)
                     out.append(self._fresh(kind, prev, ev, now_ms))
-            values[symbol] = (ev.encoded(SNAPSHOT_FORMAT).body, ev.sent_ms, now_ms, ev.price)
+            values[symbol] = _entry(ev, now_ms)
         if new:
             self.values.changed(kind)
         last = events[-1].sent_ms

@@ -30,13 +30,13 @@ def test_the_cache_keeps_the_newest_event_per_symbol_and_ignores_older_ones() ->
     assert len(st.values) == 3
     newest = rounds[2][1]
     lv = st.values.get("ticker", "t1/usd")
-    assert lv is not None and (lv.id, lv.price) == (newest.id, newest.price)
+    assert lv is not None and (lv.envelope()["id"], lv.price) == (newest.id, newest.price)
     # the cache holds the very bytes the sinks publish
     assert lv.body is newest.encoded("cloudevents-json").body
     assert lv.envelope()["data"] == newest.data
     # a late duplicate of an older record does not replace the newer value
     assert st.observe("ticker", rounds[0]) is None
-    assert st.values.get("ticker", "T1/USD").id == newest.id  # type: ignore[union-attr]
+    assert st.values.get("ticker", "T1/USD").envelope()["id"] == newest.id  # type: ignore[union-attr]
 
 
 def test_cache_entries_are_left_alone_by_the_cycle_collector() -> None:
