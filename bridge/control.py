@@ -499,17 +499,7 @@ def query_from_params(params: QueryParams) -> SnapshotQuery:
 
 def query_from_json(body: bytes) -> SnapshotQuery:
     """The query of a NATS request body (JSON object; empty body: everything)."""
-    if not body.strip():
-        return SnapshotQuery()
-    try:
-        doc = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        raise QueryError("body", "must be a JSON object, or empty") from None
-    if not isinstance(doc, dict):
-        raise QueryError("body", "must be a JSON object, or empty")
-    for key in doc:
-        if key not in PARAMETERS:
-            raise QueryError(str(key), f"unknown parameter (known: {', '.join(PARAMETERS)})")
+    doc = _json_object(body, PARAMETERS, empty=True)
     limit = doc.get("limit")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)):
         raise QueryError("limit", "must be a positive integer")
@@ -545,16 +535,17 @@ class RenewRequest:
 def _json_object(body: bytes, known: Sequence[str], *, empty: bool) -> dict[str, Any]:
     """The JSON object of a request body, with only ``known`` keys (``empty``: an empty
     body is the empty object)."""
+    what = "must be a JSON object, or empty" if empty else "must be a JSON object"
     if not body.strip():
         if empty:
             return {}
-        raise QueryError("body", "must be a JSON object")
+        raise QueryError("body", what)
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError:
-        raise QueryError("body", "must be a JSON object") from None
+        raise QueryError("body", what) from None
     if not isinstance(doc, dict):
-        raise QueryError("body", "must be a JSON object")
+        raise QueryError("body", what)
     for key in doc:
         if key not in known:
             raise QueryError(str(key)[:64], f"unknown parameter (known: {', '.join(known)})")
