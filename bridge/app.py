@@ -50,7 +50,7 @@ from bridge.config import ConfigError, HttpConfig, Settings, load_config
 from bridge.control import Control, NatsControl, start_nats_control
 from bridge.controlloop import ControlLoop
 from bridge.envelope import Event
-from bridge.http import serve_http
+from bridge.http import serve_control, serve_http
 from bridge.logs import Redactor
 from bridge.market import STALE_SCAN_MAX_S, STATUS_KIND, MarketState
 from bridge.metrics import Metrics
@@ -144,6 +144,8 @@ class Bridge:
         cfg = settings.config
         self.redact = Redactor(settings.secrets())
         self.serves_http = http and cfg.http.enabled
+        #: ``False``: no listener at all, not even the control listener (tests, embedding)
+        self._http_allowed = http
         self.metrics = Metrics()
         self.normalizer = Normalizer(source=cfg.source.endpoint)
         self.workers: dict[str, SinkWorker] = {
@@ -189,6 +191,8 @@ class Bridge:
         #: (``intake_full``, ``shutdown``)
         self.pipeline_dropped: dict[str, int] = {}
         self.http_port: int | None = None
+        #: the control listener's port (``control.http``), once it listens
+        self.control_port: int | None = None
         #: upstream batches waiting for the dispatcher, and the events they hold
         #: (including the not yet routed rest of the batch being dispatched)
         self.intake_max_events: int = cfg.intake_max_events
@@ -652,21 +656,43 @@ class Bridge:
             self.control.home = asyncio.get_running_loop()
         # the HTTP server and the NATS control service answer on a thread of their own,
         # beside the data path (see bridge.controlloop)
+        settings = self.settings
+        listener = settings.control_http if self._http_allowed else None
         thread: ControlLoop | None = None
-        if self.serves_http or (control_cfg is not None and self.control is not None):
+        if self.serves_http or listener is not None or (
+                control_cfg is not None and self.control is not None):
             thread = ControlLoop()
             await thread.start()
+        http = control_http = None
         try:
-            http = await serve_http(self, thread) if self.serves_http else None
+            if self.serves_http:
+                on_probes = settings.v1_on_probes
+                if on_probes and self.control is not None:
+                    log.warning("http: /v1 is served on the probes' listener (%s:%d); this is "
+                                "deprecated: set control.http (e.g. {host: 127.0.0.1, port: "
+                                "9465}) to serve it on a listener of its own",
+                                settings.config.http.host, settings.config.http.port)
+                http = await serve_http(
+                    self, thread, guard=settings.guard("http"),
+                    v1="serve" if on_probes else "moved" if listener is not None else "none",
+                    control_http=listener)
+            if listener is not None:
+                control_http = await serve_control(self, listener, settings.guard("http"),
+                                                   thread)
             if control_cfg is not None and self.control is not None and thread is not None:
-                nats_control = await thread.run(
-                    start_nats_control(self.control, control_cfg, self.redact))
+                nats_control = await thread.run(start_nats_control(
+                    self.control, control_cfg, self.redact, settings.guard("nats")))
         except BaseException:
+            for server in (http, control_http):
+                if server is not None:
+                    await server.cleanup()
             if thread is not None:
                 await thread.stop()
             raise
         if http is not None:
             self.http_port = http.port
+        if control_http is not None:
+            self.control_port = control_http.port
         tasks: set[asyncio.Task[Any]] = {asyncio.create_task(stop.wait(), name="stop")}
         source_task = None
         expiry: asyncio.Task[None] | None = None
@@ -686,8 +712,9 @@ class Bridge:
             lost = await self.shutdown(source_task)
             if nats_control is not None and thread is not None:
                 await thread.run(nats_control.close())
-            if http is not None:
-                await http.cleanup()
+            for server in (http, control_http):
+                if server is not None:
+                    await server.cleanup()
             if thread is not None:
                 await thread.stop()
         if source_task is not None and source_task.done() and not source_task.cancelled():

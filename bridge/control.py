@@ -278,6 +278,7 @@ import logging
 import math
 import re
 import secrets
+import threading
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import accumulate, chain, repeat
@@ -287,6 +288,7 @@ from typing import Any, Final, Protocol, TypeVar, cast
 import orjson
 
 from bridge import __version__
+from bridge.auth import AuthError, Guard, Principal
 from bridge.backoff import Backoff
 from bridge.config import Settings
 from bridge.controlloop import call_on
@@ -295,7 +297,13 @@ from bridge.schema import ControlNatsConfig, ShardConfig
 from bridge.sharding import shard_of
 from bridge.sinkkit import TlsFilesError, mask_secrets, tls_context
 from bridge.source import SubscriptionResult, SubscriptionStatus, normalize_symbols
-from bridge.subscriptions import LeaseError, LeaseNotFound, LeaseReply, Subscriptions
+from bridge.subscriptions import (
+    LeaseCapError,
+    LeaseError,
+    LeaseNotFound,
+    LeaseReply,
+    Subscriptions,
+)
 
 log = logging.getLogger("aleno_bridge.control")
 
@@ -326,6 +334,9 @@ LEASES_OFF: Final = ("leases are off on this bridge (source.leases.enabled is fa
                      "only the configured symbols are subscribed")
 #: how long :meth:`NatsControl.close` waits for the service and connection to close
 CLOSE_TIMEOUT_S: Final = 2.0
+#: the largest ``limit`` of a snapshot query
+MAX_LIMIT: Final = 1_000_000
+_DIGITS: Final = re.compile(r"^[0-9]{1,7}$")
 _SEMVER: Final = re.compile(r"^\d+\.\d+\.\d+(?:-[0-9A-Za-z.-]+)?(?:\+[0-9A-Za-z.-]+)?$")
 
 
@@ -375,6 +386,8 @@ class ControlError(Exception):
         self.parameter = parameter
         if status is not None:
             self.status = status
+        #: extra HTTP headers of the refusal (``WWW-Authenticate``, ``Retry-After``)
+        self.headers: dict[str, str] = {}
 
     def body(self) -> bytes:
         """The JSON error body both doors send."""
@@ -461,14 +474,14 @@ def parse_query(
         cursor = parse_cursor(after)
     count = None
     if limit is not None and limit != "":
-        if isinstance(limit, bool):
-            raise QueryError("limit", "must be a positive integer")
         if isinstance(limit, str):
-            if not limit.strip().isdigit():
-                raise QueryError("limit", "must be a positive integer")
+            # ASCII digits only: str.isdigit() takes "²" and int() 5,000 digits slowly
+            if not _DIGITS.match(limit.strip()):
+                raise QueryError("limit", f"must be an integer from 1 to {MAX_LIMIT}")
             limit = int(limit.strip())
-        if not isinstance(limit, int) or limit < 1:
-            raise QueryError("limit", "must be a positive integer")
+        if isinstance(limit, bool) or not isinstance(limit, int) \
+                or not 1 <= limit <= MAX_LIMIT:
+            raise QueryError("limit", f"must be an integer from 1 to {MAX_LIMIT}")
         count = limit
     return SnapshotQuery(kind, patterns, cursor, count)
 
@@ -502,7 +515,7 @@ def query_from_json(body: bytes) -> SnapshotQuery:
     doc = _json_object(body, PARAMETERS, empty=True)
     limit = doc.get("limit")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)):
-        raise QueryError("limit", "must be a positive integer")
+        raise QueryError("limit", f"must be an integer from 1 to {MAX_LIMIT}")
     symbols = doc.get("symbols")
     if symbols is not None and not isinstance(symbols, (list, str)):
         raise QueryError("symbols", "must be an array of globs")
@@ -661,7 +674,8 @@ class LeaseAnswer:
 
 
 def _not_live(lease: str) -> str:
-    return f"no live lease {lease!r} (released, expired or never granted)"
+    return (f"no live lease {lease!r} of this token (released, expired, never granted, "
+            "or another token's)")
 
 
 
@@ -713,6 +727,9 @@ class Control:
         #: arrives on another loop (the control thread, :mod:`bridge.controlloop`)
         #: is run there (``None``: where it is awaited)
         self.home: asyncio.AbstractEventLoop | None = None
+        #: lease requests being served now (both doors, any thread)
+        self.in_flight = 0
+        self._lock = threading.Lock()
 
     @property
     def shard(self) -> ShardConfig | None:
@@ -885,25 +902,53 @@ class Control:
         raise ControlError(msg, "lease", 404)
 
     async def lease(self, kind: str, symbols: Sequence[str], ttl_s: float | None = None,
-                    holder: str = "", *, foreign: str = "report") -> LeaseAnswer:
-        """Lease ``symbols`` of ``kind`` (see "Leases" in the module docstring).
+                    holder: str = "", *, foreign: str = "report", owner: str = "",
+                    max_symbols: int | None = None) -> LeaseAnswer:
+        """Lease ``symbols`` of ``kind`` (see "Leases" in the module docstring) for
+        ``owner`` (the token's name, :mod:`bridge.auth`; ``holder`` is only a label),
+        whose live leases may hold at most ``max_symbols`` symbols.
 
         Symbols owned by another shard are not leased here: ``foreign="report"``
         answers each with ``status: error`` naming its shard, ``"omit"`` leaves them
-        out of the reply. Raises :class:`ControlError` (409) when leases are off.
+        out of the reply. Raises :class:`ControlError`: 409 when leases are off, 429
+        over a cap.
         """
-        return await self._at_home(
-            functools.partial(self._lease, kind, symbols, ttl_s, holder, foreign=foreign))
+        with self._in_flight():
+            return await self._at_home(functools.partial(
+                self._lease, kind, symbols, ttl_s, holder, foreign=foreign, owner=owner,
+                max_symbols=max_symbols))
 
-    async def renew(self, lease: str, ttl_s: float | None = None) -> LeaseAnswer:
+    async def renew(self, lease: str, ttl_s: float | None = None, *,
+                    owner: str | None = None) -> LeaseAnswer:
         """Extend a live lease to ``ttl_s`` from now (default: the default TTL).
-        Raises :class:`ControlError`: 404 for a lease that is not live here."""
-        return await self._at_home(functools.partial(self._renew, lease, ttl_s))
+        Raises :class:`ControlError`: 404 for a lease that is not live here or not
+        ``owner``'s (``None``: whoever's)."""
+        with self._in_flight():
+            return await self._at_home(functools.partial(self._renew, lease, ttl_s, owner))
 
-    async def release(self, lease: str) -> None:
+    async def release(self, lease: str, *, owner: str | None = None) -> None:
         """End a live lease now (its symbols go ``grace_s`` later unless held
-        otherwise). Raises :class:`ControlError`: 404 for a lease that is not live here."""
-        await self._at_home(functools.partial(self._release, lease))
+        otherwise). Raises :class:`ControlError`: 404 for a lease that is not live
+        here or not ``owner``'s."""
+        with self._in_flight():
+            await self._at_home(functools.partial(self._release, lease, owner))
+
+    @contextlib.contextmanager
+    def _in_flight(self) -> Iterator[None]:
+        """Count a lease request being served; 429 beyond
+        ``source.leases.max_requests_in_flight`` (each may wait for the upstream)."""
+        cap = self._host.settings.config.source.leases.max_requests_in_flight
+        with self._lock:
+            if self.in_flight >= cap:
+                msg = (f"too many lease requests in flight ({cap}, "
+                       "source.leases.max_requests_in_flight); retry shortly")
+                raise ControlError(msg, None, 429)
+            self.in_flight += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.in_flight -= 1
 
     async def _at_home(self, call: Callable[[], Awaitable[T]]) -> T:
         # no timeout: the call runs to its end on the bridge's loop whatever the
@@ -912,7 +957,8 @@ class Control:
         return await call_on(self.home, call, timeout=None)
 
     async def _lease(self, kind: str, symbols: Sequence[str], ttl_s: float | None,
-                     holder: str, *, foreign: str) -> LeaseAnswer:
+                     holder: str, *, foreign: str, owner: str,
+                     max_symbols: int | None) -> LeaseAnswer:
         subs = self._subscriptions()
         wanted = normalize_symbols(symbols)
         shard = self.shard
@@ -920,7 +966,10 @@ class Control:
         reply: LeaseReply | None = None
         if mine:
             try:
-                reply = await subs.lease(kind, mine, ttl_s, holder)
+                reply = await subs.lease(kind, mine, ttl_s, holder, owner=owner,
+                                         max_symbols=max_symbols)
+            except LeaseCapError as exc:
+                raise ControlError(str(exc), None, 429) from None
             except LeaseError as exc:
                 raise ControlError(str(exc), None, 409) from None
         results: dict[str, SubscriptionResult | None] = {}
@@ -934,15 +983,16 @@ class Control:
         if reply is None:
             cfg = subs.config
             ttl = min(cfg.default_ttl_s if ttl_s is None else ttl_s, cfg.max_ttl_s)
-            reply = LeaseReply(None, kind, holder, ttl, None, {})
+            reply = LeaseReply(None, kind, holder, ttl, None, {}, owner=owner)
         lease = None if reply.lease_id is None else self.lease_id(reply.lease_id)
         return LeaseAnswer(self._lease_body(subs, reply, lease, results), lease, len(mine))
 
-    async def _renew(self, lease: str, ttl_s: float | None) -> LeaseAnswer:
+    async def _renew(self, lease: str, ttl_s: float | None,
+                     owner: str | None) -> LeaseAnswer:
         subs = self._subscriptions()
         internal = self._own(lease)
         try:
-            reply = await subs.renew(internal, ttl_s)
+            reply = await subs.renew(internal, ttl_s, owner=owner)
         except LeaseNotFound:
             raise ControlError(_not_live(lease), "lease", 404) from None
         except LeaseError as exc:
@@ -950,11 +1000,11 @@ class Control:
         return LeaseAnswer(self._lease_body(subs, reply, lease, dict(reply.results)), lease,
                            len(reply.results))
 
-    async def _release(self, lease: str) -> None:
+    async def _release(self, lease: str, owner: str | None) -> None:
         subs = self._subscriptions()
         internal = self._own(lease)
         try:
-            await subs.release(internal)
+            await subs.release(internal, owner=owner)
         except LeaseNotFound:
             raise ControlError(_not_live(lease), "lease", 404) from None
         except LeaseError as exc:
@@ -983,6 +1033,7 @@ class Control:
             "lease": lease,
             "kind": reply.kind,
             "holder": reply.holder,
+            "owner": getattr(reply, "owner", ""),
             "ttlS": reply.ttl_s,
             "expiresInS": expires,
             "symbols": symbols,
@@ -1021,10 +1072,12 @@ class NatsControl:
     """
 
     def __init__(self, control: Control, cfg: ControlNatsConfig,
-                 redact: Redact | None = None) -> None:
+                 redact: Redact | None = None, guard: Guard | None = None) -> None:
         self.control = control
         self.cfg = cfg
         self._redact = redact
+        #: who may call (:mod:`bridge.auth`); ``None``: anyone, for every scope
+        self.guard = guard
         self._backoff = Backoff(cfg.backoff.initial_s, cfg.backoff.max_s)
         self._task: asyncio.Task[None] | None = None
         self._nc: Any = None
@@ -1223,28 +1276,44 @@ class NatsControl:
         wanted = self.cfg.snapshot_page_bytes
         return limit if wanted is None else min(wanted, limit)
 
+    def _principal(self, request: Any, scope: str) -> Principal | None:
+        """Who sent ``request`` (its ``Authorization`` header), allowed ``scope``;
+        raises :class:`ControlError` 401 / 403. ``None`` without a guard."""
+        if self.guard is None:
+            return None
+        headers = getattr(request, "headers", None) or {}
+        try:
+            return self.guard.check(headers.get("Authorization"), scope)
+        except AuthError as exc:
+            raise ControlError(str(exc), "Authorization", exc.status) from None
+
     async def _on_snapshot(self, request: Any) -> None:
         async def answer() -> bytes:
+            self._principal(request, "snapshot")
             query = query_from_json(request.data)
             return self.control.answer(query, max_bytes=self.page_bytes()).body
         await _respond(request, answer)
+
+    async def _lease(self, request: Any, *, foreign: str) -> LeaseAnswer:
+        who = self._principal(request, "lease")
+        req = lease_from_json(request.data)
+        return await self.control.lease(
+            req.kind, req.symbols, req.ttl_s, req.holder, foreign=foreign,
+            owner="" if who is None else who.name,
+            max_symbols=None if who is None else who.max_symbols)
 
     async def _on_subscribe(self, request: Any) -> None:
         """Every shard receives it and answers for its own symbols; a shard that owns
         none of them stays silent (unsharded: always answers)."""
         async def answer() -> bytes | None:
-            req = lease_from_json(request.data)
             sharded = self.control.shard is not None
-            got = await self.control.lease(req.kind, req.symbols, req.ttl_s, req.holder,
-                                           foreign="omit" if sharded else "report")
+            got = await self._lease(request, foreign="omit" if sharded else "report")
             return got.body if got.owned or not sharded else None
         await _respond(request, answer)
 
     async def _on_subscribe_shard(self, request: Any) -> None:
         async def answer() -> bytes:
-            req = lease_from_json(request.data)
-            return (await self.control.lease(req.kind, req.symbols, req.ttl_s,
-                                             req.holder)).body
+            return (await self._lease(request, foreign="report")).body
         await _respond(request, answer)
 
     async def _on_renew(self, request: Any) -> None:
@@ -1253,7 +1322,9 @@ class NatsControl:
             self.control.check_leases()
             if not self.control.granted_here(req.lease):
                 return None  # another process's lease: that one answers
-            return (await self.control.renew(req.lease, req.ttl_s)).body
+            who = self._principal(request, "lease")
+            owner = None if who is None else who.name
+            return (await self.control.renew(req.lease, req.ttl_s, owner=owner)).body
         await _respond(request, answer)
 
     async def _on_release(self, request: Any) -> None:
@@ -1262,7 +1333,8 @@ class NatsControl:
             self.control.check_leases()
             if not self.control.granted_here(lease):
                 return None
-            await self.control.release(lease)
+            who = self._principal(request, "lease")
+            await self.control.release(lease, owner=None if who is None else who.name)
             return orjson.dumps({"lease": lease, "released": True})
         await _respond(request, answer)
 
@@ -1322,11 +1394,12 @@ async def _discard(nc: Any) -> None:
 
 
 async def start_nats_control(control: Control, cfg: ControlNatsConfig,
-                             redact: Redact | None = None) -> NatsControl:
+                             redact: Redact | None = None,
+                             guard: Guard | None = None) -> NatsControl:
     """Serve ``control`` as a NATS micro service; returns at once (the connection is
     made in the background, see :class:`NatsControl`). ``redact`` scrubs the bridge's
     secrets from logged error texts (this door's own credentials are masked anyway)."""
-    service = NatsControl(control, cfg, redact)
+    service = NatsControl(control, cfg, redact, guard)
     service.start()
     return service
 

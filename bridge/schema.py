@@ -10,6 +10,7 @@ validated by the driver's ``options_model`` when the settings are resolved
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import unicodedata
 from collections.abc import Iterable
@@ -127,8 +128,16 @@ class LeaseConfig(_Model):
     #: the TTL of a lease that asks for none
     default_ttl_s: float = Field(60.0, gt=0)
     grace_s: float = Field(10.0, ge=0)
-    #: at most this many symbols held by the live leases of one holder (unset: no bound)
+    #: at most this many symbols held by the live leases of one owner (the token that
+    #: made them, see ``control.auth``); unset: only the token's ``max_symbols``
     max_per_holder: int | None = Field(None, ge=1)
+    #: at most this many live leases in this process, whoever holds them (429 beyond)
+    max_leases: int = Field(1000, ge=1, le=1_000_000)
+    #: at most this many distinct leased symbols in this process (429 beyond)
+    max_symbols: int = Field(1000, ge=1, le=1_000_000)
+    #: lease requests being served at once, at most (429 beyond): each may wait for
+    #: the upstream's acknowledgement
+    max_requests_in_flight: int = Field(32, ge=1, le=10_000)
 
     @model_validator(mode="after")
     def _default_within_max(self) -> LeaseConfig:
@@ -170,6 +179,9 @@ class SourceConfig(_Model):
     #: the upstream's update cadence: a symbol whose ``sentTimestampMs`` jumps by more
     #: than :data:`bridge.market.GAP_FACTOR` times this gets a ``gap`` status event
     update_interval_s: float = Field(1.0, gt=0)
+    #: live ``subscribe_*`` / ``unsubscribe_*`` requests per second and API key, at
+    #: most, however clients lease (the (re)connect subscription is not counted)
+    max_subscribe_requests_per_s: float = Field(5.0, gt=0, le=1000)
 
     @field_validator("url")
     @classmethod
@@ -338,6 +350,138 @@ class HttpConfig(_Model):
     max_connections: int = Field(64, ge=1, le=10_000)
     #: a connection that has not sent a complete request for this long is closed
     idle_timeout_s: float = Field(10.0, gt=0, le=3600)
+    #: a client that has not taken the next part of its answer for this long is cut off
+    send_timeout_s: float = Field(10.0, gt=0, le=3600)
+
+    @property
+    def loopback(self) -> bool:
+        """Whether the listener is reachable from this host only."""
+        return is_loopback_host(self.host)
+
+
+class ControlHttpConfig(HttpConfig):
+    """``control.http``: the listener of ``/v1/`` (snapshots, leases), apart from the
+    probes' and Prometheus' listener (``http``)."""
+
+    port: int = Field(9465, ge=0, le=65535)
+    #: the ``Origin`` values a browser may call ``/v1`` from (a request that carries
+    #: any other ``Origin`` header is refused, 403); empty: no browser at all
+    allowed_origins: list[str] = Field(default_factory=list)
+    #: full snapshots assembled at once, at most (503 with ``Retry-After`` beyond)
+    max_concurrent_snapshots: int = Field(4, ge=1, le=1024)
+    #: bytes of replies assembled or being sent, in total across every client, at most
+    #: (503 with ``Retry-After`` beyond): what slow readers can pin
+    max_reply_bytes: int = Field(64 * 2**20, ge=2**20, le=2**34)
+
+
+SCOPES: Final = ("snapshot", "lease")
+Scope = Literal["snapshot", "lease"]
+#: the owner of what anonymous clients lease (no token may take this name)
+ANONYMOUS: Final = "anonymous"
+
+
+def _snapshot_only() -> list[Scope]:
+    return ["snapshot"]
+
+
+class TokenConfig(_Model):
+    """One of ``control.auth.tokens``: a bearer token, its name and what it may do.
+
+    ``name`` owns the leases made with the token (``holder`` in a reply) and labels it
+    in logs and metrics; the token itself is a secret (never logged, never shown).
+    """
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", min_length=1, max_length=64)
+    token: SecretStr | None = None
+    token_file: Path | None = None
+    scopes: list[Scope] = Field(default_factory=_snapshot_only, min_length=1)
+    #: symbols this token's live leases may hold at once (unset: ``default_max_symbols``)
+    max_symbols: int | None = Field(None, ge=1)
+
+    @field_validator("name")
+    @classmethod
+    def _not_anonymous(cls, v: str) -> str:
+        if v == ANONYMOUS:
+            msg = f"{ANONYMOUS!r} is the owner of anonymous clients' leases; choose another name"
+            raise ValueError(msg)
+        return v
+
+    @field_validator("token")
+    @classmethod
+    def _strong_token(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is None:
+            return None
+        token = v.get_secret_value().removesuffix("\n").removesuffix("\r")
+        problem = token_problem(token)
+        if problem is not None:
+            raise ValueError(problem)
+        return SecretStr(token)
+
+    @model_validator(mode="after")
+    def _token_or_file(self) -> TokenConfig:
+        if (self.token is None) == (self.token_file is None):
+            msg = "set token or token_file (exactly one)"
+            raise ValueError(msg)
+        return self
+
+
+#: the shortest token accepted (a token is a password: 128 bits of hex is 32 characters)
+MIN_TOKEN_LEN: Final = 16
+
+
+def token_problem(token: str) -> str | None:
+    """Why ``token`` cannot be a bearer token, or ``None``. Never quotes the token."""
+    if len(token) < MIN_TOKEN_LEN:
+        return (f"a token must be at least {MIN_TOKEN_LEN} characters (e.g. "
+                "`openssl rand -hex 32`)")
+    if len(token) > 4096:
+        return "a token must be at most 4096 characters"
+    if not all(33 <= ord(c) < 127 for c in token):
+        return "a token must be printable ASCII without spaces"
+    return None
+
+
+class AuthConfig(_Model):
+    """``control.auth``: who may call the control surface (both doors).
+
+    Clients send ``Authorization: Bearer <token>`` (HTTP header, or the same header on
+    a NATS request). ``anonymous`` lists the scopes of a request without a token; unset,
+    anonymous clients get every scope on a loopback listener without tokens, and
+    nothing anywhere else.
+    """
+
+    tokens: list[TokenConfig] = Field(default_factory=list)
+    anonymous: list[Scope] | None = None
+    #: the ``max_symbols`` of a token that sets none, and of anonymous clients
+    default_max_symbols: int = Field(100, ge=1)
+
+    @model_validator(mode="after")
+    def _unique(self) -> AuthConfig:
+        names: dict[str, int] = {}
+        values: dict[str, int] = {}
+        for i, t in enumerate(self.tokens):
+            if t.name in names:
+                msg = f"tokens[{i}].name: {t.name!r} is also the name of tokens[{names[t.name]}]"
+                raise ValueError(msg)
+            names[t.name] = i
+            if t.token is not None:
+                value = t.token.get_secret_value()
+                if value in values:
+                    msg = f"tokens[{i}].token: the same token as tokens[{values[value]}]"
+                    raise ValueError(msg)
+                values[value] = i
+        return self
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether ``host`` (a name or an address) is this machine only."""
+    host = host.lower().strip("[]").rstrip(".")
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class ControlNatsConfig(_Model):
@@ -425,10 +569,23 @@ _SERVICE_NAME: Final = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
 class ControlConfig(_Model):
-    """What a client can ask the bridge: ``/v1/`` on the HTTP server (always, when the
-    HTTP server is enabled) and, when ``nats`` is set, the same over NATS."""
+    """What a client can ask the bridge: ``/v1/`` on its own listener (``http``) and,
+    when ``nats`` is set, the same over NATS; ``auth`` says who may (both doors).
 
+    ``http`` unset: the listener of the default ``127.0.0.1:9465``, except that a
+    configuration whose ``http`` (probes) listener is loopback-only keeps ``/v1`` there
+    as before (deprecated: set ``control.http``)."""
+
+    http: ControlHttpConfig | None = None
+    auth: AuthConfig = Field(default_factory=AuthConfig)
     nats: ControlNatsConfig | None = None
+
+    @property
+    def nats_loopback(self) -> bool:
+        """Whether every NATS server of the door is on this machine."""
+        if self.nats is None:
+            return True
+        return all(is_loopback_host(urlsplit(s).hostname or "") for s in self.nats.servers)
 
 
 class ReloadConfig(_Model):
@@ -462,13 +619,17 @@ class Config(_Model):
 
 
 __all__ = [
+    "ANONYMOUS",
+    "SCOPES",
     "ApiKeyConfig",
+    "AuthConfig",
     "BackoffConfig",
     "BatchConfig",
     "BufferConfig",
     "Config",
     "ConfigError",
     "ControlConfig",
+    "ControlHttpConfig",
     "ControlNatsConfig",
     "HttpConfig",
     "LeaseConfig",
@@ -477,8 +638,12 @@ __all__ = [
     "ReloadConfig",
     "RetryConfig",
     "RouteConfig",
+    "Scope",
     "ShardConfig",
     "SinkCommon",
     "SourceConfig",
+    "TokenConfig",
+    "is_loopback_host",
     "key_problem",
+    "token_problem",
 ]

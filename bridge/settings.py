@@ -12,7 +12,6 @@ certificate checks turned off, passwords to a bus without TLS) resolves with
 
 from __future__ import annotations
 
-import ipaddress
 import math
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -21,8 +20,18 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, SecretStr, ValidationError
 
+from bridge.auth import Guard, Token, anonymous_scopes
 from bridge.loading import read_key_file, validation_problems
-from bridge.schema import Config, ConfigError, RouteConfig, SinkCommon, SourceConfig
+from bridge.schema import (
+    Config,
+    ConfigError,
+    ControlHttpConfig,
+    RouteConfig,
+    SinkCommon,
+    SourceConfig,
+    is_loopback_host,
+    token_problem,
+)
 from bridge.sinks import (
     Budget,
     DriverLoadError,
@@ -99,6 +108,31 @@ class Settings:
     #: valid but insecure settings, one ``path: message`` each (never a secret value);
     #: ``validate`` prints them, ``run`` logs them at WARNING
     warnings: list[str] = field(default_factory=list)
+    #: the control surface's bearer tokens (``control.auth.tokens``, files read)
+    tokens: tuple[Token, ...] = ()
+
+    @property
+    def control_http(self) -> ControlHttpConfig | None:
+        """The listener of ``/v1/`` (see :func:`control_listener`)."""
+        return control_listener(self.config)[0]
+
+    @property
+    def v1_on_probes(self) -> bool:
+        """Whether ``/v1/`` is (also) served on the ``http`` listener (deprecated)."""
+        return control_listener(self.config)[1]
+
+    def guard(self, door: str) -> Guard:
+        """Who may call ``door`` (``http`` or ``nats``): the tokens, and the anonymous
+        scopes given that door's reach (:func:`bridge.auth.anonymous_scopes`)."""
+        control = self.config.control
+        if door == "nats":
+            loopback = control.nats_loopback
+        else:
+            listener = self.control_http
+            loopback = (self.config.http.loopback if listener is None
+                        else listener.loopback)
+        anonymous = anonymous_scopes(control.auth, self.tokens, loopback)
+        return Guard(self.tokens, anonymous, control.auth.default_max_symbols)
 
     def secrets(self) -> list[str]:
         """Every secret value of the configuration, for log redaction."""
@@ -112,6 +146,7 @@ class Settings:
             found.extend(_secret_values(spec.options))
         if self.config.control.nats is not None:
             found.extend(_secret_values(self.config.control.nats))
+        found.extend(t.token.get_secret_value() for t in self.tokens)
         return [s for s in found if s]
 
     def memory_estimate(self) -> int:
@@ -217,9 +252,79 @@ def _resolve(config: Config, drivers: Drivers, problems: list[str]) -> Settings:
     keys = tuple(upstream_keys(config.source, api_key, problems))
     any_key = api_key if api_key is not None else next(
         (k.key for k in keys if k.key is not None), None)
+    tokens = tuple(_tokens(config, problems))
+    problems.extend(_control_problems(config, tokens))
     warnings = _security_warnings(config, any_key, specs)
     return Settings(config=config, sinks=specs, routes=routes, api_key=api_key,
-                    api_keys=keys, warnings=warnings)
+                    api_keys=keys, warnings=warnings, tokens=tokens)
+
+
+# ---------------------------------------------------------------------------
+# The control surface: its listener and who may call it
+
+
+def control_listener(config: Config) -> tuple[ControlHttpConfig | None, bool]:
+    """Where ``/v1/`` is served: ``(listener, on_probes)``.
+
+    ``control.http`` set: on that listener only (``enabled: false``: nowhere over
+    HTTP). Unset: when the ``http`` listener is enabled and loopback-only, ``/v1/``
+    stays there as before (deprecated; no listener of its own), else on a listener
+    of the defaults (``127.0.0.1:9465``) and never on the probes' port.
+    """
+    own = config.control.http
+    if own is not None:
+        return (own if own.enabled else None), False
+    if config.http.enabled and config.http.loopback:
+        return None, True
+    return ControlHttpConfig(), False
+
+
+def _tokens(config: Config, problems: list[str]) -> list[Token]:
+    found: list[Token] = []
+    for i, entry in enumerate(config.control.auth.tokens):
+        secret = entry.token
+        where = f"control.auth.tokens[{i}].token_file"
+        if entry.token_file is not None:
+            read: list[str] = []
+            secret = read_key_file(entry.token_file, read)
+            problems.extend(p.replace("source.api_key_file", where, 1) for p in read)
+            if secret is not None:
+                problem = token_problem(secret.get_secret_value())
+                if problem is not None:
+                    problems.append(f"{where}: {problem}")
+                    secret = None
+        if secret is not None:
+            found.append(Token(entry.name, secret, frozenset(entry.scopes), entry.max_symbols))
+    values: dict[str, int] = {}
+    for i, t in enumerate(found):
+        value = t.token.get_secret_value()
+        if value in values:
+            problems.append(f"control.auth.tokens[{i}]: the same token as "
+                            f"control.auth.tokens[{values[value]}] (never quoted)")
+        values.setdefault(value, i)
+    return found
+
+
+def _control_problems(config: Config, tokens: Sequence[Token]) -> list[str]:
+    """Secure by default: a door reachable from other hosts needs tokens, or an explicit
+    ``control.auth.anonymous``."""
+    problems: list[str] = []
+    auth = config.control.auth
+    if tokens or auth.tokens or auth.anonymous is not None:
+        return problems
+    listener, _ = control_listener(config)
+    if listener is not None and not listener.loopback:
+        problems.append(
+            f"control.http.host: /v1 would be reachable from other hosts "
+            f"({listener.host}) without a token; add control.auth.tokens, or say "
+            "control.auth.anonymous: [snapshot] (or [snapshot, lease]) to admit "
+            "anonymous clients explicitly, or bind it to 127.0.0.1")
+    if config.control.nats is not None and not config.control.nats_loopback:
+        problems.append(
+            "control.nats.servers: the NATS door is on a shared bus without a token; add "
+            "control.auth.tokens, or say control.auth.anonymous: [snapshot] (or "
+            "[snapshot, lease]) to admit anonymous requests explicitly")
+    return problems
 
 
 def _route_problems(
@@ -407,14 +512,7 @@ def _topic_problems(i: int, route: RouteConfig, spec: SinkSpec, source: SourceCo
 # Insecure settings (warnings, not errors)
 
 
-def _is_loopback(host: str) -> bool:
-    host = host.lower().rstrip(".")
-    if host == "localhost" or host.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+_is_loopback = is_loopback_host
 
 
 def _security_warnings(

@@ -160,6 +160,17 @@ class MqttOptions(TlsOptions, PasswordOptions):
         # YAML reads `protocol: 5` as an int
         return str(v) if isinstance(v, int | float) else v
 
+    @field_validator("host")
+    @classmethod
+    def _plain_host(cls, v: str) -> str:
+        # the host goes into logs and /readyz: a "user:pw@host" would show the password.
+        # The message never quotes the value.
+        if "@" in v or "/" in v or any(c.isspace() for c in v) or v.count(":") == 1:
+            msg = ("must be a host name or IP address only (no user:password@, no scheme, "
+                   "no :port); put credentials in username/password and the port in port")
+            raise ValueError(msg)
+        return v
+
     @field_validator("message_expiry_s")
     @classmethod
     def _expiry_needs_v5(cls, v: int | None, info: ValidationInfo) -> int | None:

@@ -24,7 +24,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from bridge.config import parse_config
+from bridge.config import Settings, parse_config
+from bridge.schema import is_loopback_host
 from bridge.sharding import shard_symbols
 from bridge.simulator import default_equities, default_tickers
 from bridge.sinks import Drivers
@@ -41,7 +42,16 @@ KUBE_VERSIONS = ("1.30", kubernetes_validate.utils.latest_version())
 CRD_KINDS = {"ServiceMonitor", "PodMonitor"}  # monitoring.coreos.com: not in k8s schemas
 POD_ENV = {"ALENO_API_KEY": "dummy-key", "ALENO_SHARD_INDEX": "1"}
 
-GOOD_VALUES = ["default", "sharded", "existing-secret", "monitoring", "kafka"]
+GOOD_VALUES = [
+    "default",
+    "sharded",
+    "existing-secret",
+    "monitoring",
+    "kafka",
+    "control-tokens",
+    "control-existing-secret",
+    "networkpolicy-off",
+]
 BAD_VALUES = [
     "bad-shards-string",
     "bad-shards-zero",
@@ -49,7 +59,30 @@ BAD_VALUES = [
     "bad-image-tag",
     "bad-config-no-sinks",
     "bad-unknown-key",
+    "bad-control-token-no-name",
+    "bad-control-scope",
+    "bad-control-short-token",
+    "bad-control-anonymous",
+    "bad-control-unknown-key",
+    "bad-networkpolicy-peer",
 ]
+# Where the schema must point for a bad values file (the reason it is bad, not another).
+BAD_WHERE = {
+    "bad-control-token-no-name": "/control/tokens/0",
+    "bad-control-scope": "/control/tokens/0/scopes/1",
+    "bad-control-short-token": "/control/tokens/0/token",
+    "bad-control-anonymous": "/control/anonymous",
+    "bad-control-unknown-key": "/control",
+    "bad-networkpolicy-peer": "/networkPolicy/control/from/0",
+}
+# What the operator's Secret named by control-existing-secret.yaml holds.
+EXISTING_TOKEN_SECRET = {
+    "bridge-control-tokens": {
+        "svc-a": "test-only-token-a9b8c7d6e5f40312",
+        "svc-b": "test-only-token-1122334455667788",
+        "unrelated": "not-a-token-of-this-release",
+    },
+}
 
 
 # ---------------------------------------------------------------------------
@@ -199,7 +232,8 @@ def test_every_manifest_is_valid(chart: Any, name: str) -> None:
 
 def test_default_layout(chart: Any) -> None:
     out = render(chart, None)
-    assert out.kinds() == ["ConfigMap", "Deployment", "Service", "ServiceAccount"]
+    assert out.kinds() == ["ConfigMap", "Deployment", "NetworkPolicy", "Service",
+                           "ServiceAccount"]
     dep = out.one("Deployment")
     assert dep["spec"]["replicas"] == 1
     pod = dep["spec"]["template"]["spec"]
@@ -268,6 +302,9 @@ def test_bridge_accepts_rendered_config(chart: Any, name: str) -> None:
     assert (http.enabled, http.host, http.port) == (True, "0.0.0.0", port)
     assert settings.api_key is not None
     assert settings.api_key.get_secret_value() == POD_ENV["ALENO_API_KEY"]
+    assert_v1_guarded(settings)
+    control = settings.config.control.http
+    assert control is not None and control.loopback  # no tokens in these: /v1 stays in the pod
 
 
 def test_kafka_example_renders(chart: Any) -> None:
@@ -354,6 +391,324 @@ def test_literal_api_key_is_refused(chart: Any) -> None:
 
 
 # ---------------------------------------------------------------------------
+# the control surface (/v1): its own listener, tokens from a Secret, a NetworkPolicy
+
+TOKEN_DIR = "/var/run/secrets/aleno-bridge/control-tokens"
+
+
+def secret_data(out: Rendered) -> dict[str, dict[str, str]]:
+    """The chart-made Secrets' contents by name, plus the operator's own Secrets."""
+    found = {d["metadata"]["name"]: dict(d.get("stringData") or {}) for d in out.all("Secret")}
+    return {**EXISTING_TOKEN_SECRET, **found}
+
+
+def as_the_pod_reads_it(out: Rendered, root: Path) -> str:
+    """The rendered config as the container sees it: every Secret volume of the pod is
+    written under `root` the way the kubelet projects it (its `items`, or every key),
+    and the config's paths under the mount point are pointed there. A key the volume
+    names but the Secret lacks fails (the pod would not start)."""
+    pod = out.workload["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    secrets = secret_data(out)
+    text = out.config_text
+    for mount in out.container["volumeMounts"]:
+        volume = volumes[mount["name"]]
+        if "secret" not in volume:
+            continue
+        data = secrets[volume["secret"]["secretName"]]
+        items = volume["secret"].get("items") or [{"key": k, "path": k} for k in data]
+        target = root / mount["name"]
+        target.mkdir(parents=True)
+        for item in items:
+            assert item["key"] in data, f"Secret has no key {item['key']!r}: the pod won't start"
+            (target / item["path"]).write_text(data[item["key"]])
+        text = text.replace(f"{mount['mountPath']}/", f"{target}/")
+    return text
+
+
+def assert_v1_guarded(settings: Settings) -> None:
+    """What `aleno-bridge validate` enforces (issue 18): /v1 on a listener beyond
+    loopback needs tokens, or anonymous scopes set explicitly."""
+    control = settings.config.control
+    http = control.http
+    assert http is not None, "the chart always writes control.http"
+    if http.enabled and not is_loopback_host(http.host):
+        assert control.auth.tokens or control.auth.anonymous is not None, (
+            f"/v1 on {http.host}:{http.port} without tokens or explicit anonymous scopes")
+
+
+def ingress_peers(policy: dict[str, Any], port: str) -> list[dict[str, Any]] | None:
+    """The peers a NetworkPolicy admits on the named port: None = from anywhere,
+    [] = nobody."""
+    assert "Ingress" in policy["spec"]["policyTypes"]
+    peers: list[dict[str, Any]] = []
+    for rule in policy["spec"].get("ingress") or []:
+        ports = rule.get("ports")
+        if ports and not any(p.get("port") == port for p in ports):
+            continue
+        if not rule.get("from"):
+            return None
+        peers.extend(rule["from"])
+    return peers
+
+
+def selects_the_pods(out: Rendered, policy: dict[str, Any]) -> bool:
+    labels: dict[str, str] = out.workload["spec"]["template"]["metadata"]["labels"]
+    selector: dict[str, str] = policy["spec"]["podSelector"]["matchLabels"]
+    return selector.items() <= labels.items()
+
+
+def test_default_install_keeps_v1_loopback_only(chart: Any) -> None:
+    out = render(chart, None)
+    config = yaml.safe_load(out.config_text)
+    assert config["control"]["http"]["host"] == "127.0.0.1"
+    assert config["control"]["http"]["port"] == 9465
+    assert "tokens" not in config["control"].get("auth", {})
+    settings = parse_config(out.config_text, env=POD_ENV)
+    http = settings.config.control.http
+    assert http is not None and http.enabled and http.loopback
+    assert settings.config.control.auth.anonymous is None
+    assert_v1_guarded(settings)
+    # nothing publishes the loopback listener
+    assert [p["name"] for p in out.container["ports"]] == ["http-metrics"]
+    assert all(p["name"] != "http-control" for s in out.all("Service") for p in s["spec"]["ports"])
+    assert not out.all("Secret")
+    assert all(m["mountPath"] != TOKEN_DIR for m in out.container["volumeMounts"])
+    policy = out.one("NetworkPolicy")
+    assert selects_the_pods(out, policy)
+    assert ingress_peers(policy, "http-metrics") is None  # probes, Prometheus: as before
+    assert ingress_peers(policy, "http-control") == []
+    assert ingress_peers(policy, "anything-else") == []
+    assert policy["spec"]["policyTypes"] == ["Ingress"]  # egress (upstream, brokers) is free
+    assert "127.0.0.1:9465 inside the pod only" in out.notes
+    assert "port-forward deployment/prices-aleno-bridge 9465" in out.notes
+
+
+@pytest.mark.parametrize("name", ["control-tokens", "control-existing-secret",
+                                  "networkpolicy-off"])
+def test_control_port_is_published(chart: Any, name: str) -> None:
+    values = load_values(name)
+    assert values is not None
+    out = render(chart, values)
+    port = out.container["ports"][1]
+    assert port == {"name": "http-control", "containerPort": 9465, "protocol": "TCP"}
+    assert out.container["ports"][0]["name"] == "http-metrics"
+    svc = next(s for s in out.all("Service")
+               if s["metadata"]["name"] == f"{RELEASE}-aleno-bridge-control")
+    assert svc["spec"]["ports"] == [{"name": "http-control", "port": 9465,
+                                     "targetPort": "http-control", "protocol": "TCP"}]
+    pod_labels = out.workload["spec"]["template"]["metadata"]["labels"]
+    assert svc["spec"]["selector"].items() <= pod_labels.items()
+    assert svc["metadata"]["labels"]["app.kubernetes.io/component"] == "control"
+    assert not svc["spec"].get("publishNotReadyAddresses")  # ready pods only
+    metrics = next(s for s in out.all("Service") if s["metadata"]["name"].endswith("-metrics"))
+    assert [p["name"] for p in metrics["spec"]["ports"]] == ["http-metrics"]
+    config = yaml.safe_load(out.config_text)
+    assert config["control"]["http"]["enabled"] is True
+    assert config["control"]["http"]["host"] == "0.0.0.0"
+    assert config["control"]["http"]["port"] == port["containerPort"]
+    assert config["http"]["port"] == out.container["ports"][0]["containerPort"]  # unchanged
+    for doc in out.docs:
+        check_k8s(doc)
+
+
+@pytest.mark.parametrize("name", ["control-tokens", "control-existing-secret",
+                                  "networkpolicy-off"])
+def test_tokens_reach_the_bridge_as_files(chart: Any, name: str, tmp_path: Path) -> None:
+    values = load_values(name)
+    assert values is not None
+    out = render(chart, values)
+    declared = values["control"]["tokens"]
+    existing = values["control"].get("existingTokenSecret")
+    config = yaml.safe_load(out.config_text)
+    written = config["control"]["auth"]["tokens"]
+    assert [t["name"] for t in written] == [t["name"] for t in declared]
+    # the mount and the config agree on every path
+    mount = next(m for m in out.container["volumeMounts"] if m["name"] == "control-tokens")
+    assert mount["mountPath"] == TOKEN_DIR and mount["readOnly"] is True
+    volume = next(v for v in out.workload["spec"]["template"]["spec"]["volumes"]
+                  if v["name"] == "control-tokens")
+    secret_name = existing or f"{RELEASE}-aleno-bridge-control-tokens"
+    assert volume["secret"]["secretName"] == secret_name
+    items = {i["key"]: i["path"] for i in volume["secret"]["items"]}
+    for token, spec in zip(written, declared, strict=True):
+        assert token["token_file"] == f"{mount['mountPath']}/{items[spec['name']]}"
+        assert "token" not in token
+        assert token.get("scopes", ["snapshot"]) == spec.get("scopes", ["snapshot"])
+        assert token.get("max_symbols") == spec.get("maxSymbols")
+    assert config["control"]["auth"].get("anonymous") == values["control"].get("anonymous")
+    # the token Secret: chart-made (holds the values) or the operator's (nothing rendered)
+    if existing:
+        assert not any(s["metadata"]["name"] == existing for s in out.all("Secret"))
+        assert "checksum/control-tokens" not in (
+            out.workload["spec"]["template"]["metadata"]["annotations"])
+    else:
+        secret = next(s for s in out.all("Secret") if s["metadata"]["name"] == secret_name)
+        assert secret["stringData"] == {t["name"]: t["token"] for t in declared}
+    # no token value anywhere but its Secret
+    values_of = secret_data(out)[secret_name]
+    for doc in out.docs:
+        if doc["kind"] == "Secret" and doc["metadata"]["name"] == secret_name:
+            continue
+        text = yaml.safe_dump(doc)
+        for token in values_of.values():
+            assert token not in text, f"a control token leaked into {doc['kind']}"
+    for token in values_of.values():
+        assert token not in out.notes and token not in out.config_text
+    # the bridge reads them where the kubelet puts them, and accepts the whole config
+    settings = parse_config(as_the_pod_reads_it(out, tmp_path), env=POD_ENV, source=name)
+    assert_v1_guarded(settings)
+    auth = settings.config.control.auth
+    assert [t.name for t in auth.tokens] == [t["name"] for t in declared]
+    for token in auth.tokens:
+        assert token.token_file is not None
+        assert token.token_file.read_text() == values_of[token.name]
+    http = settings.config.control.http
+    assert http is not None and not http.loopback and http.port == 9465
+
+
+def test_control_service_for_shards_and_notes(chart: Any) -> None:
+    tokens = load_values("control-tokens")
+    assert tokens is not None
+    values = merged(load_values("sharded"), {"control": tokens["control"]})
+    out = render(chart, values)
+    headless = next(s for s in out.all("Service") if s["spec"].get("clusterIP") == "None")
+    assert {p["name"] for p in headless["spec"]["ports"]} == {"http-metrics", "http-control"}
+    assert "Each shard holds its own symbols" in out.notes
+    # NOTES: how to call it with a token, fetched from the Secret
+    notes = render(chart, load_values("control-tokens")).notes
+    assert "port-forward deployment/prices-aleno-bridge 9465" in notes
+    assert ("kubectl -n market-data get secret prices-aleno-bridge-control-tokens "
+            "-o jsonpath='{.data.pricing-ui}' | base64 -d") in notes
+    assert 'curl -H "Authorization: Bearer $TOKEN" http://127.0.0.1:9465/v1/snapshot' in notes
+    assert "prices-aleno-bridge-control.market-data.svc:9465" in notes
+    assert "risk.engine: snapshot, lease, max 200 leased symbols" in notes
+    assert "networkPolicy.control.from is empty" not in notes
+    dotted = render(chart, merged(load_values("control-tokens"), {"control": {"tokens": [
+        {"name": "risk.engine", "token": "test-only-token-c0ffee5eed1234ab"}]}})).notes
+    assert "jsonpath='{.data.risk\\.engine}'" in dotted  # kubectl jsonpath escapes dots
+    unguarded = render(chart, load_values("networkpolicy-off")).notes
+    assert "every pod in the cluster can reach the control port" in unguarded
+    closed = render(chart, merged(load_values("control-tokens"),
+                                  {"networkPolicy": {"control": {"from": []}}})).notes
+    assert "networkPolicy.control.from is empty" in closed
+
+
+def test_rotating_a_token_rolls_the_pods(chart: Any) -> None:
+    values = load_values("control-tokens")
+    assert values is not None
+    base = render(chart, values).workload["spec"]["template"]["metadata"]["annotations"]
+    tokens = copy.deepcopy(values["control"]["tokens"])
+    tokens[0]["token"] = "test-only-token-rotated00000001"
+    rotated = render(chart, merged(values, {"control": {"tokens": tokens}}))
+    annotations = rotated.workload["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["checksum/control-tokens"] != base["checksum/control-tokens"]
+    assert annotations["checksum/config"] == base["checksum/config"]  # the ConfigMap holds no token
+
+
+@pytest.mark.parametrize("name", ["control-tokens", "control-existing-secret"])
+def test_network_policy_admits_metrics_and_only_named_peers_on_control(chart: Any,
+                                                                       name: str) -> None:
+    values = load_values(name)
+    assert values is not None
+    out = render(chart, values)
+    policy = out.one("NetworkPolicy")
+    assert selects_the_pods(out, policy)
+    check_k8s(policy)
+    wanted_metrics = values["networkPolicy"].get("metrics", {}).get("from") or None
+    assert ingress_peers(policy, "http-metrics") == wanted_metrics
+    assert ingress_peers(policy, "http-control") == values["networkPolicy"]["control"]["from"]
+    assert ingress_peers(policy, "http-other") == []
+    # every port a rule names is a port of the container
+    named = {p["name"] for p in out.container["ports"]}
+    for rule in policy["spec"]["ingress"]:
+        for port in rule["ports"]:
+            assert port["port"] in named
+    # no peer admitted on control unless named
+    without = render(chart, merged(values, {"networkPolicy": {"control": {"from": []}}}))
+    assert ingress_peers(without.one("NetworkPolicy"), "http-control") == []
+
+
+def test_network_policy_off_renders_none(chart: Any) -> None:
+    out = render(chart, load_values("networkpolicy-off"))
+    assert not out.all("NetworkPolicy")
+    assert out.all("Deployment")
+
+
+def test_network_policy_extra_ingress(chart: Any) -> None:
+    extra = [{"ports": [{"port": 15090, "protocol": "TCP"}]}]
+    out = render(chart, {"networkPolicy": {"extraIngress": extra}})
+    policy = out.one("NetworkPolicy")
+    assert policy["spec"]["ingress"][-1] == extra[0]
+    check_k8s(policy)
+
+
+def test_control_listener_off(chart: Any, tmp_path: Path) -> None:
+    values = merged(load_values("control-tokens"), {"control": {"enabled": False}})
+    out = render(chart, values)
+    assert [p["name"] for p in out.container["ports"]] == ["http-metrics"]
+    assert not any(s["metadata"]["name"].endswith("-control") for s in out.all("Service"))
+    assert ingress_peers(out.one("NetworkPolicy"), "http-control") == []
+    settings = parse_config(as_the_pod_reads_it(out, tmp_path), env=POD_ENV)
+    assert settings.config.control.http is not None
+    assert settings.config.control.http.enabled is False
+    assert len(settings.config.control.auth.tokens) == 2  # still the NATS door's tokens
+    assert "listener is off" in out.notes
+
+
+def test_control_explicit_bind_and_anonymous(chart: Any) -> None:
+    # explicit anonymous scopes are a choice: the listener may leave loopback without tokens
+    out = render(chart, {"control": {"anonymous": ["snapshot"]}})
+    settings = parse_config(out.config_text, env=POD_ENV)
+    assert settings.config.control.http is not None
+    assert settings.config.control.http.host == "0.0.0.0"
+    assert settings.config.control.auth.anonymous == ["snapshot"]
+    assert_v1_guarded(settings)
+    assert "Without a token: snapshot" in out.notes
+    # a loopback bindAddress with tokens: nothing published, tokens still mounted
+    values = merged(load_values("control-tokens"), {"control": {"bindAddress": "127.0.0.1"}})
+    local = render(chart, values)
+    assert [p["name"] for p in local.container["ports"]] == ["http-metrics"]
+    assert yaml.safe_load(local.config_text)["control"]["http"]["host"] == "127.0.0.1"
+    assert any(m["mountPath"] == TOKEN_DIR for m in local.container["volumeMounts"])
+    ipv6 = render(chart, merged(load_values("control-tokens"), {"control": {"bindAddress": "::"}}))
+    assert yaml.safe_load(ipv6.config_text)["control"]["http"]["host"] == "::"
+    assert ipv6.container["ports"][1]["name"] == "http-control"
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"control": {"bindAddress": "0.0.0.0"}}, r"without tokens"),
+        ({"control": {"bindAddress": "10.1.2.3"}}, r"without tokens"),
+        ({"control": {"tokens": [{"name": "svc-a"}]}}, r"has no token"),
+        ({"control": {"existingTokenSecret": "s", "tokens": [
+            {"name": "svc-a", "token": "test-only-token-0a1b2c3d4e5f6789"}]}},
+         r"existingTokenSecret is set"),
+        ({"control": {"existingTokenSecret": "s"}}, r"control\.tokens is empty"),
+        ({"control": {"tokens": [
+            {"name": "svc-a", "token": "test-only-token-0a1b2c3d4e5f6789"},
+            {"name": "svc-a", "token": "test-only-token-9999999999999999"}]}},
+         r"also the name of control\.tokens\[0\]"),
+        ({"control": {"tokens": [
+            {"name": "svc-a", "token": "test-only-token-0a1b2c3d4e5f6789"},
+            {"name": "svc-b", "token": "test-only-token-0a1b2c3d4e5f6789"}]}},
+         r"the same token as control\.tokens\[0\]"),
+        ({"config": {"control": {"auth": {"tokens": [
+            {"name": "svc-a", "token": "test-only-token-0a1b2c3d4e5f6789"}]}}}},
+         r"set by the chart"),
+        ({"control": {"port": 9464}}, r"both 9464"),
+    ],
+)
+def test_control_values_refused_at_render(chart: Any, values: dict[str, Any],
+                                          message: str) -> None:
+    chart.validate_schema(values)  # the schema lets them through: the templates refuse them
+    with pytest.raises(helm.HelmError, match=message) as caught:
+        render(chart, values)
+    assert "test-only-token-0a1b2c3d4e5f6789" not in str(caught.value)
+
+
+# ---------------------------------------------------------------------------
 # checksum/config
 
 
@@ -398,8 +753,10 @@ def test_hot_config_reload_does_not_roll_the_pods(chart: Any) -> None:
 @pytest.mark.parametrize("name", BAD_VALUES)
 def test_schema_rejects_bad_values(chart: Any, name: str) -> None:
     values = load_values(name)
-    with pytest.raises(helm.HelmValuesError):
+    with pytest.raises(helm.HelmValuesError) as caught:
         chart.validate_schema(values)
+    if name in BAD_WHERE:
+        assert f"at '{BAD_WHERE[name]}'" in str(caught.value), str(caught.value)
     with pytest.raises(helm.HelmValuesError, match="schema"):
         chart.render(values, name=RELEASE, namespace=NAMESPACE)  # install/template fail
     report = helm.lint(CHART, values)

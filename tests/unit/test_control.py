@@ -468,7 +468,8 @@ async def test_lease_reply_carries_statuses_and_cached_events() -> None:
     answer = await ctl.lease("ticker", ["btc/usd", "NOPE/USD", "ETH/USD", "ZZZ/USD",
                                         "QQQ/USD"], ttl_s=500, holder="svc-a")
     doc = decode(answer.body)
-    assert list(doc) == ["lease", "kind", "holder", "ttlS", "expiresInS", "symbols", "shard"]
+    assert list(doc) == ["lease", "kind", "holder", "owner", "ttlS", "expiresInS", "symbols",
+                         "shard"]
     assert doc["lease"] == answer.lease
     index, instance, internal = doc["lease"].split(".")
     assert (index, instance) == ("0", ctl.instance)

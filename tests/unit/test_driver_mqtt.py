@@ -60,6 +60,21 @@ def test_options_defaults_and_checks() -> None:
         assert why in str(info.value), (raw, str(info.value))
 
 
+def test_host_with_credentials_is_refused_without_quoting_them() -> None:
+    for host in ("user:s3cret-pw@broker", "mqtt://broker", "broker:1883", "a b"):
+        text = f"""
+source: {{api_key: k, tickers: [BTC/USD]}}
+sinks:
+  bus: {{driver: mqtt, host: "{host}"}}
+"""
+        with pytest.raises(ConfigError) as info:
+            parse_config(text, env={})
+        assert "sinks.bus.host" in str(info.value), host
+        assert "s3cret-pw" not in str(info.value)
+    for host in ("broker.example", "10.0.0.1", "::1", "fe80::1"):
+        MqttOptions.model_validate({"host": host})
+
+
 def test_config_refuses_topics_that_can_never_be_published() -> None:
     def config(topic: str) -> str:
         return f"""

@@ -3,6 +3,7 @@
 {{- $sharded := include "aleno-bridge.sharded" . -}}
 {{- $secretName := include "aleno-bridge.secretName" . -}}
 {{- $configDir := include "aleno-bridge.configDir" . -}}
+{{- $tokenSecret := include "aleno-bridge.controlTokenSecretName" . -}}
 metadata:
   labels:
     {{- include "aleno-bridge.selectorLabels" . | nindent 4 }}
@@ -21,6 +22,9 @@ metadata:
     {{- end }}
     {{- if and .Values.secrets (not .Values.existingSecret) }}
     checksum/secret: {{ include (print $.Template.BasePath "/secret.yaml") . | sha256sum }}
+    {{- end }}
+    {{- if and .Values.control.tokens (not .Values.control.existingTokenSecret) }}
+    checksum/control-tokens: {{ include (print $.Template.BasePath "/secret-control-tokens.yaml") . | sha256sum }}
     {{- end }}
     {{- with .Values.podAnnotations }}
     {{- toYaml . | nindent 4 }}
@@ -76,6 +80,11 @@ spec:
         - name: http-metrics
           containerPort: {{ int .Values.metrics.port }}
           protocol: TCP
+        {{- if include "aleno-bridge.controlExposed" . }}
+        - name: http-control
+          containerPort: {{ int .Values.control.port }}
+          protocol: TCP
+        {{- end }}
       {{- with .Values.livenessProbe }}
       livenessProbe:
         {{- toYaml . | nindent 8 }}
@@ -94,6 +103,11 @@ spec:
           readOnly: true
         - name: tmp
           mountPath: /tmp
+        {{- if $tokenSecret }}
+        - name: control-tokens
+          mountPath: {{ include "aleno-bridge.controlTokenDir" . }}
+          readOnly: true
+        {{- end }}
         {{- with .Values.extraVolumeMounts }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
@@ -103,6 +117,18 @@ spec:
         name: {{ include "aleno-bridge.fullname" . }}
     - name: tmp
       emptyDir: {{ if .Values.tmpSizeLimit }}{sizeLimit: {{ .Values.tmpSizeLimit }}}{{ else }}{}{{ end }}
+    {{- if $tokenSecret }}
+    # one file per token name, read by the bridge as control.auth.tokens[].token_file
+    - name: control-tokens
+      secret:
+        secretName: {{ $tokenSecret }}
+        defaultMode: 288  # 0440: root and the pod's fsGroup
+        items:
+          {{- range .Values.control.tokens }}
+          - key: {{ .name | quote }}
+            path: {{ .name | quote }}
+          {{- end }}
+    {{- end }}
     {{- with .Values.extraVolumes }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
