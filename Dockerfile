@@ -39,6 +39,7 @@ RUN groupadd --system --gid 10001 bridge \
 COPY --from=builder /opt/venv /opt/venv
 USER 10001:10001
 WORKDIR /tmp
-EXPOSE 9464
+# 9464: probes and metrics (http); 9465: the control API (control.http, tokens required off loopback)
+EXPOSE 9464 9465
 ENTRYPOINT ["aleno-bridge"]
 CMD ["run", "-c", "/etc/aleno-bridge/config.yaml"]

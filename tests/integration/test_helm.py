@@ -897,7 +897,8 @@ def test_dockerfile_matches_the_chart(chart: Any) -> None:
                      re.M)
     assert re.search(r"^USER 10001(:10001)?$", dockerfile, re.M)
     assert defaults["securityContext"]["runAsUser"] == 10001
-    assert re.search(rf"^EXPOSE {defaults['metrics']['port']}$", dockerfile, re.M)
+    ports = f"{defaults['metrics']['port']} {defaults['control']['port']}"
+    assert re.search(rf"^EXPOSE {ports}$", dockerfile, re.M)
     assert 'ENTRYPOINT ["aleno-bridge"]' in dockerfile
     assert 'CMD ["run", "-c", "/etc/aleno-bridge/config.yaml"]' in dockerfile
     assert chart.metadata["appVersion"] == "0.1.0"
