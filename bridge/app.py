@@ -593,6 +593,8 @@ class Bridge:
             connections=(self.source.connection_snapshots()
                          if self.source is not None else ()),
             reloads=frozen_counts(self.reloads),
+            symbols=(self.subscriptions.snapshot()
+                     if self.subscriptions is not None else None),
         )
 
     def _overload_snapshot(self) -> OverloadSnapshot:

@@ -4,7 +4,12 @@ Both doors call the same core functions: :meth:`Control.snapshot` (below) and th
 leases, :meth:`Control.lease` / :meth:`Control.renew` / :meth:`Control.release`
 ("Leases" further down):
 
-* HTTP, on the bridge's HTTP server (:mod:`bridge.http`)::
+Who may call is decided by the doors (:mod:`bridge.auth`: bearer tokens with the scopes
+``snapshot`` and ``lease``, the same header on both doors); the core functions take the
+principal's name as the owner of a lease. The human reference of both doors is
+``docs/control-api.md``, the HTTP door's OpenAPI document ``docs/openapi.json``.
+
+* HTTP, on the control listener (``control.http``, :mod:`bridge.http`)::
 
       GET /v1/snapshot?kind=ticker&symbols=BTC/*,ETH/USD&limit=500&after=ticker:BTC/USD
 
@@ -134,12 +139,15 @@ The request (a JSON object; anything else is refused, naming the parameter):
     a positive number of seconds (default ``source.leases.default_ttl_s``; a longer
     one is cut to ``max_ttl_s``: ``ttlS`` in the reply is what was granted).
 ``holder``
-    who asks, at most 64 printable characters (``max_per_holder`` counts per holder).
+    a label of the client's choice, at most 64 printable characters, echoed in the
+    reply. The lease's owner is the token that made it (``owner`` in the reply; the
+    caps ``max_symbols`` and ``max_per_holder`` count per owner, whatever ``holder``
+    says).
 
 The reply (``subscribe`` and ``renew``)::
 
     {"lease": "0.3f9a1c2e.6d1f...",      // null: no symbol held, nothing to renew
-     "kind": "ticker", "holder": "svc-a",
+     "kind": "ticker", "holder": "svc-a", "owner": "risk",
      "ttlS": 60.0,                       // the TTL granted
      "expiresInS": 59.998,               // null without a lease
      "symbols": {"BTC/USD": {"status": "accepted", "error": null,
@@ -151,7 +159,8 @@ The reply (``subscribe`` and ``renew``)::
 ``status`` is what the upstream's acknowledgement said: ``accepted``; ``rejected``
 (the upstream does not support the symbol); ``limit`` (the API key's subscription
 limit: ``error`` holds the upstream's text, and nothing subscribed before moved);
-``error`` (another refusal, ``max_per_holder``, or a symbol of another shard:
+``evicted`` (on renew: a configured symbol needed the key's room, the lease no
+longer holds it); ``error`` (another refusal, or a symbol of another shard:
 ``"owned by shard 1 of 2"``); ``pending`` (the upstream is reconnecting: the symbol is
 subscribed on the next connect, and the lease holds it). The lease holds the
 ``accepted`` and ``pending`` symbols. ``event`` is the symbol's latest envelope
@@ -161,8 +170,11 @@ request whose every symbol was refused is answered all the same (HTTP 200,
 ``"lease": null``): the per-symbol statuses are the answer.
 
 Errors, both doors, ``{"error": "...", "parameter": "<name>"|null}``: 400 malformed;
-404 no live lease of that id here (released, expired, never granted, or granted by
-another process); 409 leases are off (``source.leases.enabled`` is false).
+401 no or a wrong token; 403 a token without the ``lease`` scope; 404 no live lease of
+that id for this token here (released, expired, never granted, another token's, or
+granted by another process); 409 leases are off (``source.leases.enabled`` is false);
+429 over a cap (the token's ``max_symbols``, ``source.leases.max_leases``,
+``max_symbols`` or ``max_requests_in_flight``; the text names it).
 
 A lease id is ``<shard index>.<process>.<lease>`` (``0`` when not sharded): a lease
 lives in the memory of the process that granted it (a restart ends it), and the id

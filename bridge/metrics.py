@@ -47,6 +47,11 @@ UPSTREAM_SUBSCRIPTIONS: Final = "aleno_bridge_upstream_subscriptions"
 UPSTREAM_SECONDS_SINCE_UPDATE: Final = "aleno_bridge_upstream_seconds_since_update"
 LAST_VALUES: Final = "aleno_bridge_last_values"
 STALE_SYMBOLS: Final = "aleno_bridge_stale_symbols"
+CONFIGURED_SYMBOLS: Final = "aleno_bridge_configured_symbols"
+CONFIGURED_UNSUBSCRIBED: Final = "aleno_bridge_configured_symbols_unsubscribed"
+LEASES: Final = "aleno_bridge_leases"
+LEASED_SYMBOLS: Final = "aleno_bridge_leased_symbols"
+LEASED_EVICTED: Final = "aleno_bridge_leased_symbols_evicted"
 STATUS_EVENTS: Final = "aleno_bridge_status_events"
 CONFIG_RELOADS: Final = "aleno_bridge_config_reloads"
 UPSTREAM_CONNECTION_UP: Final = "aleno_bridge_upstream_connection_up"
@@ -228,6 +233,24 @@ class SnapshotCollector(Collector):
                                   "while the upstream is up.")
         stale.add_metric([], market.stale if market is not None else 0)
         yield stale
+        wanted = snap.symbols
+        for name, doc, value in (
+            (CONFIGURED_SYMBOLS, "Symbols the configuration pins (this shard's).",
+             wanted.pinned if wanted else 0),
+            (CONFIGURED_UNSUBSCRIBED, "Configured symbols not subscribed upstream: no API "
+             "key had room, or the upstream refused them (retried).",
+             wanted.unplaced_pinned if wanted else 0),
+            (LEASES, "Live leases in this process.", wanted.leases if wanted else 0),
+            (LEASED_SYMBOLS, "Distinct symbols held by live leases.",
+             wanted.leased if wanted else 0),
+        ):
+            gauge = GaugeMetricFamily(name, doc)
+            gauge.add_metric([], value)
+            yield gauge
+        evicted = CounterMetricFamily(LEASED_EVICTED, "Leased symbols evicted to make room "
+                                      "for configured ones.")
+        evicted.add_metric([], wanted.evicted if wanted else 0)
+        yield evicted
         statuses = CounterMetricFamily(STATUS_EVENTS,
                                        "Status events emitted (ai.aleno.status.v1), by status.",
                                        labels=["status"])

@@ -139,8 +139,9 @@ class Simulator:
     symbols out of every update; :meth:`drop` leaves the next updates of symbols out and
     :meth:`dropped` tells their sent times; :meth:`inject` sends an arbitrary payload to
     every client; :meth:`kick` disconnects every client, or those of one key.
-    :meth:`subscriptions`, :meth:`subscriptions_by_key`, :meth:`connections` and
-    :attr:`connects` show what clients did. ``admin=True`` serves the same hooks over
+    :meth:`subscriptions`, :meth:`subscriptions_by_key`, :meth:`connections`,
+    :attr:`connects`, :attr:`subscribe_requests` and :attr:`unsubscribe_requests` show
+    what clients did. ``admin=True`` serves the same hooks over
     HTTP under ``/admin/`` (off by default: a simulator reachable on a network must not
     be steerable by whoever finds it).
     """
@@ -187,6 +188,10 @@ class Simulator:
         self._dropped: dict[tuple[Kind, str], list[int]] = {}
         #: accepted connections per key, since start (reconnects count)
         self.connects: dict[str, int] = dict.fromkeys(self.api_keys, 0)
+        #: ``subscribe_*`` / ``unsubscribe_*`` requests per key, since start, whatever
+        #: their answer (what a client's pace costs the key)
+        self.subscribe_requests: dict[str, int] = dict.fromkeys(self.api_keys, 0)
+        self.unsubscribe_requests: dict[str, int] = dict.fromkeys(self.api_keys, 0)
         self._runner: web.AppRunner | None = None
         self._ticker_task: asyncio.Task[None] | None = None
         self.ticks = 0
@@ -442,6 +447,8 @@ class Simulator:
                 "tickers": sorted(feeds["ticker"]), "equities": sorted(feeds["equity"]),
                 "connections": self.connections(key), "connects": self.connects[key],
                 "limit": self.limit(key),
+                "subscribe_requests": self.subscribe_requests[key],
+                "unsubscribe_requests": self.unsubscribe_requests[key],
             }
         return web.json_response({
             "keys": keys,
@@ -545,6 +552,8 @@ class Simulator:
         if client is None:
             return {"status": "error", "error": REFUSED, "involvedSubscriptions": [],
                     "subscriptionsAfterUpdate": []}
+        counts = self.subscribe_requests if subscribe else self.unsubscribe_requests
+        counts[client.key] += 1
         current = client.tickers if ticker else client.equities
         universe = self._tickers if ticker else self._equities
 

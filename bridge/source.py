@@ -40,6 +40,14 @@ Promises:
   symbol what the acknowledgement said (:class:`SubscriptionResult`); the desired set
   they leave is what every reconnect re-issues; a request the upstream refuses for its
   limit changes nothing that was subscribed before;
+- live requests are paced, whoever asks: at most ``source.max_subscribe_requests_per_s``
+  ``subscribe_*`` / ``unsubscribe_*`` requests per second on this connection (one API
+  key), in bursts of twice that (a token bucket, :class:`RateLimit`); a caller over the
+  rate waits for its turn, it is not refused. The (re)connect subscription is not paced:
+  it is the configured set, issued once per connection;
+- the symbols the upstream rejected as unsupported are remembered for the log and the
+  metrics in a bounded set (:data:`MAX_REJECTED_SYMBOLS`, the oldest dropped first), so
+  that clients asking for junk cannot grow it without end;
 - a packet the client cannot read (bad JSON, nesting beyond the decoder's limit, an
   unreadable ack) is counted and reported through ``on_invalid``, never a stray task
   traceback; a frame over :data:`MAX_FRAME_BYTES` drops the connection with that reason;
@@ -60,7 +68,7 @@ import re
 import socket
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableSet
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Final, TypeVar
@@ -91,6 +99,9 @@ MAX_FRAME_BYTES: Final = 32 * 1024 * 1024
 WS_DEFLATE_BITS: Final = 15
 #: how long tearing a connection down may take before its tasks are cancelled
 TEARDOWN_S: Final = 2.0
+#: the most symbols :attr:`SourceStats.rejected_symbols` keeps (the oldest dropped first):
+#: junk asked for by clients must not grow it without end
+MAX_REJECTED_SYMBOLS: Final = 10_000
 
 _USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*://)[^/?#\s@]*@")
 _ACK_ID = re.compile(r"^3(?:/[^,]*,)?(\d+)")
@@ -162,6 +173,9 @@ class SubscriptionStatus(StrEnum):
     ERROR = "error"
     #: not connected now: it is (un)subscribed on the next connect
     PENDING = "pending"
+    #: held by a lease until the configured symbols needed its room (see
+    #: :mod:`bridge.subscriptions`); no longer subscribed for that lease
+    EVICTED = "evicted"
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,13 +206,103 @@ def normalize_symbols(symbols: Iterable[str]) -> list[str]:
     return list(out)
 
 
+class BoundedSet(MutableSet[str]):
+    """A set of at most ``maxlen`` strings: adding one more drops the oldest.
+
+    It compares equal to a ``set`` with the same members, so readers that treated
+    :attr:`SourceStats.rejected_symbols` as a set still do.
+    """
+
+    __slots__ = ("_items", "maxlen")
+
+    def __init__(self, maxlen: int, items: Iterable[str] = ()) -> None:
+        if maxlen < 1:
+            msg = "maxlen must be at least 1"
+            raise ValueError(msg)
+        self.maxlen = maxlen
+        self._items: dict[str, None] = {}
+        self.update(items)
+
+    def __contains__(self, item: object) -> bool:
+        return item in self._items
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __repr__(self) -> str:
+        return f"BoundedSet({len(self._items)}/{self.maxlen})"
+
+    def add(self, value: str) -> None:
+        if value in self._items:
+            return
+        self._items[value] = None
+        while len(self._items) > self.maxlen:
+            del self._items[next(iter(self._items))]
+
+    def discard(self, value: str) -> None:
+        self._items.pop(value, None)
+
+    def update(self, values: Iterable[str]) -> None:
+        for v in values:
+            self.add(v)
+
+
+def _rejected_set() -> BoundedSet:
+    # read at call time: a test may lower the bound to reach it in seconds
+    return BoundedSet(MAX_REJECTED_SYMBOLS)
+
+
+class RateLimit:
+    """A token bucket: ``rate`` requests per second on average, bursts of ``burst``
+    (default twice the rate, at least 1).
+
+    :meth:`take` waits until the caller's request may go: callers over the rate are
+    delayed in the order they came, never refused. A caller cancelled while it waits
+    has spent its token (the bucket errs on the side of fewer requests).
+    """
+
+    __slots__ = ("_at", "_tokens", "burst", "clock", "rate", "waited_s")
+
+    def __init__(self, rate: float, burst: float | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if not rate > 0:
+            msg = "rate must be positive"
+            raise ValueError(msg)
+        self.rate = float(rate)
+        self.burst = max(1.0, 2.0 * self.rate if burst is None else float(burst))
+        self.clock = clock
+        self._tokens = self.burst
+        self._at = clock()
+        #: seconds callers were delayed in total (for tests and curiosity)
+        self.waited_s = 0.0
+
+    def reserve(self) -> float:
+        """Take one token now; return how long the caller must wait before its request."""
+        now = self.clock()
+        self._tokens = min(self.burst, self._tokens + max(0.0, now - self._at) * self.rate)
+        self._at = now
+        self._tokens -= 1.0
+        return 0.0 if self._tokens >= 0 else -self._tokens / self.rate
+
+    async def take(self) -> None:
+        delay = self.reserve()
+        if delay > 0:
+            self.waited_s += delay
+            await asyncio.sleep(delay)
+
+
 @dataclass
 class SourceStats:
     state: UpstreamState = UpstreamState.IDLE
     connects: int = 0
     reconnects: int = 0
     acks: dict[str, int] = field(default_factory=dict)
-    rejected_symbols: set[str] = field(default_factory=set)
+    #: ``kind:symbol`` the upstream rejected as unsupported, at most
+    #: :data:`MAX_REJECTED_SYMBOLS` (the oldest dropped first)
+    rejected_symbols: BoundedSet = field(default_factory=_rejected_set)
     subscribed: dict[str, list[str]] = field(default_factory=dict)
     #: the last update on the current connection (None until one arrived)
     last_update_monotonic: float | None = None
@@ -213,6 +317,9 @@ class SourceStats:
     #: permessage-deflate window bits negotiated on the current (or last) connection;
     #: 0: uncompressed
     compression: int = 0
+    #: live ``subscribe_*`` / ``unsubscribe_*`` requests sent (paced by
+    #: ``source.max_subscribe_requests_per_s``; the (re)connect subscription not counted)
+    live_requests: int = 0
 
 
 Handler = Callable[[str, Any], None]
@@ -303,6 +410,8 @@ class AlenoSource:
         }
         #: serializes the (re)connect subscription and live (un)subscribe requests
         self._sub_lock = asyncio.Lock()
+        #: paces the live requests of this connection (one API key)
+        self.rate_limit = RateLimit(config.max_subscribe_requests_per_s)
         #: the connection on which the desired set is subscribed (None: not now)
         self._live: _Client | None = None
         #: why the supervisor must replace a connection that is still open
@@ -695,6 +804,7 @@ class AlenoSource:
         stay in it and are re-issued on every reconnect. A symbol already desired
         answers ``accepted`` (subscribed upstream now) or ``pending`` without a request.
         Their records are accepted (:attr:`wanted`) from before the request leaves.
+        Each request waits for its turn under :attr:`rate_limit`.
         """
         return await self._change(kind, normalize_symbols(symbols), subscribe=True)
 
@@ -747,6 +857,16 @@ class AlenoSource:
             t = self.config.connect_timeout_s
             for i in range(0, len(todo), SUBSCRIBE_CHUNK):
                 chunk = todo[i:i + SUBSCRIBE_CHUNK]
+                # paced per key, whoever asks; the (re)connect subscription waits for
+                # this lock meanwhile, which is at most one request's turn
+                await self.rate_limit.take()
+                if self._live is not sio:
+                    # the connection ended while we waited: the desired set (already
+                    # changed) is what the next connect issues
+                    for s in todo[i:]:
+                        out[s] = PENDING
+                    break
+                self.stats.live_requests += 1
                 try:
                     ack = await self._bounded(
                         self._ack(sio, event, chunk), t,
@@ -804,7 +924,10 @@ class AlenoSource:
             return True
         if status == "partial":
             if new_rejections:
-                log.warning(
+                # a live request's rejections are answered to whoever asked (a lease, a
+                # reload's outcome); only the configured set's deserve a warning
+                log.log(
+                    logging.DEBUG if part == " (live)" else logging.WARNING,
                     "upstream rejected %d %s symbol(s) as unsupported: %s "
                     "(remove them from source.%ss)",
                     len(new_rejections), kind, ", ".join(new_rejections[:50]), kind,
@@ -1070,9 +1193,12 @@ def _describe_one(e: BaseException, url: str) -> str | None:
 
 __all__ = [
     "LIMIT_MARK",
+    "MAX_REJECTED_SYMBOLS",
     "SUBSCRIBE_CHUNK",
     "AlenoSource",
     "AuthError",
+    "BoundedSet",
+    "RateLimit",
     "SourceError",
     "SourceStats",
     "SubscriptionResult",

@@ -221,6 +221,25 @@ class MarketSnapshot:
 
 
 @dataclass(frozen=True, slots=True)
+class SubscriptionsSnapshot:
+    """The desired symbol set now (:mod:`bridge.subscriptions`), for metrics and
+    ``/readyz``."""
+
+    leases: int
+    #: distinct (kind, symbol) held by at least one lease
+    leased: int
+    pinned: int
+    #: symbols whose last lease ended, waiting for their grace period to end
+    in_grace: int
+    #: symbols subscribed on our behalf (pinned and accepted, leased, in grace)
+    held: int
+    #: pinned symbols not held (refused for the limit or otherwise; retried)
+    unplaced_pinned: int = 0
+    #: leased symbols evicted for pinned ones since start
+    evicted: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class BridgeSnapshot:
     """The whole bridge at one moment."""
 
@@ -237,6 +256,8 @@ class BridgeSnapshot:
     connections: tuple[ConnectionSnapshot, ...] = ()
     #: configuration reloads so far, by result (:data:`RELOAD_RESULTS`)
     reloads: Mapping[str, int] = field(default_factory=dict)
+    #: the pinned-or-leased symbol set (``None`` without a source)
+    symbols: SubscriptionsSnapshot | None = None
 
 
 def readiness(snap: BridgeSnapshot,
@@ -313,6 +334,15 @@ def readiness(snap: BridgeSnapshot,
         # is quiet on them (the status events say which)
         checks["market"] = {"ok": True, "symbols": market.symbols,
                             "stale_symbols": market.stale}
+    wanted = snap.symbols
+    if wanted is not None:
+        # configured symbols that no key could take are retried (and evict leased
+        # ones); shown, but not a reason to take the bridge out of service: every
+        # other symbol flows, and a restart would not make room
+        checks["symbols"] = {"ok": True, "configured": wanted.pinned,
+                             "configured_unsubscribed": wanted.unplaced_pinned,
+                             "leases": wanted.leases, "leased": wanted.leased,
+                             "evicted": wanted.evicted}
     return ok, checks
 
 
@@ -333,6 +363,7 @@ __all__ = [
     "RouterSnapshot",
     "SinkSnapshot",
     "SinkState",
+    "SubscriptionsSnapshot",
     "UpstreamSnapshot",
     "UpstreamState",
     "frozen_counts",

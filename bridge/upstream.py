@@ -18,17 +18,37 @@ and places every symbol on exactly one of them:
   move to the others (within their room); :meth:`UpstreamPool.run` raises only when
   every connection gave up.
 
-With a single key the pool is exactly the single source it holds: the same desired
-set, the same ``wanted`` dict object, the same errors.
+- symbols a connection's (re)connect subscription was refused for its limit leave
+  that connection (with one key too: they are not re-issued on every reconnect) and go
+  to the others; those that fit nowhere are told to :attr:`UpstreamPool.on_unplaced`
+  (the :class:`~bridge.subscriptions.Subscriptions`, which evicts leased symbols for
+  configured ones and retries the configured ones on a schedule);
+- a learned limit is a guess: the upstream counts every connection of the key,
+  other processes' too. :meth:`UpstreamPool.pin` (the configured symbols) asks the
+  upstream whenever only a learned limit stands in the way, and a connection that
+  takes more than its learned limit learns the larger one; :meth:`UpstreamPool.subscribe`
+  (leases) keeps within it. A configured ``limit`` is kept by both;
+- a symbol the upstream rejected as unsupported is answered ``rejected`` without a
+  request for :data:`REJECTED_TTL_S` (at most :data:`MAX_REJECTED_CACHE` symbols, the
+  oldest forgotten first): clients asking for junk again and again cost no request;
+- :meth:`UpstreamPool.capacity` is what the keys can hold in total when every usable
+  connection's limit is known (configured or learned), for the leases to keep within
+  what the configured symbols leave.
+
+With a single key the pool is the single source it holds: the same desired set, the
+same ``wanted`` dict object, the same errors.
 
 The pool answers the :class:`~bridge.subscriptions.Upstream` protocol (``subscribe``,
-``unsubscribe``, ``subscribed``) that leases and reloads drive.
+``unsubscribe``, ``subscribed``) that leases and reloads drive, and the
+:class:`~bridge.subscriptions.Placement` one (``capacity``, ``pin``, ``unplaced``,
+``set_unplaced``, ``on_unplaced``) that puts the configured symbols first.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Final
 
@@ -55,6 +75,11 @@ log = logging.getLogger("aleno_bridge.upstream")
 KINDS: Final = ("ticker", "equity")
 #: the limit error given for a request that fits on no connection (the upstream's words)
 LIMIT_ERROR: Final = "Subscription limit reached. Contact us to increase limits."
+#: how long a symbol the upstream rejected as unsupported is answered ``rejected``
+#: without asking again
+REJECTED_TTL_S: Final = 600.0
+#: the most symbols remembered as unsupported (the oldest forgotten first)
+MAX_REJECTED_CACHE: Final = 10_000
 
 #: worst first: the aggregate state of the connections that carry symbols
 _STATE_ORDER: Final = (UpstreamState.REFUSED, UpstreamState.DISCONNECTED,
@@ -63,6 +88,8 @@ _STATE_ORDER: Final = (UpstreamState.REFUSED, UpstreamState.DISCONNECTED,
 
 #: ``(connection name, up, cause)``: the ``up`` / ``down`` of one connection
 ConnectionLinkHandler = Callable[[str, bool, str], None]
+#: ``(kind, symbols)``: symbols dropped from every connection because they fit nowhere
+UnplacedHandler = Callable[[str, list[str]], None]
 _LimitHandler = Callable[[str, list[str]], None]
 
 
@@ -70,15 +97,20 @@ class _Connection:
     def __init__(self, key: UpstreamKey, source: AlenoSource) -> None:
         self.name = key.name
         self.source = source
+        #: the operator's ``limit`` (kept), and the one in force (maybe learned lower)
+        self.configured = key.limit
         self.limit = key.limit
         self.learned = False
         self.failed: str | None = None
         self.error: SourceError | None = None
 
-    def room(self) -> int | None:
-        if self.limit is None:
+    def room(self, probe: bool = False) -> int | None:
+        """Symbols it may still take; ``None``: unknown (ask the upstream). ``probe``
+        ignores a learned limit (only the configured one holds)."""
+        limit = self.configured if probe else self.limit
+        if limit is None:
             return None
-        return max(0, self.limit - self.source.desired_count())
+        return max(0, limit - self.source.desired_count())
 
 
 class UpstreamPool:
@@ -102,9 +134,20 @@ class UpstreamPool:
         self.config = config
         self.on_link: LinkHandler | None = None
         self.on_connection_link: ConnectionLinkHandler | None = None
+        #: told ``(kind, symbols)`` when symbols were dropped because they fit on no
+        #: connection (a (re)connect subscription refused for the limit, a connection
+        #: that gave up); called inside the pool's lock, must not block
+        self.on_unplaced: UnplacedHandler | None = None
+        #: the clock of the unsupported-symbol memory (seconds, monotonic)
+        self.clock: Callable[[], float] = time.monotonic
         self._lock = asyncio.Lock()
         self._owner: dict[tuple[str, str], _Connection] = {}
-        #: configured symbols that fit in no key's limit (logged, counted)
+        #: (kind, symbol) -> until when it is answered ``rejected`` without a request;
+        #: in insertion order, the oldest forgotten first beyond MAX_REJECTED_CACHE
+        self._unsupported: dict[tuple[str, str], float] = {}
+        #: configured symbols that fit in no key's limit (logged, counted); with
+        #: :class:`~bridge.subscriptions.Subscriptions` the configured symbols it could
+        #: not place for the limit (it keeps this up to date, see :meth:`set_unplaced`)
         self.unplaced: dict[str, frozenset[str]] = {k: frozenset() for k in KINDS}
         placement = self._pack(keys, configured_symbols(config))
         self._connections: list[_Connection] = []
@@ -127,8 +170,9 @@ class UpstreamPool:
             self.wanted = {k: frozenset() for k in KINDS}
             for conn in self._connections:
                 conn.source.on_wanted = self._refresh_wanted
-                conn.source.on_limit = self._limit_handler(conn)
             self._refresh_wanted()
+        for conn in self._connections:
+            conn.source.on_limit = self._limit_handler(conn)
         self._tasks: set[asyncio.Task[None]] = set()
 
     def _pack(self, keys: Sequence[UpstreamKey],
@@ -159,6 +203,14 @@ class UpstreamPool:
             log.error("%d %s symbol(s) fit in no API key's limit and are not subscribed: %s "
                       "(add a key to source.api_keys or raise a limit)", len(new), kind,
                       ", ".join(sorted(new)[:50]), extra={"kind": kind})
+
+    def set_unplaced(self, unplaced: Mapping[str, Iterable[str]]) -> None:
+        """Replace :attr:`unplaced` (the owner of the configured set says which of its
+        symbols fit nowhere); the newly unplaced ones are logged."""
+        known = {k: frozenset(unplaced.get(k, ())) for k in KINDS}
+        for kind in KINDS:
+            self.unplaced[kind] = self.unplaced[kind] & known[kind]
+        self._set_unplaced(known)
 
     # -- read side ------------------------------------------------------------------
 
@@ -195,6 +247,18 @@ class UpstreamPool:
     def pending_moves(self) -> int:
         """Moves of symbols refused by a connection's limit to the others, still running."""
         return len(self._tasks)
+
+    def capacity(self) -> int | None:
+        """The symbols the usable connections can hold in total, when each of their
+        limits is known (configured or learned); ``None``: some limit is unknown."""
+        total = 0
+        for conn in self._connections:
+            if conn.failed is not None:
+                continue
+            if conn.limit is None:
+                return None
+            total += conn.limit
+        return total
 
     def subscribed(self) -> dict[str, frozenset[str]]:
         """What the upstream's last acknowledgements say is subscribed, across every
@@ -273,14 +337,26 @@ class UpstreamPool:
                         symbols: Iterable[str]) -> dict[str, SubscriptionResult]:
         """Subscribe ``symbols`` of ``kind``, each on the connection that holds it or on
         the first with room; per symbol what the upstream's ack said (see
-        :meth:`AlenoSource.subscribe`); ``limit`` when it fits on no connection."""
+        :meth:`AlenoSource.subscribe`); ``limit`` when it fits on no connection;
+        ``rejected`` without a request for a symbol the upstream rejected lately."""
+        return await self._subscribe(kind, symbols, probe=False)
+
+    async def _subscribe(self, kind: str, symbols: Iterable[str],
+                         probe: bool) -> dict[str, SubscriptionResult]:
         _check_kind(kind)
         wanted = normalize_symbols(symbols)
         async with self._lock:
             out: dict[str, SubscriptionResult] = {}
             groups: dict[int, list[str]] = {}
             new: list[str] = []
+            now = self.clock()
             for s in wanted:
+                until = self._unsupported.get((kind, s))
+                if until is not None:
+                    if until > now:
+                        out[s] = _KNOWN_UNSUPPORTED
+                        continue
+                    del self._unsupported[(kind, s)]
                 conn = self._owner.get((kind, s))
                 if conn is not None and conn.failed is None:
                     groups.setdefault(self._connections.index(conn), []).append(s)
@@ -290,11 +366,22 @@ class UpstreamPool:
                 conn = self._connections[i]
                 results = await conn.source.subscribe(kind, syms)
                 self._settle(conn, kind, results, out)
-            leftover, error = await self._place(kind, new, out)
+            leftover, error = await self._place(kind, new, out, probe=probe)
             limited = SubscriptionResult(SubscriptionStatus.LIMIT, error or LIMIT_ERROR)
             for s in leftover:
                 out[s] = limited
             return {s: out[s] for s in wanted}
+
+    def _remember_unsupported(self, kind: str, symbol: str) -> None:
+        key = (kind, symbol)
+        self._unsupported.pop(key, None)
+        self._unsupported[key] = self.clock() + REJECTED_TTL_S
+        while len(self._unsupported) > MAX_REJECTED_CACHE:
+            del self._unsupported[next(iter(self._unsupported))]
+
+    def known_unsupported(self) -> int:
+        """Symbols answered ``rejected`` without a request now (bounded)."""
+        return len(self._unsupported)
 
     async def unsubscribe(self, kind: str,
                           symbols: Iterable[str]) -> dict[str, SubscriptionResult]:
@@ -318,8 +405,11 @@ class UpstreamPool:
             return {s: out[s] for s in wanted}
 
     async def pin(self, kind: str, symbols: Iterable[str]) -> dict[str, SubscriptionResult]:
-        """:meth:`subscribe` (see :meth:`AlenoSource.pin`)."""
-        return await self.subscribe(kind, symbols)
+        """:meth:`subscribe` for configured symbols (see :meth:`AlenoSource.pin`): a
+        learned limit does not keep them from being asked (the room it counted may have
+        been freed meanwhile, by this process or another on the same key); a configured
+        ``limit`` does."""
+        return await self._subscribe(kind, symbols, probe=True)
 
     async def unpin(self, kind: str, symbols: Iterable[str]) -> dict[str, SubscriptionResult]:
         """:meth:`unsubscribe` (see :meth:`AlenoSource.unpin`)."""
@@ -342,8 +432,16 @@ class UpstreamPool:
                     self.unplaced[kind] = self.unplaced[kind] - {s}
             else:
                 self._owner.pop((kind, s), None)
+                if r.status == SubscriptionStatus.REJECTED:
+                    self._remember_unsupported(kind, s)
         if limited:
             self._learn(conn)
+        elif conn.learned and conn.limit is not None \
+                and any(r.status == SubscriptionStatus.ACCEPTED for r in results.values()) \
+                and conn.source.desired_count() > conn.limit:
+            # the upstream took more than the learned limit: the room it lacked then
+            # was freed since (by us, or by another process on the same key)
+            conn.limit = conn.source.desired_count()
         return limited
 
     def _learn(self, conn: _Connection) -> None:
@@ -361,14 +459,15 @@ class UpstreamPool:
         conn.learned = True
 
     async def _place(self, kind: str, new: list[str], out: dict[str, SubscriptionResult],
-                     exclude: _Connection | None = None) -> tuple[list[str], str | None]:
+                     exclude: _Connection | None = None,
+                     probe: bool = False) -> tuple[list[str], str | None]:
         """Place ``new`` symbols on the connections with room; return those that fit
-        nowhere and the last limit error seen."""
+        nowhere and the last limit error seen. ``probe``: see :meth:`pin`."""
         error: str | None = None
         for conn in self._usable(exclude):
             if not new:
                 break
-            room = conn.room()
+            room = conn.room(probe)
             take = new if room is None else new[:room]
             if not take:
                 continue
@@ -419,6 +518,11 @@ class UpstreamPool:
         dropped = [s for s, r in out.items() if not r.held]
         if leftover or dropped:
             self._set_unplaced({kind: [*leftover, *dropped]})
+            if self.on_unplaced is not None:
+                try:
+                    self.on_unplaced(kind, [*leftover, *dropped])
+                except Exception:  # a listener must never break the connection
+                    log.exception("upstream unplaced-symbols listener failed")
         moved = len(symbols) - len(leftover) - len(dropped)
         if moved:
             log.info("moved %d %s symbol(s) from connection %s to the others", moved, kind,
@@ -468,6 +572,11 @@ class UpstreamPool:
             conn.source.stop()
 
 
+_KNOWN_UNSUPPORTED: Final = SubscriptionResult(
+    SubscriptionStatus.REJECTED,
+    f"unsupported symbol (the upstream rejected it within the last {REJECTED_TTL_S:g}s)")
+
+
 def _check_kind(kind: str) -> None:
     if kind not in KINDS:
         msg = f"unknown kind {kind!r} (ticker or equity)"
@@ -478,8 +587,11 @@ __all__ = [
     "DEFAULT_NAME",
     "LIMIT_ERROR",
     "LIMIT_MARK",
+    "MAX_REJECTED_CACHE",
+    "REJECTED_TTL_S",
     "ConnectionLinkHandler",
     "ConnectionSnapshot",
+    "UnplacedHandler",
     "UpstreamKey",
     "UpstreamPool",
     "upstream_keys",

@@ -313,3 +313,56 @@ http: {{host: 127.0.0.1, port: {http_port}}}
             assert "deprecated" in bridge.output()
             assert metric(call(http_port, "GET", "/metrics").body.decode(),
                           "aleno_bridge_events_received_total") >= 0
+
+
+def test_configured_symbols_evict_leased_ones(tmp_path: Path) -> None:
+    """A key limit of 60 with 40 configured symbols: leases get the 20 left; a reload
+    (SIGHUP) that configures 5 more subscribes all 5 by evicting 5 leased symbols, and
+    the lease's holder sees them ``evicted`` on its next renew."""
+    import signal
+
+    from tests.support.control import sim_subscriptions
+
+    pinned = UNIVERSE[:40]
+    control = f"""  auth:
+    tokens:
+{tokens_yaml({"leaser": "scopes: [snapshot, lease], max_symbols: 100"})}
+"""
+    with control_bridge(tmp_path, tickers=pinned, universe=UNIVERSE, control=control,
+                        sim_args=["--key-limit", "test-key=60"]) as running:
+        port = running.control_port
+        # one symbol per request: the upstream refuses a whole request that would
+        # exceed the key's limit
+        leases: dict[str, str] = {}
+        statuses: dict[str, Any] = {}
+        for symbol in UNIVERSE[40:70]:
+            reply = call(port, "POST", "/v1/subscriptions", token=TOKENS["leaser"],
+                         body=_lease_body([symbol]))
+            assert reply.status == 200, reply.body
+            statuses[symbol] = reply.json()["symbols"][symbol]
+            if reply.json()["lease"] is not None:
+                leases[symbol] = reply.json()["lease"]
+        held = [s for s, a in statuses.items() if a["status"] in ("accepted", "pending")]
+        limited = [s for s, a in statuses.items() if a["status"] == "limit"]
+        assert len(held) == 20 and len(limited) == 10, statuses
+        assert len(sim_subscriptions(running.sim_port)["tickers"]) == 60
+        added = UNIVERSE[100:105]
+        text = running.config.read_text()
+        running.config.write_text(text.replace(
+            f"tickers: [{', '.join(pinned)}]", f"tickers: [{', '.join(pinned + added)}]"))
+        running.bridge.signal(signal.SIGHUP)
+        running.wait(lambda: set(added) <= set(sim_subscriptions(running.sim_port)["tickers"]),
+                     20, "the 5 configured symbols are subscribed")
+        upstream = set(sim_subscriptions(running.sim_port)["tickers"])
+        assert set(pinned) <= upstream and len(upstream) <= 60
+        evicted: dict[str, Any] = {}
+        for lease in leases.values():
+            renewed = call(port, "POST", f"/v1/subscriptions/{lease}/renew",
+                           token=TOKENS["leaser"])
+            assert renewed.status == 200, renewed.body
+            evicted.update({s: a for s, a in renewed.json()["symbols"].items()
+                            if a["status"] == "evicted"})
+        assert len(evicted) == 5, evicted
+        assert set(evicted) == set(held[-5:])  # the most recently leased go first
+        assert not set(evicted) & upstream
+        assert all(a["error"] for a in evicted.values())

@@ -602,8 +602,11 @@ async def test_http_lease_renew_release() -> None:
                                 ({"kind": "ticker", "symbols": ["A"], "ttl_s": -1}, "ttl_s")]:
             resp = await client.post("/v1/subscriptions", json=body)
             assert resp.status == 400 and decode(await resp.read())["parameter"] == parameter
-        resp = await client.post("/v1/subscriptions", data=b"x" * 70_000)
+        resp = await client.post("/v1/subscriptions", data=b"x" * 70_000,
+                                 headers={"Content-Type": "application/json"})
         assert resp.status == 413
+        resp = await client.post("/v1/subscriptions", data=b'{"kind": "ticker"}')
+        assert resp.status == 415  # not declared as JSON
 
 
 async def test_http_leases_off_and_no_control_surface() -> None:

@@ -125,7 +125,7 @@ def test_a_bridge_without_a_source_exports_an_idle_upstream() -> None:
 def test_metric_names_are_the_documented_ones() -> None:
     names = {v for k, v in vars(m).items() if k.isupper() and isinstance(v, str)
              and v.startswith("aleno_bridge_")}
-    assert len(names) == 41
+    assert len(names) == 46
     assert all(n.startswith("aleno_bridge_") and not n.endswith("_total") for n in names)
 
 

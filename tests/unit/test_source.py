@@ -1,6 +1,8 @@
 """The source without a connection: credentials kept out of what it shows, the symbols it
 asks for, how acknowledgements are counted and what they say per symbol, live changes
-while not connected; and the upstream pool's keys and packing (bridge/upstream.py).
+while not connected, the bounded rejected set and the pace of live requests; and the
+upstream pool's keys and packing, capacity, unsupported-symbol memory and configured
+symbols asked past a learned limit (bridge/upstream.py).
 
 Against the simulator and a hostile server: tests/integration/test_source.py and
 tests/integration/test_hostile_upstream.py.
@@ -8,15 +10,29 @@ tests/integration/test_hostile_upstream.py.
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+import bridge.source as source_module
+import bridge.upstream as upstream_module
 from bridge.config import ConfigError, SourceConfig, parse_config
 from bridge.sharding import shard_symbols
-from bridge.source import AlenoSource, SubscriptionStatus, _results, sanitize_url
-from bridge.upstream import UpstreamKey, UpstreamPool, upstream_keys
+from bridge.source import (
+    AlenoSource,
+    BoundedSet,
+    RateLimit,
+    SubscriptionResult,
+    SubscriptionStatus,
+    _results,
+    normalize_symbols,
+    sanitize_url,
+)
+from bridge.upstream import REJECTED_TTL_S, UpstreamKey, UpstreamPool, upstream_keys
 
 
 def source(**kw: Any) -> AlenoSource:
@@ -197,3 +213,235 @@ def test_the_pool_packs_configured_symbols_within_the_limits() -> None:
     one = UpstreamPool(cfg, [UpstreamKey("default", None)], lambda e, p: None)
     assert one.wanted is one.sources[0].wanted
     assert one.sources[0].tickers == cfg.tickers
+
+
+# -- bounded upstream pressure: the rejected set, the pace of live requests ------------------
+
+
+def test_the_rejected_set_is_bounded_the_oldest_dropped_first(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    bounded = BoundedSet(3, ["a", "b"])
+    bounded.update(["b", "c", "d"])
+    assert list(bounded) == ["b", "c", "d"] and len(bounded) == 3
+    assert bounded == {"b", "c", "d"} and {"b", "c", "d"} == bounded
+    bounded.discard("c")
+    assert "c" not in bounded and "d" in bounded
+    with pytest.raises(ValueError, match="maxlen"):
+        BoundedSet(0)
+    # what the source keeps of the upstream's rejections
+    monkeypatch.setattr(source_module, "MAX_REJECTED_SYMBOLS", 100)
+    src = source()
+    for i in range(10):
+        junk = [f"JUNK{i}-{j}" for j in range(50)]
+        ack = {"status": "error", "error": "None of the requested symbols is supported.",
+               "subscriptionsAfterUpdate": [], "rejectedSubscriptions": junk}
+        src._handle_ack("ticker", junk, ack, " (live)")
+    assert len(src.stats.rejected_symbols) == 100
+    assert "ticker:JUNK9-49" in src.stats.rejected_symbols
+    assert "ticker:JUNK0-0" not in src.stats.rejected_symbols
+    assert src.snapshot().rejected_symbols == 100
+
+
+def test_the_rate_limit_lets_a_burst_through_then_spaces_requests() -> None:
+    now = [0.0]
+    bucket = RateLimit(5.0, clock=lambda: now[0])
+    assert bucket.burst == 10
+    assert [bucket.reserve() for _ in range(10)] == [0.0] * 10
+    # callers over the rate are not refused: each waits its turn, in order
+    assert [round(bucket.reserve(), 6) for _ in range(3)] == [0.2, 0.4, 0.6]
+    now[0] = 0.6  # the three waited; the bucket is empty again
+    assert bucket.reserve() == pytest.approx(0.2)
+    now[0] = 100.0  # a long quiet time refills the burst, no more
+    assert [bucket.reserve() for _ in range(10)] == [0.0] * 10
+    assert bucket.reserve() > 0
+    assert RateLimit(0.1).burst == 1.0
+    with pytest.raises(ValueError, match="rate"):
+        RateLimit(0)
+
+
+class AckingConnection:
+    """Stands for an open connection: every request is acknowledged ``ok``."""
+
+    def __init__(self, src: AlenoSource) -> None:
+        self.src = src
+        self.sent: list[tuple[str, list[str], float]] = []
+
+    async def ack(self, sio: object, event: str, symbols: list[str]) -> dict[str, Any]:
+        self.sent.append((event, symbols, time.monotonic()))
+        subscribed = self.src.stats.subscribed.setdefault("ticker", [])
+        if event.startswith("subscribe"):
+            subscribed.extend(s for s in symbols if s not in subscribed)
+        else:
+            subscribed[:] = [s for s in subscribed if s not in symbols]
+        return {"status": "ok", "subscriptionsAfterUpdate": list(subscribed)}
+
+
+async def test_live_requests_are_paced_per_connection_and_callers_wait(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    src = source(max_subscribe_requests_per_s=40)
+    conn = AckingConnection(src)
+    monkeypatch.setattr(src, "_ack", conn.ack)
+    src._live = object()  # type: ignore[assignment]
+    started = time.monotonic()
+    answers = await asyncio.gather(*(src.subscribe("ticker", [f"S{i}/USD"])
+                                     for i in range(100)))
+    elapsed = time.monotonic() - started
+    assert all(r.status == SubscriptionStatus.ACCEPTED for a in answers for r in a.values())
+    assert src.stats.live_requests == len(conn.sent) == 100
+    # 80 at once, then 40 a second: never more than rate * t + burst by any time t
+    for i, (_, _, at) in enumerate(conn.sent):
+        assert i + 1 <= 40 * (at - started) + 80 + 1
+    assert elapsed >= (100 - 80) / 40 * 0.9 and src.rate_limit.waited_s > 0
+    # unsubscribes are paced too; a symbol not subscribed costs no request
+    await src.unsubscribe("ticker", ["S1/USD", "NOT-THERE"])
+    assert src.stats.live_requests == 101
+
+
+async def test_a_request_whose_connection_ended_while_it_waited_is_pending(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    src = source(max_subscribe_requests_per_s=10)
+    conn = AckingConnection(src)
+    monkeypatch.setattr(src, "_ack", conn.ack)
+    src._live = object()  # type: ignore[assignment]
+    for _ in range(20):
+        src.rate_limit.reserve()  # the burst is spent
+    waiting = asyncio.create_task(src.subscribe("ticker", ["SOL/USD"]))
+    await asyncio.sleep(0.01)
+    src._live = None  # the connection dropped meanwhile
+    assert (await waiting)["SOL/USD"].status == SubscriptionStatus.PENDING
+    assert conn.sent == [] and "SOL/USD" in src.tickers  # issued on the next connect
+
+
+# -- the pool: capacity, configured symbols asked past a learned limit, junk remembered ------
+
+
+class FakeKey:
+    """One key's upstream behind a pool connection: a universe, a limit, acks at once."""
+
+    def __init__(self, src: AlenoSource, limit: int, universe: set[str]) -> None:
+        self.src = src
+        self.limit = limit
+        self.universe = universe
+        self.requests = 0
+        src.subscribe = self.subscribe  # type: ignore[method-assign]
+        src.unsubscribe = self.unsubscribe  # type: ignore[method-assign]
+
+    async def subscribe(self, kind: str, symbols: Iterable[str]) -> dict[str, SubscriptionResult]:
+        self.requests += 1
+        have = self.src.stats.subscribed.setdefault(kind, [])
+        out: dict[str, SubscriptionResult] = {}
+        syms = normalize_symbols(symbols)
+        new = [s for s in syms if s in self.universe and s not in have]
+        total = sum(len(v) for v in self.src.stats.subscribed.values())
+        for s in syms:
+            if s not in self.universe:
+                out[s] = SubscriptionResult(SubscriptionStatus.REJECTED, "unsupported symbol")
+            elif s in have:
+                out[s] = SubscriptionResult(SubscriptionStatus.ACCEPTED)
+            elif total + len(new) > self.limit:
+                out[s] = SubscriptionResult(SubscriptionStatus.LIMIT, LIMIT)
+            else:
+                out[s] = SubscriptionResult(SubscriptionStatus.ACCEPTED)
+        if total + len(new) <= self.limit:
+            have.extend(new)
+            self.src._set_desired(kind, add=new)
+        return out
+
+    async def unsubscribe(self, kind: str,
+                          symbols: Iterable[str]) -> dict[str, SubscriptionResult]:
+        self.requests += 1
+        syms = normalize_symbols(symbols)
+        have = self.src.stats.subscribed.setdefault(kind, [])
+        have[:] = [s for s in have if s not in syms]
+        self.src._set_desired(kind, remove=syms)
+        return dict.fromkeys(syms, SubscriptionResult(SubscriptionStatus.ACCEPTED))
+
+
+UNIVERSE = {f"T{i}/USD" for i in range(20)}
+
+
+def test_the_pool_knows_its_capacity_only_when_every_usable_limit_is_known() -> None:
+    cfg = SourceConfig.model_validate({})
+    pool = UpstreamPool(cfg, [UpstreamKey("a", None, 4), UpstreamKey("b", None, 3)],
+                        lambda e, p: None)
+    assert pool.capacity() == 7
+    pool._connections[1].failed = "refused"
+    assert pool.capacity() == 4
+    unknown = UpstreamPool(cfg, [UpstreamKey("a", None, 4), UpstreamKey("b", None)],
+                           lambda e, p: None)
+    assert unknown.capacity() is None
+
+
+async def test_the_pool_answers_a_symbol_rejected_lately_without_asking(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pool = UpstreamPool(SourceConfig.model_validate({}), [UpstreamKey("a", None)],
+                        lambda e, p: None)
+    key = FakeKey(pool.sources[0], 10, UNIVERSE)
+    now = [0.0]
+    pool.clock = lambda: now[0]
+    first = await pool.subscribe("ticker", ["nope/usd", "T1/USD"])
+    assert first["NOPE/USD"].status == SubscriptionStatus.REJECTED and key.requests == 1
+    again = await pool.subscribe("ticker", ["NOPE/USD"])
+    assert again["NOPE/USD"].status == SubscriptionStatus.REJECTED
+    assert "rejected it within the last 600s" in (again["NOPE/USD"].error or "")
+    assert key.requests == 1  # no request
+    assert (await pool.pin("ticker", ["NOPE/USD"]))["NOPE/USD"].status == \
+        SubscriptionStatus.REJECTED and key.requests == 1
+    now[0] = REJECTED_TTL_S + 1  # forgotten after a while: asked again
+    await pool.subscribe("ticker", ["NOPE/USD"])
+    assert key.requests == 2
+    # bounded: the oldest are forgotten first
+    monkeypatch.setattr(upstream_module, "MAX_REJECTED_CACHE", 5)
+    for i in range(20):
+        await pool.subscribe("ticker", [f"JUNK{i}"])
+    assert pool.known_unsupported() == 5
+    requests = key.requests
+    await pool.subscribe("ticker", ["JUNK19", "JUNK0"])
+    assert key.requests == requests + 1  # JUNK19 remembered, JUNK0 forgotten
+
+
+async def test_configured_symbols_are_asked_past_a_learned_limit_leases_are_not() -> None:
+    pool = UpstreamPool(SourceConfig.model_validate({}), [UpstreamKey("a", None)],
+                        lambda e, p: None)
+    key = FakeKey(pool.sources[0], 3, UNIVERSE)
+    assert pool.capacity() is None
+    await pool.subscribe("ticker", ["T1/USD", "T2/USD", "T3/USD"])
+    refused = await pool.subscribe("ticker", ["T4/USD"])
+    assert refused["T4/USD"].status == SubscriptionStatus.LIMIT
+    assert pool.capacity() == 3  # learned
+    key.limit = 4  # e.g. another process on the key released a slot
+    requests = key.requests
+    assert (await pool.subscribe("ticker", ["T4/USD"]))["T4/USD"].status == \
+        SubscriptionStatus.LIMIT and key.requests == requests
+    assert (await pool.pin("ticker", ["T4/USD"]))["T4/USD"].status == \
+        SubscriptionStatus.ACCEPTED and key.requests == requests + 1
+    assert pool.capacity() == 4  # the upstream took more: the learned limit follows
+    # a configured limit holds for configured symbols too
+    capped = UpstreamPool(SourceConfig.model_validate({}), [UpstreamKey("a", None, 1)],
+                          lambda e, p: None)
+    fake = FakeKey(capped.sources[0], 10, UNIVERSE)
+    await capped.pin("ticker", ["T1/USD"])
+    assert (await capped.pin("ticker", ["T2/USD"]))["T2/USD"].status == \
+        SubscriptionStatus.LIMIT and fake.requests == 1
+
+
+async def test_with_one_key_symbols_a_connect_was_refused_are_told_as_unplaced() -> None:
+    cfg = SourceConfig.model_validate({"tickers": ["T1/USD", "T2/USD", "T3/USD"]})
+    pool = UpstreamPool(cfg, [UpstreamKey("default", None)], lambda e, p: None)
+    src = pool.sources[0]
+    told: list[tuple[str, list[str]]] = []
+    pool.on_unplaced = lambda kind, syms: told.append((kind, syms))
+    src.stats.subscribed = {"ticker": ["T1/USD", "T2/USD"]}
+    assert src.on_limit is not None
+    src.on_limit("ticker", ["T3/USD"])  # what the (re)connect subscription reports
+    await asyncio.wait_for(asyncio.gather(*pool._tasks), 5)
+    assert told == [("ticker", ["T3/USD"])]
+    assert pool.unplaced["ticker"] == frozenset({"T3/USD"})
+    assert src.tickers == ["T1/USD", "T2/USD"]  # not re-issued on every reconnect
+    assert pool.capacity() == 2 and pool.wanted is src.wanted
+    pool.set_unplaced({"ticker": []})
+    assert pool.unplaced["ticker"] == frozenset()
