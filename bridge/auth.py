@@ -103,6 +103,11 @@ class Guard:
                 f"anonymous={sorted(self.anonymous)!r})")
 
     @property
+    def names(self) -> list[str]:
+        """The configured tokens' names (never the tokens)."""
+        return [p.name for p in self._principals]
+
+    @property
     def open(self) -> bool:
         """Whether a request without a token may do anything at all."""
         return bool(self.anonymous)

@@ -271,7 +271,6 @@ def add_v1(app: web.Application, bridge: Observed, home: asyncio.AbstractEventLo
     extra: dict[str, str] = {}
     if deprecated:
         extra["Deprecation"] = "true"
-        extra["Link"] = '<control.http>; rel="successor-version"'
 
     def cors(request: web.Request) -> dict[str, str]:
         origin = request.headers.get("Origin")
@@ -600,8 +599,8 @@ async def serve_control(bridge: Observed, cfg: ControlHttpConfig, guard: Guard,
     def app(connections: _LateGuard) -> web.Application:
         return make_control_app(bridge, cfg, guard, home, connections)
     served = await _on(thread, _serve(app, cfg, "control.http"))
-    who = ("tokens: " + ", ".join(repr(n) for n in _token_names(guard))
-           if _token_names(guard) else "no tokens")
+    who = ("tokens: " + ", ".join(repr(n) for n in guard.names)
+           if guard.names else "no tokens")
     log.info("control endpoints on http://%s:%d (/v1/snapshot /v1/subscriptions; %s; "
              "anonymous: %s)", cfg.host, served.port, who,
              ", ".join(sorted(guard.anonymous)) or "refused")

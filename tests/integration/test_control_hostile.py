@@ -229,13 +229,19 @@ def test_junk_symbol_leases_cost_the_upstream_a_bounded_rate(tmp_path: Path) -> 
         started = time.monotonic()
         before = sim_subscriptions(running.sim_port)
         n = 0
+        probes: list[tuple[int, float]] = []
         while time.monotonic() - started < 6.0:
             symbols = [f"JUNK{n}-{j}/USD" for j in range(50)]
             reply = call(port, "POST", "/v1/subscriptions", token=TOKENS["leaser"],
                          body=orjson.dumps({"kind": "ticker", "symbols": symbols}))
             assert reply.status in (200, 429), reply.body
             n += 1
+            if n % 5 == 0:
+                probes.append(timed_get(running.http_port, "/readyz", 5.0))
         elapsed = time.monotonic() - started
+        assert running.rss() < CHART_LIMIT
+        assert all(status == 200 and took < PROBE_DEADLINE_S for status, took in probes), probes
+        _no_loss(running)
         after = sim_subscriptions(running.sim_port)
         text = running.metrics()
     requests = after["subscribe_requests"] - before["subscribe_requests"]

@@ -310,7 +310,7 @@ async def test_the_admin_api_round_trips_and_never_shows_a_key() -> None:
         assert r.status == 200 and key not in text and other not in text
         assert body["keys"][fingerprint(key)] == {
             "tickers": ["BTC/USD", "ETH/USD"], "equities": [], "connections": 1,
-            "connects": 1, "limit": 250}
+            "connects": 1, "limit": 250, "subscribe_requests": 1, "unsubscribe_requests": 0}
         assert body["keys"][fingerprint(other)]["limit"] == 7
         assert body["paused"] == {"ticker": [], "equity": []} and body["feed_paused"] is False
 

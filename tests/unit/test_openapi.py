@@ -55,9 +55,10 @@ OPERATIONS: dict[tuple[str, str], str | None] = {
 #: the statuses each operation documents
 STATUSES: dict[tuple[str, str], set[str]] = {
     ("get", "/v1/snapshot"): {"200", "400", "401", "403", "503"},
-    ("post", "/v1/subscriptions"): {"200", "400", "401", "403", "409", "413", "415", "429"},
+    ("post", "/v1/subscriptions"): {"200", "400", "401", "403", "408", "409", "413", "415",
+                                    "429"},
     ("post", "/v1/subscriptions/{lease}/renew"):
-        {"200", "400", "401", "403", "404", "409", "413", "415"},
+        {"200", "400", "401", "403", "404", "408", "409", "413", "415"},
     ("delete", "/v1/subscriptions/{lease}"): {"204", "400", "401", "403", "404", "409"},
     ("get", "/v1/openapi.json"): {"200"},
 }
