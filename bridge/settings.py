@@ -268,13 +268,16 @@ def control_listener(config: Config) -> tuple[ControlHttpConfig | None, bool]:
 
     ``control.http`` set: on that listener only (``enabled: false``: nowhere over
     HTTP). Unset: when the ``http`` listener is enabled and loopback-only, ``/v1/``
-    stays there as before (deprecated; no listener of its own), else on a listener
-    of the defaults (``127.0.0.1:9465``) and never on the probes' port.
+    stays there as before (deprecated; no listener of its own); when it is disabled,
+    nowhere over HTTP, as before; else on a listener of the defaults
+    (``127.0.0.1:9465``) and never on the probes' port.
     """
     own = config.control.http
     if own is not None:
         return (own if own.enabled else None), False
-    if config.http.enabled and config.http.loopback:
+    if not config.http.enabled:
+        return None, False
+    if config.http.loopback:
         return None, True
     return ControlHttpConfig(), False
 

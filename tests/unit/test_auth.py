@@ -111,3 +111,6 @@ def test_where_v1_is_served() -> None:
     assert not on_probes and listener is not None and listener.port == 0
     off = _settings("  http: {enabled: false}")
     assert control_listener(off.config) == (None, False)
+    # no HTTP at all, as before the split (the demo)
+    quiet = _settings("  nats: null", http="{enabled: false}")
+    assert control_listener(quiet.config) == (None, False)
