@@ -22,7 +22,9 @@ every step: stopping the source, routing what the intake holds, draining the sin
 and closing them (see :meth:`Bridge.shutdown`). Nothing is lost uncounted: events
 still in the intake at the deadline are counted as
 ``aleno_bridge_pipeline_dropped_total{reason="shutdown"}``, events held by a sink as
-``aleno_bridge_sink_events_dropped_total{reason="shutdown"}``.
+``aleno_bridge_sink_events_dropped_total{reason="shutdown"}``, and events held by a
+sink a reload replaced or removed as ``{reason="sink_removed"}`` in both (see
+:mod:`bridge.reload`).
 
 Assembly: :meth:`Bridge.from_settings` is the one way settings become a bridge, and
 :func:`serve` the one way the command line runs one (``run``, ``demo`` and ``tap``).
@@ -46,21 +48,26 @@ from typing import Any, Final
 from prometheus_client import CollectorRegistry
 
 from bridge import __version__
-from bridge.config import ConfigError, HttpConfig, Settings, load_config
+from bridge.config import ConfigError, HttpConfig, Settings
 from bridge.control import Control, NatsControl, start_nats_control
 from bridge.controlloop import ControlLoop
 from bridge.envelope import Event
 from bridge.http import serve_control, serve_http
 from bridge.logs import Redactor
-from bridge.market import STALE_SCAN_MAX_S, STATUS_KIND, MarketState
+from bridge.market import STALE_SCAN_MAX_S, STATUS_KIND, Damping, MarketState
 from bridge.metrics import Metrics
 from bridge.normalize import TICKER_EVENT, Normalizer
 from bridge.reload import (
+    SINK_REMOVED,
     ConfigWatcher,
     ReloadOutcome,
+    ReloadQueue,
+    RetiredSinks,
+    load_settings,
     pinned_changed,
     restart_needed,
     same_sink,
+    settings_changed,
 )
 from bridge.routing import Router
 from bridge.runner import DISPATCH_CHUNK, SinkWorker
@@ -85,6 +92,8 @@ GC_THRESHOLDS: Final = (50_000, 50, 100)
 OVERLOAD_CLEAR_S: Final = 5.0
 #: the longest the dispatcher waits for a saturated sink before it looks again
 ROOM_POLL_S: Final = 0.05
+#: what a retired sink still gets to close when the shutdown's deadline cuts its drain
+RETIRE_CUT_S: Final = 0.2
 
 #: sees every event before it is routed (``aleno-bridge tap``, tests)
 Tap = Callable[[Event], None]
@@ -147,7 +156,9 @@ class Bridge:
         #: ``False``: no listener at all, not even the control listener (tests, embedding)
         self._http_allowed = http
         self.metrics = Metrics()
-        self.normalizer = Normalizer(source=cfg.source.endpoint)
+        self.normalizer = Normalizer(source=cfg.source.endpoint,
+                                     max_clock_skew_s=cfg.source.max_clock_skew_s,
+                                     max_record_age_s=cfg.source.max_record_age_s)
         self.workers: dict[str, SinkWorker] = {
             name: SinkWorker(spec, (sinks or {}).get(name), self.metrics.observe_publish)
             for name, spec in settings.sinks.items()
@@ -158,6 +169,10 @@ class Bridge:
         self.reloads: dict[str, int] = {}
         self._reload_lock = asyncio.Lock()
         self._retiring: set[asyncio.Task[Any]] = set()
+        #: the sinks reloads replaced or removed: their counters and what they lost
+        self.retired = RetiredSinks()
+        #: set when :meth:`shutdown` begins: no reload is applied after that
+        self._shutting_down = False
         #: the upstream connections (one per API key) and the symbols they carry
         self.source: UpstreamPool | None = None
         #: the desired symbol set: pinned by the configuration, or leased by consumers
@@ -176,9 +191,17 @@ class Bridge:
             update_interval_s=cfg.source.update_interval_s,
             source=cfg.source.endpoint,
             wanted=self._wanted,
+            damping=Damping(cfg.source.status_damping.max_events,
+                            cfg.source.status_damping.window_s),
+            clock=self.normalizer.now_ms,
         )
         self.last_values = self.market.values
         if self.source is not None:
+            # a symbol that leaves the subscribed set (lease end, reload, a move to
+            # another key's connection) is forgotten at once, even when it comes back
+            # within the same step: no false gap or stale for a deliberate unsubscribe
+            for src in self.source.sources:
+                src.on_wanted = _then(src.on_wanted, self.market.sync_wanted)
             if len(self.source.sources) > 1:
                 self.source.on_connection_link = (
                     lambda name, up, cause: self.market.link(up, cause, name))
@@ -248,7 +271,8 @@ class Bridge:
         received = self.normalizer.now_ms()
         first = records[0]
         sent = first.get("sentTimestampMs") if type(first) is dict else None
-        if type(sent) is int:
+        # a send time the normalizer will drop (clock_skew, too_old) is no lag
+        if type(sent) is int and self.normalizer.timely(sent, received):
             self.metrics.lag.labels(kind).observe(max(0.0, (received - sent) / 1000.0))
         self._admit(_Batch(kind, records, None, received, len(records)))
 
@@ -461,11 +485,17 @@ class Bridge:
 
     # -- reload -------------------------------------------------------------------
 
-    async def reload_file(self, path: str) -> ReloadOutcome:
+    async def reload_file(self, path: str, text: str | None = None) -> ReloadOutcome:
         """Read, validate and apply the configuration file at ``path`` (SIGHUP and the
-        file watch call this); see :mod:`bridge.reload`."""
+        file watch call this), or ``text``, its content as the watch saw it settle; see
+        :mod:`bridge.reload`.
+
+        The file is read (only a regular file, bounded) and parsed in a worker thread:
+        2,000 symbols take a few tenths of a second to validate, which the data path's
+        loop must not wait for.
+        """
         try:
-            new = load_config(path)
+            new = await asyncio.to_thread(load_settings, path, text)
         except ConfigError as exc:
             self._count_reload("invalid")
             log.error("configuration reload refused, the running configuration stays: %s",
@@ -476,8 +506,14 @@ class Bridge:
 
     async def reload(self, new: Settings) -> ReloadOutcome:
         """Apply ``new`` to the running bridge, or refuse it whole (see
-        :mod:`bridge.reload`). Reloads run one at a time."""
+        :mod:`bridge.reload`). Reloads run one at a time; none is applied once the
+        shutdown began (it would start sinks nothing stops)."""
         async with self._reload_lock:
+            if self._shutting_down:
+                msg = "configuration reload refused: the bridge is shutting down"
+                log.warning(msg, extra={"reload": "refused"})
+                self._count_reload("refused")
+                return ReloadOutcome("refused", message=msg)
             try:
                 outcome = await self._reload(new)
             except Exception as exc:
@@ -521,6 +557,7 @@ class Bridge:
         router = Router(new.routes, workers)
         if [r.model_dump() for r in old.routes] != [r.model_dump() for r in new.routes]:
             changes.append("routes")
+        changes += settings_changed(old, new)
         # the swap: the dispatcher reads the router once per chunk
         self.workers = workers
         self._elastic = [w for w in workers.values() if w.policy != "block"]
@@ -558,20 +595,44 @@ class Bridge:
             if removed:
                 out.append(f"-{len(removed)} {kind}(s)")
                 gone = [s for s in removed if s not in subs.desired().get(kind, ())]
-                self.last_values.forget(kind, gone)
+                self.market.forget(kind, gone)  # (the sources' listener did already)
         return out
 
     def _retire(self, worker: SinkWorker) -> None:
-        """Drain and close a sink that a reload replaced or removed, in the background."""
+        """Drain and close a sink that a reload replaced or removed, in the background,
+        within ``shutdown_timeout_s`` (or the shutdown's deadline, if sooner).
+
+        Nothing it held vanishes: what it could not deliver (held at the deadline, or
+        routed to it after the swap by the chunk being dispatched) is counted as its
+        ``dropped{reason="sink_removed"}`` and as
+        ``pipeline_dropped{reason="sink_removed"}``, and its counters stay in
+        :attr:`retired` (``/metrics``, the shutdown's account) until the process ends.
+        """
+        why = "replaced" if worker.name in self.workers else "removed"
+        self.retired.add(worker)
+        worker.begin_stop(SINK_REMOVED)
+
         async def retire() -> None:
-            worker.begin_stop()
-            lost = await worker.stop(self.settings.config.shutdown_timeout_s)
-            if lost:
-                log.warning("sink %s (replaced by a reload): %d event(s) not delivered",
-                            worker.name, lost, extra={"sink": worker.name, "undelivered": lost})
-            else:
-                log.info("sink %s (replaced by a reload) drained and closed", worker.name,
-                         extra={"sink": worker.name})
+            try:
+                await worker.stop(self.settings.config.shutdown_timeout_s, SINK_REMOVED)
+            except asyncio.CancelledError:
+                # the shutdown's deadline came first: close now, count what is left
+                with contextlib.suppress(Exception):
+                    await worker.stop(RETIRE_CUT_S, SINK_REMOVED)
+                raise
+            finally:
+                worker.discard()
+                lost = self.retired.closed(worker)
+                self._pipeline_drop(SINK_REMOVED, lost)
+                if lost:
+                    log.warning(
+                        "sink %s (%s by a reload): %d event(s) not delivered before it was "
+                        "closed; counted as aleno_bridge_pipeline_dropped_total"
+                        "{reason=\"sink_removed\"}", worker.name, why, lost,
+                        extra={"sink": worker.name, "undelivered": lost})
+                else:
+                    log.info("sink %s (%s by a reload) drained and closed", worker.name, why,
+                             extra={"sink": worker.name})
 
         task = asyncio.create_task(retire(), name=f"retire-{worker.name}")
         self._retiring.add(task)
@@ -588,7 +649,10 @@ class Bridge:
             intake=IntakeSnapshot(self.intake_events, self.intake_max_events,
                                   frozen_counts(self.pipeline_dropped), len(self._intake)),
             overload=self._overload_snapshot(),
-            sinks=tuple(w.snapshot() for w in self.workers.values()),
+            # a sink's counters include those of the workers reloads replaced; a
+            # removed sink's stay apart (metrics only, never readiness)
+            sinks=tuple(self.retired.merged(w.snapshot()) for w in self.workers.values()),
+            retired_sinks=self.retired.orphans(self.workers),
             market=self.market.snapshot(),
             connections=(self.source.connection_snapshots()
                          if self.source is not None else ()),
@@ -735,10 +799,13 @@ class Bridge:
         budget if smaller, is kept for closing). A ``block`` sink that cannot take the
         intake's events delays only until that deadline: the rest of the intake is
         then counted as ``pipeline_dropped{reason="shutdown"}``, and what a sink could
-        not deliver as its ``dropped{reason="shutdown"}``.
+        not deliver as its ``dropped{reason="shutdown"}``. Sinks a reload replaced or
+        removed and still draining get the same deadline; the undelivered events
+        returned (and logged) include theirs, by sink name.
         """
         loop = asyncio.get_running_loop()
         started = loop.time()
+        self._shutting_down = True
         budget = self.settings.config.shutdown_timeout_s
         if self._stale_watch is not None:
             self._stale_watch.cancel()
@@ -795,11 +862,18 @@ class Bridge:
             else:
                 log.info("sink %s drained: %d event(s) published", name, w.stats.published,
                          extra={"sink": name, "published": w.stats.published})
+        # and what the sinks reloads replaced or removed could not deliver
+        retired_lost = dict(self.retired.undelivered)
+        for name, n in retired_lost.items():
+            lost[name] = lost.get(name, 0) + n
         intake_lost = self.pipeline_dropped.get("shutdown", 0)
+        sinks = [*(self.retired.merged(w.snapshot()) for w in self.workers.values()),
+                 *self.retired.orphans(self.workers)]
         log.info(
-            "shutdown took %.2fs (budget %gs): %d event(s) not delivered by the sinks, "
-            "%d left in the intake",
-            loop.time() - started, budget, sum(lost.values()), intake_lost,
+            "shutdown took %.2fs (budget %gs): %d event(s) not delivered by the sinks "
+            "(%d by sinks a reload replaced or removed), %d left in the intake",
+            loop.time() - started, budget, sum(lost.values()), sum(retired_lost.values()),
+            intake_lost,
             extra={
                 "shutdown_s": round(loop.time() - started, 3),
                 "undelivered": lost,
@@ -808,15 +882,27 @@ class Bridge:
                 "events_invalid": sum(self.normalizer.invalid.values()),
                 "events_unrouted": self.router.unrouted,
                 "events_filtered": sum(self.router.filtered.values()),
+                # totals per sink name, over every worker reloads replaced or removed
                 "sinks": {
-                    n: {"offered": w.stats.offered, "published": w.stats.published,
-                        "dropped": dict(w.stats.dropped), "conflated": w.stats.conflated,
-                        "depth": w.depth}
-                    for n, w in self.workers.items()
+                    s.name: {"offered": s.offered, "published": s.published,
+                             "dropped": dict(s.dropped), "conflated": s.conflated,
+                             "depth": s.depth}
+                    for s in sinks
                 },
             },
         )
         return lost
+
+
+def _then(first: Callable[[], None] | None, then: Callable[[], None]) -> Callable[[], None]:
+    """``first`` (if any), then ``then``: a listener added behind one already set."""
+    if first is None:
+        return then
+
+    def both() -> None:
+        first()
+        then()
+    return both
 
 
 def _link_dead_letters(settings: Settings, workers: Mapping[str, SinkWorker]) -> None:
@@ -833,30 +919,43 @@ def install_signals(stop: asyncio.Event) -> None:
             loop.add_signal_handler(sig, stop.set)
 
 
-def _watch_config(bridge: Bridge, path: str) -> ConfigWatcher | None:
-    """SIGHUP reloads ``path``; so does a change of it when ``reload.watch`` is on."""
+def _watch_config(bridge: Bridge, path: str, stop: asyncio.Event
+                  ) -> tuple[ReloadQueue, ConfigWatcher | None]:
+    """SIGHUP reloads ``path``; so does a change of it when ``reload.watch`` is on.
+
+    Both go through one :class:`~bridge.reload.ReloadQueue`: a reload runs at a time
+    and what is asked meanwhile is merged into one that follows, so a burst of
+    signals during a reload costs one more reload, not one per signal. Nothing is
+    reloaded once ``stop`` is set.
+    """
     loop = asyncio.get_running_loop()
-    pending: set[asyncio.Task[Any]] = set()
+    queue = ReloadQueue(lambda text: bridge.reload_file(path, text))
 
     def hangup() -> None:
-        log.info("SIGHUP: reloading %s", path)
-        task = asyncio.create_task(bridge.reload_file(path), name="reload")
-        pending.add(task)
-        task.add_done_callback(pending.discard)
+        if stop.is_set():
+            return
+        asked = queue.request(None)
+        if asked == "started":
+            log.info("SIGHUP: reloading %s", path)
+        elif asked == "queued":
+            log.info("SIGHUP: a reload is running; %s is reloaded once more after it "
+                     "(signals meanwhile are merged into that one)", path)
+        else:
+            log.debug("SIGHUP: merged into the reload already queued")
 
     with contextlib.suppress(NotImplementedError, RuntimeError, AttributeError):
         loop.add_signal_handler(signal.SIGHUP, hangup)
-    cfg = bridge.settings.config.reload
-    if not cfg.watch:
-        return None
+    if not bridge.settings.config.reload.watch:
+        return queue, None
 
-    async def changed() -> None:
-        log.info("%s changed: reloading", path)
-        await bridge.reload_file(path)
+    def changed(text: str | None) -> None:
+        if not stop.is_set():
+            log.info("%s changed: reloading", path)
+            queue.request(text)
 
-    watcher = ConfigWatcher(Path(path), changed, cfg.debounce_s)
+    watcher = ConfigWatcher(Path(path), changed, lambda: bridge.settings.config.reload)
     watcher.start()
-    return watcher
+    return queue, watcher
 
 
 async def serve(bridge: Bridge, stop: asyncio.Event | None = None,
@@ -877,14 +976,17 @@ async def serve(bridge: Bridge, stop: asyncio.Event | None = None,
     tune_gc()
     log.info("aleno-bridge %s starting: %d sink(s), %d route(s)", __version__,
              len(bridge.workers), len(bridge.settings.routes))
-    watcher = None
+    watch = None
     if config_path is not None:
-        watcher = _watch_config(bridge, config_path)
+        watch = _watch_config(bridge, config_path, stop)
     try:
         lost = await bridge.run(stop)
     finally:
-        if watcher is not None:
-            await watcher.close()
+        if watch is not None:
+            queue, watcher = watch
+            if watcher is not None:
+                await watcher.close()
+            await queue.close()
     log.info("aleno-bridge stopped; undelivered events: %s", sum(lost.values()),
              extra={"undelivered": lost})
     return lost

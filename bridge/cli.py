@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import logging
+import re
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from bridge import __version__, logs
@@ -27,6 +30,15 @@ EXIT_CONFIG = 2
 EXIT_UPSTREAM = 3
 
 log = logging.getLogger("aleno_bridge.cli")
+
+
+class CommandFailed(Exception):
+    """A failure the user can fix: the message is the whole paragraph printed (the
+    cause and the fix), without an exception type or a traceback."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_ERROR) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -100,6 +112,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from bridge.config import ConfigError
         from bridge.source import SourceError
 
+        if isinstance(exc, CommandFailed):
+            print(f"aleno-bridge: {args.command}: {logs.redact(str(exc))}", file=sys.stderr)
+            return exc.exit_code
         if isinstance(exc, ConfigError):
             print(f"aleno-bridge: {exc}", file=sys.stderr)
             return EXIT_CONFIG
@@ -147,7 +162,82 @@ def _run(args: argparse.Namespace) -> int:
         await serve(Bridge.from_settings(settings), config_path=str(args.config))
         return EXIT_OK
 
-    return asyncio.run(run())
+    try:
+        return asyncio.run(run())
+    except OSError as exc:
+        why = listen_problem(exc, listeners(settings), str(args.config))
+        if why is None:
+            raise
+        raise CommandFailed(why) from exc
+
+
+@dataclass(frozen=True)
+class Listener:
+    """One listening socket of ``run``: the setting that configures it, what it serves."""
+
+    setting: str
+    host: str
+    port: int
+    serves: str
+    #: the port when the setting is absent from the file (its default), else ``None``
+    default_port: int | None = None
+
+
+def listeners(settings: Settings) -> list[Listener]:
+    """The sockets ``run`` listens on, each with the setting that chooses its port."""
+    cfg = settings.config
+    found: list[Listener] = []
+    if cfg.http.enabled:
+        found.append(Listener("http", cfg.http.host, cfg.http.port,
+                              "/healthz, /readyz and /metrics"))
+    control = settings.control_http
+    if control is not None:
+        found.append(Listener("control.http", control.host, control.port,
+                              "/v1 snapshots and leases",
+                              default_port=control.port if cfg.control.http is None else None))
+    return found
+
+
+#: the address in asyncio's bind error: "... bind on address ('127.0.0.1', 9464): ..."
+_BIND_ADDRESS = re.compile(r"address \('([^']*)', (\d+)")
+
+
+def listen_problem(exc: OSError, candidates: Sequence[Listener], config: str) -> str | None:
+    """One paragraph naming the listener setting a failed bind belongs to, why the bind
+    failed and how to fix it; ``None`` when ``exc`` is not a failed bind of ``run``."""
+    if exc.errno not in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
+        return None
+    found = _BIND_ADDRESS.search(str(exc))
+    if found is None:
+        return None
+    host, port = found.group(1), int(found.group(2))
+    same_port = [c for c in candidates if c.port == port]
+    matching = [c for c in same_port if c.host == host] or same_port
+    if not matching:
+        return None
+    where = matching[0]
+    setting = f"{where.setting}.port"
+    if where.default_port is not None:
+        set_how = (f"{where.setting} is not set in {config}, so it listens on the default "
+                   f"{where.host}:{where.default_port}: add `{where.setting}: {{host: "
+                   f"{where.host}, port: N}}` with a free port N")
+    else:
+        set_how = f"set {setting} in {config} to a free port"
+    named = f"{where.setting}.host" if exc.errno == errno.EADDRNOTAVAIL else setting
+    head = f"cannot listen on {host}:{port} for {where.serves} ({named})"
+    if exc.errno == errno.EADDRINUSE:
+        also = (" (or `http: {enabled: false}` to serve no probes and no metrics)"
+                if where.setting == "http" else "")
+        return (f"{head}: the port is already in use, by another program or by another "
+                f"aleno-bridge still running (`ss -ltnp 'sport = :{port}'` or `lsof -i "
+                f":{port}` shows which). Stop it, or {set_how}{also}.")
+    if exc.errno == errno.EACCES:
+        return (f"{head}: permission denied; a port below 1024 needs root or the "
+                f"CAP_NET_BIND_SERVICE capability. Set {setting} in {config} to a port above "
+                "1023.")
+    return (f"{head}: {host} is not an address of this machine. Set {where.setting}.host in "
+            f"{config} to one of its addresses: 127.0.0.1 (this machine only) or 0.0.0.0 "
+            "(every interface).")
 
 
 def _key_limit(value: str) -> tuple[str, int]:
@@ -191,7 +281,17 @@ def _simulate(args: argparse.Namespace) -> int:
                   flush=True)
             await stop.wait()
 
-    asyncio.run(serve())
+    try:
+        asyncio.run(serve())
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        msg = (f"cannot listen on {args.host}:{args.port}: the port is already in use, "
+               "perhaps by another `aleno-bridge simulate` still running (`ss -ltnp "
+               f"'sport = :{args.port}'` shows which program). Stop it, or pick a free port "
+               "with --port N and point the bridge at it (ALENO_URL=http://127.0.0.1:N with "
+               "the example configurations).")
+        raise CommandFailed(msg) from exc
     return EXIT_OK
 
 
@@ -351,9 +451,12 @@ def _tap(args: argparse.Namespace) -> int:
 
 
 def _top(args: argparse.Namespace) -> int:
-    from bridge.top import run_top
+    from bridge.top import TopError, run_top
 
-    return run_top(args)
+    try:
+        return run_top(args)
+    except TopError as exc:
+        raise CommandFailed(str(exc)) from exc
 
 
 _COMMANDS = {

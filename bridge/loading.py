@@ -32,18 +32,47 @@ MAX_ALIAS_NODES = 100_000
 MAX_DEPTH = 100
 
 
-def read_config_file(path: str | os.PathLike[str]) -> str:
+def read_config_file(path: str | os.PathLike[str], *, regular_only: bool = False) -> str:
     """The text of the configuration file at ``path``: at most :data:`MAX_CONFIG_BYTES`,
-    UTF-8. Raises :class:`ConfigError` (its source is the path) when it cannot be read."""
+    UTF-8. Raises :class:`ConfigError` (its source is the path) when it cannot be read.
+
+    Reading never takes more than the bound, whatever the path holds: a file whose size
+    is over it is refused from its ``stat`` (a 300 MB file is never read), and at most
+    the bound plus one byte is read from anything else (``/dev/zero``). The file is
+    opened non-blocking, so a FIFO with no writer never hangs the reader.
+
+    ``regular_only`` (reloads) refuses anything but a regular file (through symlinks):
+    a running bridge must never wait on a FIFO or a socket, nor read a device. At
+    start-up a pipe is accepted (``run -c <(envsubst < bridge.yaml)``): the operator
+    who starts the process is there to feed it.
+    """
     p = Path(path)
+    mib = MAX_CONFIG_BYTES // (1024 * 1024)
+    too_big = f"<file>: larger than {mib} MiB; is this the right file?"
     try:
-        with p.open("rb") as fh:
-            data = fh.read(MAX_CONFIG_BYTES + 1)
+        mode = os.stat(p).st_mode
+        if regular_only and not stat.S_ISREG(mode):
+            raise ConfigError([f"<file>: {_not_regular(mode)}"], str(p))
+        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        try:
+            st = os.fstat(fd)  # what was opened, not what was there a moment before
+            if regular_only and not stat.S_ISREG(st.st_mode):
+                raise ConfigError([f"<file>: {_not_regular(st.st_mode)}"], str(p))
+            if stat.S_ISREG(st.st_mode) and st.st_size > MAX_CONFIG_BYTES:
+                raise ConfigError([too_big], str(p))
+            if stat.S_ISFIFO(st.st_mode):
+                # a pipe at start-up (``<(...)``): read it to its end, as a blocking
+                # open would have (a pipe nobody writes to reads as empty: refused)
+                os.set_blocking(fd, True)
+            data = _read_at_most(fd, MAX_CONFIG_BYTES + 1)
+            if not data and stat.S_ISFIFO(st.st_mode):
+                raise ConfigError(["<file>: a FIFO with nothing written to it"], str(p))
+        finally:
+            os.close(fd)
     except OSError as exc:
         raise ConfigError([f"cannot read {p}: {exc.strerror or exc}"], str(p)) from None
     if len(data) > MAX_CONFIG_BYTES:
-        mib = MAX_CONFIG_BYTES // (1024 * 1024)
-        raise ConfigError([f"<file>: larger than {mib} MiB; is this the right file?"], str(p))
+        raise ConfigError([too_big], str(p))
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -52,6 +81,31 @@ def read_config_file(path: str | os.PathLike[str]) -> str:
         problem = (f"<file>: not UTF-8 text (invalid byte 0x{data[exc.start]:02x} at line "
                    f"{line}, column {column})")
         raise ConfigError([problem], str(p)) from None
+
+
+def _not_regular(mode: int) -> str:
+    kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "a directory" if stat.S_ISDIR(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a file")
+    return (f"not a regular file ({kind}); a configuration is reloaded only from a "
+            "regular file")
+
+
+def _read_at_most(fd: int, limit: int) -> bytes:
+    """At most ``limit`` bytes of ``fd``, until its end (``os.read`` may return less
+    than asked before the end)."""
+    parts: list[bytes] = []
+    left = limit
+    while left > 0:
+        try:
+            chunk = os.read(fd, min(left, 1024 * 1024))
+        except BlockingIOError:  # a non-blocking device with nothing to read now
+            break
+        if not chunk:
+            break
+        parts.append(chunk)
+        left -= len(chunk)
+    return b"".join(parts)
 
 
 def read_tree(

@@ -24,29 +24,52 @@ and derives the status events (:class:`MarketState`), CloudEvents of type
     send times the cadence predicts; ``lastSeenMs`` / ``resumedMs`` the updates around
     the hole.
 
+What is watched is what is subscribed. The stale and gap machinery of a symbol starts
+afresh whenever it is (re)subscribed: a symbol that leaves the subscribed set (its last
+lease ended and its grace with it, a reload removed it, it moved from one API key's
+connection to another) leaves the cache, the stale set and the damping state at once
+(:meth:`MarketState.sync_wanted`, told by the sources whenever their set changes), so
+the time it was deliberately unsubscribed is never reported as ``stale`` or ``gap``, and
+no status event says it went (nobody is missing anything). Records received before it
+left but routed after it came back (an intake backlog) are not cached either.
+
+Status events are damped per symbol (:class:`Damping`): at most
+``source.status_damping.max_events`` ``stale`` / ``fresh`` / ``gap`` events of one symbol
+in any ``window_s``; more are suppressed and counted
+(``aleno_bridge_status_events_suppressed_total{status}``), and the next event of that
+symbol carries ``data.suppressed`` (counts by status). Nothing a consumer relies on is
+lost: when the symbol's budget allows again and its state (stale or fresh) is not the one
+its last emitted event said, that state is emitted (``data.damped: true``), so a consumer
+never stays on ``stale`` for a symbol that flows, nor on ``fresh`` for one that is silent.
+
 Ids are deterministic: derived from the status, the symbol and the upstream send times
 the status is about (never from this process's clock), so two replicas of a shard that
 saw the same records produce the same ids, and a consumer deduplicates them like
 prices. ``down`` has no send time of its own: its id names the last update seen.
 
 Cost on the data path: one dict look-up and two comparisons per event
-(:meth:`MarketState.observe`); the stale watch runs beside it, at most every half
-second, over the cached symbols. Memory: one :data:`Entry` (the envelope's bytes and
-three numbers) per symbol this process subscribes; a sharded bridge holds its own share.
+(:meth:`MarketState.observe`), and one identity test of the subscribed set per chunk;
+damping costs only when a status event is due. The stale watch runs beside it, at most
+every half second, over the cached symbols and the damping records. Memory: one
+:data:`Entry` (the envelope's bytes and three numbers) per symbol this process
+subscribes; a sharded bridge holds its own share.
 """
 
 from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Container, Iterable, Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from fnmatch import translate
+from types import MappingProxyType
 from typing import Any, Final, NamedTuple
 
 import orjson
 
 from bridge.envelope import DEFAULT_SOURCE, Event, EventHeader, iso_time
-from bridge.state import STATUSES, MarketSnapshot, frozen_counts
+from bridge.state import DAMPED_STATUSES, STATUSES, MarketSnapshot, frozen_counts
 
 #: a jump of ``sentTimestampMs`` beyond this many update intervals is a ``gap``
 #: (one missed update makes a jump of two intervals; the margin absorbs jitter)
@@ -58,6 +81,14 @@ UPSTREAM_SUBJECT: Final = "upstream"
 PRICE_KINDS: Final = ("ticker", "equity")
 #: how often the stale watch looks at most (it looks four times per stale period)
 STALE_SCAN_MAX_S: Final = 0.5
+#: the default damping: at most this many damped status events per symbol ...
+DAMP_MAX_EVENTS: Final = 4
+#: ... in any window of this many seconds (``source.status_damping``)
+DAMP_WINDOW_S: Final = 60.0
+#: how long a record received before its symbol was unsubscribed may still be waiting
+#: in the intake (records older than this are not told from new ones; an intake that
+#: holds records for minutes sheds them first, see bridge.app)
+GONE_MARK_S: Final = 300.0
 
 
 #: the wire format of the cached envelopes (what a snapshot splices)
@@ -260,14 +291,150 @@ class StatusEvent(Event):
         return str(self.data["status"])
 
 
+class _Flaps:
+    """The damping state of one symbol: when its last status events went out, what
+    they told consumers, and what was suppressed since."""
+
+    __slots__ = ("suppressed", "times", "told_stale")
+
+    def __init__(self, told_stale: bool) -> None:
+        #: monotonic seconds of the emitted events within the window, oldest first
+        self.times: deque[float] = deque()
+        #: the state the last emitted ``stale`` / ``fresh`` told consumers
+        self.told_stale = told_stale
+        #: suppressed since the last emitted event, by status (``None``: nothing)
+        self.suppressed: dict[str, int] | None = None
+
+
+_NO_EXTRA: Final[Mapping[str, Any]] = MappingProxyType({})
+
+
+class Damping:
+    """At most ``max_events`` ``stale`` / ``fresh`` / ``gap`` events per symbol in any
+    ``window_s`` (a sliding window; ``source.status_damping``).
+
+    Why: a symbol that flaps (2 s on, 2 s off) would emit a status event every few
+    seconds for as long as it flaps, and 150 such symbols thousands a minute, drowning
+    the events that matter. What is suppressed is counted (:attr:`suppressed`, the
+    metric) and reported with the symbol's next emitted event; the state a consumer
+    acts on (stale or fresh) is made right by :meth:`MarketState.scan_stale` once the
+    symbol's budget allows (see the module).
+
+    Memory: one small record per symbol that emitted a status event within the window
+    (or has a correction pending); the stale watch drops the others (:meth:`prune`).
+    """
+
+    def __init__(self, max_events: int = DAMP_MAX_EVENTS,
+                 window_s: float = DAMP_WINDOW_S) -> None:
+        self.configure(max_events, window_s)
+        #: (kind, symbol) -> its record, the least recently touched first
+        self._flaps: dict[tuple[str, str], _Flaps] = {}
+        #: symbols with something suppressed: their state may need a correction
+        self._pending: set[tuple[str, str]] = set()
+        #: suppressed events since start, by status
+        self.suppressed: dict[str, int] = dict.fromkeys(DAMPED_STATUSES, 0)
+
+    def configure(self, max_events: int, window_s: float) -> None:
+        """Set the budget (the records kept apply the new one from their next event)."""
+        if max_events < 1 or not window_s > 0:
+            msg = "status damping needs max_events >= 1 and window_s > 0"
+            raise ValueError(msg)
+        self.max_events = max_events
+        self.window_s = window_s
+
+    def __len__(self) -> int:
+        return len(self._flaps)
+
+    def _room(self, flaps: _Flaps, now: float) -> bool:
+        times = flaps.times
+        horizon = now - self.window_s
+        while times and times[0] <= horizon:
+            times.popleft()
+        return len(times) < self.max_events
+
+    def let(self, kind: str, symbol: str, status: str, now: float,
+            told_stale: bool) -> Mapping[str, Any] | None:
+        """May a ``status`` event of (kind, symbol) go out at ``now`` (monotonic s)?
+        ``None``: no, it is suppressed (and counted); else the extra ``data`` the event
+        carries (``suppressed``, what was held back since the symbol's last event).
+        ``told_stale``: what consumers were told before, for a symbol without a record
+        (the state before this event's transition)."""
+        key = (kind, symbol)
+        flaps = self._flaps.pop(key, None)
+        if flaps is None:
+            flaps = _Flaps(told_stale)
+        self._flaps[key] = flaps  # the most recently touched last (see prune)
+        if not self._room(flaps, now):
+            held = flaps.suppressed
+            if held is None:
+                held = flaps.suppressed = {}
+            held[status] = held.get(status, 0) + 1
+            self.suppressed[status] = self.suppressed.get(status, 0) + 1
+            self._pending.add(key)
+            return None
+        flaps.times.append(now)
+        if status == "stale":
+            flaps.told_stale = True
+        elif status == "fresh":
+            flaps.told_stale = False
+        held = flaps.suppressed
+        if held:
+            flaps.suppressed = None
+            return {"suppressed": held}
+        return _NO_EXTRA
+
+    def pending(self) -> list[tuple[str, str]]:
+        """The symbols with something suppressed, whose state may need a correction."""
+        return list(self._pending)
+
+    def told_stale(self, key: tuple[str, str]) -> bool | None:
+        """What the symbol's last emitted ``stale`` / ``fresh`` said (``None``: no record)."""
+        flaps = self._flaps.get(key)
+        return None if flaps is None else flaps.told_stale
+
+    def room(self, key: tuple[str, str], now: float) -> bool:
+        """The symbol may emit an event now."""
+        flaps = self._flaps.get(key)
+        return flaps is None or self._room(flaps, now)
+
+    def settled(self, key: tuple[str, str]) -> None:
+        """No correction is due for the symbol (what was suppressed is still reported
+        with its next event, while its record lives)."""
+        self._pending.discard(key)
+
+    def forget(self, key: tuple[str, str]) -> None:
+        """The symbol was unsubscribed: its damping starts afresh."""
+        self._flaps.pop(key, None)
+        self._pending.discard(key)
+
+    def prune(self, now: float) -> None:
+        """Drop the records of symbols without an event within the window and nothing
+        pending. Records are kept in the order they were last touched, so this stops at
+        the first recent one: it costs what it drops."""
+        horizon = now - self.window_s
+        dead: list[tuple[str, str]] = []
+        for key, flaps in self._flaps.items():
+            if flaps.times and flaps.times[-1] > horizon:
+                break
+            if key not in self._pending:
+                dead.append(key)
+        for key in dead:
+            del self._flaps[key]
+
+
 class MarketState:
     """The last value cache and the status events derived from the flow.
 
     ``emit(events)`` receives status events produced outside the data path (``down``,
-    ``up``, ``stale``); :meth:`observe` returns the ones the data path produces
-    (``fresh``, ``gap``) for the dispatcher to route after the chunk.
-    ``wanted``, when given, says which symbols are subscribed: the stale watch skips
-    the others.
+    ``up``, ``stale``, damped corrections); :meth:`observe` returns the ones the data
+    path produces (``fresh``, ``gap``) for the dispatcher to route after the chunk.
+
+    ``wanted``, when given, says which symbols are subscribed (by kind, a set replaced
+    whole on every change, like :attr:`bridge.source.AlenoSource.wanted`): a symbol that
+    leaves it is forgotten (:meth:`sync_wanted`), and the stale watch skips the others.
+    ``damping``: the status damping (:class:`Damping`, default
+    :data:`DAMP_MAX_EVENTS` per :data:`DAMP_WINDOW_S`). ``clock``: wall-clock
+    milliseconds, the clock of the events' ``received_ms`` (the normalizer's).
     """
 
     def __init__(
@@ -277,7 +444,9 @@ class MarketState:
         stale_after_s: float,
         update_interval_s: float,
         source: str = DEFAULT_SOURCE,
-        wanted: Callable[[], Mapping[str, Container[str]] | None] | None = None,
+        wanted: Callable[[], Mapping[str, AbstractSet[str]] | None] | None = None,
+        damping: Damping | None = None,
+        clock: Callable[[], int] | None = None,
     ) -> None:
         self.values = LastValues()
         self.emit = emit
@@ -285,12 +454,19 @@ class MarketState:
         self.set_interval(update_interval_s)
         self.source = source
         self._wanted = wanted
+        self.damping = damping if damping is not None else Damping()
+        self._clock = clock or (lambda: time.time_ns() // 1_000_000)
         self.counts: dict[str, int] = dict.fromkeys(STATUSES, 0)
         self._up_since = time.monotonic()
         #: the connections that are down: since when, and why
         self._down: dict[str, float] = {}
         self._down_reasons: dict[str, str] = {}
         self._last_sent_ms = 0
+        #: the subscribed sets last looked at, by kind (the very objects, see sync_wanted)
+        self._seen: dict[str, AbstractSet[str]] = {}
+        #: (kind, symbol) -> when (``clock``) it was forgotten; in that order. A record
+        #: received before is not cached (see observe); dropped after GONE_MARK_S
+        self._gone_at: dict[tuple[str, str], int] = {}
 
     @property
     def stale(self) -> int:
@@ -308,13 +484,75 @@ class MarketState:
         self.interval_ms = int(update_interval_s * 1000)
 
     def snapshot(self) -> MarketSnapshot:
-        return MarketSnapshot(len(self.values), self.stale, frozen_counts(self.counts))
+        return MarketSnapshot(len(self.values), self.stale, frozen_counts(self.counts),
+                              frozen_counts(self.damping.suppressed))
 
     def _count(self, events: list[Event]) -> list[Event]:
         for ev in events:
             status = ev.data["status"]
             self.counts[status] = self.counts.get(status, 0) + 1
         return events
+
+    # -- what is subscribed ------------------------------------------------------------
+
+    def sync_wanted(self) -> None:
+        """Forget the symbols that left the subscribed set, or came back to it, since the
+        last look: their stale and gap machinery starts afresh with their next record.
+
+        Every path that unsubscribes a symbol changes the set: a lease's end (after its
+        grace), a reload, a move to another API key's connection (which removes it from
+        one connection and adds it to the other). The sources call this whenever their
+        set changes (see :class:`~bridge.app.Bridge`), so even a move made within one
+        step is seen; the data path and the stale watch look too, which costs one
+        identity test per kind while nothing changed (each kind's set is replaced whole
+        on a change, never modified).
+        """
+        if self._wanted is None:
+            return
+        wanted = self._wanted()
+        if wanted is None:
+            return
+        for kind in PRICE_KINDS:
+            now = wanted.get(kind)
+            seen = self._seen.get(kind)
+            if now is None or now is seen:
+                continue
+            self._seen[kind] = now
+            if seen is None:
+                continue  # the first look: nothing was unsubscribed yet
+            changed = seen ^ now
+            if changed:
+                self.forget(kind, changed)
+
+    def forget(self, kind: str, symbols: Iterable[str]) -> int:
+        """The symbols were unsubscribed: drop their last values, their stale mark and
+        their damping, and emit nothing (nobody misses what nobody subscribes). Records
+        received until now are not cached any more (an intake backlog). Returns how many
+        had a last value."""
+        symbols = list(symbols)
+        if not symbols:
+            return 0
+        now_ms = self._clock()
+        gone = self._gone_at
+        for s in symbols:
+            key = (kind, s)
+            self.damping.forget(key)
+            gone.pop(key, None)
+            gone[key] = now_ms  # the most recent last (see _drop_gone_marks)
+        return self.values.forget(kind, symbols)
+
+    def _drop_gone_marks(self) -> None:
+        gone = self._gone_at
+        if not gone:
+            return
+        horizon = self._clock() - int(GONE_MARK_S * 1000)
+        old = []
+        for key, at in gone.items():
+            if at > horizon:
+                break
+            old.append(key)
+        for key in old:
+            del gone[key]
 
     # -- the data path ---------------------------------------------------------------
 
@@ -325,9 +563,15 @@ class MarketState:
         (``time.monotonic()``, the default)."""
         if not events:
             return None
+        if self._wanted is not None:
+            wanted = self._wanted()
+            if wanted is not None and wanted.get(kind) is not self._seen.get(kind):
+                self.sync_wanted()
         values = self.values.by_kind(kind)
         stale = self.values.stale_of(kind)
-        now_ms = monotonic_ms(now)
+        gone = self._gone_at
+        mono = time.monotonic() if now is None else now
+        now_ms = monotonic_ms(mono)
         gap_ms = self.gap_ms
         out: list[Event] | None = None
         new = False
@@ -335,6 +579,12 @@ class MarketState:
             symbol = ev.symbol
             prev = values.get(symbol)
             if prev is None:
+                if gone:
+                    at = gone.get((kind, symbol))
+                    if at is not None:
+                        if ev.received_ms <= at:
+                            continue  # received before it was unsubscribed: not ours
+                        del gone[(kind, symbol)]
                 values[symbol] = _entry(ev, now_ms)
                 new = True
                 continue
@@ -342,13 +592,20 @@ class MarketState:
             if delta <= 0:
                 continue  # a repeated or older record: the cache keeps the newer one
             if delta > gap_ms or (stale and symbol in stale):
-                if out is None:
-                    out = []
+                was_stale = symbol in stale
                 if delta > gap_ms:
-                    out.append(self._gap(kind, prev, ev))
-                if symbol in stale:
+                    extra = self.damping.let(kind, symbol, "gap", mono, was_stale)
+                    if extra is not None:
+                        if out is None:
+                            out = []
+                        out.append(self._gap(kind, prev, ev, extra))
+                if was_stale:
                     stale.discard(symbol)
-                    out.append(self._fresh(kind, prev, ev, now_ms))
+                    extra = self.damping.let(kind, symbol, "fresh", mono, True)
+                    if extra is not None:
+                        if out is None:
+                            out = []
+                        out.append(self._fresh(kind, prev, ev, now_ms, extra))
             values[symbol] = _entry(ev, now_ms)
         if new:
             self.values.changed(kind)
@@ -357,7 +614,8 @@ class MarketState:
             self._last_sent_ms = last
         return self._count(out) if out else None
 
-    def _gap(self, kind: str, prev: Entry, ev: Event) -> Event:
+    def _gap(self, kind: str, prev: Entry, ev: Event,
+             extra: Mapping[str, Any] = _NO_EXTRA) -> Event:
         step = self.interval_ms
         last = prev[SENT_MS]
         missed = max(1, round((ev.sent_ms - last) / step) - 1) if step else 1
@@ -366,27 +624,46 @@ class MarketState:
             "lastSeenMs": last, "resumedMs": ev.sent_ms,
             "missingFromMs": min(last + step, ev.sent_ms - 1),
             "missingToMs": max(ev.sent_ms - step, last + 1),
-            "missedUpdates": missed,
+            "missedUpdates": missed, **extra,
         }, self.source)
 
-    def _fresh(self, kind: str, prev: Entry, ev: Event, now_ms: int) -> Event:
+    def _fresh(self, kind: str, prev: Entry, ev: Event, now_ms: int,
+               extra: Mapping[str, Any] = _NO_EXTRA) -> Event:
         return StatusEvent("fresh", ev.symbol, ev.sent_ms, {
             "feed": kind, "symbol": ev.symbol, "sentTimestampMs": ev.sent_ms,
             "price": ev.price,
-            "silentForMs": now_ms - prev[RECEIVED],
+            "silentForMs": now_ms - prev[RECEIVED], **extra,
+        }, self.source)
+
+    def _stale(self, kind: str, symbol: str, entry: Entry, now_ms: int,
+               extra: Mapping[str, Any] = _NO_EXTRA) -> Event:
+        return StatusEvent("stale", symbol, entry[SENT_MS], {
+            "feed": kind, "symbol": symbol,
+            "lastSentTimestampMs": entry[SENT_MS], "lastPrice": entry[PRICE],
+            "silentForMs": now_ms - entry[RECEIVED],
+            "staleAfterMs": int(self.stale_after_s * 1000), **extra,
         }, self.source)
 
     # -- beside the data path ----------------------------------------------------------
 
     def scan_stale(self, now: float | None = None) -> list[Event]:
-        """Mark the symbols silent for ``stale_after_s`` while the link is up; emit and
-        return their ``stale`` events."""
-        if not self.link_up:
-            return []
+        """Mark the symbols silent for ``stale_after_s`` while the link is up, and make
+        right what damping held back once a symbol's budget allows; emit and return
+        these status events."""
         now = time.monotonic() if now is None else now
+        self.sync_wanted()
+        out = self._settle(now)
+        self.damping.prune(now)
+        self._drop_gone_marks()
         cutoff = now - self.stale_after_s
-        if self._up_since > cutoff:
-            return []  # the link came up less than a stale period ago
+        if self.link_up and self._up_since <= cutoff:
+            # (not within a stale period of the link coming up)
+            out += self._mark_stale(now, cutoff)
+        if out:
+            self.emit(self._count(out))
+        return out
+
+    def _mark_stale(self, now: float, cutoff: float) -> list[Event]:
         wanted = self._wanted() if self._wanted is not None else None
         now_ms, cutoff_ms = monotonic_ms(now), monotonic_ms(cutoff)
         out: list[Event] = []
@@ -399,14 +676,46 @@ class MarketState:
                 if subscribed is not None and symbol not in subscribed:
                     continue
                 stale.add(symbol)
-                out.append(StatusEvent("stale", symbol, entry[SENT_MS], {
-                    "feed": kind, "symbol": symbol,
-                    "lastSentTimestampMs": entry[SENT_MS], "lastPrice": entry[PRICE],
-                    "silentForMs": now_ms - entry[RECEIVED],
-                    "staleAfterMs": int(self.stale_after_s * 1000),
+                extra = self.damping.let(kind, symbol, "stale", now, False)
+                if extra is not None:
+                    out.append(self._stale(kind, symbol, entry, now_ms, extra))
+        return out
+
+    def _settle(self, now: float) -> list[Event]:
+        """The corrections damping owes: a symbol whose last emitted ``stale`` /
+        ``fresh`` is not its state now gets its state, once its budget allows."""
+        damping = self.damping
+        pending = damping.pending()
+        if not pending:
+            return []
+        now_ms = monotonic_ms(now)
+        out: list[Event] = []
+        for key in pending:
+            kind, symbol = key
+            entry = self.values.by_kind(kind).get(symbol)
+            told = damping.told_stale(key)
+            if entry is None or told is None:
+                damping.forget(key)
+                continue
+            is_stale = symbol in self.values.stale_of(kind)
+            if told == is_stale:
+                damping.settled(key)
+                continue
+            if not damping.room(key, now):
+                continue  # still held down
+            status = "stale" if is_stale else "fresh"
+            extra = damping.let(kind, symbol, status, now, told)
+            if extra is None:  # pragma: no cover - room() said there is
+                continue
+            damping.settled(key)
+            data = {"damped": True, **extra}
+            if is_stale:
+                out.append(self._stale(kind, symbol, entry, now_ms, data))
+            else:
+                out.append(StatusEvent("fresh", symbol, entry[SENT_MS], {
+                    "feed": kind, "symbol": symbol, "sentTimestampMs": entry[SENT_MS],
+                    "price": entry[PRICE], "silentForMs": 0, **data,
                 }, self.source))
-        if out:
-            self.emit(self._count(out))
         return out
 
     def link(self, up: bool, cause: str, connection: str = "") -> None:
@@ -448,11 +757,15 @@ class MarketState:
 
 
 __all__ = [
+    "DAMPED_STATUSES",
+    "DAMP_MAX_EVENTS",
+    "DAMP_WINDOW_S",
     "GAP_FACTOR",
     "SNAPSHOT_FORMAT",
     "STATUSES",
     "STATUS_KIND",
     "UPSTREAM_SUBJECT",
+    "Damping",
     "Entry",
     "LastValue",
     "LastValues",

@@ -23,6 +23,7 @@ from prometheus_client.registry import Collector
 
 from bridge.state import (
     ACK_STATUSES,
+    DAMPED_STATUSES,
     KINDS,
     PIPELINE_DROP_REASONS,
     RELOAD_RESULTS,
@@ -53,6 +54,7 @@ LEASES: Final = "aleno_bridge_leases"
 LEASED_SYMBOLS: Final = "aleno_bridge_leased_symbols"
 LEASED_EVICTED: Final = "aleno_bridge_leased_symbols_evicted"
 STATUS_EVENTS: Final = "aleno_bridge_status_events"
+STATUS_EVENTS_SUPPRESSED: Final = "aleno_bridge_status_events_suppressed"
 CONFIG_RELOADS: Final = "aleno_bridge_config_reloads"
 UPSTREAM_CONNECTION_UP: Final = "aleno_bridge_upstream_connection_up"
 UPSTREAM_CONNECTION_SYMBOLS: Final = "aleno_bridge_upstream_connection_symbols"
@@ -196,7 +198,10 @@ class SnapshotCollector(Collector):
                                        "Events dropped before routing, by reason: "
                                        "intake_full (shed under overload, whole upstream "
                                        "payloads, before validation), shutdown (still in "
-                                       "the intake at the shutdown deadline).",
+                                       "the intake at the shutdown deadline), sink_removed "
+                                       "(held by a sink a reload replaced or removed and "
+                                       "not delivered before it was closed; also that "
+                                       "sink's dropped{reason=\"sink_removed\"}).",
                                        labels=["reason"])
         for reason in sorted({*PIPELINE_DROP_REASONS, *intake_dropped}):
             pipeline.add_metric([reason], intake_dropped.get(reason, 0))
@@ -258,6 +263,14 @@ class SnapshotCollector(Collector):
             statuses.add_metric([status],
                                 market.status_events.get(status, 0) if market is not None else 0)
         yield statuses
+        suppressed = CounterMetricFamily(STATUS_EVENTS_SUPPRESSED,
+                                         "Status events held back by the per-symbol damping "
+                                         "(source.status_damping), by status.",
+                                         labels=["status"])
+        for status in DAMPED_STATUSES:
+            suppressed.add_metric([status], market.status_suppressed.get(status, 0)
+                                  if market is not None else 0)
+        yield suppressed
         reloads = CounterMetricFamily(CONFIG_RELOADS,
                                       "Configuration reloads (SIGHUP or a change of the file), "
                                       "by result.", labels=["result"])
@@ -328,6 +341,20 @@ class SnapshotCollector(Collector):
             capacity.add_metric([name], sink.capacity)
             offered.add_metric([name], sink.offered)
             blocked.add_metric([name], sink.blocked)
+            rejections.add_metric([name], sink.rejections)
+            published.add_metric([name], sink.published)
+            for reason in sorted({*SINK_DROP_REASONS, *sink.dropped}):
+                dropped.add_metric([name, reason], sink.dropped.get(reason, 0))
+            conflated.add_metric([name], sink.conflated)
+            failed.add_metric([name], sink.failed_batches)
+            reconn.add_metric([name], sink.reconnects)
+            connect_failed.add_metric([name], sink.connect_failures)
+        for sink in snap.retired_sinks:
+            # a sink a reload removed: its counters stay until restart (no state, no
+            # up: it is gone, not down), and what it still holds while it drains
+            name = sink.name
+            depth.add_metric([name], sink.depth)
+            offered.add_metric([name], sink.offered)
             rejections.add_metric([name], sink.rejections)
             published.add_metric([name], sink.published)
             for reason in sorted({*SINK_DROP_REASONS, *sink.dropped}):

@@ -5,6 +5,16 @@ dropped and counted by reason (``Normalizer.invalid``), and the first record of 
 reason is logged once with a sample. ``tests/unit/test_normalize.py`` proves it with
 hypothesis over arbitrary JSON.
 
+Time sanity: a send time is checked against this host's clock at receipt, not only
+against the years a send time can have. A record stamped further in the future than
+``source.max_clock_skew_s`` (``clock_skew``) or sent longer ago than
+``source.max_record_age_s`` (``too_old``) is dropped like any invalid record. One record
+stamped ten years ahead would otherwise become the symbol's last value until 2036 (every
+good update after it is older), block every ``min_interval_s`` route of the symbol, and
+make a ``gap`` of 630 million missed updates; one from the year 2000 would add some
+800 million seconds to the lag histogram. If *every* record is dropped so, the host's clock
+is wrong (the log line says so): keep it synchronized (NTP).
+
 A ``new_token_states`` payload is an array of Aleno ``Ticker`` states::
 
     [{"id": "BTC/USD",
@@ -144,33 +154,73 @@ class Normalizer:
     ``allowed`` (per call) is the set of symbols subscribed for that kind: a record of
     any other symbol is dropped as ``unsubscribed`` (an upstream cannot make the bridge
     republish, or cache routes for, symbols nobody asked for). ``None`` accepts all.
+
+    ``max_clock_skew_s`` / ``max_record_age_s``: the time sanity bounds (see the
+    module), applied by :meth:`validate` and the batch methods against the receive
+    time; ``None`` (the default, for tools and tests that replay old records) checks
+    only that the send time is between the years 2000 and 2200. The bridge passes
+    ``source.max_clock_skew_s`` and ``source.max_record_age_s``.
     """
 
     def __init__(
         self,
         source: str = DEFAULT_SOURCE,
         clock: Callable[[], int] | None = None,
+        *,
+        max_clock_skew_s: float | None = None,
+        max_record_age_s: float | None = None,
     ) -> None:
         self.source = _USERINFO.sub(r"\1", source)
         self._clock = clock or (lambda: time.time_ns() // 1_000_000)
+        self.set_time_bounds(max_clock_skew_s, max_record_age_s)
         self.invalid: dict[str, int] = {}
         self.received: dict[str, int] = {"ticker": 0, "equity": 0}
         self._logged: set[str] = set()
         self._symbols: dict[str, tuple[str, str, str]] = {}
 
-    def reject(self, kind: str, reason: str, record: Any) -> None:
-        """Count (and log once per reason) a record or packet dropped as invalid."""
+    def set_time_bounds(self, max_clock_skew_s: float | None,
+                        max_record_age_s: float | None) -> None:
+        """The time sanity bounds (``None``: that side is not checked)."""
+        self.max_clock_skew_s = max_clock_skew_s
+        self.max_record_age_s = max_record_age_s
+        self._skew_ms = _MAX_TS if max_clock_skew_s is None else int(max_clock_skew_s * 1000)
+        self._age_ms = _MAX_TS if max_record_age_s is None else int(max_record_age_s * 1000)
+
+    def timely(self, sent_ms: int, received_ms: int) -> bool:
+        """``sent_ms`` is within the time sanity bounds of ``received_ms`` (the lag of
+        a record that is not would only mislead the lag histogram)."""
+        return -self._age_ms <= sent_ms - received_ms <= self._skew_ms
+
+    def reject(self, kind: str, reason: str, record: Any, hint: str = "") -> None:
+        """Count (and log once per reason) a record or packet dropped as invalid;
+        ``hint``, when given, is added to the log line (what to check)."""
         key = f"{kind}:{reason}"
         self.invalid[key] = self.invalid.get(key, 0) + 1
         if key not in self._logged:
             self._logged.add(key)
             sample = _sample(record)
             log.warning(
-                "dropped an invalid %s record (%s); later ones with this reason are only "
+                "dropped an invalid %s record (%s%s); later ones with this reason are only "
                 "counted. sample: %s",
-                kind, reason, sample,
+                kind, reason, f": {hint}" if hint else "", sample,
                 extra={"kind": kind, "reason": reason},
             )
+
+    def _untimely(self, kind: str, record: Any, sent: int, received: int) -> None:
+        ahead = sent - received
+        if ahead > 0:
+            reason = "clock_skew"
+            hint = "" if f"{kind}:{reason}" in self._logged else (
+                f"sentTimestampMs is {ahead / 1000:,.1f}s ahead of this host's clock, more "
+                f"than source.max_clock_skew_s ({self.max_clock_skew_s:g}s); if every "
+                "record is dropped so, this host's clock is behind: check its time sync")
+        else:
+            reason = "too_old"
+            hint = "" if f"{kind}:{reason}" in self._logged else (
+                f"sent {-ahead / 1000:,.1f}s before it arrived, longer ago than "
+                f"source.max_record_age_s ({self.max_record_age_s:g}s); if every record "
+                "is dropped so, this host's clock is ahead: check its time sync")
+        self.reject(kind, reason, record, hint)
 
     def snapshot(self) -> NormalizerSnapshot:
         """Records received and dropped so far, for operator code."""
@@ -231,13 +281,22 @@ class Normalizer:
         allowed: Container[str] | None, received: int,
     ) -> list[Event]:
         events = []
+        # the time sanity bounds of this batch (see the module)
+        latest = received + self._skew_ms
+        earliest = received - self._age_ms
         for record in records:
             try:
-                events.append(one(record, received, allowed))
+                ev = one(record, received, allowed)
             except Invalid as exc:
                 self.reject(kind, exc.reason, record)
             except Exception as exc:  # defence in depth: nothing from the wire escapes
                 self.reject(kind, f"unexpected_{type(exc).__name__}", record)
+            else:
+                sent = ev.sent_ms
+                if sent > latest or sent < earliest:
+                    self._untimely(kind, record, sent, received)
+                else:
+                    events.append(ev)
         return events
 
     def _ticker_symbol(self, raw: Any, allowed: Container[str] | None) -> tuple[str, str, str]:

@@ -1,10 +1,30 @@
 """Hot reload: a new configuration applied to a running bridge, or refused whole.
 
 What triggers it: SIGHUP, and (``reload.watch``, on by default) a change of the
-configuration file. The directory holding the file is watched (watchfiles), not the
-file: Kubernetes updates a ConfigMap volume by swapping a ``..data`` symlink, which
-never writes the file itself. Changes are debounced (``reload.debounce_s``) and a
-file whose content did not change is not reloaded.
+configuration file. Requests never pile up (:class:`ReloadQueue`): one reload runs at a
+time, and every request that arrives meanwhile is merged into one reload that follows
+it (ten SIGHUPs while a reload runs are one more reload, not ten).
+
+What is watched (:class:`ConfigWatcher`): the file and the symlinks on its way
+(:func:`symlink_chain`), nothing else. Kubernetes updates a ConfigMap volume by
+swapping a ``..data`` symlink (``config.yaml -> ..data/config.yaml``,
+``..data -> ..2024_05_01_12_00_00.1``) and never writes the file; an editor renames a
+new file over the old one; both are changes of a name in the chain. The directories
+holding the chain are watched (a rename is an event of the directory), but their other
+files are filtered out before anything is logged or read: a log file written beside
+the configuration costs nothing.
+
+When a change is seen, the file is applied only once it is *stable*: it is read, and
+read again ``reload.debounce_s`` later, until two reads agree; a file rewritten in
+place in several writes is never applied half-written as long as the writer pauses
+less than ``debounce_s`` between them. The safe way to change the file is still to
+write a new one and rename it over the old one (atomic). A file whose content did not
+change is not reloaded.
+
+Every read is bounded and never blocks the data path: the file is read in a worker
+thread, only if it is a regular file, at most ``MAX_CONFIG_BYTES`` (a FIFO, a socket,
+``/dev/zero`` or a 300 MB file at the path is an ``invalid`` reload naming why), and
+parsed and validated in that thread too.
 
 What a reload does (:meth:`bridge.app.Bridge.reload`):
 
@@ -21,21 +41,36 @@ What a reload does (:meth:`bridge.app.Bridge.reload`):
 
 Every outcome is counted: ``aleno_bridge_config_reloads_total{result}`` with result
 ``applied``, ``unchanged``, ``invalid``, ``refused`` or ``failed``.
+
+A sink a reload replaced or removed is not forgotten (:class:`RetiredSinks`): its
+counters stay on ``/metrics`` until the process ends (added to those of its successor
+of the same name, so a counter never goes back), and what it could not deliver before
+it was closed is counted as its ``dropped{reason="sink_removed"}`` and as
+``aleno_bridge_pipeline_dropped_total{reason="sink_removed"}``, and reported by the
+shutdown's last log line.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import logging
-from collections.abc import Awaitable, Callable
+import os
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
-from bridge.config import Config, Settings, SinkSpec
-from bridge.state import RELOAD_RESULTS
+from bridge.config import Config, ConfigError, Settings, SinkSpec, parse_config
+from bridge.loading import read_config_file
+from bridge.logs import quiet
+from bridge.schema import ReloadConfig
+from bridge.state import RELOAD_RESULTS, SinkSnapshot, SinkState, frozen_counts
+
+if TYPE_CHECKING:
+    from bridge.runner import SinkWorker
 
 log = logging.getLogger("aleno_bridge.reload")
 
@@ -46,6 +81,15 @@ HOT_SOURCE_KEYS: Final = frozenset({
 })
 #: top-level sections a reload applies (the others need a restart)
 HOT_SECTIONS: Final = frozenset({"source", "sinks", "routes", "shutdown_timeout_s", "reload"})
+#: the drop reason of the events a replaced or removed sink could not deliver
+SINK_REMOVED: Final = "sink_removed"
+#: symlinks followed at most when looking for what to watch (as the kernel does)
+MAX_SYMLINKS: Final = 40
+#: the shortest stability window, whatever ``reload.debounce_s`` says: two reads of a
+#: file must be apart for them to tell anything
+MIN_SETTLE_S: Final = 0.05
+#: how long a watch that could not start waits before it tries again
+WATCH_RETRY_S: Final = 5.0
 
 
 @dataclass(frozen=True)
@@ -88,55 +132,279 @@ def same_sink(a: SinkSpec, b: SinkSpec) -> bool:
             and a.options.model_dump() == b.options.model_dump())
 
 
+def settings_changed(old: Settings, new: Settings) -> list[str]:
+    """The hot settings besides sinks, routes and symbols that differ (a reload that
+    changes only these is ``applied``, not ``unchanged``)."""
+    out = [f"source.{key}" for key in sorted(HOT_SOURCE_KEYS - {"tickers", "equities"})
+           if _dump(getattr(old.config.source, key)) != _dump(getattr(new.config.source, key))]
+    out += [name for name in ("shutdown_timeout_s", "reload")
+            if _dump(getattr(old.config, name)) != _dump(getattr(new.config, name))]
+    return out
+
+
 def pinned_changed(old: Config, new: Config) -> bool:
     """Whether the configured (pinned) ticker or equity set differs (order aside)."""
     return (set(old.source.tickers) != set(new.source.tickers)
             or set(old.source.equities) != set(new.source.equities))
 
 
-def file_digest(path: Path) -> str | None:
-    """The SHA-256 of the file's content (through symlinks), or ``None`` if unreadable."""
+# -- reading ---------------------------------------------------------------------------
+
+
+def load_settings(path: str, text: str | None = None) -> Settings:
+    """The settings of the file at ``path`` for a reload, or of ``text`` (its content
+    as the watcher saw it settle). Blocking: run it in a worker thread.
+
+    Only a regular file is read (see :func:`bridge.loading.read_config_file`); raises
+    :class:`ConfigError` as :func:`bridge.config.load_config` does.
+    """
+    if text is None:
+        text = read_config_file(path, regular_only=True)
+    return parse_config(text, source=str(Path(path)))
+
+
+@dataclass(frozen=True)
+class FileState:
+    """One bounded read of the configuration file: the SHA-256 of its content (or of
+    the reason it could not be read, so an unchanged problem compares equal) and its
+    text (``None`` when it could not be read)."""
+
+    digest: str
+    text: str | None
+
+
+def read_state(path: str | os.PathLike[str]) -> FileState:
+    """The file at ``path`` now (blocking, bounded: run it in a worker thread)."""
     try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
-    except OSError:
-        return None
+        text = read_config_file(path, regular_only=True)
+    except ConfigError as exc:
+        return FileState("!" + hashlib.sha256(str(exc).encode()).hexdigest(), None)
+    return FileState(hashlib.sha256(text.encode()).hexdigest(), text)
+
+
+def file_digest(path: Path) -> str | None:
+    """The SHA-256 of the file's content (through symlinks, bounded), or ``None`` if it
+    cannot be read as a configuration."""
+    state = read_state(path)
+    return state.digest if state.text is not None else None
+
+
+def symlink_chain(path: str | os.PathLike[str]) -> list[str]:
+    """The names a reader of ``path`` goes through that can change what it reads:
+    every symlink met on the way (the directories leading to the file included) and the
+    file at the end, as absolute paths in the directories that hold them.
+
+    For a ConfigMap volume mounted at ``/etc/bridge``: ``/etc/bridge/config.yaml``,
+    ``/etc/bridge/..data`` and ``/etc/bridge/..2024_05_01/config.yaml``. A name that
+    does not exist ends the chain (it is watched for its creation).
+    """
+    chain: list[str] = []
+    directory = os.sep
+    rest = [p for p in os.path.abspath(path).split(os.sep) if p]
+    hops = 0
+    while rest:
+        name = rest.pop(0)
+        if name in ("", "."):
+            continue
+        if name == "..":
+            directory = os.path.dirname(directory)
+            continue
+        here = os.path.join(directory, name)
+        try:
+            target = os.readlink(here)
+        except OSError:  # not a symlink (or missing): one plain step
+            directory = here
+            continue
+        hops += 1
+        if hops > MAX_SYMLINKS:  # a loop: what was met so far is all there is to watch
+            return chain
+        if here not in chain:
+            chain.append(here)
+        if os.path.isabs(target):
+            directory = os.sep
+        rest = [p for p in target.split(os.sep) if p] + rest
+    if directory not in chain:
+        chain.append(directory)
+    return chain
+
+
+def watched_dirs(chain: Iterable[str]) -> list[str]:
+    """The existing directories holding the names of ``chain`` (what is watched)."""
+    return sorted({d for d in (os.path.dirname(p) for p in chain) if os.path.isdir(d)})
+
+
+# -- triggers --------------------------------------------------------------------------
+
+
+class ReloadQueue:
+    """Runs reloads one at a time; requests made while one runs are merged into one
+    reload that follows it (at most one runs and one waits, however many arrive).
+
+    A request carries the text to apply (the watcher's settled content) or ``None``
+    (read the file); the last request before the queued reload starts wins.
+    """
+
+    def __init__(self, reload: Callable[[str | None], Awaitable[Any]]) -> None:
+        self._reload = reload
+        self._task: asyncio.Task[None] | None = None
+        #: a reload is asked for and has not started yet (it takes the latest text)
+        self._waiting = False
+        self._text: str | None = None
+        self._closed = False
+        #: requests folded into a reload that was already waiting to start
+        self.merged = 0
+        #: reloads run so far
+        self.runs = 0
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def request(self, text: str | None = None) -> str:
+        """Ask for a reload: ``"started"``, ``"queued"`` (one follows the running one),
+        ``"merged"`` (into one that has not started yet) or ``"closed"``."""
+        if self._closed:
+            return "closed"
+        self._text = text
+        if self._waiting:
+            self.merged += 1
+            return "merged"
+        self._waiting = True
+        if self.running:
+            return "queued"
+        self._task = asyncio.create_task(self._run(), name="reload")
+        return "started"
+
+    async def _run(self) -> None:
+        while self._waiting and not self._closed:
+            self._waiting = False
+            text, self._text = self._text, None
+            self.runs += 1
+            try:
+                await self._reload(text)
+            except Exception:  # the next request must still be served
+                log.exception("configuration reload failed")
+
+    async def close(self) -> None:
+        """Take no more requests; cancel a reload still running (the bridge is down)."""
+        self._closed = True
+        task = self._task
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
 
 
 class ConfigWatcher:
-    """Calls ``on_change()`` when the content of ``path`` changes (debounced), until
-    :meth:`close`. Watches the directory, so symlink swaps are seen."""
+    """Calls ``on_change(text)`` when the content of ``path`` changed and then stayed
+    the same for ``reload.debounce_s`` (``text`` is that content, ``None`` when the
+    file cannot be read: the reload then reads it and says why), until :meth:`close`.
 
-    def __init__(self, path: Path, on_change: Callable[[], Awaitable[Any]],
-                 debounce_s: float = 1.0) -> None:
+    ``config()`` gives the running ``reload`` settings, read at each change: a reload
+    may change ``debounce_s``, or turn ``watch`` off (turning it on takes a restart).
+    Only the names of :func:`symlink_chain` are watched; when the chain leads
+    elsewhere (a ConfigMap's new ``..2024_...`` directory) the watch follows it.
+    """
+
+    def __init__(self, path: Path, on_change: Callable[[str | None], Any],
+                 config: Callable[[], ReloadConfig] | float = 1.0) -> None:
         self.path = path
         self.on_change = on_change
-        self.debounce_s = debounce_s
-        self.digest = file_digest(path)
+        self._config: Callable[[], ReloadConfig] = (
+            config if callable(config) else (lambda: ReloadConfig(debounce_s=config)))
+        #: the content last handed over (or seen at start)
+        self.digest: str | None = None
+        #: the names watched now (absolute paths, see :func:`symlink_chain`)
+        self.names: frozenset[str] = frozenset()
+        #: changes of watched names seen, and stable contents handed over
+        self.changes = 0
+        self.handed_over = 0
+        #: set once the first watch is up (its first answer, within a second)
+        self.up = asyncio.Event()
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="config-watch")
 
+    def _relevant(self, _change: Any, path: str) -> bool:
+        return os.path.normpath(path) in self.names
+
+    async def _sleep(self, seconds: float) -> bool:
+        """Sleep ``seconds``; ``True`` when the watcher was closed meanwhile."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), seconds)
+        return self._stop.is_set()
+
     async def _run(self) -> None:
         from watchfiles import awatch  # imported here: only a running bridge watches
 
-        directory = self.path.absolute().parent
-        debounce_ms = int(self.debounce_s * 1000)
-        try:
-            async for _ in awatch(directory, stop_event=self._stop, debounce=max(debounce_ms, 50),
-                                  step=50, recursive=False, ignore_permission_denied=True):
-                digest = file_digest(self.path)
-                if digest is None or digest == self.digest:
-                    continue
-                self.digest = digest
-                try:
-                    await self.on_change()
-                except Exception:
-                    log.exception("reloading %s failed", self.path)
-        except Exception as exc:  # a watch that cannot run leaves SIGHUP working
-            log.warning("cannot watch %s for changes (%s: %s); reload with SIGHUP",
-                        directory, type(exc).__name__, exc)
+        # its "N changes detected" lines say nothing this watcher does not say better
+        quiet(("watchfiles",))
+        self.digest = (await asyncio.to_thread(read_state, self.path)).digest
+        failures = 0
+        moved = False
+        while not self._stop.is_set():
+            chain = await asyncio.to_thread(symlink_chain, self.path)
+            self.names = frozenset(chain)
+            dirs = watched_dirs(chain)
+            try:
+                if not dirs:
+                    raise FileNotFoundError(f"no directory of {self.path} exists")
+                # an empty batch after each quiet second tells the watch is up
+                watch = awatch(*dirs, watch_filter=self._relevant, stop_event=self._stop,
+                               debounce=200, step=50, recursive=False,
+                               ignore_permission_denied=True, rust_timeout=1000,
+                               yield_on_timeout=True)
+                async with contextlib.aclosing(watch) as changes:
+                    async for batch in changes:
+                        failures = 0
+                        self.up.set()
+                        if batch:
+                            self.changes += 1
+                        elif not moved:
+                            continue
+                        # a change, or the first quiet second after the watch moved
+                        # (a change in between is seen now)
+                        moved = False
+                        await self._settle()
+                        chain = await asyncio.to_thread(symlink_chain, self.path)
+                        self.names = frozenset(chain)
+                        if watched_dirs(chain) != dirs:
+                            moved = True
+                            break
+            except Exception as exc:  # a watch that cannot run leaves SIGHUP working
+                failures += 1
+                if failures == 1:
+                    log.warning("cannot watch %s for changes (%s: %s); retrying every %gs, "
+                                "SIGHUP reloads meanwhile", self.path, type(exc).__name__,
+                                exc, WATCH_RETRY_S)
+                moved = True
+                if await self._sleep(WATCH_RETRY_S):
+                    return
+
+    async def _settle(self) -> None:
+        """Wait until two reads ``debounce_s`` apart agree; hand the content over if it
+        differs from the last one handed over."""
+        cfg = self._config()
+        if not cfg.watch:
+            return
+        window = max(MIN_SETTLE_S, cfg.debounce_s)
+        state = await asyncio.to_thread(read_state, self.path)
+        while True:
+            if await self._sleep(window):
+                return
+            again = await asyncio.to_thread(read_state, self.path)
+            if again.digest == state.digest:
+                break
+            log.debug("%s is still changing; waiting %gs for it to settle", self.path,
+                      window)
+            state = again
+        if state.digest == self.digest:
+            return
+        self.digest = state.digest
+        self.handed_over += 1
+        self.on_change(state.text)
 
     async def close(self) -> None:
         self._stop.set()
@@ -146,13 +414,105 @@ class ConfigWatcher:
                 await self._task
 
 
+# -- accounting ------------------------------------------------------------------------
+
+
+def add_counts(a: SinkSnapshot, b: SinkSnapshot) -> SinkSnapshot:
+    """``a`` with the counters (and the events held) of ``b`` added: one sink name's
+    totals over the workers a reload replaced."""
+    dropped = dict(a.dropped)
+    for reason, n in b.dropped.items():
+        dropped[reason] = dropped.get(reason, 0) + n
+    return dataclasses.replace(
+        a, depth=a.depth + b.depth, blocked=a.blocked + b.blocked,
+        offered=a.offered + b.offered, published=a.published + b.published,
+        conflated=a.conflated + b.conflated, dropped=frozen_counts(dropped),
+        failed_batches=a.failed_batches + b.failed_batches,
+        reconnects=a.reconnects + b.reconnects, rejections=a.rejections + b.rejections,
+        connect_failures=a.connect_failures + b.connect_failures,
+    )
+
+
+class RetiredSinks:
+    """The sink workers reloads replaced or removed: those still draining, and the
+    final counters of those closed, by sink name.
+
+    Nothing of them vanishes: :meth:`merged` adds them to the running sink of the same
+    name (its counters continue where the old ones were), :meth:`orphans` gives those
+    of the names no running sink has (a removed sink: its counters stay until
+    restart), and :attr:`undelivered` what each name's retired workers could not
+    deliver (``dropped{reason="sink_removed"}``).
+    """
+
+    def __init__(self) -> None:
+        self.draining: list[SinkWorker] = []
+        self._closed: dict[str, SinkSnapshot] = {}
+        #: events the retired workers could not deliver, by sink name
+        self.undelivered: dict[str, int] = {}
+
+    def add(self, worker: SinkWorker) -> None:
+        self.draining.append(worker)
+
+    def closed(self, worker: SinkWorker) -> int:
+        """Fold the final counters of ``worker`` (stopped) into its name's totals;
+        return what it could not deliver."""
+        with contextlib.suppress(ValueError):
+            self.draining.remove(worker)
+        snap = dataclasses.replace(worker.snapshot(), state=SinkState.CLOSED, ready=False,
+                                   depth=0, blocked=0)
+        name = worker.name
+        old = self._closed.get(name)
+        self._closed[name] = snap if old is None else add_counts(old, snap)
+        lost = worker.stats.dropped.get(SINK_REMOVED, 0)
+        if lost:
+            self.undelivered[name] = self.undelivered.get(name, 0) + lost
+        return lost
+
+    def _totals(self, name: str) -> SinkSnapshot | None:
+        total = self._closed.get(name)
+        for w in self.draining:
+            if w.name == name:
+                snap = w.snapshot()
+                total = snap if total is None else add_counts(snap, total)
+        return total
+
+    def merged(self, current: SinkSnapshot) -> SinkSnapshot:
+        """``current`` with the counters of the retired workers of its name added."""
+        if not self._closed and not self.draining:
+            return current
+        total = self._totals(current.name)
+        return current if total is None else add_counts(current, total)
+
+    def orphans(self, running: Collection[str]) -> tuple[SinkSnapshot, ...]:
+        """The totals of the retired names that no running sink has."""
+        names = dict.fromkeys([*self._closed, *(w.name for w in self.draining)])
+        out = []
+        for name in names:
+            if name in running:
+                continue
+            total = self._totals(name)
+            if total is not None:
+                out.append(dataclasses.replace(total, required=False))
+        return tuple(out)
+
+
 __all__ = [
     "HOT_SOURCE_KEYS",
     "RESULTS",
+    "SINK_REMOVED",
     "ConfigWatcher",
+    "FileState",
     "ReloadOutcome",
+    "ReloadQueue",
+    "RetiredSinks",
+    "add_counts",
     "file_digest",
+    "load_settings",
     "pinned_changed",
+    "read_state",
     "restart_needed",
     "same_sink",
+    "settings_changed",
+    "symlink_chain",
+    "watched_dirs",
 ]

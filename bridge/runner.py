@@ -154,6 +154,9 @@ class SinkWorker:
         self._ready = asyncio.Event()
         self._room = asyncio.Event()
         self._stopping = False
+        #: the drop reason of what arrives after :meth:`begin_stop` and of what is left
+        #: at the deadline (``shutdown``, or ``sink_removed`` for a sink a reload retired)
+        self._stop_reason = "shutdown"
         # set when the drain deadline passed: the loop returns at its next step even if
         # a cancellation was swallowed (asyncio.wait_for on Python < 3.12 can do that)
         self._abandoned = False
@@ -190,7 +193,7 @@ class SinkWorker:
         stats = self.stats
         if self._stopping:
             stats.offered += 1
-            stats.drop("shutdown")
+            stats.drop(self._stop_reason)
             return None
         if self.policy == "conflate":
             stats.offered += 1
@@ -234,7 +237,7 @@ class SinkWorker:
             while len(self._queue) + len(self._inflight) >= self.capacity:
                 if self._stopping:
                     self.stats.offered += 1
-                    self.stats.drop("shutdown")
+                    self.stats.drop(self._stop_reason)
                     return
                 self._room.clear()
                 await self._room.wait()
@@ -479,25 +482,29 @@ class SinkWorker:
 
     # -- stopping ---------------------------------------------------------------------
 
-    def begin_stop(self) -> None:
-        """Accept nothing more (later offers count as ``dropped{reason="shutdown"}``,
-        blocked ones are released and counted so); keep delivering what is held."""
+    def begin_stop(self, reason: str = "shutdown") -> None:
+        """Accept nothing more (later offers count as ``dropped{reason=...}``, by
+        default ``shutdown``; blocked ones are released and counted so); keep delivering
+        what is held."""
+        if not self._stopping:
+            self._stop_reason = reason
         self._stopping = True
         self._ready.set()
         self._room.set()
 
-    async def stop(self, timeout_s: float) -> int:
+    async def stop(self, timeout_s: float, reason: str = "shutdown") -> int:
         """Stop accepting, deliver what is held, close: all within ``timeout_s``.
 
         Delivery gets ``timeout_s`` minus what closing the driver may take
         (:data:`CLOSE_RESERVE_S`, or a quarter of ``timeout_s`` if smaller). Returns the
         number of events that could not be delivered (counted as
-        ``dropped{reason="shutdown"}``).
+        ``dropped{reason=...}``: ``shutdown``, or the reason :meth:`begin_stop` was
+        given first).
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(0.0, timeout_s)
         drain_until = deadline - min(CLOSE_RESERVE_S, timeout_s / 4)
-        self.begin_stop()
+        self.begin_stop(reason)
         task = self._task
         if task is not None and not task.done():
             with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
@@ -508,15 +515,26 @@ class SinkWorker:
                 with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError, Exception):
                     await asyncio.wait_for(asyncio.shield(task),
                                            max(0.01, (deadline - loop.time()) / 2))
-        lost = self.depth
-        if lost:
-            self.stats.drop("shutdown", lost)
-            self._queue.clear()
-            self._conflated.clear()
-            self._inflight = []
+        lost = self.discard()
         if self.state != SinkState.CLOSED:
             await self._safe_close(max(0.01, deadline - loop.time()))
             self._set_state(SinkState.CLOSED)
+        return lost
+
+    def discard(self) -> int:
+        """Drop what the worker still holds, counted under its stop reason, and end its
+        task if it still runs (a drain cut short: the deadline passed, or the task that
+        waited for it was cancelled). Returns the events dropped."""
+        task = self._task
+        if task is not None and not task.done() and not self._abandoned:
+            self._abandoned = True
+            task.cancel()
+        lost = self.depth
+        if lost:
+            self.stats.drop(self._stop_reason, lost)
+            self._queue.clear()
+            self._conflated.clear()
+            self._inflight = []
         return lost
 
 

@@ -148,6 +148,17 @@ class LeaseConfig(_Model):
         return self
 
 
+class StatusDampingConfig(_Model):
+    """``source.status_damping``: at most ``max_events`` ``stale`` / ``fresh`` / ``gap``
+    status events per symbol in any ``window_s`` (a sliding window); more are
+    suppressed and counted, and the symbol's state (stale or fresh) is emitted once its
+    budget allows again if consumers were last told otherwise (see
+    :class:`bridge.market.Damping`)."""
+
+    max_events: int = Field(4, ge=1, le=1000)
+    window_s: float = Field(60.0, gt=0, le=86_400)
+
+
 class SourceConfig(_Model):
     url: str = "https://pricing.aleno.ai"
     path: str = "/v1/socket"
@@ -179,6 +190,16 @@ class SourceConfig(_Model):
     #: the upstream's update cadence: a symbol whose ``sentTimestampMs`` jumps by more
     #: than :data:`bridge.market.GAP_FACTOR` times this gets a ``gap`` status event
     update_interval_s: float = Field(1.0, gt=0)
+    #: status events of one symbol, at most (see :class:`StatusDampingConfig`)
+    status_damping: StatusDampingConfig = Field(default_factory=StatusDampingConfig)
+    #: a record whose ``sentTimestampMs`` is further ahead of this host's clock than
+    #: this is dropped (``events_invalid{reason="clock_skew"}``): one record stamped in
+    #: the future would otherwise pin the last value, block ``min_interval_s`` routes
+    #: and make a huge ``gap``
+    max_clock_skew_s: float = Field(60.0, gt=0)
+    #: a record sent longer ago than this (by this host's clock) is dropped
+    #: (``events_invalid{reason="too_old"}``): a real-time feed never sends one
+    max_record_age_s: float = Field(3600.0, gt=0)
     #: live ``subscribe_*`` / ``unsubscribe_*`` requests per second and API key, at
     #: most, however clients lease (the (re)connect subscription is not counted)
     max_subscribe_requests_per_s: float = Field(5.0, gt=0, le=1000)
@@ -642,6 +663,7 @@ __all__ = [
     "ShardConfig",
     "SinkCommon",
     "SourceConfig",
+    "StatusDampingConfig",
     "TokenConfig",
     "is_loopback_host",
     "key_problem",

@@ -39,7 +39,12 @@ Promises:
   reconnect), serialized with the (re)connect subscription by one lock, and answer per
   symbol what the acknowledgement said (:class:`SubscriptionResult`); the desired set
   they leave is what every reconnect re-issues; a request the upstream refuses for its
-  limit changes nothing that was subscribed before;
+  limit changes nothing that was subscribed before (the upstream refuses the whole
+  request: what part of it fits is the pool's to find, :mod:`bridge.upstream`);
+- the requests of a (re)connect subscription refused for the limit are told to
+  ``on_limit`` (kind, symbols) once the whole desired set was issued and the connection
+  is live, so that the listener sees what the key holds of every kind and can ask
+  again on this connection for the part that fits;
 - live requests are paced, whoever asks: at most ``source.max_subscribe_requests_per_s``
   ``subscribe_*`` / ``unsubscribe_*`` requests per second on this connection (one API
   key), in bursts of twice that (a token bucket, :class:`RateLimit`); a caller over the
@@ -756,7 +761,13 @@ class AlenoSource:
         return args[0] if len(args) == 1 else args
 
     async def _subscribe(self, sio: _Client) -> None:
-        """Issue the whole desired set on a new connection; then it is live."""
+        """Issue the whole desired set on a new connection; then it is live.
+
+        Requests refused for the limit are told to :attr:`on_limit` once the whole set
+        was issued and the connection is live: the listener (the pool) learns the limit
+        from what the key then holds, every kind counted, and may ask again for the part
+        that fits on this connection."""
+        refused: list[tuple[str, list[str]]] = []
         async with self._sub_lock:
             self.stats.subscribed = {}
             t = self.config.connect_timeout_s
@@ -777,20 +788,20 @@ class AlenoSource:
                         raise
                     if not self._handle_ack(kind, list(chunk), ack, part):
                         self.stats.failed_subscriptions += 1
-                        self._tell_limit(kind, chunk, ack)
+                        if isinstance(ack, dict) and LIMIT_MARK in str(ack.get("error") or ""):
+                            after = set(self.stats.subscribed.get(kind, ()))
+                            refused.append((kind, [s for s in chunk if s not in after]))
             self._live = sio
+            for kind, symbols in refused:
+                self._tell_limit(kind, symbols)
 
-    def _tell_limit(self, kind: str, chunk: list[str], ack: Any) -> None:
-        if self.on_limit is None or not isinstance(ack, dict) \
-                or LIMIT_MARK not in str(ack.get("error") or ""):
+    def _tell_limit(self, kind: str, refused: list[str]) -> None:
+        if self.on_limit is None or not refused:
             return
-        after = set(self.stats.subscribed.get(kind, ()))
-        refused = [s for s in chunk if s not in after]
-        if refused:
-            try:
-                self.on_limit(kind, refused)
-            except Exception:
-                log.exception("upstream limit listener failed")
+        try:
+            self.on_limit(kind, refused)
+        except Exception:
+            log.exception("upstream limit listener failed")
 
     # -- live changes -------------------------------------------------------------
 

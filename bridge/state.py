@@ -50,8 +50,9 @@ ACK_STATUSES = ("ok", "partial", "error")
 KINDS = ("ticker", "equity")
 #: reasons every sink reports a drop count for, even while zero
 SINK_DROP_REASONS = ("buffer_full", "rejected", "dead_lettered", "driver_error", "shutdown")
-#: reasons the intake reports a drop count for, even while zero
-PIPELINE_DROP_REASONS = ("intake_full", "shutdown")
+#: reasons the pipeline reports a drop count for, even while zero (``sink_removed``:
+#: held by a sink a reload replaced or removed, not delivered before it was closed)
+PIPELINE_DROP_REASONS = ("intake_full", "shutdown", "sink_removed")
 
 
 def frozen_counts(counts: Mapping[Any, int]) -> Mapping[Any, int]:
@@ -208,16 +209,21 @@ RELOAD_RESULTS = ("applied", "unchanged", "invalid", "refused", "failed")
 
 #: the ``data.status`` values of ``ai.aleno.status.v1`` events
 STATUSES = ("down", "up", "stale", "fresh", "gap")
+#: the statuses damped per symbol (``aleno_bridge_status_events_suppressed_total``);
+#: ``down`` / ``up`` are per connection and never damped
+DAMPED_STATUSES = ("stale", "fresh", "gap")
 
 
 @dataclass(frozen=True, slots=True)
 class MarketSnapshot:
     """The market state (:mod:`bridge.market`): symbols with a last value, how many
-    of them are stale now, and the status events emitted so far by status."""
+    of them are stale now, the status events emitted so far by status, and those the
+    per-symbol damping suppressed (``stale``, ``fresh``, ``gap``)."""
 
     symbols: int
     stale: int
     status_events: Mapping[str, int]
+    status_suppressed: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,6 +264,10 @@ class BridgeSnapshot:
     reloads: Mapping[str, int] = field(default_factory=dict)
     #: the pinned-or-leased symbol set (``None`` without a source)
     symbols: SubscriptionsSnapshot | None = None
+    #: the counters of sinks a reload removed (no running sink of that name): kept for
+    #: the metrics until restart, never part of readiness (``sinks`` already includes
+    #: the counters of the sinks a reload replaced)
+    retired_sinks: tuple[SinkSnapshot, ...] = ()
 
 
 def readiness(snap: BridgeSnapshot,
@@ -348,6 +358,7 @@ def readiness(snap: BridgeSnapshot,
 
 __all__ = [
     "ACK_STATUSES",
+    "DAMPED_STATUSES",
     "KINDS",
     "PIPELINE_DROP_REASONS",
     "RELOAD_RESULTS",

@@ -25,7 +25,9 @@ differences, one ``subscribe`` / ``unsubscribe`` at a time:
   the room the pinned symbols leave: capacity minus every pinned symbol (placed or not,
   except those the upstream rejected as unsupported) minus what is held for leases and
   in grace. A new leased symbol beyond it is answered ``limit`` without a request;
-  beyond it otherwise, the upstream's limit error says the same;
+  beyond it otherwise, the upstream's limit error says the same. While the capacity is
+  not known (a learned limit being re-checked) and pinned symbols wait for room,
+  leases get none: the room the re-check may find is the pinned symbols' first;
 - a pinned symbol refused for the limit (on :meth:`Subscriptions.set_pinned`, on a
   retry, or when a (re)connect subscription dropped it) evicts symbols held only for
   leases to make room: those in grace first, then the most recently leased; they are
@@ -34,7 +36,9 @@ differences, one ``subscribe`` / ``unsubscribe`` at a time:
 - pinned symbols still not held, whatever refused them, are retried by
   :meth:`Subscriptions.run` on a capped, doubling schedule (``retry_initial_s`` to
   ``retry_max_s``, back to the start when one is placed), and soon after leases or pins
-  freed room; :meth:`Subscriptions.unplaced_pinned` names them (readiness, metrics);
+  freed room or a key whose limit was learned reconnected (``on_room``; not more often
+  than every ``retry_initial_s``); :meth:`Subscriptions.unplaced_pinned` names them by
+  kind (readiness, metrics), and the pool's ``unplaced`` says the same;
 - :meth:`Subscriptions.set_pinned` (a reload) applies the difference with the pinned
   set it replaces: removed symbols are unsubscribed first (unless a lease holds them),
   then added ones are subscribed;
@@ -96,6 +100,8 @@ class Placement(Protocol):
 
     #: told ``(kind, symbols)`` when symbols were dropped because they fit nowhere
     on_unplaced: Callable[[str, list[str]], None] | None
+    #: told when a key may have room again that its learned limit denied (reconnected)
+    on_room: Callable[[], None] | None
     #: configured symbols that fit in no key's limit, by kind
     unplaced: dict[str, frozenset[str]]
 
@@ -243,6 +249,7 @@ class Subscriptions:
                     self._pinned[kind] = self._pinned[kind] | syms
                     self._held[kind] -= syms
             self._placement.on_unplaced = self._lost
+            self._placement.on_room = self._room
             if any(self.unplaced_pinned().values()):
                 self._retry_at = clock()
 
@@ -484,6 +491,11 @@ class Subscriptions:
             self._retry_at = self.clock()
         self._push_unplaced()
 
+    def _room(self) -> None:
+        """A key may have room again (its learned limit is being re-checked): the pinned
+        symbols not held are retried soon (not more often than ``retry_initial_s``)."""
+        self._room_freed = True
+
     # -- leases -------------------------------------------------------------------------
 
     def _ttl(self, ttl_s: float | None) -> float:
@@ -601,13 +613,16 @@ class Subscriptions:
     def _lease_room(self) -> int | None:
         """New symbols leases may still take: what the keys hold, less every pinned
         symbol (placed or not) and what is held for leases or in grace; ``None``:
-        unknown (the upstream's limit error will say)."""
+        unknown (the upstream's limit error will say). While the capacity is unknown
+        (a learned limit being re-checked) and pinned symbols wait for room, none:
+        whatever room there is, is theirs first."""
         if self._placement is None:
             return None
+        reserve = self._pinned_reserve()
         capacity = self._placement.capacity()
         if capacity is None:
-            return None
-        return capacity - sum(map(len, self._held.values())) - self._pinned_reserve()
+            return 0 if reserve else None
+        return capacity - sum(map(len, self._held.values())) - reserve
 
     def _pinned_reserve(self) -> int:
         """Pinned symbols not held that will need room (not those rejected)."""
@@ -622,8 +637,11 @@ class Subscriptions:
         capacity = self._placement.capacity() if self._placement is not None else None
         pinned = sum(map(len, self._pinned.values()))
         leased = sum(len(self._held[k] - self._pinned[k]) for k in KINDS)
+        keys = "an API key's limit is being learned or re-checked" if capacity is None \
+            else f"{capacity} subscription(s) across the API keys"
+        waiting = self._pinned_reserve()
         return (f"{LIMIT_MARK}: the capacity left after the configured symbols is used up "
-                f"({capacity} subscription(s) across the API keys, {pinned} configured, "
+                f"({keys}, {pinned} configured, {waiting} of them waiting for room, "
                 f"{leased} held for leases)")
 
     async def renew(self, lease_id: str, ttl_s: float | None = None, *,

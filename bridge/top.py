@@ -9,8 +9,11 @@ bridge you can reach, in a pod through ``kubectl port-forward`` too.
 from __future__ import annotations
 
 import argparse
+import http.client
+import socket
 import sys
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
@@ -54,13 +57,67 @@ def check_url(url: str) -> str | None:
     return None
 
 
+#: what the user can do when no bridge answers at ``--url`` (the second half of a message)
+START_HINT = (
+    "Is the bridge running? Start it with `aleno-bridge run -c CONFIG`: top reads its "
+    "probes' listener (http.host and http.port, default 127.0.0.1:9464, with "
+    "http.enabled: true). For a bridge elsewhere, pass --url http://HOST:PORT/metrics; "
+    "for a pod, run `kubectl port-forward POD 9464` first."
+)
+
+
+class TopError(Exception):
+    """``top`` could not read a bridge's metrics; the message names the cause and the fix."""
+
+
 def scrape(url: str, timeout: float = 5.0) -> Snapshot:
+    """Read and parse ``url``; :class:`TopError` (one paragraph) when that fails."""
     problem = check_url(url)
     if problem is not None:
         raise ValueError(problem)
-    with urllib.request.urlopen(url, timeout=timeout) as resp:
-        text = resp.read().decode()
-    return parse(text, time.monotonic())
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            text = resp.read().decode("utf-8", errors="replace")
+    except urllib.error.HTTPError as exc:
+        msg = (f"{url} answered HTTP {exc.code} {exc.reason}: something listens there, but "
+               "it is not a bridge's metrics endpoint. Point --url at the bridge's "
+               "http.host:http.port with the path /metrics (default "
+               "http://127.0.0.1:9464/metrics).")
+        raise TopError(msg) from exc
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+        raise TopError(unreachable(url, exc, timeout)) from exc
+    try:
+        snap = parse(text, time.monotonic())
+    except ValueError as exc:
+        msg = (f"{url} did not answer with Prometheus metrics ({exc}): is --url the "
+               "bridge's /metrics endpoint (http.port, default 9464)?")
+        raise TopError(msg) from exc
+    if snap.values and not any(n.startswith("aleno_bridge_") for n, _ in snap.values):
+        msg = (f"{url} serves Prometheus metrics, but none of aleno-bridge's (no "
+               "aleno_bridge_* series): it is another program's endpoint. Point --url at "
+               "the bridge's http.port (default http://127.0.0.1:9464/metrics).")
+        raise TopError(msg)
+    return snap
+
+
+def unreachable(url: str, exc: BaseException, timeout: float) -> str:
+    """Why nothing usable answered at ``url``, and what to do, in one paragraph."""
+    reason: object = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+    host = urllib.parse.urlsplit(url).hostname or "?"
+    if isinstance(reason, ConnectionRefusedError):
+        cause = f"nothing listens at {url} (connection refused)"
+    elif isinstance(reason, socket.gaierror):
+        cause = f"the host name {host!r} of {url} does not resolve ({reason.strerror})"
+    elif isinstance(reason, TimeoutError):
+        cause = (f"{url} did not answer within {timeout:g}s (a firewall dropping the "
+                 "connection, or a program that accepts it and stays silent)")
+    elif isinstance(reason, (ConnectionResetError, http.client.HTTPException)):
+        cause = f"{url} closed the connection without an HTTP answer"
+    elif isinstance(reason, OSError) and reason.strerror:
+        cause = f"cannot reach {url} ({reason.strerror.lower()})"
+    else:
+        cause = f"cannot reach {url} ({reason})"
+    return f"{cause}. {START_HINT}"
 
 
 def parse(text: str, at: float) -> Snapshot:

@@ -1,39 +1,57 @@
 """Several API keys in one bridge: one :class:`~bridge.source.AlenoSource` connection
 per key, the symbols packed across them within each key's limit.
 
-The upstream limits the subscriptions of one API key ("Subscription limit reached.
-Contact us to increase limits."). :class:`UpstreamPool` owns one connection per key
+The upstream limits the subscriptions of one API key, tickers and equities counted
+together, and refuses a *whole* request that would pass it ("Subscription limit
+reached. Contact us to increase limits."): nothing of a refused request is subscribed,
+even when part of it would have fit. :class:`UpstreamPool` owns one connection per key
 and places every symbol on exactly one of them:
 
 - a connection takes symbols while it has room: its ``limit`` (``source.api_keys[].limit``)
-  minus the symbols it holds; without a configured limit it takes symbols until the
-  upstream answers with the limit error, and then the count it had subscribed *is* its
-  limit from then on (learned; the refused symbols go to the next connection);
-- a live connection is preferred to one that is reconnecting, so a request is answered
-  by the upstream now whenever some connection can take it;
+  minus the symbols it holds, of every kind. The configured symbols are packed before
+  connecting, first fit across the keys and across kinds (a key with room for 4 that
+  took 3 tickers takes an equity); a key without a configured limit takes every
+  symbol that reaches it, and its limit is learned from the upstream's answers;
+- a request refused for the limit is split: the first half is asked for, then (if it
+  all fit) the second, each refused half split again (:data:`MAX_SPLIT_DEPTH` at most,
+  each request paced like any live request), so a key takes every symbol it has room
+  for. The limit is learned from a single symbol refused: what the key holds then,
+  every kind and what the split requests added counted. A refusal of several symbols
+  only bounds it from below (what the key holds): no limit is ever learned below what
+  the key holds and accepted. What the key did not take goes to the next connection;
+- symbols a connection's (re)connect subscription was refused for the limit (it issues
+  tickers and equities in separate requests, so a refusal of one kind may leave room
+  the other kind's requests did not use) are asked for again on that connection,
+  split, once the connection is live; the rest leave it (with one key too: they are
+  not re-issued on every reconnect) and go to the others; those that fit nowhere are
+  in :attr:`UpstreamPool.unplaced` and told to :attr:`UpstreamPool.on_unplaced` (the
+  :class:`~bridge.subscriptions.Subscriptions`, which evicts leased symbols for
+  configured ones and retries the configured ones on a bounded schedule);
+- a learned limit is a guess: the upstream counts every connection of the key, other
+  processes' too, and room is freed behind our back. It is re-checked: after an
+  unsubscribe on that key, after its connection was re-established (and
+  :attr:`UpstreamPool.on_room` is told, for the configured symbols waiting for room to
+  be asked for again), and :data:`RECHECK_S` after it was last confirmed, the next
+  request may go past it: first what the learned limit leaves, then one symbol (refused:
+  the limit is confirmed for one request), then the rest. :meth:`UpstreamPool.pin`
+  (the configured symbols) does so whenever only a learned limit stands in the way;
+  a connection that takes more than its learned limit learns the larger one. A
+  configured ``limit`` is kept by every request;
+- a live connection is preferred to one that is reconnecting, and a connection whose
+  room is known to one the upstream must be asked about, so a request is answered by
+  the upstream now, at the fewest requests, whenever some connection can take it;
 - a request that fits nowhere is refused for its new symbols only, with the limit
   error: what is subscribed already never moves or breaks;
 - one connection's trouble is its own: a drop or a refused key reconnects that one only;
   a key refused until its source gives up marks the connection failed and its symbols
   move to the others (within their room); :meth:`UpstreamPool.run` raises only when
-  every connection gave up.
-
-- symbols a connection's (re)connect subscription was refused for its limit leave
-  that connection (with one key too: they are not re-issued on every reconnect) and go
-  to the others; those that fit nowhere are told to :attr:`UpstreamPool.on_unplaced`
-  (the :class:`~bridge.subscriptions.Subscriptions`, which evicts leased symbols for
-  configured ones and retries the configured ones on a schedule);
-- a learned limit is a guess: the upstream counts every connection of the key,
-  other processes' too. :meth:`UpstreamPool.pin` (the configured symbols) asks the
-  upstream whenever only a learned limit stands in the way, and a connection that
-  takes more than its learned limit learns the larger one; :meth:`UpstreamPool.subscribe`
-  (leases) keeps within it. A configured ``limit`` is kept by both;
+  every connection gave up;
 - a symbol the upstream rejected as unsupported is answered ``rejected`` without a
   request for :data:`REJECTED_TTL_S` (at most :data:`MAX_REJECTED_CACHE` symbols, the
   oldest forgotten first): clients asking for junk again and again cost no request;
 - :meth:`UpstreamPool.capacity` is what the keys can hold in total when every usable
-  connection's limit is known (configured or learned), for the leases to keep within
-  what the configured symbols leave.
+  connection's limit is known (configured, or learned and not due a re-check), for
+  the leases to keep within what the configured symbols leave.
 
 With a single key the pool is the single source it holds: the same desired set, the
 same ``wanted`` dict object, the same errors.
@@ -41,7 +59,7 @@ same ``wanted`` dict object, the same errors.
 The pool answers the :class:`~bridge.subscriptions.Upstream` protocol (``subscribe``,
 ``unsubscribe``, ``subscribed``) that leases and reloads drive, and the
 :class:`~bridge.subscriptions.Placement` one (``capacity``, ``pin``, ``unplaced``,
-``set_unplaced``, ``on_unplaced``) that puts the configured symbols first.
+``set_unplaced``, ``on_unplaced``, ``on_room``) that puts the configured symbols first.
 """
 
 from __future__ import annotations
@@ -80,6 +98,13 @@ LIMIT_ERROR: Final = "Subscription limit reached. Contact us to increase limits.
 REJECTED_TTL_S: Final = 600.0
 #: the most symbols remembered as unsupported (the oldest forgotten first)
 MAX_REJECTED_CACHE: Final = 10_000
+#: how many times a request refused whole for the limit is halved, at most: each level
+#: costs one or two requests, so a refused request of n symbols costs at most about
+#: 2·log2(n) more (and a live request is at most SUBSCRIBE_CHUNK symbols)
+MAX_SPLIT_DEPTH: Final = 12
+#: how long a learned limit stands before the key may be asked past it again (seconds):
+#: the upstream counts every connection of the key, other processes' too
+RECHECK_S: Final = 300.0
 
 #: worst first: the aggregate state of the connections that carry symbols
 _STATE_ORDER: Final = (UpstreamState.REFUSED, UpstreamState.DISCONNECTED,
@@ -101,16 +126,42 @@ class _Connection:
         self.configured = key.limit
         self.limit = key.limit
         self.learned = False
+        #: the learned limit may be too low (room was freed on the key since): the next
+        #: request may go past it
+        self.recheck = False
+        #: when the learned limit was last confirmed (the pool's clock), and the source's
+        #: connection count then: a reconnect makes it due a re-check
+        self.checked_at = 0.0
+        self.checked_connects = 0
         self.failed: str | None = None
         self.error: SourceError | None = None
 
-    def room(self, probe: bool = False) -> int | None:
+    def doubtful(self, now: float) -> bool:
+        """A learned limit due a re-check: room was freed on the key (an unsubscribe),
+        the connection was re-established, or it was confirmed :data:`RECHECK_S` ago."""
+        return self.learned and (self.recheck or now - self.checked_at >= RECHECK_S
+                                 or self.source.stats.connects != self.checked_connects)
+
+    def confirm(self, now: float) -> None:
+        """The learned limit was just confirmed by the upstream."""
+        self.recheck = False
+        self.checked_at = now
+        self.checked_connects = self.source.stats.connects
+
+    def room(self, now: float, probe: bool = False) -> int | None:
         """Symbols it may still take; ``None``: unknown (ask the upstream). ``probe``
-        ignores a learned limit (only the configured one holds)."""
-        limit = self.configured if probe else self.limit
+        ignores a learned limit (only the configured one holds), and so does a learned
+        limit due a re-check."""
+        limit = self.configured if probe or self.doubtful(now) else self.limit
         if limit is None:
             return None
         return max(0, limit - self.source.desired_count())
+
+    def learned_room(self) -> int | None:
+        """What the learned limit leaves (``None``: no limit learned)."""
+        if not self.learned or self.limit is None:
+            return None
+        return max(0, self.limit - self.source.desired_count())
 
 
 class UpstreamPool:
@@ -138,6 +189,9 @@ class UpstreamPool:
         #: connection (a (re)connect subscription refused for the limit, a connection
         #: that gave up); called inside the pool's lock, must not block
         self.on_unplaced: UnplacedHandler | None = None
+        #: told when a key whose limit was learned may have room again (its connection
+        #: was re-established): symbols waiting for room may be asked for again now
+        self.on_room: Callable[[], None] | None = None
         #: the clock of the unsupported-symbol memory (seconds, monotonic)
         self.clock: Callable[[], float] = time.monotonic
         self._lock = asyncio.Lock()
@@ -177,8 +231,10 @@ class UpstreamPool:
 
     def _pack(self, keys: Sequence[UpstreamKey],
               symbols: Mapping[str, Sequence[str]]) -> list[dict[str, list[str]]]:
-        """First fit of the configured symbols within the configured limits; a key
-        without a limit takes every symbol that reaches it (its limit is learned)."""
+        """First fit of the configured symbols within the configured limits, tickers
+        then equities, a key's room counting both (so the equities take what the
+        tickers left); a key without a limit takes every symbol that reaches it (its
+        limit is learned from the upstream's refusals, see :meth:`_spill`)."""
         out: list[dict[str, list[str]]] = [{k: [] for k in KINDS} for _ in keys]
         used = [0] * len(keys)
         unplaced: dict[str, list[str]] = {k: [] for k in KINDS}
@@ -250,12 +306,14 @@ class UpstreamPool:
 
     def capacity(self) -> int | None:
         """The symbols the usable connections can hold in total, when each of their
-        limits is known (configured or learned); ``None``: some limit is unknown."""
+        limits is known (configured, or learned and not due a re-check); ``None``: some
+        limit is unknown, or is being re-checked (the upstream will say)."""
+        now = self.clock()
         total = 0
         for conn in self._connections:
             if conn.failed is not None:
                 continue
-            if conn.limit is None:
+            if conn.limit is None or conn.doubtful(now):
                 return None
             total += conn.limit
         return total
@@ -328,10 +386,14 @@ class UpstreamPool:
 
     # -- live changes -----------------------------------------------------------------
 
-    def _usable(self, exclude: _Connection | None = None) -> list[_Connection]:
-        """The connections that may take new symbols, the live ones first."""
+    def _usable(self, exclude: _Connection | None = None,
+                probe: bool = False) -> list[_Connection]:
+        """The connections that may take new symbols: the live ones first, and among
+        them those whose room is known before those the upstream must be asked about
+        (each refused request costs more requests to find how much of it fits)."""
+        now = self.clock()
         ok = [c for c in self._connections if c.failed is None and c is not exclude]
-        return sorted(ok, key=lambda c: not c.source.live)
+        return sorted(ok, key=lambda c: (not c.source.live, c.room(now, probe) is None))
 
     async def subscribe(self, kind: str,
                         symbols: Iterable[str]) -> dict[str, SubscriptionResult]:
@@ -365,11 +427,12 @@ class UpstreamPool:
             for i, syms in groups.items():
                 conn = self._connections[i]
                 results = await conn.source.subscribe(kind, syms)
-                self._settle(conn, kind, results, out)
-            leftover, error = await self._place(kind, new, out, probe=probe)
-            limited = SubscriptionResult(SubscriptionStatus.LIMIT, error or LIMIT_ERROR)
+                # one its connection no longer holds for the limit is placed anew
+                new.extend(self._settle(conn, kind, results, out))
+            leftover = await self._place(kind, new, out, probe=probe)
             for s in leftover:
-                out[s] = limited
+                # the upstream's answer when it was asked, else the same words
+                out.setdefault(s, _NO_ROOM)
             return {s: out[s] for s in wanted}
 
     def _remember_unsupported(self, kind: str, symbol: str) -> None:
@@ -401,7 +464,11 @@ class UpstreamPool:
             if kind in self.unplaced and self.unplaced[kind] & set(wanted):
                 self.unplaced[kind] = self.unplaced[kind] - set(wanted)
             for i, syms in groups.items():
-                out.update(await self._connections[i].source.unsubscribe(kind, syms))
+                conn = self._connections[i]
+                out.update(await conn.source.unsubscribe(kind, syms))
+                # room freed on the key: what it learned may be too low (another
+                # process on the key may have left too), the next request may go past it
+                conn.recheck = conn.learned
             return {s: out[s] for s in wanted}
 
     async def pin(self, kind: str, symbols: Iterable[str]) -> dict[str, SubscriptionResult]:
@@ -418,14 +485,15 @@ class UpstreamPool:
     def _settle(self, conn: _Connection, kind: str, results: Mapping[str, SubscriptionResult],
                 out: dict[str, SubscriptionResult]) -> list[str]:
         """Record what one connection answered; return the symbols refused for its limit
-        (and learn the limit from them)."""
+        (what a refusal teaches about the limit is the caller's to learn: it knows how
+        many new symbols the request had)."""
         limited: list[str] = []
         for s, r in results.items():
+            out[s] = r
             if r.status == SubscriptionStatus.LIMIT:
                 limited.append(s)
                 self._owner.pop((kind, s), None)
                 continue
-            out[s] = r
             if r.held:
                 self._owner[(kind, s)] = conn
                 if s in self.unplaced[kind]:
@@ -434,55 +502,126 @@ class UpstreamPool:
                 self._owner.pop((kind, s), None)
                 if r.status == SubscriptionStatus.REJECTED:
                     self._remember_unsupported(kind, s)
-        if limited:
-            self._learn(conn)
-        elif conn.learned and conn.limit is not None \
-                and any(r.status == SubscriptionStatus.ACCEPTED for r in results.values()) \
-                and conn.source.desired_count() > conn.limit:
-            # the upstream took more than the learned limit: the room it lacked then
-            # was freed since (by us, or by another process on the same key)
-            conn.limit = conn.source.desired_count()
+        if conn.learned and conn.limit is not None \
+                and any(r.status == SubscriptionStatus.ACCEPTED for r in results.values()):
+            count = conn.source.upstream_count()
+            if count > conn.limit:
+                # the upstream took more than the learned limit: the room it lacked then
+                # was freed since (by us, or by another process on the same key)
+                log.info("connection %s holds %d symbol(s), past its learned limit of %d: "
+                         "the limit was raised", conn.name, count, conn.limit,
+                         extra={"connection": conn.name})
+                conn.limit = count
+                if conn.configured is not None and count >= conn.configured:
+                    conn.limit, conn.learned = conn.configured, False
+                conn.confirm(self.clock())
         return limited
 
-    def _learn(self, conn: _Connection) -> None:
+    def _learn(self, conn: _Connection, exact: bool) -> None:
+        """A request of ``conn`` was refused for the key's limit while it held
+        :meth:`~bridge.source.AlenoSource.upstream_count` symbols (every kind, with what
+        it accepted so far). ``exact``: the request had one new symbol, so the limit
+        is that count. Otherwise the count is only a lower bound: a limit in force that
+        is not below it stands (due a re-check), none is ever learned below it."""
         count = conn.source.upstream_count()
-        if conn.limit is not None and count >= conn.limit:
+        if conn.configured is not None and count >= conn.configured:
+            conn.limit, conn.learned = conn.configured, False
             return
-        if conn.limit is not None:
-            log.warning("the upstream refused a subscription of connection %s at %d symbol(s), "
-                        "below its configured limit of %d; using %d", conn.name, count,
-                        conn.limit, count, extra={"connection": conn.name})
-        else:
-            log.info("connection %s: the upstream's limit is %d symbol(s) (learned from its "
-                     "limit error)", conn.name, count, extra={"connection": conn.name})
+        if not exact and conn.limit is not None and conn.limit >= count:
+            conn.recheck = conn.learned
+            return
+        if conn.limit != count or not conn.learned:
+            if conn.configured is not None:
+                log.warning("the upstream refused a subscription of connection %s at %d "
+                            "symbol(s), below its configured limit of %d; using %d",
+                            conn.name, count, conn.configured, count,
+                            extra={"connection": conn.name})
+            else:
+                log.info("connection %s: the upstream's limit is %d symbol(s) (learned from "
+                         "its limit error%s)", conn.name, count,
+                         "" if exact else "; a lower bound", extra={"connection": conn.name})
         conn.limit = count
         conn.learned = True
+        if exact:
+            conn.confirm(self.clock())
+        else:
+            conn.recheck = True
 
     async def _place(self, kind: str, new: list[str], out: dict[str, SubscriptionResult],
-                     exclude: _Connection | None = None,
-                     probe: bool = False) -> tuple[list[str], str | None]:
-        """Place ``new`` symbols on the connections with room; return those that fit
-        nowhere and the last limit error seen. ``probe``: see :meth:`pin`."""
-        error: str | None = None
-        for conn in self._usable(exclude):
+                     exclude: _Connection | None = None, probe: bool = False) -> list[str]:
+        """Place ``new`` symbols on the connections with room (see :meth:`_offer`);
+        return those that fit nowhere, in order. ``probe``: see :meth:`pin`."""
+        for conn in self._usable(exclude, probe):
             if not new:
                 break
-            room = conn.room(probe)
-            take = new if room is None else new[:room]
-            if not take:
-                continue
-            results = await conn.source.subscribe(kind, take)
-            for r in results.values():
-                if r.status == SubscriptionStatus.LIMIT:
-                    error = r.error
-            limited = self._settle(conn, kind, results, out)
-            new = limited + new[len(take):]
-        return new, error
+            new = await self._offer(conn, kind, new, out, probe)
+        return new
+
+    async def _offer(self, conn: _Connection, kind: str, symbols: list[str],
+                     out: dict[str, SubscriptionResult], probe: bool) -> list[str]:
+        """Ask one connection for as many of ``symbols`` as it takes; return the rest,
+        in order.
+
+        Within a known room (configured, or learned and not due a re-check) only what
+        fits is asked. Past a learned limit (``probe``, or a re-check): first what the
+        learned limit leaves, then one symbol (refused: the limit is confirmed at the
+        cost of one request), then the rest (a refusal is split, see :meth:`_split`)."""
+        now = self.clock()
+        room = conn.room(now, probe)
+        over: list[str] = []
+        if room is not None:
+            symbols, over = symbols[:room], symbols[room:]
+        learned = conn.learned_room() if probe or conn.doubtful(now) else None
+        if learned is None or learned >= len(symbols):
+            return await self._fill(conn, kind, symbols, out) + over
+        head, tail = symbols[:learned], symbols[learned:]
+        left = await self._fill(conn, kind, head, out)
+        if left:
+            return left + tail + over
+        left = await self._fill(conn, kind, tail[:1], out)
+        if left:
+            return left + tail[1:] + over
+        return await self._fill(conn, kind, tail[1:], out) + over
+
+    async def _fill(self, conn: _Connection, kind: str, symbols: list[str],
+                    out: dict[str, SubscriptionResult], depth: int = 0) -> list[str]:
+        """Subscribe ``symbols`` on ``conn``; a refusal for the limit is split (see
+        :meth:`_split`). Returns the symbols it did not take for its limit, in order."""
+        if not symbols:
+            return []
+        limited = self._settle(conn, kind, await conn.source.subscribe(kind, symbols), out)
+        return await self._split(conn, kind, limited, out, depth)
+
+    async def _split(self, conn: _Connection, kind: str, limited: list[str],
+                     out: dict[str, SubscriptionResult], depth: int = 0) -> list[str]:
+        """``limited`` were refused together for the key's limit. The upstream refuses a
+        whole request that would pass it, so the key may still have room for part of
+        it: ask for the first half, then (if it all fit) for the second, each refused
+        half split again, down to one symbol (whose refusal is the exact limit) or
+        :data:`MAX_SPLIT_DEPTH` halvings. Once a part is refused, what follows it is not
+        asked for. Each request waits for the key's pace like any live request.
+        Returns the symbols the key did not take, in order."""
+        if not limited:
+            return []
+        if len(limited) == 1 or depth >= MAX_SPLIT_DEPTH:
+            self._learn(conn, exact=len(limited) == 1)
+            return limited
+        half = (len(limited) + 1) // 2
+        left = await self._fill(conn, kind, limited[:half], out, depth + 1)
+        if left:
+            return left + limited[half:]
+        return await self._fill(conn, kind, limited[half:], out, depth + 1)
 
     # -- connections' trouble ------------------------------------------------------------
 
     def _link_handler(self, conn: _Connection) -> LinkHandler:
         def tell(up: bool, cause: str) -> None:
+            if up and conn.learned and self.on_room is not None:
+                # re-established: its learned limit is due a re-check (see doubtful())
+                try:
+                    self.on_room()
+                except Exception:  # a listener must never break the connection
+                    log.exception("upstream room listener failed")
             if self.on_connection_link is not None:
                 self.on_connection_link(conn.name, up, cause)
             if self.on_link is not None:
@@ -500,12 +639,27 @@ class UpstreamPool:
         return refused
 
     async def _spill(self, conn: _Connection, kind: str, symbols: list[str]) -> None:
-        """Symbols a connection's (re)connect subscription was refused for its limit go
-        to the other connections."""
+        """Symbols a connection's (re)connect subscription was refused for its limit:
+        the upstream refused the whole request, so part of it may still fit on this
+        connection (with what the other requests of the subscription, of every kind,
+        left): that part is asked for again, split (see :meth:`_split`); the rest goes
+        to the other connections. A connection no longer live learns from the refusal
+        only (its symbols move)."""
         async with self._lock:
-            self._learn(conn)
             mine = [s for s in symbols if self._owner.get((kind, s)) is conn]
-            await self._move(conn, kind, mine)
+            if not mine:
+                return
+            out: dict[str, SubscriptionResult] = {}
+            if conn.source.live and conn.failed is None:
+                room = conn.room(self.clock())
+                if room is not None and room < len(mine):
+                    left = await self._fill(conn, kind, mine[:room], out) + mine[room:]
+                else:
+                    left = await self._split(conn, kind, mine, out)
+            else:
+                self._learn(conn, exact=len(mine) == 1)
+                left = mine
+            await self._move(conn, kind, left)
 
     async def _move(self, conn: _Connection, kind: str, symbols: list[str]) -> None:
         if not symbols:
@@ -514,8 +668,9 @@ class UpstreamPool:
         for s in symbols:
             self._owner.pop((kind, s), None)
         out: dict[str, SubscriptionResult] = {}
-        leftover, _ = await self._place(kind, symbols, out, exclude=conn)
-        dropped = [s for s, r in out.items() if not r.held]
+        leftover = await self._place(kind, symbols, out, exclude=conn)
+        dropped = [s for s, r in out.items()
+                   if not r.held and r.status != SubscriptionStatus.LIMIT]
         if leftover or dropped:
             self._set_unplaced({kind: [*leftover, *dropped]})
             if self.on_unplaced is not None:
@@ -572,6 +727,8 @@ class UpstreamPool:
             conn.source.stop()
 
 
+#: a symbol that fits on no connection (the upstream's words)
+_NO_ROOM: Final = SubscriptionResult(SubscriptionStatus.LIMIT, LIMIT_ERROR)
 _KNOWN_UNSUPPORTED: Final = SubscriptionResult(
     SubscriptionStatus.REJECTED,
     f"unsupported symbol (the upstream rejected it within the last {REJECTED_TTL_S:g}s)")
@@ -588,6 +745,8 @@ __all__ = [
     "LIMIT_ERROR",
     "LIMIT_MARK",
     "MAX_REJECTED_CACHE",
+    "MAX_SPLIT_DEPTH",
+    "RECHECK_S",
     "REJECTED_TTL_S",
     "ConnectionLinkHandler",
     "ConnectionSnapshot",

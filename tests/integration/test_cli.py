@@ -137,8 +137,85 @@ def test_demo_shows_ticker_and_equity_prices_within_5s() -> None:
 def test_simulate_refuses_when_the_port_is_taken(sim_proc: tuple[Proc, int]) -> None:
     _, port = sim_proc
     r = cli("simulate", "--port", str(port), timeout=20)
-    assert r.returncode != 0 and "Traceback" not in r.stderr
-    assert "simulate failed" in r.stderr
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert f"simulate: cannot listen on 127.0.0.1:{port}: the port is already in use" in r.stderr
+    assert "--port N" in r.stderr and "ALENO_URL=" in r.stderr
+    assert_one_paragraph(r.stderr)
+
+
+# -- issue 19: errors users hit at the command line are one paragraph, cause and fix --
+
+
+#: a program that holds a port: binds it, listens, prints "ready", sleeps until killed
+HOLD_PORT = """
+import socket, sys, time
+s = socket.socket()
+s.bind(("127.0.0.1", int(sys.argv[1])))
+s.listen()
+print("ready", flush=True)
+time.sleep(3600)
+"""
+
+
+def assert_one_paragraph(stderr: str) -> None:
+    """The error is one paragraph: no traceback, no exception type, no raw errno."""
+    lines = [x for x in stderr.splitlines() if x.strip() and not x.startswith("{")]
+    assert len(lines) == 1, stderr
+    for raw in ("Traceback", "OSError", "URLError", "Errno", "--debug"):
+        assert raw not in stderr, stderr
+
+
+@pytest.fixture
+def held_port(tmp_path: Path) -> Iterator[int]:
+    """A free port that another process then holds (listening) for the test."""
+    port = free_port()
+    with Proc([sys.executable, "-c", HOLD_PORT, str(port)], tmp_path / "holder.log"):
+        wait_port(port, 20)
+        yield port
+
+
+@pytest.mark.parametrize("setting", ["http", "control.http"])
+def test_run_names_the_setting_whose_port_is_in_use(
+        held_port: int, tmp_path: Path, setting: str) -> None:
+    """``run`` with ``http.port`` or ``control.http.port`` held by another process exits 1
+    with one paragraph naming the setting, the port, the cause and the fix."""
+    ports = {"http": free_port(), "control.http": free_port(), setting: held_port}
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"""
+source: {{url: "http://127.0.0.1:{free_port()}", api_key: k, tickers: [BTC/USD]}}
+sinks: {{out: {{driver: jsonl, path: "{tmp_path}/out.jsonl"}}}}
+http: {{port: {ports["http"]}}}
+control: {{http: {{port: {ports["control.http"]}}}}}
+log: {{format: json}}
+""")
+    r = cli("run", "-c", str(cfg), timeout=30)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert f"run: cannot listen on 127.0.0.1:{held_port} for " in r.stderr
+    assert f"({setting}.port): the port is already in use" in r.stderr
+    assert f"set {setting}.port in {cfg} to a free port" in r.stderr
+    assert f"sport = :{held_port}" in r.stderr  # how to find the holder
+    assert_one_paragraph(r.stderr)
+
+
+def test_top_without_a_running_bridge_says_how_to_start_one() -> None:
+    url = f"http://127.0.0.1:{free_port()}/metrics"
+    r = cli("top", "--once", "--url", url, timeout=30)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert f"top: nothing listens at {url} (connection refused)" in r.stderr
+    assert "aleno-bridge run -c CONFIG" in r.stderr and "--url http://HOST:PORT/metrics" in r.stderr
+    assert_one_paragraph(r.stderr)
+
+
+def test_top_against_something_else_says_it_is_not_a_bridge(
+        sim_proc: tuple[Proc, int]) -> None:
+    """The simulator listens but has no /metrics: an HTTP 404, named as such."""
+    _, port = sim_proc
+    url = f"http://127.0.0.1:{port}/metrics"
+    r = cli("top", "--once", "--url", url, timeout=30)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert f"top: {url} answered HTTP 404" in r.stderr
+    assert "not a bridge's metrics endpoint" in r.stderr
+    assert_one_paragraph(r.stderr)
 
 
 # -- issue 8: every config problem exits 2 with a path, never a traceback ----------

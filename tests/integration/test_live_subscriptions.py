@@ -156,7 +156,7 @@ async def test_every_key_refused_raises(start_pool: Start) -> None:
         assert "bad-1" not in str(err.value) and "bad-2" not in str(err.value)
 
 
-async def test_a_lease_over_the_limit_is_refused_while_existing_ones_keep_flowing(
+async def test_a_lease_over_the_limit_gets_what_fits_while_existing_ones_keep_flowing(
     start_pool: Start,
 ) -> None:
     async with Simulator(port=0, api_keys=["k"], limits={"k": 4}, interval=INTERVAL) as sim:
@@ -168,14 +168,25 @@ async def test_a_lease_over_the_limit_is_refused_while_existing_ones_keep_flowin
                              pinned={"ticker": ["BTC/USD", "ETH/USD"]})
         ok = await subs.lease("ticker", ["SOL/USD"], holder="c1")
         assert ok.results["SOL/USD"].status == SubscriptionStatus.ACCEPTED
-        over = await subs.lease("equity", ["AAPL", "MSFT"], holder="c2")
+        # the upstream refuses the request for 2 whole; 1 fits: the pool asks again for
+        # each half and learns the limit (4) from the single symbol refused
+        part = await subs.lease("equity", ["AAPL", "MSFT"], holder="c2")
+        assert part.lease_id is not None and part.held == ["AAPL"]
+        assert part.results["MSFT"].status == SubscriptionStatus.LIMIT
+        assert "Subscription limit reached" in (part.results["MSFT"].error or "")
+        assert pool.capacity() == 4
+        # the key is full now: refused without a request, nothing changes
+        requests = sim.subscribe_requests["k"]
+        over = await subs.lease("equity", ["MSFT", "NVDA"], holder="c3")
         assert over.lease_id is None
         assert {r.status for r in over.results.values()} == {SubscriptionStatus.LIMIT}
         assert all("Subscription limit reached" in (r.error or "") for r in over.results.values())
+        assert sim.subscribe_requests["k"] == requests
         t0 = time.monotonic()
-        mine = {("ticker", "BTC/USD"), ("ticker", "ETH/USD"), ("ticker", "SOL/USD")}
+        mine = {("ticker", "BTC/USD"), ("ticker", "ETH/USD"), ("ticker", "SOL/USD"),
+                ("equity", "AAPL")}
         await wait_until(lambda: records.since(t0) >= mine, 3, "existing ones flowing")
-        assert sim.subscriptions() == [({"BTC/USD", "ETH/USD", "SOL/USD"}, set())]
+        assert sim.subscriptions() == [({"BTC/USD", "ETH/USD", "SOL/USD"}, {"AAPL"})]
         assert pool.sources[0].stats.connects == 1
 
 

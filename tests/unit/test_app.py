@@ -12,7 +12,7 @@ import pytest
 from bridge.app import Bridge
 from bridge.config import ConfigError, Settings, parse_config
 from bridge.sinks import Drivers, SinkRejectedError
-from bridge.testing import MemorySink, sample_events
+from bridge.testing import MemorySink, sample_events, until
 
 DRIVERS = Drivers(injected={"memory": MemorySink})
 
@@ -211,7 +211,7 @@ async def test_shed_payloads_are_never_validated_and_the_newest_is_kept() -> Non
     sink.hold()
     bridge = Bridge(s, sinks={"mem": sink}, with_source=False)
     await bridge.start()
-    t0 = 1_732_480_000_000
+    t0 = time.time_ns() // 1_000_000  # records older than source.max_record_age_s are dropped
     bridge.on_payload("new_token_states", [ticker_record("A/USD", 1.0, t0)])
     await asyncio.sleep(0.01)  # routed: the sink holds it (publish is held)
     for u in range(1, 6):  # 5 payloads of 10 records, one invalid record each
@@ -241,3 +241,95 @@ async def test_a_tick_bigger_than_the_intake_is_taken_whole_when_alone() -> None
     bridge.ingest(tick[:5])
     assert bridge.intake_events == 5
     assert bridge.pipeline_dropped.get("intake_full") == len(tick)
+
+
+def _samples(bridge: Bridge) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = generate_latest(bridge.registry).decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def _balanced(snap: Any) -> bool:
+    return bool(snap.offered == snap.published + sum(snap.dropped.values()) + snap.conflated
+                + snap.depth)
+
+
+async def test_a_sink_a_reload_removes_or_replaces_is_accounted_until_restart(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 19: 20,000 events held by a sink a reload removes are counted
+    (``sink_removed``, on ``/metrics`` and in the last log line), its counters stay
+    on ``/metrics``, and a replaced sink's counters go on from the old ones."""
+    from bridge.app import serve
+
+    budget = 0.5
+
+    def config(with_held: bool, linger_ms: int) -> Settings:
+        held = ("  held: {driver: memory, buffer: {max_events: 20000}, "
+                "batch: {max_events: 500, linger_ms: 0}}\n") if with_held else ""
+        return settings(f"  keep: {{driver: memory, buffer: {{max_events: 30000}}, "
+                        f"batch: {{linger_ms: {linger_ms}}}}}\n{held}",
+                        f"shutdown_timeout_s: {budget}")
+
+    held, keep = MemorySink("held"), MemorySink("keep")
+    held.hold()  # its bus hangs: nothing it holds can be delivered
+    bridge = Bridge(config(True, 0), sinks={"held": held, "keep": keep}, with_source=False,
+                    http=False)
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve(bridge, stop))
+    await until(bridge.alive, 5, "the bridge runs", task=task)
+    events = sample_events(symbols=1000, updates=20)
+    for i in range(0, len(events), 1000):
+        bridge.ingest(events[i:i + 1000])
+        await bridge.flush_intake()
+    await until(lambda: len(keep.received) == 20_000
+                and bridge.workers["held"].depth == 20_000, 10, "routed", task=task)
+
+    outcome = await bridge.reload(config(False, 5))
+    assert {"sink held removed", "sink keep replaced"} <= set(outcome.changes), outcome
+    snap = bridge.snapshot()
+    (keep_snap,) = snap.sinks
+    assert keep_snap.published == 20_000 and _balanced(keep_snap)  # not back to 0
+    (gone,) = snap.retired_sinks
+    assert (gone.name, gone.offered, gone.depth) == ("held", 20_000, 20_000)
+    assert not any(c.startswith("sink:held") for c in bridge.readiness()[1])
+
+    await until(lambda: not bridge._retiring, budget + 5, "the removed sink closed")
+    m = _samples(bridge)
+    pipeline = "aleno_bridge_pipeline_dropped_total"
+    assert m[(pipeline, (("reason", "sink_removed"),))] == 20_000
+    assert m[("aleno_bridge_sink_events_dropped_total",
+              (("reason", "sink_removed"), ("sink", "held")))] == 20_000
+    assert m[("aleno_bridge_sink_events_offered_total", (("sink", "held"),))] == 20_000
+    assert ("aleno_bridge_sink_up", (("sink", "held"),)) not in m  # gone, not down
+    assert all(_balanced(s) for s in (*bridge.snapshot().sinks,
+                                      *bridge.snapshot().retired_sinks))
+
+    bridge.ingest(sample_events(symbols=100, updates=1, start_ms=events[-1].sent_ms + 1000))
+    await until(lambda: _samples(bridge)[("aleno_bridge_sink_events_published_total",
+                                          (("sink", "keep"),))] == 20_100, 5, "published")
+    with caplog.at_level("INFO", "aleno_bridge.app"):
+        stop.set()
+        lost = await asyncio.wait_for(task, 10)
+    assert lost == {"keep": 0, "held": 20_000}
+    assert "(20000 by sinks a reload replaced or removed)" in caplog.text
+    assert "aleno-bridge stopped; undelivered events: 20000" in caplog.text
+
+
+async def test_a_reload_of_only_hot_settings_is_applied_and_none_after_shutdown() -> None:
+    """``shutdown_timeout_s`` (or ``reload``) alone is a change applied, named; once
+    the shutdown began a reload is refused (it would start sinks nothing stops)."""
+    sink = MemorySink("a")
+    bridge = Bridge(settings("  a: {driver: memory}", "shutdown_timeout_s: 1"),
+                    sinks={"a": sink}, with_source=False)
+    await bridge.start()
+    outcome = await bridge.reload(settings("  a: {driver: memory}",
+                                           "shutdown_timeout_s: 2\nreload: {debounce_s: 3}"))
+    assert (outcome.result, outcome.changes) == ("applied", ["shutdown_timeout_s", "reload"])
+    assert bridge.workers["a"].sink is sink  # unchanged sink untouched
+    await bridge.shutdown()
+    outcome = await bridge.reload(settings("  a: {driver: memory}", "shutdown_timeout_s: 1"))
+    assert outcome.result == "refused" and "shutting down" in outcome.message
+    assert dict(bridge.snapshot().reloads) == {"applied": 1, "refused": 1}

@@ -122,10 +122,32 @@ def test_a_bridge_without_a_source_exports_an_idle_upstream() -> None:
     assert got[(m.UPSTREAM_CONNECTS + m.TOTAL, ())] == 0
 
 
+def test_status_events_and_those_damping_suppressed_are_counted_by_status() -> None:
+    from bridge.state import DAMPED_STATUSES, STATUSES, MarketSnapshot
+
+    market = MarketSnapshot(5, 1, frozen_counts({"stale": 2, "gap": 3}),
+                            frozen_counts({"gap": 7}))
+    metrics = m.Metrics()
+    metrics.attach(lambda: dataclasses.replace(snapshot(), market=market))
+    got = samples(metrics.registry)
+    suppressed = {s: got[(m.STATUS_EVENTS_SUPPRESSED + m.TOTAL, (("status", s),))]
+                  for s in DAMPED_STATUSES}
+    assert suppressed == {"stale": 0, "fresh": 0, "gap": 7}
+    assert {s: got[(m.STATUS_EVENTS + m.TOTAL, (("status", s),))] for s in STATUSES} == {
+        "down": 0, "up": 0, "stale": 2, "fresh": 0, "gap": 3}
+    assert got[(m.STALE_SYMBOLS, ())] == 1 and got[(m.LAST_VALUES, ())] == 5
+    # no market (a snapshot built by hand): every damped status is exported, at 0
+    metrics = m.Metrics()
+    metrics.attach(snapshot)
+    got = samples(metrics.registry)
+    assert all(got[(m.STATUS_EVENTS_SUPPRESSED + m.TOTAL, (("status", s),))] == 0
+               for s in DAMPED_STATUSES)
+
+
 def test_metric_names_are_the_documented_ones() -> None:
     names = {v for k, v in vars(m).items() if k.isupper() and isinstance(v, str)
              and v.startswith("aleno_bridge_")}
-    assert len(names) == 46
+    assert len(names) == 47
     assert all(n.startswith("aleno_bridge_") and not n.endswith("_total") for n in names)
 
 

@@ -167,3 +167,50 @@ def test_credentials_in_the_source_url_never_reach_the_envelope() -> None:
     [ev] = n.tickers([ticker_record("BTC/USD", 1.0, T)])
     env = orjson.loads(ev.encoded("cloudevents-json").body)
     assert env["source"] == "https://pricing.example/v1/socket"
+
+
+def _timed(skew_s: float = 60.0, age_s: float = 3600.0) -> Normalizer:
+    return Normalizer(clock=lambda: T, max_clock_skew_s=skew_s, max_record_age_s=age_s)
+
+
+def test_send_times_out_of_the_clock_bounds_are_dropped_by_reason(caplog: Any) -> None:
+    """A record stamped ten years ahead, or in 2000, is dropped and counted; records
+    within the skew and the age bound pass."""
+    n = _timed()
+    ten_years = 10 * 365 * 86_400_000
+    ok = [ticker_record("A/USD", 1.0, T + 59_000), ticker_record("B/USD", 1.0, T - 3_599_000),
+          ticker_record("C/USD", 1.0, T)]
+    bad = [ticker_record("D/USD", 1.0, T + ten_years), ticker_record("E/USD", 1.0, T + 61_000),
+           ticker_record("F/USD", 1.0, 946_684_800_000), ticker_record("G/USD", 1.0, T - 3_601_000)]
+    for _ in range(3):
+        assert [e.symbol for e in n.tickers(ok + bad)] == ["A/USD", "B/USD", "C/USD"]
+    assert n.invalid == {"ticker:clock_skew": 6, "ticker:too_old": 6}
+    eq = n.equities([equity_record("AAPL", 1.0, T + ten_years), equity_record("MSFT", 2.0, T)])
+    assert [e.symbol for e in eq] == ["MSFT"] and n.invalid["equity:clock_skew"] == 1
+    # logged once per (kind, reason), with a sample and what to check
+    skew = [r.getMessage() for r in caplog.records if "(clock_skew" in r.getMessage()]
+    old = [r.getMessage() for r in caplog.records if "(too_old" in r.getMessage()]
+    assert len(skew) == 2 and len(old) == 1
+    assert "ahead of this host's clock" in skew[0] and "max_clock_skew_s (60s)" in skew[0]
+    assert "D/USD" in skew[0] and "time sync" in skew[0]
+    assert "max_record_age_s (3600s)" in old[0] and "F/USD" in old[0]
+
+
+def test_the_bounds_are_taken_from_each_batch_receive_time() -> None:
+    n = Normalizer(max_clock_skew_s=1.0, max_record_age_s=2.0)
+    records = [ticker_record("A/USD", 1.0, T)]
+    assert len(n.validate("ticker", records, T + 1_500)) == 1
+    assert n.validate("ticker", records, T - 1_001) == []
+    assert n.validate("ticker", records, T + 2_001) == []
+    assert n.invalid == {"ticker:clock_skew": 1, "ticker:too_old": 1}
+    assert n.timely(T, T + 2_000) and n.timely(T, T - 1_000)
+    assert not n.timely(T, T + 2_001) and not n.timely(T, T - 1_001)
+
+
+def test_without_bounds_only_the_plausible_years_are_checked() -> None:
+    """Tools that replay recorded feeds build a normalizer without bounds."""
+    n = Normalizer(clock=lambda: T + 10 * 365 * 86_400_000)
+    assert len(n.tickers([ticker_record("A/USD", 1.0, T)])) == 1
+    assert n.timely(T, T + 10 * 365 * 86_400_000)
+    assert n.tickers([ticker_record("A/USD", 1.0, 7_258_118_400_001)]) == []
+    assert n.invalid == {"ticker:bad_timestamp": 1}

@@ -83,3 +83,18 @@ def test_source_compression_is_auto_or_off_and_reads_yaml_booleans() -> None:
     assert SourceConfig.model_validate({"compression": True}).compression == "auto"
     with pytest.raises(ValidationError):
         SourceConfig.model_validate({"compression": "gzip"})
+
+
+def test_time_sanity_and_status_damping_defaults_and_bounds() -> None:
+    src = SourceConfig()
+    assert (src.max_clock_skew_s, src.max_record_age_s) == (60.0, 3600.0)
+    assert (src.status_damping.max_events, src.status_damping.window_s) == (4, 60.0)
+    custom = SourceConfig.model_validate({"max_clock_skew_s": 5, "max_record_age_s": 30,
+                                          "status_damping": {"max_events": 10,
+                                                             "window_s": 30}})
+    assert custom.status_damping.max_events == 10 and custom.max_clock_skew_s == 5.0
+    for bad in ({"max_clock_skew_s": 0}, {"max_record_age_s": -1},
+                {"status_damping": {"max_events": 0}}, {"status_damping": {"window_s": 0}},
+                {"status_damping": {"per_minute": 3}}):
+        with pytest.raises(ValidationError):
+            SourceConfig.model_validate(bad)

@@ -1,8 +1,9 @@
 """The source without a connection: credentials kept out of what it shows, the symbols it
 asks for, how acknowledgements are counted and what they say per symbol, live changes
 while not connected, the bounded rejected set and the pace of live requests; and the
-upstream pool's keys and packing, capacity, unsupported-symbol memory and configured
-symbols asked past a learned limit (bridge/upstream.py).
+upstream pool's keys and packing, capacity, unsupported-symbol memory, configured
+symbols asked past a learned limit, limits learned from whole-request refusals (split
+requests), their re-checks and joint placement across kinds (bridge/upstream.py).
 
 Against the simulator and a hostile server: tests/integration/test_source.py and
 tests/integration/test_hostile_upstream.py.
@@ -11,6 +12,7 @@ tests/integration/test_hostile_upstream.py.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -348,6 +350,8 @@ class FakeKey:
         if total + len(new) <= self.limit:
             have.extend(new)
             self.src._set_desired(kind, add=new)
+        # as the source does: what was refused leaves the desired set
+        self.src._set_desired(kind, remove=[s for s, r in out.items() if not r.held])
         return out
 
     async def unsubscribe(self, kind: str,
@@ -445,3 +449,173 @@ async def test_with_one_key_symbols_a_connect_was_refused_are_told_as_unplaced()
     assert pool.capacity() == 2 and pool.wanted is src.wanted
     pool.set_unplaced({"ticker": []})
     assert pool.unplaced["ticker"] == frozenset()
+
+
+# -- limits learned from whole-request refusals, re-checked; placement across kinds -------
+
+EQUITIES = {f"E{i}" for i in range(10)}
+
+
+def keys_of(pool: UpstreamPool, *limits: int) -> list[FakeKey]:
+    """Each connection of ``pool`` behind a :class:`FakeKey` of that limit, live."""
+    out = []
+    for src, limit in zip(pool.sources, limits, strict=True):
+        src._live = object()  # type: ignore[assignment]
+        out.append(FakeKey(src, limit, UNIVERSE | EQUITIES))
+    return out
+
+
+def held(src: AlenoSource) -> int:
+    return sum(len(v) for v in src.stats.subscribed.values())
+
+
+async def test_a_request_refused_whole_is_split_and_the_limit_learned_from_one_symbol() -> None:
+    cfg = SourceConfig.model_validate({"tickers": ["T1/USD", "T2/USD"]})
+    pool = UpstreamPool(cfg, [UpstreamKey("b", None)], lambda e, p: None)
+    (key,) = keys_of(pool, 3)
+    await pool.subscribe("ticker", ["T1/USD", "T2/USD"])
+    requests = key.requests
+    # the key holds 2 of 3: the request for 2 equities is refused whole, then split
+    answer = await pool.subscribe("equity", ["E1", "E2"])
+    assert answer["E1"].status == SubscriptionStatus.ACCEPTED
+    assert answer["E2"].status == SubscriptionStatus.LIMIT
+    assert key.requests == requests + 3  # [E1, E2] refused, [E1] taken, [E2] refused
+    snap = pool.connection_snapshots()[0]
+    assert snap.limit == 3 and snap.limit_learned and pool.capacity() == 3  # not 2
+    # full: a lease is refused without a request
+    assert (await pool.subscribe("equity", ["E3"]))["E3"].status == SubscriptionStatus.LIMIT
+    assert key.requests == requests + 3
+
+
+async def test_splitting_costs_a_bounded_number_of_requests(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pool = UpstreamPool(SourceConfig.model_validate({}), [UpstreamKey("a", None)],
+                        lambda e, p: None)
+    (key,) = keys_of(pool, 7)
+    wanted = sorted(UNIVERSE)  # 20 symbols, room for 7
+    answer = await pool.subscribe("ticker", wanted)
+    took = [s for s, r in answer.items() if r.status == SubscriptionStatus.ACCEPTED]
+    assert len(took) == 7 and held(pool.sources[0]) == 7
+    assert {r.status for s, r in answer.items() if s not in took} == {SubscriptionStatus.LIMIT}
+    # the refused request, then at most two requests per halving
+    assert key.requests <= 1 + 2 * math.ceil(math.log2(len(wanted)))
+    assert pool.capacity() == 7
+    # the split never goes deeper than its bound: what the key holds is then only a
+    # lower bound of its limit, re-checked by the next request
+    monkeypatch.setattr(upstream_module, "MAX_SPLIT_DEPTH", 1)
+    other = UpstreamPool(SourceConfig.model_validate({}), [UpstreamKey("a", None)],
+                         lambda e, p: None)
+    (fake,) = keys_of(other, 2)
+    await other.subscribe("ticker", ["T1/USD"])
+    answer = await other.subscribe("ticker", [s for s in wanted if s != "T1/USD"][:8])
+    assert {r.status for r in answer.values()} == {SubscriptionStatus.LIMIT}
+    assert fake.requests == 1 + 2  # refused, then the first half of 4 refused: stop
+    snap = other.connection_snapshots()[0]
+    assert snap.limit == 1 and snap.limit_learned and other.capacity() is None
+
+
+async def test_a_connect_refused_for_the_limit_places_what_fits_across_kinds() -> None:
+    # the issue's case: two keys of 4 (limits not configured), 5 tickers + 3 equities
+    tickers = [f"T{i}/USD" for i in range(5)]
+    equities = ["E0", "E1", "E2"]
+    cfg = SourceConfig.model_validate({"tickers": tickers, "equities": equities})
+    pool = UpstreamPool(cfg, [UpstreamKey("a", None), UpstreamKey("b", None)],
+                        lambda e, p: None)
+    a, b = pool.sources
+    assert a.tickers == tickers and a.equities == equities  # unknown limits: a takes all
+    key_a, key_b = keys_of(pool, 4, 4)
+    # what a's (re)connect subscription met: the 5 tickers refused whole, the 3
+    # equities taken; told once the connection is live
+    a.stats.subscribed = {"ticker": [], "equity": list(equities)}
+    assert a.on_limit is not None
+    a.on_limit("ticker", list(tickers))
+    await asyncio.wait_for(asyncio.gather(*pool._tasks), 5)
+    # a room of 1 left on a took 1 ticker (split), the other 4 went to b
+    assert held(a) == 4 and held(b) == 4
+    assert set(a.stats.subscribed["equity"]) == set(equities)
+    assert pool.wanted == {"ticker": frozenset(tickers), "equity": frozenset(equities)}
+    assert pool.unplaced == {"ticker": frozenset(), "equity": frozenset()}
+    snaps = {c.name: c for c in pool.connection_snapshots()}
+    assert snaps["a"].limit == 4 and snaps["a"].limit_learned
+    assert len(a.tickers) == 1 and len(b.tickers) == 4
+    assert set(a.tickers) | set(b.tickers) == set(tickers)
+    assert key_a.requests <= 1 + 2 * math.ceil(math.log2(5)) and key_b.requests == 1
+
+
+async def test_a_ninth_symbol_is_unplaced_and_told() -> None:
+    tickers = [f"T{i}/USD" for i in range(6)]
+    cfg = SourceConfig.model_validate({"tickers": tickers, "equities": ["E0", "E1", "E2"]})
+    pool = UpstreamPool(cfg, [UpstreamKey("a", None), UpstreamKey("b", None)],
+                        lambda e, p: None)
+    told: list[tuple[str, list[str]]] = []
+    pool.on_unplaced = lambda kind, syms: told.append((kind, syms))
+    a, b = pool.sources
+    keys_of(pool, 4, 4)
+    a.stats.subscribed = {"ticker": [], "equity": ["E0", "E1", "E2"]}
+    assert a.on_limit is not None
+    a.on_limit("ticker", list(tickers))
+    await asyncio.wait_for(asyncio.gather(*pool._tasks), 5)
+    assert held(a) == 4 and held(b) == 4
+    assert len(told) == 1 and told[0][0] == "ticker" and len(told[0][1]) == 1
+    assert pool.unplaced == {"ticker": frozenset(told[0][1]), "equity": frozenset()}
+    assert pool.capacity() == 8
+    assert pool.source_of("ticker", told[0][1][0]) is None
+
+
+async def test_configured_limits_pack_jointly_across_kinds() -> None:
+    cfg = SourceConfig.model_validate({"tickers": [f"T{i}/USD" for i in range(5)],
+                                       "equities": ["E0", "E1", "E2"]})
+    pool = UpstreamPool(cfg, [UpstreamKey("a", None, 4), UpstreamKey("b", None, 4)],
+                        lambda e, p: None)
+    a, b = pool.sources
+    assert a.desired_count() == b.desired_count() == 4
+    assert b.equities == ["E0", "E1", "E2"]
+    assert pool.unplaced == {"ticker": frozenset(), "equity": frozenset()}
+
+
+async def test_a_learned_limit_is_rechecked_after_an_unsubscribe_a_reconnect_and_in_time(
+) -> None:
+    pool = UpstreamPool(SourceConfig.model_validate({}), [UpstreamKey("a", None)],
+                        lambda e, p: None)
+    (key,) = keys_of(pool, 3)
+    now = [0.0]
+    pool.clock = lambda: now[0]
+    src = pool.sources[0]
+    told: list[bool] = []
+    pool.on_room = lambda: told.append(True)
+    await pool.subscribe("ticker", ["T1/USD", "T2/USD", "T3/USD"])
+    assert (await pool.subscribe("ticker", ["T4/USD"]))["T4/USD"].status == \
+        SubscriptionStatus.LIMIT
+    assert pool.capacity() == 3
+    key.limit = 6  # another process on the key left: the learned limit is stale
+    requests = key.requests
+    assert (await pool.subscribe("ticker", ["T4/USD"]))["T4/USD"].status == \
+        SubscriptionStatus.LIMIT and key.requests == requests  # not re-checked yet
+
+    # an unsubscribe frees room: the next request may go past the learned limit
+    await pool.unsubscribe("ticker", ["T1/USD"])
+    assert pool.capacity() is None  # being re-checked
+    answer = await pool.subscribe("ticker", ["T4/USD", "T5/USD", "T6/USD", "T7/USD"])
+    assert [r.status for r in answer.values()] == [SubscriptionStatus.ACCEPTED] * 4
+    assert held(src) == 6 and pool.capacity() == 6
+
+    # on reconnect
+    key.limit = 7
+    src.stats.connects += 1
+    assert pool.capacity() is None
+    src_link = src.on_link
+    assert src_link is not None
+    src_link(True, "")  # data flows on the new connection: the subscriptions are told
+    assert told == [True]
+    assert (await pool.subscribe("ticker", ["T8/USD", "T9/USD"]))["T8/USD"].status == \
+        SubscriptionStatus.ACCEPTED
+    assert pool.capacity() == 7  # T9/USD refused alone: exact again
+
+    # and after RECHECK_S
+    key.limit = 8
+    assert pool.capacity() == 7
+    now[0] += upstream_module.RECHECK_S
+    assert pool.capacity() is None
+    assert (await pool.subscribe("ticker", ["T9/USD"]))["T9/USD"].status == \
+        SubscriptionStatus.ACCEPTED and pool.capacity() == 8

@@ -117,6 +117,7 @@ class PlacingModel(ModelUpstream):
     def __init__(self, limit: int, universe: Mapping[str, Iterable[str]]) -> None:
         super().__init__(limit, universe)
         self.on_unplaced: Callable[[str, list[str]], None] | None = None
+        self.on_room: Callable[[], None] | None = None
         self.unplaced: dict[str, frozenset[str]] = {k: frozenset() for k in KINDS}
         self.pins = 0
 
@@ -838,3 +839,36 @@ async def test_a_lease_while_disconnected_is_pending_and_flows_on_reconnect() ->
     up.reconnect()
     renewed = await subs.renew(reply.lease_id)
     assert renewed.results["T1/USD"].status == ACCEPTED
+
+
+async def test_while_a_learned_limit_is_rechecked_unplaced_pins_come_before_leases() -> None:
+    subs, up, clock = placing(10, PINNED_8, grace_s=0)
+    up.limit = 8  # another process on the key holds two slots
+    diff = await subs.set_pinned({"ticker": [*PINNED_8["ticker"], "T20/USD"]})
+    assert diff.added["ticker"]["T20/USD"].status == LIMIT
+    clock.now += subs.retry_initial_s
+    await subs.retry_pinned()  # refused again: the next try is 2 * retry_initial_s away
+    # the pool re-checks a learned limit (an unsubscribe, a reconnect, time): its
+    # capacity is unknown meanwhile, and the room found is the pinned symbol's first
+    up.capacity = lambda: None  # type: ignore[method-assign]
+    requests = up.requests
+    refused = await subs.lease("equity", ["E1"], owner="a")
+    assert refused.results["E1"].status == LIMIT and refused.lease_id is None
+    assert "being learned or re-checked, 9 configured, 1 of them waiting for room" in \
+        (refused.results["E1"].error or "")
+    assert up.requests == requests
+    # a key may have room again (told by the pool): the retry comes sooner than its
+    # schedule, though not sooner than retry_initial_s after the last one
+    up.limit = 10
+    assert up.on_room is not None
+    up.on_room()
+    pins = up.pins
+    await subs.retry_pinned()
+    assert up.pins == pins
+    clock.now += subs.retry_initial_s
+    placed = await subs.retry_pinned()
+    assert placed.added["ticker"]["T20/USD"].status == ACCEPTED
+    assert subs.unplaced_pinned() == {"ticker": frozenset(), "equity": frozenset()}
+    # nothing waits now: with an unknown capacity, the upstream answers leases
+    assert (await subs.lease("equity", ["E1"], owner="a")).results["E1"].status == ACCEPTED
+    assert up.requests == requests + 2  # the retry, and this lease
