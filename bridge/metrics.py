@@ -49,7 +49,7 @@ UPSTREAM_SECONDS_SINCE_UPDATE: Final = "aleno_bridge_upstream_seconds_since_upda
 LAST_VALUES: Final = "aleno_bridge_last_values"
 STALE_SYMBOLS: Final = "aleno_bridge_stale_symbols"
 CONFIGURED_SYMBOLS: Final = "aleno_bridge_configured_symbols"
-CONFIGURED_UNSUBSCRIBED: Final = "aleno_bridge_configured_symbols_unsubscribed"
+SYMBOLS_UNPLACED: Final = "aleno_bridge_symbols_unplaced"
 LEASES: Final = "aleno_bridge_leases"
 LEASED_SYMBOLS: Final = "aleno_bridge_leased_symbols"
 LEASED_EVICTED: Final = "aleno_bridge_leased_symbols_evicted"
@@ -242,9 +242,6 @@ class SnapshotCollector(Collector):
         for name, doc, value in (
             (CONFIGURED_SYMBOLS, "Symbols the configuration pins (this shard's).",
              wanted.pinned if wanted else 0),
-            (CONFIGURED_UNSUBSCRIBED, "Configured symbols not subscribed upstream: no API "
-             "key had room, or the upstream refused them (retried).",
-             wanted.unplaced_pinned if wanted else 0),
             (LEASES, "Live leases in this process.", wanted.leases if wanted else 0),
             (LEASED_SYMBOLS, "Distinct symbols held by live leases.",
              wanted.leased if wanted else 0),
@@ -252,6 +249,12 @@ class SnapshotCollector(Collector):
             gauge = GaugeMetricFamily(name, doc)
             gauge.add_metric([], value)
             yield gauge
+        unplaced = GaugeMetricFamily(SYMBOLS_UNPLACED, "Configured symbols not subscribed: "
+                                     "no API key has room (retried; /readyz fails).",
+                                     labels=["kind"])
+        for kind in KINDS:
+            unplaced.add_metric([kind], wanted.unplaced_by_kind.get(kind, 0) if wanted else 0)
+        yield unplaced
         evicted = CounterMetricFamily(LEASED_EVICTED, "Leased symbols evicted to make room "
                                       "for configured ones.")
         evicted.add_metric([], wanted.evicted if wanted else 0)

@@ -239,10 +239,15 @@ class SubscriptionsSnapshot:
     in_grace: int
     #: symbols subscribed on our behalf (pinned and accepted, leased, in grace)
     held: int
-    #: pinned symbols not held (refused for the limit or otherwise; retried)
+    #: pinned symbols not held (refused for the limit, or rejected by the upstream)
     unplaced_pinned: int = 0
     #: leased symbols evicted for pinned ones since start
     evicted: int = 0
+    #: pinned symbols not held for want of room (not counting those the upstream
+    #: rejected as unsupported), by kind: ``/readyz`` fails while any is
+    unplaced_by_kind: Mapping[str, int] = field(default_factory=dict)
+    #: the first few of them, ``kind:SYMBOL``
+    unplaced_sample: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -346,13 +351,19 @@ def readiness(snap: BridgeSnapshot,
                             "stale_symbols": market.stale}
     wanted = snap.symbols
     if wanted is not None:
-        # configured symbols that no key could take are retried (and evict leased
-        # ones); shown, but not a reason to take the bridge out of service: every
-        # other symbol flows, and a restart would not make room
-        checks["symbols"] = {"ok": True, "configured": wanted.pinned,
-                             "configured_unsubscribed": wanted.unplaced_pinned,
-                             "leases": wanted.leases, "leased": wanted.leased,
-                             "evicted": wanted.evicted}
+        # a configured symbol that no API key has room for does not flow: the bridge
+        # is not doing what its configuration says, and says so (it is retried, and
+        # evicts leased symbols; a symbol the upstream does not support is not counted
+        # here, it can never be placed: see the upstream's rejected symbols)
+        unplaced = sum(wanted.unplaced_by_kind.values())
+        checks["symbols"] = {
+            "ok": unplaced == 0, "configured": wanted.pinned, "unplaced": unplaced,
+            "unplaced_sample": list(wanted.unplaced_sample),
+            "error": (f"{unplaced} configured symbol(s) not subscribed: no API key has "
+                      "room (add a key to source.api_keys, raise a limit, or configure "
+                      "fewer symbols); retried") if unplaced else None,
+            "leases": wanted.leases, "leased": wanted.leased, "evicted": wanted.evicted}
+        ok = ok and unplaced == 0
     return ok, checks
 
 

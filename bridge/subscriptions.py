@@ -294,13 +294,23 @@ class Subscriptions:
             return None
         return lease.owner
 
+    def unplaced_for_room(self) -> dict[str, list[str]]:
+        """The pinned symbols not held for want of room (every reason but the
+        upstream's "unsupported": those can never be placed), by kind, sorted: what
+        ``/readyz`` fails on."""
+        return {k: sorted(s for s in self._pinned[k] - self._held[k]
+                          if (k, s) not in self._unsupported_pins) for k in KINDS}
+
     def snapshot(self) -> SubscriptionsSnapshot:
+        waiting = self.unplaced_for_room()
         return SubscriptionsSnapshot(
             leases=len(self._leases), leased=len(self._holders),
             pinned=sum(map(len, self._pinned.values())), in_grace=len(self._grace),
             held=sum(map(len, self._held.values())),
             unplaced_pinned=sum(len(self._pinned[k] - self._held[k]) for k in KINDS),
-            evicted=self.evicted_total)
+            evicted=self.evicted_total,
+            unplaced_by_kind={k: len(v) for k, v in waiting.items()},
+            unplaced_sample=tuple(f"{k}:{s}" for k in KINDS for s in waiting[k][:5])[:5])
 
     # -- pins ---------------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ import asyncio
 import math
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -322,3 +323,90 @@ async def test_a_learned_limit_is_rechecked_after_an_unsubscribe_and_a_reconnect
         assert [r.status for r in back.results.values()] == [ACCEPTED] * 3
         assert y.limits() == {"k": (4, True)}
         assert len(held_by(sim, key)) == 4
+
+
+async def test_a_ninth_configured_symbol_fails_readyz_and_the_gauge_of_a_running_bridge(
+        tmp_path: Path) -> None:
+    """The whole bridge, over HTTP: while a configured symbol has no room, ``/readyz``
+    is 503 with a failing ``symbols`` check naming it, and
+    ``aleno_bridge_symbols_unplaced{kind}`` counts it; the 8 others flow. Once a reload
+    frees room, it is placed and the bridge is ready again."""
+    import aiohttp
+
+    from bridge.app import Bridge
+    from bridge.config import parse_config
+
+    async with Simulator(port=0, api_keys=["key-a", "key-b"],
+                         limits={"key-a": 4, "key-b": 4}, interval=INTERVAL) as sim:
+        tickers, equities = sim.tickers[:6], sim.equities[:3]
+
+        def text(ts: Sequence[str]) -> str:
+            return f"""
+source:
+  url: {sim.url}
+  api_keys: [{{name: a, key: key-a}}, {{name: b, key: key-b}}]
+  tickers: [{", ".join(ts)}]
+  equities: [{", ".join(equities)}]
+  backoff: {{initial_s: 0.05, max_s: 0.3}}
+  connect_timeout_s: 3
+  stale_after_s: 3
+sinks: {{out: {{driver: jsonl, path: {tmp_path / "out.jsonl"}}}}}
+http: {{host: 127.0.0.1, port: 0}}
+reload: {{watch: false}}
+shutdown_timeout_s: 3
+"""
+        cfg_path = tmp_path / "bridge.yaml"
+        cfg_path.write_text(text(tickers))
+        bridge = Bridge.from_settings(parse_config(text(tickers)))
+        stop = asyncio.Event()
+        task = asyncio.create_task(bridge.run(stop))
+        cfg = config(sim, tickers, equities)
+        try:
+            await wait_until(lambda: bridge.http_port is not None, 10, "http up")
+            base = f"http://127.0.0.1:{bridge.http_port}"
+            async with aiohttp.ClientSession() as http:
+                async def ready() -> tuple[int, dict[str, Any]]:
+                    async with http.get(f"{base}/readyz") as r:
+                        return r.status, await r.json()
+
+                async def gauge() -> dict[str, float]:
+                    async with http.get(f"{base}/metrics") as r:
+                        body = await r.text()
+                    return {line.split('"')[1]: float(line.rsplit(" ", 1)[1])
+                            for line in body.splitlines()
+                            if line.startswith("aleno_bridge_symbols_unplaced{")}
+
+                deadline = time.monotonic() + placing_s(cfg, 9) + flow_s(cfg)
+                status, body = await ready()
+                while time.monotonic() < deadline and (
+                        body["checks"].get("symbols", {}).get("unplaced") != 1
+                        or not body["checks"]["upstream"]["ok"]):
+                    await asyncio.sleep(0.1)
+                    status, body = await ready()
+                check = body["checks"]["symbols"]
+                assert status == 503 and body["ready"] is False, body
+                assert check["ok"] is False and check["unplaced"] == 1, check
+                assert "no API key has room" in check["error"]
+                (named,) = check["unplaced_sample"]
+                assert named.split(":", 1)[0] in KINDS
+                assert sum((await gauge()).values()) == 1
+                # the other checks are fine: the symbols check alone makes it 503
+                others = {k: v for k, v in body["checks"].items() if k != "symbols"}
+                assert all(v["ok"] for v in others.values()), others
+
+                # free room: drop one configured ticker that is placed
+                kind, symbol = named.split(":", 1)
+                gone = next(s for s in tickers if s != symbol)
+                smaller = [s for s in tickers if s != gone]
+                outcome = await bridge.reload(parse_config(text(smaller)))
+                assert outcome.result == "applied", outcome
+                deadline = time.monotonic() + RETRY_MAX_S + 30
+                while time.monotonic() < deadline and status != 200:
+                    await asyncio.sleep(0.2)
+                    status, body = await ready()
+                assert status == 200, body
+                assert body["checks"]["symbols"]["unplaced"] == 0
+                assert sum((await gauge()).values()) == 0
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 15)
