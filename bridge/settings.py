@@ -254,6 +254,7 @@ def _resolve(config: Config, drivers: Drivers, problems: list[str]) -> Settings:
         (k.key for k in keys if k.key is not None), None)
     tokens = tuple(_tokens(config, problems))
     problems.extend(_control_problems(config, tokens))
+    problems.extend(_stream_captures_control(config, specs))
     warnings = _security_warnings(config, any_key, specs)
     return Settings(config=config, sinks=specs, routes=routes, api_key=api_key,
                     api_keys=keys, warnings=warnings, tokens=tokens)
@@ -306,6 +307,40 @@ def _tokens(config: Config, problems: list[str]) -> list[Token]:
                             f"control.auth.tokens[{values[value]}] (never quoted)")
         values.setdefault(value, i)
     return found
+
+
+def subject_matches(pattern: str, subject: str) -> bool:
+    """Whether a NATS subject ``pattern`` (``*`` one token, ``>`` the rest) covers
+    ``subject``."""
+    want, have = pattern.split("."), subject.split(".")
+    for i, token in enumerate(want):
+        if token == ">":
+            return len(have) > i
+        if i >= len(have) or (token != "*" and token != have[i]):
+            return False
+    return len(want) == len(have)
+
+
+def _stream_captures_control(config: Config, specs: Mapping[str, SinkSpec]) -> list[str]:
+    """A JetStream stream whose subjects cover the NATS control door's would answer
+    every control request with its publish acknowledgement, before the bridge does."""
+    door = config.control.nats
+    if door is None:
+        return []
+    probe = f"{door.subject_prefix}.snapshot"
+    problems: list[str] = []
+    for name, spec in specs.items():
+        stream = getattr(spec.options, "stream", None)
+        if getattr(spec.options, "jetstream", False) is not True or stream is None:
+            continue
+        for i, pattern in enumerate(getattr(stream, "subjects", ())):
+            if isinstance(pattern, str) and subject_matches(pattern, probe):
+                problems.append(
+                    f"sinks.{name}.stream.subjects[{i}]: {pattern!r} covers the control "
+                    f"door's subjects ({door.subject_prefix}.>): the stream would answer "
+                    "its requests; narrow the stream's subjects (e.g. aleno.ticker.>, "
+                    "aleno.equity.>) or change control.nats.subject_prefix")
+    return problems
 
 
 def _control_problems(config: Config, tokens: Sequence[Token]) -> list[str]:

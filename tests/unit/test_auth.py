@@ -114,3 +114,24 @@ def test_where_v1_is_served() -> None:
     # no HTTP at all, as before the split (the demo)
     quiet = _settings("  nats: null", http="{enabled: false}")
     assert control_listener(quiet.config) == (None, False)
+
+
+def test_a_jetstream_stream_may_not_capture_the_control_door() -> None:
+    from bridge.settings import subject_matches
+
+    assert subject_matches("aleno.>", "aleno.bridge.snapshot")
+    assert subject_matches("aleno.*.snapshot", "aleno.bridge.snapshot")
+    assert not subject_matches("aleno.ticker.>", "aleno.bridge.snapshot")
+    assert not subject_matches("aleno.bridge", "aleno.bridge.snapshot")
+    text = """
+sinks:
+  bus: {driver: nats, servers: nats://127.0.0.1:4222, jetstream: true,
+        stream: {name: P, subjects: ["aleno.ticker.>", "aleno.>"]}}
+control:
+  nats: {servers: [nats://127.0.0.1:4222]}
+"""
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, env={})
+    assert "sinks.bus.stream.subjects[1]" in str(info.value)
+    assert "sinks.bus.stream.subjects[0]" not in str(info.value)
+    parse_config(text.replace(', "aleno.>"', ""), env={})
