@@ -565,6 +565,10 @@ class Bridge:
         self.settings = new
         self.market.stale_after_s = new.config.source.symbol_stale_after_s
         self.market.set_interval(new.config.source.update_interval_s)
+        damping = new.config.source.status_damping
+        self.market.damping.configure(damping.max_events, damping.window_s)
+        self.normalizer.set_time_bounds(new.config.source.max_clock_skew_s,
+                                        new.config.source.max_record_age_s)
         for w in retired:
             self._retire(w)
         if self.subscriptions is not None:

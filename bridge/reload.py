@@ -78,6 +78,7 @@ RESULTS: Final = RELOAD_RESULTS
 #: source keys a reload may change (the rest of ``source`` needs a restart)
 HOT_SOURCE_KEYS: Final = frozenset({
     "tickers", "equities", "symbol_stale_after_s", "update_interval_s", "leases",
+    "max_clock_skew_s", "max_record_age_s", "status_damping",
 })
 #: top-level sections a reload applies (the others need a restart)
 HOT_SECTIONS: Final = frozenset({"source", "sinks", "routes", "shutdown_timeout_s", "reload"})

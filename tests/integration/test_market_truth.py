@@ -241,11 +241,11 @@ async def test_a_record_ten_years_ahead_is_dropped_and_changes_nothing(
 async def test_a_flapping_symbol_is_damped_and_ends_fresh(
         simulator: Simulator, run_bridge: Any) -> None:
     """SOL pauses and resumes every 2 stale periods: undamped, each cycle is a
-    ``stale``, a ``gap`` and a ``fresh``. Damped to 3 per window, and once the flapping
+    ``stale``, a ``gap`` and a ``fresh``. Damped to 2 per window, and once the flapping
     stopped (SOL flows), the last state its status events told is ``fresh``."""
     stale_s, _ = _periods(simulator)
     window_s = 6 * stale_s
-    budget = 3
+    budget = 2
     source = f"  status_damping: {{max_events: {budget}, window_s: {window_s}}}"
     r = run_bridge(_settings(simulator, [*TICKERS, SOL], source=source))
     told: list[tuple[float, str]] = []  # (when the dispatcher routed it, status) of SOL
@@ -256,7 +256,7 @@ async def test_a_flapping_symbol_is_damped_and_ends_fresh(
 
     r.bridge.add_tap(tap)
     await r.until(lambda: len(_prices(r.sink, SOL)) >= 3, 10)
-    cycles = 5
+    cycles = 3
     for _ in range(cycles):
         simulator.pause_symbols("ticker", [SOL])
         await asyncio.sleep(2 * stale_s)
