@@ -30,6 +30,7 @@ from bridge.state import (
     SINK_DROP_REASONS,
     STATUSES,
     BridgeSnapshot,
+    SinkSnapshot,
     SinkState,
     UpstreamState,
 )
@@ -335,36 +336,31 @@ class SnapshotCollector(Collector):
         connect_failed = CounterMetricFamily(SINK_CONNECT_FAILURES,
                                              "Failed connection attempts of a sink (connect() "
                                              "raised or timed out).", labels=["sink"])
+        def counted(sink: SinkSnapshot) -> None:
+            """The series every sink keeps until restart, a retired one too."""
+            name = sink.name
+            depth.add_metric([name], sink.depth)
+            offered.add_metric([name], sink.offered)
+            rejections.add_metric([name], sink.rejections)
+            published.add_metric([name], sink.published)
+            for reason in sorted({*SINK_DROP_REASONS, *sink.dropped}):
+                dropped.add_metric([name, reason], sink.dropped.get(reason, 0))
+            conflated.add_metric([name], sink.conflated)
+            failed.add_metric([name], sink.failed_batches)
+            reconn.add_metric([name], sink.reconnects)
+            connect_failed.add_metric([name], sink.connect_failures)
+
         for sink in snap.sinks:
             name = sink.name
             for ss in SinkState:
                 state.add_metric([name, sink.driver, ss.value], 1.0 if sink.state == ss else 0.0)
             up_.add_metric([name], 1.0 if sink.ready else 0.0)
-            depth.add_metric([name], sink.depth)
             capacity.add_metric([name], sink.capacity)
-            offered.add_metric([name], sink.offered)
             blocked.add_metric([name], sink.blocked)
-            rejections.add_metric([name], sink.rejections)
-            published.add_metric([name], sink.published)
-            for reason in sorted({*SINK_DROP_REASONS, *sink.dropped}):
-                dropped.add_metric([name, reason], sink.dropped.get(reason, 0))
-            conflated.add_metric([name], sink.conflated)
-            failed.add_metric([name], sink.failed_batches)
-            reconn.add_metric([name], sink.reconnects)
-            connect_failed.add_metric([name], sink.connect_failures)
+            counted(sink)
         for sink in snap.retired_sinks:
             # a sink a reload removed: its counters stay until restart (no state, no
             # up: it is gone, not down), and what it still holds while it drains
-            name = sink.name
-            depth.add_metric([name], sink.depth)
-            offered.add_metric([name], sink.offered)
-            rejections.add_metric([name], sink.rejections)
-            published.add_metric([name], sink.published)
-            for reason in sorted({*SINK_DROP_REASONS, *sink.dropped}):
-                dropped.add_metric([name, reason], sink.dropped.get(reason, 0))
-            conflated.add_metric([name], sink.conflated)
-            failed.add_metric([name], sink.failed_batches)
-            reconn.add_metric([name], sink.reconnects)
-            connect_failed.add_metric([name], sink.connect_failures)
+            counted(sink)
         yield from (state, up_, depth, capacity, offered, blocked, published, dropped, conflated,
                     failed, reconn, connect_failed, rejections)

@@ -25,6 +25,7 @@ from bridge.source import SubscriptionStatus
 from bridge.subscriptions import EVICTED_ERROR, Subscriptions
 from bridge.testing import wait_until
 from bridge.upstream import UpstreamKey, UpstreamPool
+from tests.support.records import Records
 
 pytestmark = pytest.mark.integration
 
@@ -37,24 +38,6 @@ REJECTED = SubscriptionStatus.REJECTED
 #: the retry schedule of unplaced configured symbols, shortened for the test
 RETRY_INITIAL_S = 0.3
 RETRY_MAX_S = 1.0
-
-
-class Records:
-    """(kind, symbol) -> when a record of it last reached ``on_payload``."""
-
-    def __init__(self) -> None:
-        self.last: dict[tuple[str, str], float] = {}
-
-    def __call__(self, event: str, payload: Any) -> None:
-        kind = "ticker" if event == "new_token_states" else "equity"
-        now = time.monotonic()
-        for rec in payload if isinstance(payload, list) else []:
-            if isinstance(rec, dict):
-                self.last[(kind, str(rec.get("id") if kind == "ticker" else rec.get("symbol")))] \
-                    = now
-
-    def since(self, t: float) -> set[tuple[str, str]]:
-        return {k for k, at in self.last.items() if at >= t}
 
 
 def config(sim: Simulator, tickers: Iterable[str] = (), **extra: Any) -> SourceConfig:

@@ -31,6 +31,7 @@ from bridge.source import SubscriptionStatus
 from bridge.subscriptions import Subscriptions
 from bridge.testing import wait_until
 from bridge.upstream import UpstreamKey, UpstreamPool
+from tests.support.records import Records
 
 pytestmark = pytest.mark.integration
 
@@ -46,24 +47,6 @@ ACCEPTED = SubscriptionStatus.ACCEPTED
 LIMIT = SubscriptionStatus.LIMIT
 KINDS = ("ticker", "equity")
 NONE_UNPLACED = {"ticker": frozenset(), "equity": frozenset()}
-
-
-class Records:
-    """(kind, symbol) -> when a record of it last reached ``on_payload``."""
-
-    def __init__(self) -> None:
-        self.last: dict[tuple[str, str], float] = {}
-
-    def __call__(self, event: str, payload: Any) -> None:
-        kind = "ticker" if event == "new_token_states" else "equity"
-        now = time.monotonic()
-        for rec in payload if isinstance(payload, list) else []:
-            if isinstance(rec, dict):
-                self.last[(kind, str(rec.get("id") if kind == "ticker" else rec.get("symbol")))] \
-                    = now
-
-    def since(self, t: float) -> set[tuple[str, str]]:
-        return {k for k, at in self.last.items() if at >= t}
 
 
 def config(sim: Simulator, tickers: Iterable[str] = (), equities: Iterable[str] = ()) \
