@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import pytest
@@ -22,10 +22,10 @@ import bridge.source as source_module
 from bridge.schema import LeaseConfig, SourceConfig
 from bridge.simulator import Simulator
 from bridge.source import SubscriptionStatus
-from bridge.subscriptions import EVICTED_ERROR, Subscriptions
+from bridge.subscriptions import EVICTED_ERROR
 from bridge.testing import wait_until
-from bridge.upstream import UpstreamKey, UpstreamPool
-from tests.support.records import Records
+from bridge.upstream import UpstreamKey
+from tests.support.pools import StartPool, pool_starter
 
 pytestmark = pytest.mark.integration
 
@@ -46,47 +46,7 @@ def config(sim: Simulator, tickers: Iterable[str] = (), **extra: Any) -> SourceC
         "backoff": {"initial_s": 0.05, "max_s": 0.3}, "connect_timeout_s": 3, **extra})
 
 
-class Bridge:
-    """One bridge process as the leases see it: a pool on one key, its subscriptions."""
-
-    def __init__(self, cfg: SourceConfig, key: UpstreamKey, leases: LeaseConfig) -> None:
-        self.records = Records()
-        self.pool = UpstreamPool(cfg, [key], self.records)
-        self.subs = Subscriptions(self.pool, leases,
-                                  pinned={k: sorted(v) for k, v in self.pool.wanted.items()},
-                                  retry_initial_s=RETRY_INITIAL_S, retry_max_s=RETRY_MAX_S)
-        self.stop = asyncio.Event()
-        self.tasks: list[asyncio.Task[None]] = []
-
-    def start(self) -> None:
-        self.tasks = [asyncio.create_task(self.pool.run()),
-                      asyncio.create_task(self.subs.run(self.stop, 0.05))]
-
-    async def live(self) -> None:
-        await wait_until(lambda: all(s.live for s in self.pool.sources), 10, "subscribed")
-
-    async def close(self) -> None:
-        self.stop.set()
-        self.pool.stop()
-        await asyncio.wait_for(asyncio.gather(*self.tasks, return_exceptions=True), 10)
-
-
-Start = Callable[..., Bridge]
-
-
-@pytest.fixture
-async def start_bridge() -> AsyncIterator[Start]:
-    running: list[Bridge] = []
-
-    def start(cfg: SourceConfig, key: UpstreamKey, leases: LeaseConfig) -> Bridge:
-        bridge = Bridge(cfg, key, leases)
-        bridge.start()
-        running.append(bridge)
-        return bridge
-
-    yield start
-    for bridge in running:
-        await bridge.close()
+start_bridge = pool_starter(RETRY_INITIAL_S, RETRY_MAX_S)
 
 
 def held_by_key(sim: Simulator) -> set[tuple[str, str]]:
@@ -98,7 +58,7 @@ LEASES = LeaseConfig(enabled=True, grace_s=0.3, default_ttl_s=30, max_ttl_s=60)
 
 
 async def test_leases_get_what_the_configured_symbols_leave_and_a_reload_evicts_them(
-    start_bridge: Start,
+    start_bridge: StartPool,
 ) -> None:
     async with Simulator(port=0, api_keys=[KEY], limits={KEY: 60}, interval=INTERVAL) as sim:
         pinned = sim.tickers[:40]
@@ -151,7 +111,7 @@ async def test_leases_get_what_the_configured_symbols_leave_and_a_reload_evicts_
 
 
 async def test_configured_symbols_refused_earlier_are_placed_once_leases_expire(
-    start_bridge: Start,
+    start_bridge: StartPool,
 ) -> None:
     async with Simulator(port=0, api_keys=[KEY], limits={KEY: 60}, interval=INTERVAL) as sim:
         pinned = sim.tickers[:40]
@@ -196,7 +156,7 @@ async def test_configured_symbols_refused_earlier_are_placed_once_leases_expire(
 
 
 async def test_junk_leases_cost_a_bounded_pace_of_requests_and_a_bounded_rejected_set(
-    start_bridge: Start, monkeypatch: pytest.MonkeyPatch,
+    start_bridge: StartPool, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # the bound of the rejected set (10,000) lowered, to pass it within seconds
     monkeypatch.setattr(source_module, "MAX_REJECTED_SYMBOLS", 1000)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +28,9 @@ from pydantic import SecretStr
 from bridge.schema import LeaseConfig, SourceConfig
 from bridge.simulator import Simulator
 from bridge.source import SubscriptionStatus
-from bridge.subscriptions import Subscriptions
 from bridge.testing import wait_until
-from bridge.upstream import UpstreamKey, UpstreamPool
-from tests.support.records import Records
+from bridge.upstream import UpstreamKey
+from tests.support.pools import StartPool, pool_starter
 
 pytestmark = pytest.mark.integration
 
@@ -46,7 +45,7 @@ LEASES = LeaseConfig(enabled=True, grace_s=0.3, default_ttl_s=30, max_ttl_s=60)
 ACCEPTED = SubscriptionStatus.ACCEPTED
 LIMIT = SubscriptionStatus.LIMIT
 KINDS = ("ticker", "equity")
-NONE_UNPLACED = {"ticker": frozenset(), "equity": frozenset()}
+NONE_UNPLACED: dict[str, frozenset[str]] = {"ticker": frozenset(), "equity": frozenset()}
 
 
 def config(sim: Simulator, tickers: Iterable[str] = (), equities: Iterable[str] = ()) \
@@ -72,56 +71,7 @@ def flow_s(cfg: SourceConfig) -> float:
     return 5 * INTERVAL + 1 / cfg.max_subscribe_requests_per_s + cfg.connect_timeout_s
 
 
-class Bridge:
-    """One bridge as the symbol set sees it: a pool over its keys, its subscriptions
-    (pinned: the configured symbols, as the app builds them)."""
-
-    def __init__(self, cfg: SourceConfig, keys: Sequence[UpstreamKey],
-                 leases: LeaseConfig) -> None:
-        self.cfg = cfg
-        self.records = Records()
-        self.pool = UpstreamPool(cfg, keys, self.records)
-        self.subs = Subscriptions(self.pool, leases,
-                                  pinned={k: sorted(v) for k, v in self.pool.wanted.items()},
-                                  retry_initial_s=RETRY_INITIAL_S, retry_max_s=RETRY_MAX_S)
-        self.stop = asyncio.Event()
-        self.tasks: list[asyncio.Task[None]] = []
-
-    def start(self) -> None:
-        self.tasks = [asyncio.create_task(self.pool.run()),
-                      asyncio.create_task(self.subs.run(self.stop, RUN_INTERVAL_S))]
-
-    async def live(self) -> None:
-        await wait_until(lambda: all(s.live for s in self.pool.sources)
-                         and self.pool.pending_moves == 0,
-                         self.cfg.connect_timeout_s + self.cfg.backoff.max_s, "subscribed")
-
-    def limits(self) -> dict[str, tuple[int | None, bool]]:
-        return {c.name: (c.limit, c.limit_learned) for c in self.pool.connection_snapshots()}
-
-    async def close(self) -> None:
-        self.stop.set()
-        self.pool.stop()
-        await asyncio.wait_for(asyncio.gather(*self.tasks, return_exceptions=True), 10)
-
-
-Start = Callable[..., Bridge]
-
-
-@pytest.fixture
-async def start_bridge() -> AsyncIterator[Start]:
-    running: list[Bridge] = []
-
-    def start(cfg: SourceConfig, keys: Sequence[UpstreamKey],
-              leases: LeaseConfig = LEASES) -> Bridge:
-        bridge = Bridge(cfg, keys, leases)
-        bridge.start()
-        running.append(bridge)
-        return bridge
-
-    yield start
-    for bridge in running:
-        await bridge.close()
+start_bridge = pool_starter(RETRY_INITIAL_S, RETRY_MAX_S, RUN_INTERVAL_S, LEASES)
 
 
 def held_by(sim: Simulator, key: str) -> set[tuple[str, str]]:
@@ -144,7 +94,7 @@ def two_keys(limit: int | None) -> list[UpstreamKey]:
     (5, 3, True),   # limits configured: packed before connecting
 ])
 async def test_two_keys_of_4_carry_every_configured_symbol_whatever_the_mix_of_kinds(
-    start_bridge: Start, tickers: int, equities: int, configured: bool,
+    start_bridge: StartPool, tickers: int, equities: int, configured: bool,
 ) -> None:
     async with Simulator(port=0, api_keys=["key-a", "key-b"],
                          limits={"key-a": 4, "key-b": 4}, interval=INTERVAL) as sim:
@@ -166,7 +116,7 @@ async def test_two_keys_of_4_carry_every_configured_symbol_whatever_the_mix_of_k
 
 
 async def test_a_ninth_configured_symbol_is_unplaced_visible_and_retried_while_8_flow(
-    start_bridge: Start,
+    start_bridge: StartPool,
 ) -> None:
     async with Simulator(port=0, api_keys=["key-a", "key-b"],
                          limits={"key-a": 4, "key-b": 4}, interval=INTERVAL) as sim:
@@ -211,7 +161,7 @@ async def test_a_ninth_configured_symbol_is_unplaced_visible_and_retried_while_8
 
 
 async def test_a_key_of_3_holding_2_tickers_takes_1_of_2_equities_and_learns_3(
-    start_bridge: Start,
+    start_bridge: StartPool,
 ) -> None:
     async with Simulator(port=0, api_keys=["key-b"], limits={"key-b": 3},
                          interval=INTERVAL) as sim:
@@ -240,7 +190,7 @@ async def test_a_key_of_3_holding_2_tickers_takes_1_of_2_equities_and_learns_3(
 
 
 async def test_a_learned_limit_is_rechecked_after_an_unsubscribe_and_a_reconnect(
-    start_bridge: Start,
+    start_bridge: StartPool,
 ) -> None:
     key = "the-key"
     async with Simulator(port=0, api_keys=[key], limits={key: 4}, interval=INTERVAL) as sim:
