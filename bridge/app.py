@@ -196,6 +196,8 @@ class Bridge:
             clock=self.normalizer.now_ms,
         )
         self.last_values = self.market.values
+        # the router (replaced by a reload: read it when called) forgets them too
+        self.market.on_forget = lambda kind, symbols: self.router.forget(kind, symbols)
         if self.source is not None:
             # a symbol that leaves the subscribed set (lease end, reload, a move to
             # another key's connection) is forgotten at once, even when it comes back

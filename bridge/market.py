@@ -455,6 +455,9 @@ class MarketState:
         self.source = source
         self._wanted = wanted
         self.damping = damping if damping is not None else Damping()
+        #: told ``(kind, symbols)`` when symbols are forgotten (the router drops their
+        #: per-symbol gates: a re-subscribed symbol is not "unchanged" from before)
+        self.on_forget: Callable[[str, list[str]], None] | None = None
         self._clock = clock or (lambda: time.time_ns() // 1_000_000)
         self.counts: dict[str, int] = dict.fromkeys(STATUSES, 0)
         self._up_since = time.monotonic()
@@ -539,6 +542,8 @@ class MarketState:
             self.damping.forget(key)
             gone.pop(key, None)
             gone[key] = now_ms  # the most recent last (see _drop_gone_marks)
+        if self.on_forget is not None:
+            self.on_forget(kind, symbols)
         return self.values.forget(kind, symbols)
 
     def _drop_gone_marks(self) -> None:

@@ -9,7 +9,7 @@ state per (route, kind, symbol).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -95,6 +95,14 @@ class Router:
         if hits is None:
             hits = self._cache[key] = self._compile(kind, symbol)
         return hits
+
+    def forget(self, kind: str, symbols: Iterable[str]) -> None:
+        """Drop what the router keeps per symbol (its matched routes and their
+        ``on_change`` / ``min_interval_s`` gates) for symbols no longer subscribed:
+        a symbol subscribed again starts afresh, and the cache holds only what flows."""
+        cache = self._cache
+        for s in symbols:
+            cache.pop((kind, s), None)
 
     def _compile(self, kind: str, symbol: str) -> list[RouteHit]:
         values = placeholder_values(kind, symbol)

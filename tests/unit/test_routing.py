@@ -92,6 +92,34 @@ def test_on_change_skips_equal_prices_per_symbol() -> None:
     assert r.filtered == {("route0", "unchanged"): 4}
 
 
+def test_a_forgotten_symbol_starts_afresh_in_its_gates() -> None:
+    """A symbol unsubscribed (lease end, reload) and subscribed again is not
+    "unchanged" from its price before: the router forgets its gates with it."""
+    a = Collector("a")
+    r = Router([route(sinks=["a"], publish="on_change", min_interval_s=0.5)], {"a": a})
+    for ev in events("AAPL", "MSFT", t=T, price=1.0):
+        r.dispatch(ev)
+    r.forget("equity", ["AAPL"])
+    for ev in events("AAPL", "MSFT", t=T + 1000, price=1.0):
+        r.dispatch(ev)
+    assert [(m.event.symbol, m.event.sent_ms - T) for m in a.got] == [
+        ("AAPL", 0), ("MSFT", 0), ("AAPL", 1000)]
+    assert r.filtered == {("route0", "unchanged"): 1}
+    r.forget("equity", ["NEVER-SEEN"])  # nothing to forget: no error
+
+
+def test_the_market_tells_the_router_what_it_forgets() -> None:
+    from bridge.app import Bridge
+
+    settings = parse_config("sinks: {mem: {driver: memory}}\nhttp: {enabled: false}\n",
+                            env={}, drivers=Drivers(injected={"memory": MemorySink}))
+    bridge = Bridge(settings, with_source=False, http=False)
+    bridge.router.hits("ticker", "BTC/USD")
+    assert ("ticker", "BTC/USD") in bridge.router._cache
+    bridge.market.forget("ticker", ["BTC/USD"])
+    assert ("ticker", "BTC/USD") not in bridge.router._cache
+
+
 def test_min_interval_limits_each_symbol() -> None:
     a = Collector("a")
     r = Router([route(sinks=["a"], min_interval_s=2.5, name="slow")], {"a": a})
