@@ -48,7 +48,15 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from bridge.testing.conformance import BusProbe, Received
 from bridge.testing.wait import wait_until, wait_until_sync
-from tests.support.proc import Proc, free_port, own_brokers, port_open, venv_bin, wait_port
+from tests.support.proc import (
+    Proc,
+    free_port,
+    own_brokers,
+    port_open,
+    venv_bin,
+    wait_port,
+    wait_stopped,
+)
 from tests.support.tls import TlsFiles
 
 MQTT_ENV = "ALENO_BRIDGE_TEST_MQTT"
@@ -294,10 +302,13 @@ class PrivateBroker:
         msg = f"mosquitto did not save {self.db_path} within {timeout}s"
         raise TimeoutError(msg)
 
-    def pause(self) -> None:
-        """SIGSTOP: the broker keeps its sockets but answers nothing."""
+    def pause(self, timeout: float = 10.0) -> None:
+        """SIGSTOP: the broker keeps its sockets but answers nothing. Returns once it is
+        stopped (the signal is only queued when ``kill()`` returns; see
+        :func:`tests.support.proc.wait_stopped`)."""
         if self.proc is not None:
             self.proc.signal(signal.SIGSTOP)
+            wait_stopped(self.proc.pid, timeout)
 
     def kill(self) -> None:
         """SIGKILL (a crash: nothing is flushed, every connection drops)."""

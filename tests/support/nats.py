@@ -17,14 +17,20 @@ import asyncio
 import contextlib
 import os
 import signal
-import subprocess
-import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
 
-from tests.support.proc import Proc, free_port, own_brokers, port_open, venv_bin, wait_port
+from tests.support.proc import (
+    Proc,
+    free_port,
+    own_brokers,
+    port_open,
+    venv_bin,
+    wait_port,
+    wait_stopped,
+)
 
 NATS_ENV = "ALENO_BRIDGE_TEST_NATS"
 STANDARD_PORT = 4222
@@ -117,42 +123,6 @@ class NatsServer:
         if self.proc is not None:
             self.signal_continue()  # a stopped process would not act on SIGTERM
             self.proc.stop(5.0)
-
-
-def thread_states(pid: int) -> list[str]:
-    """The scheduler state of every thread of ``pid`` (``T``: stopped): from /proc on
-    Linux, else the process state ``ps`` shows (macOS)."""
-    if not os.path.isdir("/proc/self/task"):
-        out = subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True,
-                             text=True, check=False).stdout.strip()
-        return [out[:1]] if out else []
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except FileNotFoundError:
-        return []
-    states: list[str] = []
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
-                stat = f.read()
-        except FileNotFoundError:
-            continue  # the thread exited meanwhile
-        # "tid (comm) S ...": comm may hold spaces or ")", the state follows the last ")"
-        states.append(stat.rsplit(b")", 1)[1].split()[0].decode())
-    return states
-
-
-def wait_stopped(pid: int, timeout: float) -> None:
-    """Wait until every thread of ``pid`` is stopped (after a SIGSTOP)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        states = thread_states(pid)
-        if states and all(s == "T" for s in states):
-            return
-        if time.monotonic() > deadline:
-            msg = f"process {pid} not stopped {timeout}s after SIGSTOP (thread states {states})"
-            raise TimeoutError(msg)
-        time.sleep(0.001)
 
 
 @pytest.fixture(scope="session")

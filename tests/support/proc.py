@@ -58,6 +58,42 @@ def venv_bin(name: str) -> str | None:
     return shutil.which(name)
 
 
+def thread_states(pid: int) -> list[str]:
+    """The scheduler state of every thread of ``pid`` (``T``: stopped): from /proc on
+    Linux, else the process state ``ps`` shows (macOS)."""
+    if not os.path.isdir("/proc/self/task"):
+        out = subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True,
+                             text=True, check=False).stdout.strip()
+        return [out[:1]] if out else []
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return []
+    states: list[str] = []
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
+                stat = f.read()
+        except FileNotFoundError:
+            continue  # the thread exited meanwhile
+        # "tid (comm) S ...": comm may hold spaces or ")", the state follows the last ")"
+        states.append(stat.rsplit(b")", 1)[1].split()[0].decode())
+    return states
+
+
+def wait_stopped(pid: int, timeout: float) -> None:
+    """Wait until every thread of ``pid`` is stopped (after a SIGSTOP)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        states = thread_states(pid)
+        if states and all(s == "T" for s in states):
+            return
+        if time.monotonic() > deadline:
+            msg = f"process {pid} not stopped {timeout}s after SIGSTOP (thread states {states})"
+            raise TimeoutError(msg)
+        time.sleep(0.001)
+
+
 class Proc:
     """A child process in its own process group, logging to ``log_path``."""
 
