@@ -207,6 +207,7 @@ class Bridge:
             if len(self.source.sources) > 1:
                 self.source.on_connection_link = (
                     lambda name, up, cause: self.market.link(up, cause, name))
+                self.source.on_connection_retired = self.market.retire
             else:
                 self.source.on_link = self.market.link
         self._stale_watch: asyncio.Task[None] | None = None

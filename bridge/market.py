@@ -723,6 +723,14 @@ class MarketState:
                 }, self.source))
         return out
 
+    def retire(self, connection: str) -> None:
+        """A connection gave up for good (its symbols moved to the others): it is no
+        longer down, it is gone, so its outage no longer holds the stale watch off.
+        Emits nothing (its ``down`` was told; the symbols flow on other connections)."""
+        if self._down.pop(connection, None) is not None:
+            self._down_reasons.pop(connection, None)
+            self._up_since = time.monotonic()
+
     def link(self, up: bool, cause: str, connection: str = "") -> None:
         """An upstream connection came up (data flows) or went down: emit ``up`` /
         ``down``. While a connection is down no symbol is declared stale (``down`` says

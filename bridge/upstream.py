@@ -185,6 +185,8 @@ class UpstreamPool:
         self.config = config
         self.on_link: LinkHandler | None = None
         self.on_connection_link: ConnectionLinkHandler | None = None
+        #: told the name of a connection that gave up (its symbols moved to the others)
+        self.on_connection_retired: Callable[[str], None] | None = None
         #: told ``(kind, symbols)`` when symbols were dropped because they fit on no
         #: connection (a (re)connect subscription refused for the limit, a connection
         #: that gave up); called inside the pool's lock, must not block
@@ -699,6 +701,10 @@ class UpstreamPool:
                 async with self._lock:
                     for kind in KINDS:
                         await self._move(conn, kind, sorted(conn.source.wanted[kind]))
+            if self.on_connection_retired is not None:
+                # it carries nothing any more and never comes up: its "down" must not
+                # hold the others' stale watch off for good
+                self.on_connection_retired(conn.name)
 
     async def run(self) -> None:
         """Keep every connection up until :meth:`stop`. Raises :class:`SourceError`

@@ -131,10 +131,13 @@ async def test_configured_limits_pack_and_a_refused_key_does_not_stop_the_other(
         cfg = config(sim, tickers, max_auth_failures=1)
         pool = start_pool(cfg, [UpstreamKey("a", _secret("not-accepted"), 10),
                                 UpstreamKey("b", _secret("key-b"), 30)], records)
+        retired: list[str] = []
+        pool.on_connection_retired = retired.append
         # a is refused and gives up; its 10 symbols move to b, which has room
         everything = {("ticker", s) for s in tickers}
         t0 = time.monotonic()
         await wait_until(lambda: records.since(t0) >= everything, 10, "all 20 on key b")
+        await wait_until(lambda: retired == ["a"], 5, "a retired (the market forgets its down)")
         snaps = {c.name: c for c in pool.connection_snapshots()}
         assert snaps["a"].failed and "refused the API key" in snaps["a"].failed
         assert snaps["a"].symbols == 0 and snaps["b"].symbols == 20

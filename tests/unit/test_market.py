@@ -145,6 +145,28 @@ def test_no_stale_while_the_link_is_down_and_a_full_period_after_it_comes_up() -
     assert st.scan_stale() == []  # the stale clock restarted with the link
 
 
+def test_a_connection_that_gave_up_no_longer_holds_the_stale_watch_off() -> None:
+    """With several keys, one connection down holds every symbol's stale watch off
+    (its ``down`` says it all). A connection that gave up for good never comes up:
+    once retired (its symbols moved to the others), the watch runs again, a whole
+    period later, without an ``up`` for a connection that is gone."""
+    st, emitted = _state(stale_after_s=1.0)
+    st.observe("ticker", sample_events(symbols=2, updates=1))
+    st.link(True, "", "a")
+    st.link(True, "", "b")
+    st.link(False, "refused", "b")
+    later = st.values.get("ticker", "T0/USD").received_monotonic + 30  # type: ignore[union-attr]
+    assert st.scan_stale(now=later) == [] and not st.link_up
+    st.retire("b")
+    assert st.link_up
+    assert st.scan_stale(now=time.monotonic()) == []  # a whole period first
+    stale = st.scan_stale(now=time.monotonic() + 2)
+    assert {e.data["status"] for e in stale} == {"stale"} and len(stale) == 2
+    assert [e.data["status"] for e in emitted if e.symbol == "upstream"] == ["down"]
+    st.retire("b")  # twice: nothing more
+    st.retire("never-down")
+
+
 def test_status_events_are_cloudevents_of_their_own_type() -> None:
     ev = StatusEvent("stale", "BTC/USD", T0_MS, {"feed": "ticker", "symbol": "BTC/USD"},
                      "http://127.0.0.1:1/v1/socket")
