@@ -737,6 +737,7 @@ class Bridge:
             thread = ControlLoop()
             await thread.start()
         http = control_http = None
+        guard = settings.guard("http")  # one for /v1 wherever it is served
         try:
             if self.serves_http:
                 on_probes = settings.v1_on_probes
@@ -746,11 +747,11 @@ class Bridge:
                                 "9465}) to serve it on a listener of its own",
                                 settings.config.http.host, settings.config.http.port)
                 http = await serve_http(
-                    self, thread, guard=settings.guard("http"),
+                    self, thread, guard=guard,
                     v1="serve" if on_probes else "moved" if listener is not None else "none",
                     control_http=listener)
             if listener is not None:
-                control_http = await serve_control(self, listener, settings.guard("http"),
+                control_http = await serve_control(self, listener, guard,
                                                    thread)
             if control_cfg is not None and self.control is not None and thread is not None:
                 nats_control = await thread.run(start_nats_control(

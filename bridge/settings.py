@@ -550,9 +550,6 @@ def _topic_problems(i: int, route: RouteConfig, spec: SinkSpec, source: SourceCo
 # Insecure settings (warnings, not errors)
 
 
-_is_loopback = is_loopback_host
-
-
 def _security_warnings(
     config: Config, api_key: SecretStr | None, specs: Mapping[str, SinkSpec]
 ) -> list[str]:
@@ -562,7 +559,7 @@ def _security_warnings(
     parts = urlsplit(src.url)
     host = parts.hostname or ""
     if parts.scheme == "http" and api_key is not None and api_key.get_secret_value() \
-            and not _is_loopback(host):
+            and not is_loopback_host(host):
         warnings.append(f"source.url: the API key is sent unencrypted over http:// to {host}; "
                         "use https://")
     if not src.tls_verify:

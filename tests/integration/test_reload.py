@@ -149,18 +149,19 @@ def test_sighup_with_100_added_symbols_subscribes_them_live(tmp_path: Path) -> N
         cfg, out = tmp_path / "bridge.yaml", tmp_path / "out.jsonl"
         cfg.write_text(_config(url, out, universe[:10]))
         with Proc([*CLI, "run", "-c", str(cfg)], tmp_path / "bridge.log") as bridge:
-            _wait(lambda: len(_symbols(out)) == 10 and len(_lines(out)) >= 40, 15, bridge)
+            bridge.until(lambda: len(_symbols(out)) == 10 and len(_lines(out)) >= 40, 15,
+                         "the first 10 flowing")
             connects = _admin(port)["connects"]
             tmp = cfg.with_suffix(".new")
             tmp.write_text(_config(url, out, universe))
             os.replace(tmp, cfg)
             bridge.signal(signal.SIGHUP)
-            _wait(lambda: _symbols(out) == set(universe), 15, bridge)
+            bridge.until(lambda: _symbols(out) == set(universe), 15, "all 110 after SIGHUP")
             state = _admin(port)
             assert len(state["tickers"]) == 110
             assert state["connects"] == connects  # no reconnect
             n = len(_lines(out))
-            _wait(lambda: len(_lines(out)) >= n + 5 * 110, 15, bridge)
+            bridge.until(lambda: len(_lines(out)) >= n + 5 * 110, 15, "5 more updates each")
         events = _lines(out)
         for symbol in universe[:10]:
             assert _gaps(events, symbol, interval * 1000) == [], symbol
@@ -174,17 +175,6 @@ def _admin(port: int) -> dict[str, Any]:
         body = orjson.loads(r.read())
     (key,) = [k for k in body["keys"].values() if k["connections"]]
     return dict(key)
-
-
-def _wait(cond: Any, timeout: float, proc: Proc) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        if not proc.alive():
-            break
-        time.sleep(0.1)
-    raise AssertionError(f"condition not met within {timeout}s; output:\n{proc.output()[-3000:]}")
 
 
 def test_a_configmap_style_symlink_swap_is_reloaded_without_a_signal(tmp_path: Path) -> None:
@@ -203,14 +193,14 @@ def test_a_configmap_style_symlink_swap_is_reloaded_without_a_signal(tmp_path: P
         (mount / "config.yaml").symlink_to("..data/config.yaml")
         with Proc([*CLI, "run", "-c", str(mount / "config.yaml")],
                   tmp_path / "bridge.log") as bridge:
-            _wait(lambda: _symbols(out) == {"BTC/USD"}, 15, bridge)
+            bridge.until(lambda: _symbols(out) == {"BTC/USD"}, 15, "BTC/USD flowing")
             connects = _admin(port)["connects"]
             (mount / "..v2").mkdir()
             (mount / "..v2" / "config.yaml").write_text(
                 _config(url, out, ["BTC/USD", "ETH/USD"], watch=True))
             (mount / "..data_tmp").symlink_to("..v2")
             os.replace(mount / "..data_tmp", mount / "..data")  # the atomic swap
-            _wait(lambda: "ETH/USD" in _symbols(out), 15, bridge)
+            bridge.until(lambda: "ETH/USD" in _symbols(out), 15, "ETH/USD after the swap")
             assert _admin(port)["connects"] == connects
         assert "changed: reloading" in bridge.output()
 

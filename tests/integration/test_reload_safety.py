@@ -73,22 +73,10 @@ class Bridge:
         return int(self.metric("aleno_bridge_config_reloads_total", f'result="{result}"'))
 
     def rss(self) -> int:
-        assert self.proc.popen is not None
-        status = Path(f"/proc/{self.proc.popen.pid}/status").read_text()
-        found = re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE)
-        assert found is not None
-        return int(found.group(1)) * 1024
+        return self.proc.rss()
 
     def wait(self, cond: Any, timeout: float, what: str) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if cond():
-                return
-            if not self.proc.alive():
-                break
-            time.sleep(0.1)
-        raise AssertionError(f"{what}: not within {timeout:g}s; bridge output:\n"
-                             f"{self.proc.output()[-4000:]}")
+        self.proc.until(cond, timeout, what)
 
 
 def _config(sim_port: int, http_port: int, out: Path, tickers: list[str], *,

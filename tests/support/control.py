@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import http.client
-import re
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -96,22 +95,10 @@ class Running:
 
     def rss(self) -> int:
         """The bridge's resident memory, bytes."""
-        assert self.bridge.popen is not None
-        status = Path(f"/proc/{self.bridge.popen.pid}/status").read_text()
-        found = re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE)
-        assert found is not None
-        return int(found.group(1)) * 1024
+        return self.bridge.rss()
 
     def wait(self, cond: Callable[[], bool], timeout: float, what: str) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if cond():
-                return
-            if not self.bridge.alive():
-                break
-            time.sleep(0.1)
-        raise AssertionError(f"{what}: not within {timeout}s; bridge output:\n"
-                             f"{self.bridge.output()[-3000:]}")
+        self.bridge.until(cond, timeout, what)
 
 
 def tokens_yaml(spec: Mapping[str, str]) -> str:

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 #: set to 1 to ignore the brokers running on this machine and start our own
@@ -158,6 +159,26 @@ class Proc:
             return self.log_path.read_text(errors="replace")
         except OSError:
             return ""
+
+    def rss(self) -> int:
+        """The process's resident memory, bytes (Linux: /proc)."""
+        status = Path(f"/proc/{self.pid}/status").read_text()
+        found = re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE)
+        assert found is not None
+        return int(found.group(1)) * 1024
+
+    def until(self, cond: Callable[[], object], timeout: float, what: str) -> None:
+        """Wait until ``cond()`` holds; fail naming ``what`` with the end of the output,
+        at once if the process ended meanwhile."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if cond():
+                return
+            if not self.alive():
+                break
+            time.sleep(0.1)
+        raise AssertionError(f"{what}: not within {timeout:g}s; output:\n"
+                             f"{self.output()[-4000:]}")
 
     def __enter__(self) -> Proc:
         return self.start()
