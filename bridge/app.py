@@ -600,9 +600,8 @@ class Bridge:
                 out.append(f"+{len(added)} {kind}(s)"
                            + (f" ({len(added) - took} refused)" if took < len(added) else ""))
             if removed:
+                # (the market forgot them already: the sources tell it what leaves)
                 out.append(f"-{len(removed)} {kind}(s)")
-                gone = [s for s in removed if s not in subs.desired().get(kind, ())]
-                self.market.forget(kind, gone)  # (the sources' listener did already)
         return out
 
     def _retire(self, worker: SinkWorker) -> None:
