@@ -84,6 +84,7 @@ SINK_EVENTS_CONFLATED: Final = "aleno_bridge_sink_events_conflated"
 SINK_PUBLISH_FAILURES: Final = "aleno_bridge_sink_publish_failures"
 SINK_RECONNECTS: Final = "aleno_bridge_sink_reconnects"
 SINK_CONNECT_FAILURES: Final = "aleno_bridge_sink_connect_failures"
+SINK_DRIVER_ERRORS: Final = "aleno_bridge_sink_driver_errors"
 SINK_PUBLISH_SECONDS: Final = "aleno_bridge_sink_publish_seconds"
 
 #: the bridge's state at scrape time
@@ -336,6 +337,12 @@ class SnapshotCollector(Collector):
         connect_failed = CounterMetricFamily(SINK_CONNECT_FAILURES,
                                              "Failed connection attempts of a sink (connect() "
                                              "raised or timed out).", labels=["sink"])
+        driver_errors = CounterMetricFamily(SINK_DRIVER_ERRORS,
+                                            "connect()/publish() calls that failed with a bug "
+                                            "in the driver (an exception type it did not "
+                                            "map), by type; the batch was kept and retried.",
+                                            labels=["sink", "error"])
+
         def counted(sink: SinkSnapshot) -> None:
             """The series every sink keeps until restart, a retired one too."""
             name = sink.name
@@ -349,6 +356,8 @@ class SnapshotCollector(Collector):
             failed.add_metric([name], sink.failed_batches)
             reconn.add_metric([name], sink.reconnects)
             connect_failed.add_metric([name], sink.connect_failures)
+            for kind, n in sorted(sink.driver_errors.items()):
+                driver_errors.add_metric([name, kind], n)
 
         for sink in snap.sinks:
             name = sink.name
@@ -363,4 +372,4 @@ class SnapshotCollector(Collector):
             # up: it is gone, not down), and what it still holds while it drains
             counted(sink)
         yield from (state, up_, depth, capacity, offered, blocked, published, dropped, conflated,
-                    failed, reconn, connect_failed, rejections)
+                    failed, reconn, connect_failed, driver_errors, rejections)

@@ -424,6 +424,9 @@ def add_counts(a: SinkSnapshot, b: SinkSnapshot) -> SinkSnapshot:
     dropped = dict(a.dropped)
     for reason, n in b.dropped.items():
         dropped[reason] = dropped.get(reason, 0) + n
+    bugs = dict(a.driver_errors)
+    for kind, n in b.driver_errors.items():
+        bugs[kind] = bugs.get(kind, 0) + n
     return dataclasses.replace(
         a, depth=a.depth + b.depth, blocked=a.blocked + b.blocked,
         offered=a.offered + b.offered, published=a.published + b.published,
@@ -431,6 +434,7 @@ def add_counts(a: SinkSnapshot, b: SinkSnapshot) -> SinkSnapshot:
         failed_batches=a.failed_batches + b.failed_batches,
         reconnects=a.reconnects + b.reconnects, rejections=a.rejections + b.rejections,
         connect_failures=a.connect_failures + b.connect_failures,
+        driver_errors=frozen_counts(bugs),
     )
 
 

@@ -30,7 +30,13 @@ bytes object), its topic and key (shared per symbol) and the event's light heade
 
 An event leaves the worker only when the driver confirmed it (``publish`` returned)
 or when it is dropped for a counted reason (``buffer_full``, ``rejected``,
-``dead_lettered``, ``driver_error``, ``shutdown``). ``offered`` counts the events the
+``dead_lettered``, ``shutdown``). A batch whose ``publish`` raised anything but an
+explicit refusal (:class:`~bridge.sinks.SinkRejectedError`) stays in flight and is
+published again: after a backoff, on the same connection for a
+:class:`~bridge.sinks.SinkRetryError`, after a reconnect otherwise, a driver bug (an
+exception type the driver did not map) included. ``dropped{reason="driver_error"}``
+is kept as a series for dashboards and stays 0; driver bugs are counted by type in
+:attr:`SinkStats.driver_errors`. ``offered`` counts the events the
 worker *accepted* (or dropped on arrival); a ``block`` offer that waits for room is
 not offered yet: it shows in :attr:`SinkWorker.blocked` (metric
 ``aleno_bridge_sink_blocked_offers``) and is counted as offered when it is queued, or
@@ -66,7 +72,15 @@ from typing import Any, Final
 from bridge.backoff import Backoff
 from bridge.config import SinkSpec
 from bridge.logs import quiet, redact
-from bridge.sinks import Budget, Message, Sink, SinkError, is_io_error, topic_rules
+from bridge.sinks import (
+    Budget,
+    Message,
+    Sink,
+    SinkError,
+    SinkRetryError,
+    is_io_error,
+    topic_rules,
+)
 from bridge.state import SinkSnapshot, SinkState, frozen_counts
 
 log = logging.getLogger("aleno_bridge.runner")
@@ -77,6 +91,8 @@ MAX_DEAD_LETTER_ERROR: Final = 1000
 #: the time ``stop`` keeps for closing the driver, at most (a quarter of its budget
 #: when that is smaller)
 CLOSE_RESERVE_S: Final = 1.0
+#: distinct driver-bug exception types logged with their traceback, per sink (at most)
+MAX_LOGGED_BUGS: Final = 100
 #: records the bridge's dispatcher validates, encodes and routes between two checks of
 #: the sinks' room (and two yields to the event loop)
 DISPATCH_CHUNK: Final = 500
@@ -104,6 +120,10 @@ class SinkStats:
     connect_failures: int = 0
     #: of those, the ones that failed with a driver bug (not an I/O or bus error)
     connect_driver_errors: int = 0
+    #: failed ``connect()`` and ``publish()`` calls that raised what no bus raises (a
+    #: bug in the driver), by exception type (metric
+    #: ``aleno_bridge_sink_driver_errors_total{error}``); the batch was kept and retried
+    driver_errors: dict[str, int] = field(default_factory=dict)
 
     def drop(self, reason: str, n: int = 1) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + n
@@ -137,11 +157,13 @@ class SinkWorker:
         self.connect_timeout_s = retry.connect_timeout_s
         # the one place the driver learns its time: it bounds its own waits below these
         self.sink.budget = Budget(retry.publish_timeout_s, retry.connect_timeout_s)
-        #: connect bugs already logged with their traceback (type and message)
-        self._connect_bugs: set[tuple[str, str]] = set()
+        #: driver-bug exception types already logged with their traceback
+        self._logged_bugs: set[str] = set()
         self.backoff = Backoff(retry.initial_backoff_s, retry.max_backoff_s)
         self.stats = SinkStats()
         self.state = SinkState.IDLE
+        #: the (state, cause type) of the last state line logged
+        self._logged: tuple[SinkState, str | None] = (SinkState.IDLE, None)
         self.connected = False
         #: where refused events go (set by the bridge from ``dead_letter:``)
         self.dead_letter: SinkWorker | None = None
@@ -310,6 +332,7 @@ class SinkWorker:
             reconnects=st.reconnects,
             rejections=st.rejections,
             connect_failures=st.connect_failures,
+            driver_errors=frozen_counts(st.driver_errors),
             last_error=st.last_error,
             last_rejection=st.last_rejection,
             seconds_since_rejection=(
@@ -318,20 +341,27 @@ class SinkWorker:
         )
 
     def _set_state(self, state: SinkState, error: BaseException | None = None,
-                   prefix: str = "") -> None:
+                   prefix: str = "", *, quiet: bool = False) -> None:
+        """Record the state and its cause; log only a change of state or of the
+        cause's type, so a failure retried for minutes is one line, not one per attempt.
+
+        ``quiet``: connected again while a failed batch waits to be retried; not news
+        until that batch is published (then ``connected`` is logged once).
+        """
         detail = f"{prefix}{type(error).__name__}: {error}" if error is not None else None
-        if state != self.state or detail != self.stats.last_error:
-            extra = {"sink": self.name, "driver": self.spec.common.driver, "state": state}
-            if error is not None:
-                log.warning(
-                    "sink %s (%s) is %s: %s", self.name, self.spec.common.driver, state, detail,
-                    extra=extra,
-                )
-            else:
-                log.info("sink %s (%s) is %s", self.name, self.spec.common.driver, state,
-                         extra=extra)
         self.state = state
         self.stats.last_error = detail
+        cause = None if error is None else f"{prefix}{type(error).__name__}"
+        if quiet or (state, cause) == self._logged:
+            return
+        self._logged = (state, cause)
+        extra = {"sink": self.name, "driver": self.spec.common.driver, "state": state}
+        if error is not None:
+            log.warning("sink %s (%s) is %s: %s", self.name, self.spec.common.driver, state,
+                        detail, extra=extra)
+        else:
+            log.info("sink %s (%s) is %s", self.name, self.spec.common.driver, state,
+                     extra=extra)
 
     async def _connect(self) -> bool:
         if self.state == SinkState.IDLE:
@@ -352,22 +382,28 @@ class SinkWorker:
         if self.stats.connects > 1:
             self.stats.reconnects += 1
         self.connected = True
-        self._set_state(SinkState.CONNECTED)
+        self._set_state(SinkState.CONNECTED, quiet=bool(self._inflight))
         return True
 
     def _connect_bug(self, exc: Exception) -> None:
         """``connect()`` raised what no bus raises: a bug in the driver. Shown as
-        ``driver_error`` in the state, logged with its traceback once per distinct
-        error; connecting is still retried with backoff (the bus may be fine)."""
+        ``driver_error`` in the state, logged with its traceback once per exception
+        type; connecting is still retried with backoff (the bus may be fine)."""
         self.stats.connect_driver_errors += 1
-        key = (type(exc).__name__, str(exc))
-        if key not in self._connect_bugs:
-            if len(self._connect_bugs) < 100:
-                self._connect_bugs.add(key)
+        self._driver_bug(exc, "connect()", "retrying with backoff")
+
+    def _driver_bug(self, exc: Exception, call: str, then: str) -> None:
+        """Count a driver bug by type, log its traceback once per type, show it in
+        the state."""
+        kind = type(exc).__name__
+        errors = self.stats.driver_errors
+        errors[kind] = errors.get(kind, 0) + 1
+        if kind not in self._logged_bugs and len(self._logged_bugs) < MAX_LOGGED_BUGS:
+            self._logged_bugs.add(kind)
             log.error(
-                "sink %s (%s): connect() failed with a bug in the driver (not an I/O or "
-                "bus error); retrying with backoff", self.name, self.spec.common.driver,
-                exc_info=exc, extra={"sink": self.name},
+                "sink %s (%s): %s failed with a bug in the driver (%s is not an I/O or bus "
+                "error it mapped); %s", self.name, self.spec.common.driver, call, kind, then,
+                exc_info=exc, extra={"sink": self.name, "driver_error": kind},
             )
         self._set_state(SinkState.FAILING, exc, prefix="driver_error: ")
 
@@ -405,20 +441,23 @@ class SinkWorker:
             except Exception as exc:
                 self.stats.failed_batches += 1
                 self.stats.last_publish_ok = False
-                if self.sink.is_retriable(exc):
+                if isinstance(exc, SinkRetryError):
+                    # the connection is fine: the same batch again, after the backoff
+                    self._set_state(SinkState.FAILING, exc)
+                    await self._pause()
+                elif self.sink.is_retriable(exc):
                     self._set_state(SinkState.FAILING, exc)
                     await self._safe_close()
                     await self._pause()
                 elif isinstance(exc, SinkError):
                     self._rejected(exc)
                 else:
-                    log.exception(
-                        "sink %s (%s): the driver failed unexpectedly; dropped a batch of %d",
-                        self.name, self.spec.common.driver, len(self._inflight),
-                        extra={"sink": self.name},
-                    )
-                    self.stats.drop("driver_error", len(self._inflight))
-                    self._done()
+                    # an exception the driver did not map: keep the batch, suspect the
+                    # connection, retry; only an explicit refusal drops
+                    self._driver_bug(exc, f"publish() of {len(self._inflight)} event(s)",
+                                     "the batch is kept and retried after a reconnect")
+                    await self._safe_close()
+                    await self._pause()
                 continue
             elapsed = time.perf_counter() - started
             if self._on_latency is not None:
@@ -427,7 +466,7 @@ class SinkWorker:
             self.stats.last_publish_ok = True
             self._done()
             self.backoff.reset()
-            if self.state != SinkState.CONNECTED:
+            if self._logged != (SinkState.CONNECTED, None):
                 self._set_state(SinkState.CONNECTED)
 
     # -- permanent refusals ---------------------------------------------------------

@@ -24,27 +24,44 @@ Lifecycle promises the runner keeps:
 
 - ``__init__`` does no I/O; it only stores the validated options.
 - ``connect()`` is called before the first ``publish`` and again after a ``connect``
-  that raised or a ``publish`` that raised a retriable error; ``close()`` is called
-  before each reconnect.
+  that raised or a ``publish`` that raised anything but :class:`SinkRetryError` or
+  :class:`SinkRejectedError`; ``close()`` is called before each reconnect.
 - ``publish(batch)`` returns only once the bus accepted every message of ``batch``
   (delivery report, PUBACK, publish ack or flush) and raises otherwise. A batch that
-  raised a retriable error is retried whole, so a driver may deliver some messages twice, never zero
+  raised is retried whole, so a driver may deliver some messages twice, never zero
   times. Messages of one symbol are given in order and must be sent in order.
 - ``close()`` is called once at shutdown and may be called again: it must be
   idempotent and must not raise on a sink that never connected.
-- A retriable exception (:meth:`Sink.is_retriable`: a :class:`SinkError` whose
-  ``retriable`` is true, or an instance of :attr:`Sink.retriable_errors`) makes the
-  runner reconnect and retry. A :class:`SinkRejectedError` drops the refused messages
-  (the whole batch unless the error says which or how many; counted as
-  ``dropped{reason="rejected"}``) because retrying them can never succeed, or hands
-  them to the sink's ``dead_letter`` sink when one is configured (counted as
-  ``dropped{reason="dead_lettered"}``); the rest of the batch counts as published.
-  Any other exception is a driver bug: the batch is dropped as ``driver_error`` and
-  logged with its traceback, so a bug can neither wedge the sink nor hide. The same
-  holds for ``connect()``: an exception that is no I/O or bus error (not an
+- **Only an explicit refusal loses messages.** What ``publish`` raises decides:
+
+  - :class:`SinkRejectedError` (or another :class:`SinkError` whose ``retriable`` is
+    false): the bus refused messages for good. The refused ones are dropped (the whole
+    batch unless the error says which or how many; counted as
+    ``dropped{reason="rejected"}``), or handed to the sink's ``dead_letter`` sink when
+    one is configured (``dropped{reason="dead_lettered"}``); the rest of the batch
+    counts as published.
+  - :class:`SinkRetryError`: the batch failed for a reason that does not concern the
+    connection (a revoked privilege, a full table, a throttled write). The runner
+    keeps the connection, backs off and publishes the same batch again; it logs the
+    change to ``failing`` once, not once per attempt.
+  - a retriable error (:meth:`Sink.is_retriable`: a :class:`SinkError` whose
+    ``retriable`` is true, or an instance of :attr:`Sink.retriable_errors`): the
+    connection is lost or the bus is down. The runner closes, backs off, reconnects
+    and publishes the same batch again.
+  - anything else is a bug in the driver (an exception type it did not map). The
+    batch is **kept**: the connection is treated as suspect (closed, then reconnected
+    after a backoff) and the same batch is published again. The failure is counted
+    as ``driver_errors{error=<type>}``, its traceback is logged once per type, and the
+    sink's state on ``/readyz`` reads ``driver_error: <type>: <message>`` until a
+    publish succeeds. A bug that fails every time therefore holds the sink (its
+    buffer's ``when_full`` policy applies to what arrives) instead of losing data
+    silently: fix the driver, or map the error.
+
+  The same holds for ``connect()``: an exception that is no I/O or bus error (not an
   :class:`OSError`, :class:`TimeoutError`, :class:`SinkError` or one of
-  :attr:`Sink.retriable_errors`) is logged once with its traceback and shown as
-  ``driver_error`` in the sink's state, and connecting is retried with backoff.
+  :attr:`Sink.retriable_errors`) is a driver bug, logged once per type with its
+  traceback and shown as ``driver_error`` in the sink's state; connecting is retried
+  with backoff.
 - Before ``connect()`` the core sets :attr:`Sink.budget`: the seconds the worker gives
   one ``connect()`` and one ``publish()`` (the sink's ``retry.connect_timeout_s`` and
   ``retry.publish_timeout_s``). A driver bounds its own waits below them, so its own
@@ -163,6 +180,17 @@ class SinkConnectionError(SinkError, ConnectionError):
     """The bus is unreachable or dropped the connection (retriable)."""
 
 
+class SinkRetryError(SinkError):
+    """Retry this batch later; the connection is fine (retriable, no reconnect).
+
+    For a failure that concerns the data or the destination, not the link: a revoked
+    privilege on one table, a full disk or quota, a throttled write, a lock timeout.
+    The runner keeps the connection, waits its backoff and publishes the same batch
+    again, for as long as it takes; the sink's state changes to ``failing`` once (one
+    log line, however many attempts) and back to ``connected`` when a publish succeeds.
+    """
+
+
 class SinkRejectedError(SinkError):
     """The bus refused messages for good (too large, invalid topic, not authorized...).
 
@@ -224,6 +252,12 @@ class Sink(ABC, Generic[OptionsT]):
         exception types after which reconnecting and retrying can succeed.
     ``formats``
         the wire formats this driver can carry; the configuration refuses others.
+    ``idempotent``
+        the bus drops a message it already stored, by the event id (JetStream's
+        ``Nats-Msg-Id``, a database's primary key with ``ON CONFLICT DO NOTHING``): a
+        retried batch makes no duplicate. The conformance suite then checks it
+        (``test_a_retried_batch_makes_no_duplicate``); a probe may claim it instead,
+        for a driver whose idempotence depends on its options.
     ``quiet_loggers``
         the client library's loggers; the core keeps them at WARNING or above and, unless
         the bridge logs at DEBUG, silences them (the worker reports every connection
@@ -243,6 +277,8 @@ class Sink(ABC, Generic[OptionsT]):
     )
     #: formats this driver can carry (all three by default).
     formats: ClassVar[tuple[str, ...]] = ("cloudevents-json", "cloudevents-binary", "raw")
+    #: the bus deduplicates a retried batch by event id (see the class docstring)
+    idempotent: ClassVar[bool] = False
     #: loggers of the client library the core quiets (see the class docstring)
     quiet_loggers: ClassVar[tuple[str, ...]] = ()
     #: the worker's time for one call; replaced per sink by the core before ``connect()``

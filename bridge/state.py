@@ -170,6 +170,9 @@ class SinkSnapshot:
     seconds_since_rejection: float | None
     #: ``connect()`` attempts that failed or timed out (each one is retried after a backoff)
     connect_failures: int = 0
+    #: ``connect()``/``publish()`` calls that failed with a bug in the driver (an exception
+    #: type it did not map), by type; the batch was kept and retried
+    driver_errors: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -318,6 +321,8 @@ def readiness(snap: BridgeSnapshot,
         check: dict[str, Any] = {"ok": sink.ready, "state": sink.state.value,
                                  "required": sink.required,
                                  "error": redact(error) if error else None}
+        if sink.driver_errors:
+            check["driver_errors"] = dict(sink.driver_errors)
         if sink.last_rejection is not None:
             # visible even while ready: the bus refuses some events for good
             check["rejections"] = sink.rejections

@@ -8,11 +8,12 @@
   :func:`~bridge.testing.wait.wait_until_sync`: poll until a condition holds, failing
   with what did not happen in time;
 - :class:`~bridge.testing.proxy.FaultProxy`: a TCP proxy that refuses, stalls or resets
-  the link to a bus on demand (a hung or dead bus without touching the bus);
-- :class:`~bridge.testing.proxy.FaultProxy`: a TCP proxy that refuses, stalls or resets
   a driver's connections on demand (outages and a hung bus without killing the bus);
 - :class:`~bridge.testing.conformance.SinkConformance`: the reusable pytest suite a
-  driver author runs against a real bus (see docs/writing-plugins.md).
+  driver author runs against a real bus (see docs/writing-plugins.md);
+- :func:`~bridge.testing.mutants.run_mutants`: runs that suite against deliberately
+  broken subclasses of the driver, each in its own process, to prove the suite
+  catches them.
 
 Install it with the light extra ``pip install 'aleno-bridge[testing]'`` (pytest and
 pytest-asyncio only).

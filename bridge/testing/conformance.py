@@ -35,20 +35,33 @@ CloudEvents attributes per the bus's binding; hostile symbols make valid topics;
 descriptor; a cancelled ``publish`` leaves the driver usable; secrets stay out of
 ``repr``, errors and logs.
 
+Since suite v3 it also checks what a database-like sink promises: a worker that
+meets an outage or a dropped connection must see only I/O or bus errors (a
+``driver_error``, such as a ``connect()`` that raises ``TypeError`` on its failure
+path, fails the test) and drop nothing; keys are checked whenever the probe reports
+any; a driver that claims to deduplicate gets a retried batch and must store it once.
+A wait that times out says what it waited for, how many arrived and the first missing
+ids; a driver call that hangs says which call.
+
 Optional capabilities are opt-in, each test that needs one skips with the reason when
-it is missing: on the probe, :attr:`BusProbe.delivers_keys`,
-:attr:`BusProbe.exact_bodies`, :meth:`BusProbe.refusing` (make the bus refuse some
-messages), :meth:`BusProbe.attributes`, and :meth:`BusProbe.bus_address` +
-:meth:`BusProbe.options_via`, which route the driver through a
-:class:`~bridge.testing.proxy.FaultProxy` so that outages, dropped connections and a
-hung bus are tested without killing the bus; on the suite,
+it is missing: on the probe, :attr:`BusProbe.delivers_keys` (``False`` opts out of the
+key checks), :attr:`BusProbe.exact_bodies`, :attr:`BusProbe.idempotent` (or
+:attr:`~bridge.sinks.Sink.idempotent` on the driver), :meth:`BusProbe.refusing` (make
+the bus refuse some messages; may be async), :meth:`BusProbe.attributes`, and
+:meth:`BusProbe.bus_address` + :meth:`BusProbe.options_via`, which route the driver
+through a :class:`~bridge.testing.proxy.FaultProxy` so that outages, dropped
+connections and a hung bus are tested without killing the bus; on the suite,
 :meth:`SinkConformance.secret_options`.
+
+To prove the suite catches a broken driver, run it against deliberately broken
+subclasses with :func:`bridge.testing.mutants.run_mutants`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import os
 import time
@@ -56,9 +69,9 @@ import traceback
 import uuid
 from abc import ABC, abstractmethod
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import orjson
 import pytest
@@ -70,6 +83,8 @@ from bridge.sinks import Message, Sink, SinkOptions, SinkRejectedError, check_dr
 from bridge.testing.proxy import FaultProxy
 from bridge.testing.sample import messages, sample_events
 from bridge.testing.wait import wait_until
+
+T = TypeVar("T")
 
 #: symbols with every character some bus treats specially in a topic
 HOSTILE_SYMBOLS = (
@@ -92,8 +107,28 @@ class Received:
         return env
 
 
+#: what :meth:`BusProbe.refusing` returns: the batch to send and the refused indices
+Refusal = tuple[list[Message], list[int]] | None
+
+
 class BusProbe(ABC):
-    """An independent consumer of the bus under test."""
+    """An independent consumer of the bus under test.
+
+    The words of this API come from buses with topics; on a bus without them they
+    mean what the driver maps them to, and the probe maps them back:
+
+    - a **topic** is where a message goes, as the driver names it from the route's
+      topic template: a subject (NATS), a topic (Kafka, MQTT), a table (a database), a
+      stream or a queue, a file, an URL path. :meth:`subscribe` starts watching that
+      place; :attr:`Received.topic` is the place the message was found in, named the
+      way the driver was given it (a probe reading table ``prices_btc`` reports the
+      topic that the driver turned into that table).
+    - a **key** is the message's partitioning or identity value where the bus has one
+      (Kafka's record key, a NATS header, an MQTT user property, a column); a bus
+      without any sets :attr:`delivers_keys` to ``False``.
+    - a **body** is the bytes the driver stored for the message (a row's JSON column,
+      a file line); the suite decodes it as the envelope.
+    """
 
     @abstractmethod
     async def subscribe(self, topic: str) -> None:
@@ -125,19 +160,32 @@ class BusProbe(ABC):
 
     # -- optional capabilities (new tests skip, naming the missing one) --------------
 
-    #: :attr:`Received.key` is the message's key as the sink sent it (set it when the bus
-    #: carries keys and the probe reports them)
-    delivers_keys: bool = False
+    #: whether :attr:`Received.key` reports the message's key. Left unset (``None``),
+    #: keys are checked: a batch sent with keys of which none arrives with one fails
+    #: (the driver drops keys, or this probe cannot see them: then say ``False``).
+    #: ``False`` opts out, but keys the probe does report are still checked; ``True``
+    #: checks every key.
+    delivers_keys: bool | None = None
+    #: the bus keeps one copy of a message published twice (by the event id): the
+    #: suite checks it with a retried batch (``test_a_retried_batch_makes_no_duplicate``).
+    #: Claim it here when the driver's idempotence depends on its options (JetStream
+    #: on, a key column); a driver that is always idempotent sets ``Sink.idempotent``.
+    idempotent: bool = False
     #: :attr:`Received.body` holds the exact bytes sent (else bodies are compared as JSON)
     exact_bodies: bool = False
     #: :meth:`bus_address` is also the address the driver publishes to (``False`` for a
     #: bus whose clients are redirected after bootstrap, like Kafka's metadata)
     proxy_covers_publish: bool = True
 
-    def refusing(self, batch: Sequence[Message]) -> tuple[list[Message], list[int]] | None:
+    def refusing(
+        self, batch: Sequence[Message],
+    ) -> Refusal | Awaitable[Refusal]:
         """A copy of ``batch`` in which the bus will refuse some messages for good (too
-        large, forbidden topic...), and the indices of those; ``None``: cannot (the
-        partial-rejection test is then skipped)."""
+        large, forbidden topic, a row violating a constraint...), and the indices of
+        those; ``None``: cannot (the partial-rejection test is then skipped).
+
+        May be a coroutine (``async def refusing``) to prepare the bus first: revoke a
+        privilege, create a table with a ``CHECK`` constraint, set a topic's limit."""
         return None
 
     def attributes(self, received: Received) -> Mapping[str, str] | None:
@@ -215,6 +263,13 @@ class SinkConformance:
     settle_s: ClassVar[float] = 0.5
     #: connect/close cycles of the leak test
     reconnect_cycles: ClassVar[int] = 5
+    #: how long the fault tests wait for the worker to deliver once the bus is back
+    #: (``None``: three times :attr:`timeout_s`)
+    recover_within_s: ClassVar[float | None] = None
+
+    @property
+    def recovery_s(self) -> float:
+        return self.recover_within_s if self.recover_within_s is not None else 3 * self.timeout_s
 
     @pytest.fixture
     def secret_values(self) -> list[str]:
@@ -271,16 +326,19 @@ class SinkConformance:
         batch = messages(events, topic, self.format)
         sink = self.make(options)
         try:
-            await asyncio.wait_for(sink.connect(), self.timeout_s)
-            await asyncio.wait_for(sink.publish(batch), self.timeout_s)
+            await self._call(sink.connect(), "connect()")
+            await self._publish(sink, batch)
             got = await probe.received(len(batch), self.timeout_s)
         finally:
             await sink.close()
             await sink.close()
-        assert len(got) >= len(batch), f"{len(got)} of {len(batch)} messages arrived"
         ids = [r.envelope()["id"] for r in got]
-        assert set(ids) == {m.id for m in batch}
-        assert all(r.topic == topic for r in got)
+        missing = [m.id for m in batch if m.id not in set(ids)]
+        assert not missing, (f"{len(batch) - len(missing)} of {len(batch)} messages arrived "
+                             f"within {self.timeout_s}s; first missing: {missing[:3]}")
+        assert set(ids) == {m.id for m in batch}, "messages arrived that were not sent"
+        wrong = [(r.envelope()["id"], r.topic) for r in got if r.topic != topic]
+        assert not wrong, f"sent to {topic!r}, arrived elsewhere: {wrong[:3]}"
         per_symbol: dict[str, list[int]] = defaultdict(list)
         for r in got:
             data = r.envelope()["data"]
@@ -302,7 +360,9 @@ class SinkConformance:
             try:
                 for m in first:
                     worker.offer(m)
-                await wait_until(lambda: worker.stats.published == len(first), self.timeout_s)
+                await wait_until(lambda: worker.stats.published == len(first), self.timeout_s,
+                                 f"the worker published {len(first)} before the drop",
+                                 detail=_worker_detail(worker))
                 if not await probe.drop_connections():
                     if route.proxy is None or not route.covers_publish:
                         pytest.skip("this probe cannot make the bus drop connections "
@@ -311,23 +371,32 @@ class SinkConformance:
                 for m in second:
                     worker.offer(m)
                 await wait_until(lambda: worker.stats.published >= len(first) + len(second),
-                                 60.0)
+                                 self.recovery_s,
+                                 f"the worker published {len(second)} more after the drop",
+                                 detail=_worker_detail(worker))
                 # a broker that loses its data on restart may lose ``first``: wait for
                 # ``second`` (published after the drop) only
                 missing = await _missing(probe, second, len(first) + len(second),
                                          self.timeout_s)
             finally:
                 await worker.stop(5.0)
-        assert not missing, f"{len(missing)} message(s) published after the drop never arrived"
-        assert worker.stats.dropped.get("rejected", 0) == 0
+        assert not missing, (f"{len(missing)} message(s) published after the drop never "
+                             f"arrived; first missing: {sorted(missing)[:3]}")
+        _assert_clean_failure_path(worker)
 
     async def test_publishing_during_an_outage_is_retried_until_the_bus_is_back(
         self, options: Mapping[str, Any], probe: BusProbe
     ) -> None:
-        """The outage lasts until the worker called ``connect()`` on the still-down bus."""
+        """The outage lasts until the worker called ``connect()`` on the still-down bus.
+
+        A probe that can stop the bus (``stop_bus``) gets the driver connected to the
+        bus itself: a proxy in front of a stopped bus still accepts TCP connections,
+        which a driver that only checks reachability would take for a bus that is up.
+        """
         topic = unique_topic()
         await probe.subscribe(topic)
-        async with self._route(options, probe) as route:
+        stops = type(probe).stop_bus is not BusProbe.stop_bus
+        async with self._route(options, probe, direct=stops) as route:
             sink = self.make(route.options, "conformance")
             connects = _count_connects(sink)
             worker = self._worker(route.options, sink)
@@ -337,13 +406,18 @@ class SinkConformance:
                               topic, self.format)
             try:
                 worker.offer(warm[0])  # connected and publishing before the outage starts
-                await wait_until(lambda: worker.stats.published == 1, self.timeout_s)
+                await wait_until(lambda: worker.stats.published == 1, self.timeout_s,
+                                 "the worker published before the outage",
+                                 detail=_worker_detail(worker))
                 before = connects[0]
+                failures, connected = worker.stats.connect_failures, worker.stats.connects
                 stopped = await probe.stop_bus()
-                if not stopped:
-                    if route.proxy is None or not route.covers_publish:
-                        pytest.skip("this probe cannot take the bus down "
-                                    "(stop_bus, or bus_address + options_via)")
+                if not stopped and (route.proxy is None or not route.covers_publish):
+                    pytest.skip("this probe cannot take the bus down "
+                                "(stop_bus, or bus_address + options_via)")
+                if route.proxy is not None:
+                    # a proxy in front of a stopped bus would still accept connections:
+                    # refuse them, as the bus itself would
                     route.proxy.set_mode("refuse")
                 try:
                     for m in during:
@@ -351,23 +425,36 @@ class SinkConformance:
                     # the driver must fail (not hang, not pretend) while the bus is down
                     await wait_until(
                         lambda: worker.stats.failed_batches >= 1 or not worker.connected,
-                        self.timeout_s, "publishing failed while the bus is down")
+                        self.timeout_s, "publishing failed while the bus is down",
+                        detail=_worker_detail(worker))
                     assert worker.stats.published < 1 + len(during), (
                         "publish reported success while the bus was down")
                     await wait_until(lambda: connects[0] > before, self.timeout_s,
-                                     "connect() called again while the bus is still down")
+                                     "connect() called again while the bus is still down",
+                                     detail=_worker_detail(worker))
+                    # ... and that call over (failed, or returned on a lazy client)
+                    await wait_until(
+                        lambda: (worker.stats.connect_failures > failures
+                                 or worker.stats.connects > connected), self.timeout_s,
+                        "connect() on the bus still down returned or failed",
+                        detail=_worker_detail(worker))
+                    # the failure path itself must not be a bug (a connect() that raises
+                    # TypeError on every failure passes every other test: it is retried)
+                    _assert_clean_failure_path(worker)
                 finally:
                     if stopped:
                         await probe.start_bus()
-                    elif route.proxy is not None:
+                    if route.proxy is not None:
                         route.proxy.set_mode("pass")
-                await wait_until(lambda: worker.stats.published >= 1 + len(during), 60.0,
-                                 "everything published once the bus is back")
+                await wait_until(lambda: worker.stats.published >= 1 + len(during),
+                                 self.recovery_s, "everything published once the bus is back",
+                                 detail=_worker_detail(worker))
                 missing = await _missing(probe, during, 1 + len(during), self.timeout_s)
             finally:
                 await worker.stop(5.0)
-        assert not missing, f"{len(missing)} message(s) published during the outage are lost"
-        assert worker.stats.dropped == {}
+        assert not missing, (f"{len(missing)} message(s) published during the outage are lost; "
+                             f"first missing: {sorted(missing)[:3]}")
+        _assert_clean_failure_path(worker)
         assert worker.stats.reconnects >= 1 or worker.stats.failed_batches >= 1
 
     # -- every message once, where it belongs ----------------------------------------
@@ -387,7 +474,7 @@ class SinkConformance:
             batch.append(Message(topics[i % 3], key, enc.body, enc.content_type, ev.header,
                                  enc.attributes))
         async with self._connected(options) as sink:
-            await asyncio.wait_for(sink.publish(batch), self.timeout_s)
+            await self._publish(sink, batch)
             got = await self._settled(probe, len(batch))
         self._assert_exactly(batch, got, probe)
 
@@ -407,7 +494,7 @@ class SinkConformance:
             for size in sizes:
                 chunk = all_messages[start:start + size]
                 start += size
-                await asyncio.wait_for(sink.publish(chunk), self.timeout_s)
+                await self._publish(sink, chunk)
             got = await self._settled(probe, len(all_messages))
         self._assert_exactly(all_messages, got, probe)
         per_symbol: dict[str, list[int]] = defaultdict(list)
@@ -423,14 +510,15 @@ class SinkConformance:
         topic = unique_topic()
         await probe.subscribe(topic)
         good = messages(sample_events(symbols=4, updates=3), topic, self.format)
-        plan = probe.refusing(good)
+        answer = probe.refusing(good)
+        plan = await answer if inspect.isawaitable(answer) else answer
         if plan is None:
             pytest.skip("this probe cannot make the bus refuse messages (BusProbe.refusing)")
         batch, refused = plan
         assert 0 < len(refused) < len(batch), "refusing() must refuse some, not all"
         async with self._connected(options) as sink:
             with pytest.raises(SinkRejectedError) as caught:
-                await asyncio.wait_for(sink.publish(batch), self.timeout_s)
+                await self._publish(sink, batch)
             delivered = [m for i, m in enumerate(batch) if i not in set(refused)]
             got = await self._settled(probe, len(delivered))
         err = caught.value
@@ -441,6 +529,40 @@ class SinkConformance:
             said = {i if isinstance(i, int) else batch.index(i) for i in err.refused}
             assert said == set(refused), "SinkRejectedError.refused names other messages"
         self._assert_exactly(delivered, got, probe)
+
+    async def test_a_retried_batch_makes_no_duplicate(
+        self, options: Mapping[str, Any], probe: BusProbe
+    ) -> None:
+        """For a driver that deduplicates (``Sink.idempotent`` or
+        ``BusProbe.idempotent``): a batch is published, the connection is cut (its
+        acknowledgement lost, as far as the runner knows), the same batch is published
+        again after a reconnect, then a batch half old and half new: each message is
+        stored once."""
+        if not (self.driver.idempotent or probe.idempotent):
+            pytest.skip("the driver does not claim to deduplicate (Sink.idempotent or "
+                        "BusProbe.idempotent)")
+        topic = unique_topic()
+        await probe.subscribe(topic)
+        first = messages(sample_events(symbols=4, updates=5, start_ms=1_780_000_000_000),
+                         topic, self.format)
+        more = messages(sample_events(symbols=4, updates=3, start_ms=1_781_000_000_000),
+                        topic, self.format)
+        async with self._route(options, probe, publish=True) as route:
+            sink = self.make(route.options)
+            try:
+                await self._call(sink.connect(), "connect()")
+                await self._publish(sink, first)
+                if route.proxy is not None:
+                    route.proxy.drop_all()  # the connection is cut
+                await sink.close()  # what the runner does after a failed publish
+                await self._call(sink.connect(), "connect() after the cut")
+                await self._publish(sink, first, "publish() of the same batch again")
+                half = first[len(first) // 2:]
+                await self._publish(sink, [*half, *more], "publish() of half old, half new")
+                got = await self._settled(probe, len(first) + len(more))
+            finally:
+                await sink.close()
+        self._assert_exactly([*first, *more], got, probe)
 
     @pytest.mark.parametrize("fmt", ["cloudevents-json", "cloudevents-binary", "raw"])
     async def test_format(
@@ -458,7 +580,7 @@ class SinkConformance:
         batch = messages(sample_events(symbols=3, updates=2, kind="ticker")
                          + sample_events(symbols=2, updates=1, kind="equity"), topic, fmt)
         async with self._connected(options) as sink:
-            await asyncio.wait_for(sink.publish(batch), self.timeout_s)
+            await self._publish(sink, batch)
             got = await probe.received(len(batch), self.timeout_s)
         by_body = {orjson.dumps(orjson.loads(m.body), option=orjson.OPT_SORT_KEYS): m
                    for m in batch}
@@ -471,7 +593,9 @@ class SinkConformance:
             seen[m.id] = r
             if probe.exact_bodies:
                 assert r.body == m.body, f"{fmt}: the body of {m.id} was changed"
-        assert len(seen) == len(batch), f"{fmt}: {len(seen)} of {len(batch)} arrived"
+        unseen = [m.id for m in batch if m.id not in seen]
+        assert not unseen, (f"{fmt}: {len(seen)} of {len(batch)} arrived within "
+                            f"{self.timeout_s}s; first missing: {unseen[:3]}")
         if fmt != "cloudevents-binary":
             return
         for m in batch:
@@ -506,7 +630,7 @@ class SinkConformance:
         events = sample_events(symbols=len(topics), updates=1)
         batch = [messages([ev], t, self.format)[0] for ev, t in zip(events, topics, strict=True)]
         async with self._connected(options) as sink:
-            await asyncio.wait_for(sink.publish(batch), self.timeout_s)
+            await self._publish(sink, batch)
             got = await self._settled(probe, len(batch))
         self._assert_exactly(batch, got, probe)
 
@@ -516,10 +640,9 @@ class SinkConformance:
         topic = unique_topic()
         await probe.subscribe(topic)
         sink = self.make(options)
-        await asyncio.wait_for(sink.connect(), self.timeout_s)
+        await self._call(sink.connect(), "connect()")
         try:
-            await asyncio.wait_for(sink.publish(messages(sample_events(1, 1), topic)),
-                                   self.timeout_s)
+            await self._publish(sink, messages(sample_events(1, 1), topic))
         finally:
             took = await self._timed_close(sink)
         assert took < self.close_within_s, f"close() took {took:.1f}s"
@@ -556,9 +679,8 @@ class SinkConformance:
         async with self._route(options, probe, require=True, publish=True) as route:
             assert route.proxy is not None
             sink = self.make(route.options)
-            await asyncio.wait_for(sink.connect(), self.timeout_s)
-            await asyncio.wait_for(sink.publish(messages(sample_events(1, 1), topic)),
-                                   self.timeout_s)
+            await self._call(sink.connect(), "connect()")
+            await self._publish(sink, messages(sample_events(1, 1), topic))
             route.proxy.set_mode("stall")
             batch = messages(sample_events(2, 3, start_ms=1_750_000_000_000), topic)
             start = time.monotonic()
@@ -584,7 +706,7 @@ class SinkConformance:
         after = messages(sample_events(3, 2, start_ms=1_760_000_000_000), topic, self.format)
         async with self._route(options, probe, publish=True) as route:
             sink = self.make(route.options)
-            await asyncio.wait_for(sink.connect(), self.timeout_s)
+            await self._call(sink.connect(), "connect()")
             big = messages(sample_events(10, self.large_batch // 10), topic, self.format)
             if route.proxy is not None:
                 route.proxy.set_mode("stall")
@@ -597,12 +719,13 @@ class SinkConformance:
                 route.proxy.set_mode("pass")
             try:
                 await asyncio.wait_for(sink.close(), self.close_within_s)
-                await asyncio.wait_for(sink.connect(), self.timeout_s)
-                await asyncio.wait_for(sink.publish(after), self.timeout_s)
+                await self._call(sink.connect(), "connect()")
+                await self._publish(sink, after)
             finally:
                 await sink.close()
             missing = await _missing(probe, after, len(big) + len(after), self.timeout_s)
-        assert not missing, f"{len(missing)} message(s) published after the cancel are lost"
+        assert not missing, (f"{len(missing)} of {len(after)} message(s) published after the "
+                             f"cancel are lost; first missing: {sorted(missing)[:3]}")
 
     async def test_reconnecting_leaks_no_connection_task_or_fd(
         self, options: Mapping[str, Any], probe: BusProbe
@@ -614,17 +737,16 @@ class SinkConformance:
         async with self._route(options, probe) as route:
             counted = route.proxy if route.covers_publish else None
             sink = self.make(route.options)
-            await asyncio.wait_for(sink.connect(), self.timeout_s)  # warm: lazy imports...
+            await self._call(sink.connect(), "connect()")  # warm: lazy imports...
             await sink.close()
             await asyncio.sleep(0.1)
             fds, tasks = _open_fds(), len(asyncio.all_tasks())
             for i in range(self.reconnect_cycles):
-                await asyncio.wait_for(sink.connect(), self.timeout_s)
-                await asyncio.wait_for(sink.connect(), self.timeout_s)
-                await asyncio.wait_for(
-                    sink.publish(messages(sample_events(1, 1, start_ms=1_770_000_000_000
-                                                        + i * 1000), topic, self.format)),
-                    self.timeout_s)
+                await self._call(sink.connect(), "connect()")
+                await self._call(sink.connect(), "connect()")
+                await self._publish(sink, messages(
+                    sample_events(1, 1, start_ms=1_770_000_000_000 + i * 1000), topic,
+                    self.format))
                 if counted is not None:
                     assert counted.active <= 2, (
                         f"{counted.active} connections open after connect() twice: the "
@@ -677,6 +799,24 @@ class SinkConformance:
 
     # -- helpers ---------------------------------------------------------------------
 
+    async def _call(self, aw: Awaitable[T], what: str, timeout: float | None = None) -> T:
+        """Await one driver call; a call that hangs fails naming it (not a bare
+        ``TimeoutError``)."""
+        limit = self.timeout_s if timeout is None else timeout
+        start = time.monotonic()
+        try:
+            return await asyncio.wait_for(aw, limit)
+        except TimeoutError as exc:
+            if time.monotonic() - start < limit * 0.95:
+                raise  # the driver's own timeout: its error, as it raised it
+            msg = (f"{what} did not return within {limit}s: a driver bounds its own waits "
+                   "(below Sink.budget), so that its own error names the cause")
+            raise AssertionError(msg) from exc
+
+    async def _publish(self, sink: Sink[Any], batch: Sequence[Message],
+                       what: str = "publish()") -> None:
+        await self._call(sink.publish(batch), f"{what} of {len(batch)} message(s)")
+
     def _worker(self, options: Mapping[str, Any], sink: Sink[Any] | None = None) -> SinkWorker:
         name = "conformance"
         common = SinkCommon(
@@ -694,7 +834,7 @@ class SinkConformance:
     async def _connected(self, options: Mapping[str, Any]) -> AsyncIterator[Sink[Any]]:
         sink = self.make(options)
         try:
-            await asyncio.wait_for(sink.connect(), self.timeout_s)
+            await self._call(sink.connect(), "connect()")
             yield sink
         finally:
             await sink.close()
@@ -702,11 +842,12 @@ class SinkConformance:
     @contextlib.asynccontextmanager
     async def _route(
         self, options: Mapping[str, Any], probe: BusProbe, *, require: bool = False,
-        publish: bool = False,
+        publish: bool = False, direct: bool = False,
     ) -> AsyncIterator[_Route]:
         """Options through a :class:`FaultProxy` when the probe allows it; else as they
-        are (``require``: skip instead; ``publish``: the proxy must carry publishes)."""
-        address = probe.bus_address()
+        are (``require``: skip instead; ``publish``: the proxy must carry publishes;
+        ``direct``: no proxy)."""
+        address = None if direct else probe.bus_address()
         via = None
         proxy = None
         if address is not None and (probe.proxy_covers_publish or not publish):
@@ -740,16 +881,26 @@ class SinkConformance:
         """Each of ``sent`` arrived once, on its topic, with its key and its body."""
         by_id = {m.id: m for m in sent}
         counts = Counter(r.envelope()["id"] for r in got)
-        twice = sorted(i for i, n in counts.items() if n > 1)
-        assert not twice, f"{len(twice)} message(s) delivered more than once: {twice[:3]}"
-        missing = sorted(set(by_id) - set(counts))
-        assert not missing, f"{len(missing)} of {len(sent)} message(s) never arrived"
-        extra = sorted(set(counts) - set(by_id))
-        assert not extra, f"{len(extra)} message(s) arrived that were not sent"
+        twice = [i for i, n in counts.items() if n > 1]
+        assert not twice, (f"{len(twice)} of {len(sent)} message(s) delivered more than once: "
+                           f"{twice[:3]}")
+        missing = [i for i in by_id if i not in counts]
+        assert not missing, (f"{len(sent) - len(missing)} of {len(sent)} message(s) arrived; "
+                             f"first missing: {missing[:3]}")
+        extra = [i for i in counts if i not in by_id]
+        assert not extra, f"{len(extra)} message(s) arrived that were not sent: {extra[:3]}"
+        reported = any(r.key is not None for r in got)
+        keyed = sum(1 for m in sent if m.key is not None)
+        if probe.delivers_keys is None and keyed and not reported:
+            raise AssertionError(
+                f"{keyed} of {len(sent)} message(s) were sent with a key and none arrived "
+                "with one: the driver drops keys, or the probe cannot see them (then set "
+                "BusProbe.delivers_keys = False)")
+        check_keys = probe.delivers_keys is not False or reported
         for r in got:
             m = by_id[r.envelope()["id"]]
             assert r.topic == m.topic, f"{m.id} sent to {m.topic!r} arrived on {r.topic!r}"
-            if probe.delivers_keys:
+            if check_keys:
                 assert r.key == m.key, f"{m.id}: key {m.key!r} arrived as {r.key!r}"
             if probe.exact_bodies:
                 assert r.body == m.body, f"the body of {m.id} was changed"
@@ -774,6 +925,32 @@ class _Capture(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         with contextlib.suppress(Exception):
             self.texts.append(self.format(record) + repr(record.args))
+
+
+def _worker_detail(worker: SinkWorker) -> Callable[[], str]:
+    """What a worker did, for the message of a wait that timed out."""
+    def detail() -> str:
+        st = worker.stats
+        text = (f"published {st.published} of {st.offered} offered; state {worker.state}; "
+                f"connects {st.connects}, failed publishes {st.failed_batches}")
+        if st.dropped:
+            text += f"; dropped {dict(st.dropped)}"
+        if st.driver_errors:
+            text += f"; driver errors {dict(st.driver_errors)}"
+        if st.last_error:
+            text += f"; last error: {st.last_error[:300]}"
+        return text
+    return detail
+
+
+def _assert_clean_failure_path(worker: SinkWorker) -> None:
+    """A bus failure is an I/O or bus error, never a driver bug, and loses nothing."""
+    st = worker.stats
+    assert not st.driver_errors, (
+        f"on the failure path the driver raised what no bus raises: {dict(st.driver_errors)} "
+        f"(last error: {st.last_error}); map the client library's errors to SinkError "
+        "types or add them to Sink.retriable_errors")
+    assert st.dropped == {}, f"the worker dropped events: {dict(st.dropped)}"
 
 
 def _chain(exc: BaseException) -> list[BaseException]:

@@ -9,6 +9,8 @@ when it does not hold in time, so a failure reads like an assertion of the test:
 
     await until(lambda: len(server.posts) >= 3, 10, "three POSTs")
     await until(probe.has_everything, 10, "the probe saw the batch")  # async cond too
+    await until(lambda: worker.stats.published == 10, 10, "ten published",
+                detail=lambda: f"published {worker.stats.published}")
 
 :func:`wait_until` is the same function under its earlier name; :func:`wait_until_sync`
 is the variant for code without an event loop.
@@ -23,8 +25,15 @@ from collections.abc import Callable
 from typing import Any
 
 
-def _timed_out(what: str, timeout: float) -> AssertionError:
-    return AssertionError(f"{what}: not within {timeout}s")
+def _timed_out(what: str, timeout: float,
+               detail: Callable[[], object] | None = None) -> AssertionError:
+    text = f"{what}: not within {timeout}s"
+    if detail is not None:
+        try:
+            text += f" ({detail()})"
+        except Exception as exc:  # the message must not hide the timeout
+            text += f" (detail failed: {type(exc).__name__}: {exc})"
+    return AssertionError(text)
 
 
 async def until(
@@ -34,6 +43,7 @@ async def until(
     *,
     interval: float = 0.02,
     task: asyncio.Future[Any] | None = None,
+    detail: Callable[[], object] | None = None,
 ) -> float:
     """Poll ``cond()`` every ``interval`` seconds until it is true; return the seconds
     it took.
@@ -42,7 +52,8 @@ async def until(
     probe may ask the bus). Raises :class:`AssertionError` naming ``what`` after
     ``timeout`` seconds. When ``task`` is given (the bridge or source under test) and
     it fails first, its exception is raised at once instead of a timeout that would
-    hide it.
+    hide it. ``detail`` (optional) is called at the timeout and its result appended to
+    the message: what *did* happen (``lambda: f"{len(got)} of {n} arrived"``).
     """
     start = time.monotonic()
     while True:
@@ -54,7 +65,7 @@ async def until(
         if task is not None and task.done():
             task.result()
         if time.monotonic() - start > timeout:
-            raise _timed_out(what, timeout)
+            raise _timed_out(what, timeout, detail)
         await asyncio.sleep(interval)
 
 
@@ -68,12 +79,13 @@ def wait_until_sync(
     what: str = "condition",
     *,
     interval: float = 0.05,
+    detail: Callable[[], object] | None = None,
 ) -> float:
     """:func:`until` for code without an event loop (processes, threads): polls
     with :func:`time.sleep`; returns the seconds it took."""
     start = time.monotonic()
     while not cond():
         if time.monotonic() - start > timeout:
-            raise _timed_out(what, timeout)
+            raise _timed_out(what, timeout, detail)
         time.sleep(interval)
     return time.monotonic() - start

@@ -1,18 +1,18 @@
 """Mutation tests of the conformance suite: a driver with one defect must fail it.
 
-Each mutant subclasses a built-in driver and overrides one thing. :func:`run_suite`
-runs the :class:`~bridge.testing.conformance.SinkConformance` tests of the driver's own
-test class (same options, same probe as its passing run) against the mutant, the test
-expected to catch it first, then the others until one fails; a mutant that passes every
-test fails here. The healthy drivers pass the same suite in their own test modules.
+Each mutant subclasses a built-in driver and overrides one thing.
+:func:`bridge.testing.mutants.run_mutants` (the runner plugin authors use too) runs
+the driver's own :class:`~bridge.testing.conformance.SinkConformance` class (same
+fixtures, same probe as its passing run) against each mutant, in a pytest process of
+its own, the test expected to catch it first; a mutant that passes every test, or
+that another test catches first, fails here. The healthy drivers pass the same suite
+in their own test modules.
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import pytest
 from aleno_bridge_plugins.kafka_sink import KafkaSink
@@ -22,13 +22,18 @@ from aleno_bridge_plugins.nats_sink import NatsSink
 import tests.integration.test_kafka as kafka_tests
 import tests.integration.test_mqtt as mqtt_tests
 import tests.integration.test_nats as nats_tests
-from bridge.sinks import Message, Sink, SinkRejectedError
-from bridge.testing.conformance import BusProbe, SinkConformance
-from tests.support.mqtt import MqttBroker
+from bridge.sinks import Message, SinkRejectedError
+from bridge.testing.mutants import Mutant, assert_killed, run_mutants
+from tests.integration import mutant_suites
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+# (suites by module: a Test* class imported here would be collected here too)
 
-ProbeFactory = Callable[[], Awaitable[BusProbe]]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+
+#: every mutant's run is bounded: a healthy driver delivers within this
+TIMEOUT_S = 3.0
+#: one child process, suite start-up included
+LIMIT_S = 150.0
 
 
 def _with(m: Message, *, topic: str | None = None, key: str | bool | None = False) -> Message:
@@ -93,6 +98,27 @@ class HalfThenRejectsAll(NatsSink):
             raise SinkRejectedError(self.name, "refused")  # rejected=None: the whole batch
 
 
+class ConnectBugOnFailure(NatsSink):
+    """A bug on the failure path: every failed connect becomes a TypeError (the core
+    retries connects anyway, so only a suite that looks can tell)."""
+
+    async def connect(self) -> None:
+        try:
+            await super().connect()
+        except Exception as exc:
+            raise TypeError(f"cannot format the error: {exc!r}") from exc
+
+
+class JetStreamWithoutMsgId(NatsSink):
+    """Claims idempotence (its probe does) but sends no Nats-Msg-Id: a retried batch is
+    stored twice."""
+
+    def _headers(self, m: Message, jetstream: bool) -> dict[str, str]:
+        headers = super()._headers(m, jetstream)
+        headers.pop("Nats-Msg-Id", None)
+        return headers
+
+
 class KafkaDropsKey(KafkaSink):
     async def publish(self, batch: Sequence[Message]) -> None:
         await super().publish([_with(m, key=None) for m in batch])
@@ -110,116 +136,56 @@ class MqttPublishesTwice(MqttSink):
 
 
 # ---------------------------------------------------------------------------
-# running the suite programmatically
+# each suite against its mutants
 
-
-def suite_tests(suite: type[SinkConformance]) -> list[str]:
-    return sorted(n for n in dir(suite) if n.startswith("test_"))
-
-
-async def run_suite(
-    suite: type[SinkConformance], mutant: type[Sink[Any]], options: dict[str, Any],
-    probe: ProbeFactory, first: Sequence[str],
-) -> dict[str, str]:
-    """Run the suite's tests (``first`` first) against ``mutant`` until one fails;
-    return ``{test: "passed" | "skipped" | "FAILED: why"}``."""
-    # a healthy driver delivers within a second here: waiting 3 s for what never comes
-    # keeps the run short
-    cls = type(f"Mutant{mutant.__name__}", (suite,), {"driver": mutant, "timeout_s": 3.0})
-    instance: Any = cls()
-    order = [*first, *(n for n in suite_tests(suite) if n not in first)]
-    outcomes: dict[str, str] = {}
-    for name in order:
-        method = getattr(instance, name)
-        params = inspect.signature(method).parameters
-        for fmt in (("cloudevents-json", "cloudevents-binary", "raw") if "fmt" in params
-                    else (None,)):
-            label = name if fmt is None else f"{name}[{fmt}]"
-            kwargs: dict[str, Any] = {}
-            p = await probe() if "probe" in params else None
-            if p is not None:
-                kwargs["probe"] = p
-            if "options" in params:
-                kwargs["options"] = options
-            if "secret_values" in params:
-                kwargs["secret_values"] = []
-            if fmt is not None:
-                kwargs["fmt"] = fmt
-            try:
-                result = method(**kwargs)
-                if inspect.isawaitable(result):
-                    await result
-                outcomes[label] = "passed"
-            except pytest.skip.Exception:
-                outcomes[label] = "skipped"
-            except Exception as exc:
-                outcomes[label] = f"FAILED: {type(exc).__name__}: {str(exc)[:200]}"
-            finally:
-                if p is not None:
-                    await p.close()
-            if outcomes[label].startswith("FAILED"):
-                return outcomes
-    return outcomes
-
-
-def assert_caught(outcomes: dict[str, str], expected: str) -> None:
-    failed = [n for n, o in outcomes.items() if o.startswith("FAILED")]
-    assert failed, f"the mutant passed the whole suite: {outcomes}"
-    assert failed[0].split("[")[0] == expected, (
-        f"caught by {failed[0]}, not by {expected}: {outcomes[failed[0]]}")
-
+EACH_ONCE = "test_each_message_arrives_once_on_its_topic_with_its_key_and_body"
+ORDER = "test_order_per_symbol_across_batches_of_every_size"
+OUTAGE = "test_publishing_during_an_outage_is_retried_until_the_bus_is_back"
 
 NATS_MUTANTS = [
-    (PublishesTwice, "test_each_message_arrives_once_on_its_topic_with_its_key_and_body"),
-    (FirstTopicOnly, "test_each_message_arrives_once_on_its_topic_with_its_key_and_body"),
-    (DropsKey, "test_each_message_arrives_once_on_its_topic_with_its_key_and_body"),
-    (ForgetsClient, "test_reconnecting_leaks_no_connection_task_or_fd"),
-    (SlowClose, "test_close_is_quick"),
-    (PartOfLargeBatch, "test_order_per_symbol_across_batches_of_every_size"),
-    (SwallowsErrors, "test_hung_bus_publish_fails_in_time_and_close_is_quick"),
-    (ReversesBatch, "test_order_per_symbol_across_batches_of_every_size"),
-    (HalfThenRejectsAll, "test_refused_messages_are_counted_exactly"),
+    Mutant(PublishesTwice, EACH_ONCE),
+    Mutant(FirstTopicOnly, EACH_ONCE),
+    Mutant(DropsKey, EACH_ONCE),
+    Mutant(ForgetsClient, "test_reconnecting_leaks_no_connection_task_or_fd"),
+    Mutant(SlowClose, "test_close_is_quick"),
+    Mutant(PartOfLargeBatch, ORDER),
+    Mutant(SwallowsErrors, "test_hung_bus_publish_fails_in_time_and_close_is_quick"),
+    Mutant(ReversesBatch, ORDER),
+    Mutant(HalfThenRejectsAll, "test_refused_messages_are_counted_exactly"),
+    Mutant(ConnectBugOnFailure, OUTAGE),
 ]
 
 
-@pytest.mark.parametrize(("mutant", "catcher"), NATS_MUTANTS,
-                         ids=[m.__name__ for m, _ in NATS_MUTANTS])
-async def test_nats_mutant_fails_the_suite(
-    mutant: type[Sink[Any]], catcher: str, nats_url: str,
-) -> None:
-    async def probe() -> BusProbe:
-        return nats_tests.CoreProbe(nats_url)
-
-    options = {"servers": nats_url, **nats_tests.FAST}
-    outcomes = await run_suite(nats_tests.TestNatsCoreConformance, mutant, options, probe,
-                               [catcher])
-    assert_caught(outcomes, catcher)
+def test_nats_mutants_fail_the_suite() -> None:
+    results = run_mutants(nats_tests.TestNatsCoreConformance, NATS_MUTANTS, timeout_s=TIMEOUT_S,
+                          limit_s=LIMIT_S, jobs=2)
+    assert_killed(results)
+    # the runner's own promise: a mutant caught by its first test costs seconds
+    slow = [r for r in results if r.seconds > 60]
+    assert not slow, f"mutants that took over a minute: {[str(r) for r in slow]}"
 
 
-async def test_kafka_mutant_fails_the_suite(kafka_bootstrap: str) -> None:
-    async def probe() -> BusProbe:
-        return kafka_tests.conformance_probe(kafka_bootstrap)
-
-    catcher = "test_each_message_arrives_once_on_its_topic_with_its_key_and_body"
-    options = {"bootstrap_servers": kafka_bootstrap, "request_timeout_ms": 5000}
-    outcomes = await run_suite(kafka_tests.TestKafkaConformance, KafkaDropsKey, options,
-                               probe, [catcher])
-    assert_caught(outcomes, catcher)
+def test_a_key_dropping_driver_fails_with_a_probe_that_leaves_delivers_keys_unset() -> None:
+    """The probe reports keys but was written before ``delivers_keys`` existed."""
+    results = run_mutants(mutant_suites.TestNatsCoreUnsetKeyFlag, [Mutant(DropsKey, EACH_ONCE)],
+                          timeout_s=TIMEOUT_S, limit_s=LIMIT_S)
+    assert_killed(results)
+    assert "none arrived with one" in results[0].message, results[0]
 
 
-@pytest.mark.parametrize(("mutant", "catcher"), [
-    (MqttReversesBatch, "test_order_per_symbol_across_batches_of_every_size"),
-    (MqttPublishesTwice, "test_each_message_arrives_once_on_its_topic_with_its_key_and_body"),
-], ids=["MqttReversesBatch", "MqttPublishesTwice"])
-async def test_mqtt_mutant_fails_the_suite(
-    mutant: type[Sink[Any]], catcher: str, mqtt_broker: MqttBroker,
-) -> None:
-    client_id = "conformance-mutant"
+def test_a_jetstream_driver_without_msg_id_fails_the_idempotence_test() -> None:
+    results = run_mutants(nats_tests.TestNatsJetStreamConformance,
+                          [Mutant(JetStreamWithoutMsgId,
+                                  "test_a_retried_batch_makes_no_duplicate")],
+                          timeout_s=TIMEOUT_S, limit_s=LIMIT_S)
+    assert_killed(results)
+    assert "more than once" in results[0].message, results[0]
 
-    async def probe() -> BusProbe:
-        return mqtt_tests.conformance_probe(mqtt_broker, client_id)
 
-    options = mqtt_broker.options(client_id=client_id, connect_timeout_s=5)
-    outcomes = await run_suite(mqtt_tests.TestMqttConformance, mutant, options, probe,
-                               [catcher])
-    assert_caught(outcomes, catcher)
+def test_kafka_and_mqtt_mutants_fail_the_suite() -> None:
+    kafka = run_mutants(kafka_tests.TestKafkaConformance, [Mutant(KafkaDropsKey, EACH_ONCE)],
+                        timeout_s=TIMEOUT_S, limit_s=LIMIT_S)
+    mqtt = run_mutants(mqtt_tests.TestMqttConformance, [Mutant(MqttReversesBatch, ORDER),
+                                             Mutant(MqttPublishesTwice, EACH_ONCE)],
+                       timeout_s=TIMEOUT_S, limit_s=LIMIT_S, jobs=2)
+    assert_killed([*kafka, *mqtt])

@@ -66,6 +66,7 @@ class ConformanceProbe(MqttProbe):
     """:class:`MqttProbe` with the suite's optional capabilities (MQTT has no key)."""
 
     exact_bodies = True
+    delivers_keys = False  # MQTT has no key: the driver ignores the route's key
 
     def bus_address(self) -> tuple[str, int] | None:
         return self.broker.host, self.broker.port

@@ -185,6 +185,9 @@ class StreamProbe(CoreProbe):
 
     stream: str | None = None
     streams: tuple[str, ...] = ()
+    #: the driver sets Nats-Msg-Id with JetStream; the stream's duplicate window drops
+    #: a retried batch
+    idempotent = True
 
     # Only a stream keeps what is published while this probe is away: core NATS would
     # drop what the sink sends between the restart and the probe's resubscription.

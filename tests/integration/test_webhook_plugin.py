@@ -169,6 +169,8 @@ class HookProbe(BusProbe):
     """Reads what the endpoint accepted: one :class:`Received` per array element, with
     the topic of the request's ``X-Aleno-Topic`` header."""
 
+    delivers_keys = False  # the webhook sends no key
+
     def __init__(self, server: HookServer) -> None:
         self.server = server
         self.topics: set[str] = set()

@@ -11,7 +11,7 @@ import pytest
 
 from bridge.config import SinkCommon, SinkSpec
 from bridge.runner import SinkWorker
-from bridge.sinks import Drivers, SinkRejectedError
+from bridge.sinks import Drivers, SinkRejectedError, SinkRetryError
 from bridge.testing import MemoryOptions, MemorySink, messages, sample_events, wait_until
 
 
@@ -185,16 +185,88 @@ async def test_a_partly_rejected_batch_counts_the_delivered_rest_as_published() 
     await w.stop(1)
 
 
-async def test_a_driver_bug_drops_the_batch_loudly_and_the_sink_goes_on(caplog: Any) -> None:
-    w, sink = worker(batch=5)
-    sink.fail_next(1, KeyError("oops"))
+async def test_a_driver_bug_keeps_the_batch_retries_it_and_logs_once_per_type(
+    caplog: Any,
+) -> None:
+    """An exception type the driver did not map loses nothing: the batch is retried
+    after a reconnect, counted by type, its traceback logged once per type."""
+    w, sink = worker(batch=5, policy="block")
+    sink.fail_next(3, KeyError("oops"))
+    sink.fail_next(1, TypeError("bad"))
     w.start()
-    for m in msgs(1, 10):
+    ms = msgs(1, 10)
+    for m in ms:
         w.offer(m)
-    await wait_until(lambda: w.stats.published == 5)
-    assert w.stats.dropped == {"driver_error": 5} and balanced(w)
-    assert any(r.exc_info and "KeyError" in str(r.exc_info[1].__class__) for r in caplog.records)
+    await wait_until(lambda: w.stats.published == 10, 10, "every event published")
+    assert [m.id for m in sink.received] == [m.id for m in ms]
+    assert w.stats.dropped == {} and balanced(w)
+    assert w.stats.driver_errors == {"KeyError": 3, "TypeError": 1}
+    assert sink.connects == 5, "each driver error makes the connection suspect"
+    traces = [r for r in caplog.records if r.exc_info and "bug in the driver" in r.getMessage()]
+    assert [type(r.exc_info[1]).__name__ for r in traces] == ["KeyError", "TypeError"]
+    snap = w.snapshot()
+    assert snap.driver_errors == {"KeyError": 3, "TypeError": 1}
     await w.stop(1)
+
+
+async def test_a_driver_bug_shows_on_readyz_until_a_publish_succeeds() -> None:
+    from bridge.state import SinkState
+
+    w, sink = worker(batch=5)
+    sink.fail_next(10_000, ValueError("unmapped"))
+    w.start()
+    w.offer(msgs(1, 1)[0])
+    await wait_until(lambda: w.stats.driver_errors.get("ValueError", 0) >= 2, 10,
+                     "the batch retried")
+    snap = w.snapshot()
+    assert not snap.ready and snap.state == SinkState.FAILING
+    assert (snap.last_error or "").startswith("driver_error: ValueError")
+    assert w.depth == 1 and w.stats.dropped == {}
+    sink._fail.clear()
+    await wait_until(lambda: w.stats.published == 1, 10, "published once the bug is gone")
+    assert w.snapshot().ready
+    await w.stop(1)
+
+
+async def test_a_retry_error_keeps_the_connection_and_logs_one_state_change(
+    caplog: Any,
+) -> None:
+    w, sink = worker(batch=5, initial_backoff_s=0.01, max_backoff_s=0.02)
+    for i in range(30):
+        sink.fail_next(1, SinkRetryError("m", f"INSERT not allowed (attempt {i})"))
+    caplog.set_level("INFO", "aleno_bridge.runner")
+    w.start()
+    ms = msgs(1, 5)
+    for m in ms:
+        w.offer(m)
+    await wait_until(lambda: w.stats.published == 5, 10, "published after 30 refusals")
+    await w.stop(1)
+    assert sink.connects == 1, "a retry error never reconnects"
+    assert w.stats.failed_batches == 30 and w.stats.dropped == {} and w.stats.reconnects == 0
+    lines = [r.getMessage() for r in caplog.records if r.name == "aleno_bridge.runner"]
+    failing = [ln for ln in lines if "is failing" in ln]
+    connected = [ln for ln in lines if "is connected" in ln]
+    assert len(failing) == 1 and "SinkRetryError" in failing[0], lines
+    assert len(connected) == 2, lines  # the first connect, and the recovery
+
+
+async def test_a_retried_connection_error_logs_failing_and_recovered_once(
+    caplog: Any,
+) -> None:
+    """A publish failing with a connection error, reconnecting fine each time: one
+    ``failing`` line and one ``connected`` once the batch got through, not one pair per
+    attempt."""
+    w, sink = worker(batch=5, initial_backoff_s=0.01, max_backoff_s=0.02)
+    sink.fail_next(20, ConnectionError("reset by peer"))
+    caplog.set_level("INFO", "aleno_bridge.runner")
+    w.start()
+    w.offer(msgs(1, 1)[0])
+    await wait_until(lambda: w.stats.published == 1, 10, "published after 20 failures")
+    await w.stop(1)
+    assert sink.connects == 21
+    lines = [r.getMessage() for r in caplog.records if r.name == "aleno_bridge.runner"]
+    assert len([ln for ln in lines if "is failing" in ln]) == 1, lines
+    assert len([ln for ln in lines if "is connected" in ln]) == 2, lines
 
 
 async def test_stop_drains_then_reports_what_was_not_delivered() -> None:
