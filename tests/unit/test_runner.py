@@ -144,7 +144,10 @@ async def test_a_rejected_batch_is_dropped_and_counted() -> None:
 
 
 async def test_a_down_bus_does_not_slow_a_healthy_sink_beside_it() -> None:
-    """The healthy sink's throughput with a dead neighbour equals its throughput alone."""
+    """The healthy sink's throughput with a dead neighbour equals its throughput beside
+    a neighbour that is not running. Both runs offer every event to both workers (the
+    dispatcher's cost), so the ratio measures only what the dead sink's reconnect loop
+    takes from the healthy one."""
 
     async def run(with_dead: bool) -> float:
         healthy, hs = worker("drop_oldest", max_events=100_000, batch=500)
@@ -158,20 +161,19 @@ async def test_a_down_bus_does_not_slow_a_healthy_sink_beside_it() -> None:
         started = time.perf_counter()
         for m in ms:
             healthy.offer(m)
-            if with_dead:
-                dead.offer(m)
+            dead.offer(m)
         await wait_until(lambda: healthy.stats.published == len(ms), 20)
         elapsed = time.perf_counter() - started
-        if with_dead:
-            assert dead.stats.published == 0 and dead.stats.dropped["buffer_full"] > 0
-            assert balanced(dead)
+        assert dead.stats.published == 0 and dead.stats.dropped["buffer_full"] > 0
+        assert balanced(dead)
         await healthy.stop(1)
         await dead.stop(0.1)
         return len(ms) / elapsed
 
     alone = max([await run(False) for _ in range(3)])
     beside = max([await run(True) for _ in range(3)])
-    assert beside > 0.6 * alone, f"healthy sink: {alone:.0f}/s alone, {beside:.0f}/s beside"
+    assert beside > 0.7 * alone, (
+        f"healthy sink: {alone:.0f}/s beside an idle neighbour, {beside:.0f}/s beside a dead one")
 
 
 async def test_a_partly_rejected_batch_counts_the_delivered_rest_as_published() -> None:
