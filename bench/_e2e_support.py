@@ -220,7 +220,7 @@ def run_simulator(args: argparse.Namespace) -> None:
 
 def envelopes(n: int = 1000) -> list[tuple[str, bytes]]:
     """(symbol, body) of ``n`` ticker envelopes made by the bridge's own encoder."""
-    from bridge.normalize import Normalizer
+    from bridge.pipeline.normalize import Normalizer
     from bridge.testing.sample import ticker_record
 
     now = int(time.time() * 1000)

@@ -23,9 +23,9 @@ import time
 from typing import Any
 
 from bridge.config import SourceConfig
-from bridge.normalize import EQUITY_EVENT, Normalizer
+from bridge.pipeline.normalize import EQUITY_EVENT, Normalizer
 from bridge.simulator import Simulator
-from bridge.source import AlenoSource
+from bridge.upstream.client import AlenoSource
 
 KEY = "bench-key"
 

@@ -14,7 +14,7 @@ CloudEvents envelopes (about 540 bytes, one topic per symbol) three ways:
     :class:`MqttSink` driven the way the runner drives it: ``await sink.publish(batch)``
     with batches of ``--batch`` messages, one after the other.
 ``worker``
-    (with ``--worker``) the same through a :class:`~bridge.runner.SinkWorker`: offer
+    (with ``--worker``) the same through a :class:`~bridge.sinks.worker.SinkWorker`: offer
     every message, wait until the worker confirmed them all.
 
 For each it prints messages/s, CPU seconds per 1,000 messages (the whole process,
@@ -57,8 +57,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from bridge.config import parse_config
-from bridge.runner import SinkWorker
 from bridge.sinks import Message
+from bridge.sinks.worker import SinkWorker
 from bridge.testing.sample import sample_events
 
 #: extra mosquitto.conf lines (";"-separated), e.g. "set_tcp_nodelay true"

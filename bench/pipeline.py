@@ -26,13 +26,13 @@ from typing import Any
 
 import orjson
 
-from bridge import jsoncodec
 from bridge.app import tune_gc
 from bridge.config import parse_config
-from bridge.normalize import Normalizer
-from bridge.routing import Router
-from bridge.runner import SinkWorker
+from bridge.core import jsoncodec
+from bridge.pipeline.normalize import Normalizer
+from bridge.pipeline.routing import Router
 from bridge.sinks import Drivers
+from bridge.sinks.worker import SinkWorker
 from bridge.testing import MemorySink
 from bridge.testing.sample import equity_record, ticker_record
 

@@ -16,7 +16,7 @@ Five phases of ``--seconds`` each, after the cache holds every symbol:
    the bridge's process like the bridge's own control thread: the floor of moving that
    many bytes through aiohttp on this machine, under the same load;
 4. ``nats``: a client process fetches the whole snapshot over NATS (all pages, the
-   recipe of :mod:`bridge.control`) ``--rate`` times a second;
+   recipe of :mod:`bridge.control.core`) ``--rate`` times a second;
 5. ``nats-raw``: the same client against a bare nats-py responder answering the same
    ready-made pages.
 
@@ -140,7 +140,7 @@ def _pages(control: Any, max_bytes: int) -> dict[bytes, bytes]:
     each (``b""`` for the first, then ``{"after": cursor}``)."""
     import orjson
 
-    from bridge.control import parse_query
+    from bridge.control.core import parse_query
 
     out: dict[bytes, bytes] = {}
     request = b""
@@ -199,7 +199,7 @@ async def _run_client(mode: str, url: str, args: argparse.Namespace,
 async def bench(args: argparse.Namespace) -> int:
     from bridge.app import Bridge, tune_gc
     from bridge.config import parse_config
-    from bridge.controlloop import ControlLoop
+    from bridge.control.thread import ControlLoop
     from bridge.sinks import Drivers, Message
     from bridge.testing import MemorySink
     from tests.support.nats import NatsServer

@@ -24,12 +24,12 @@ still in the intake at the deadline are counted as
 ``aleno_bridge_pipeline_dropped_total{reason="shutdown"}``, events held by a sink as
 ``aleno_bridge_sink_events_dropped_total{reason="shutdown"}``, and events held by a
 sink a reload replaced or removed as ``{reason="sink_removed"}`` in both (see
-:mod:`bridge.reload`).
+:mod:`bridge.config.reload`).
 
 Assembly: :meth:`Bridge.from_settings` is the one way settings become a bridge, and
 :func:`serve` the one way the command line runs one (``run``, ``demo`` and ``tap``).
 What operator code may know of a running bridge is :meth:`Bridge.snapshot` (the read
-model of :mod:`bridge.state`); the metrics, ``/readyz``, ``top`` and ``tap`` read that.
+model of :mod:`bridge.core.state`); the metrics, ``/readyz``, ``top`` and ``tap`` read that.
 """
 
 from __future__ import annotations
@@ -49,15 +49,7 @@ from prometheus_client import CollectorRegistry
 
 from bridge import __version__
 from bridge.config import ConfigError, HttpConfig, Settings
-from bridge.control import Control, NatsControl, start_nats_control
-from bridge.controlloop import ControlLoop
-from bridge.envelope import Event
-from bridge.http import serve_control, serve_http
-from bridge.logs import Redactor
-from bridge.market import STALE_SCAN_MAX_S, STATUS_KIND, Damping, MarketState
-from bridge.metrics import Metrics
-from bridge.normalize import TICKER_EVENT, Normalizer
-from bridge.reload import (
+from bridge.config.reload import (
     SINK_REMOVED,
     ConfigWatcher,
     ReloadOutcome,
@@ -69,12 +61,15 @@ from bridge.reload import (
     same_sink,
     settings_changed,
 )
-from bridge.routing import Router
-from bridge.runner import DISPATCH_CHUNK, SinkWorker
-from bridge.settings import upstream_keys
-from bridge.sharding import configured_symbols
-from bridge.sinks import Sink
-from bridge.state import (
+from bridge.config.settings import upstream_keys
+from bridge.control.core import Control, NatsControl, start_nats_control
+from bridge.control.http import serve_control, serve_http
+from bridge.control.thread import ControlLoop
+from bridge.core.envelope import Event
+from bridge.core.kinds import PRICE_KINDS, TICKER_EVENT
+from bridge.core.logs import Redactor
+from bridge.core.metrics import Metrics
+from bridge.core.state import (
     BridgeSnapshot,
     Destination,
     IntakeSnapshot,
@@ -82,8 +77,14 @@ from bridge.state import (
     frozen_counts,
     readiness,
 )
-from bridge.subscriptions import Subscriptions
-from bridge.upstream import UpstreamPool
+from bridge.pipeline.market import STALE_SCAN_MAX_S, STATUS_KIND, Damping, MarketState
+from bridge.pipeline.normalize import Normalizer
+from bridge.pipeline.routing import Router
+from bridge.sinks import Sink
+from bridge.sinks.worker import DISPATCH_CHUNK, SinkWorker
+from bridge.upstream.pool import UpstreamPool
+from bridge.upstream.sharding import configured_symbols
+from bridge.upstream.subscriptions import Subscriptions
 
 log = logging.getLogger("aleno_bridge.app")
 
@@ -183,7 +184,7 @@ class Bridge:
                                        self.normalizer.reject)
             self.subscriptions = Subscriptions(
                 self.source, cfg.source.leases,
-                pinned={k: sorted(self.source.wanted[k]) for k in ("ticker", "equity")})
+                pinned={k: sorted(self.source.wanted[k]) for k in PRICE_KINDS})
         #: the last value of every symbol and the status events (``ai.aleno.status.v1``)
         self.market = MarketState(
             self.ingest,
@@ -376,7 +377,7 @@ class Bridge:
 
     def _saturated(self) -> SinkWorker | None:
         """A sink the dispatcher waits for: when every connected non-``block`` sink is
-        :attr:`~bridge.runner.SinkWorker.saturated`, routing more would only make them
+        :attr:`~bridge.sinks.worker.SinkWorker.saturated`, routing more would only make them
         drop what they hold (``buffer_full``), after paying for its validation and
         encoding. One sink with room (or none connected) lets the dispatcher go on."""
         found = None
@@ -392,7 +393,7 @@ class Bridge:
         then (or when this task is cancelled) is counted as dropped (``shutdown``).
 
         A batch is validated, encoded and routed in chunks of
-        :data:`~bridge.runner.DISPATCH_CHUNK` records; before each chunk the dispatcher
+        :data:`~bridge.sinks.worker.DISPATCH_CHUNK` records; before each chunk the dispatcher
         waits while every connected sink is saturated, and after each it yields to the
         event loop, so the sink workers and the Socket.IO reader keep their share of
         the CPU. Meanwhile newer payloads queue up in the intake, where the oldest are
@@ -491,7 +492,7 @@ class Bridge:
     async def reload_file(self, path: str, text: str | None = None) -> ReloadOutcome:
         """Read, validate and apply the configuration file at ``path`` (SIGHUP and the
         file watch call this), or ``text``, its content as the watch saw it settle; see
-        :mod:`bridge.reload`.
+        :mod:`bridge.config.reload`.
 
         The file is read (only a regular file, bounded) and parsed in a worker thread:
         2,000 symbols take a few tenths of a second to validate, which the data path's
@@ -509,7 +510,7 @@ class Bridge:
 
     async def reload(self, new: Settings) -> ReloadOutcome:
         """Apply ``new`` to the running bridge, or refuse it whole (see
-        :mod:`bridge.reload`). Reloads run one at a time; none is applied once the
+        :mod:`bridge.config.reload`). Reloads run one at a time; none is applied once the
         shutdown began (it would start sinks nothing stops)."""
         async with self._reload_lock:
             if self._shutting_down:
@@ -593,7 +594,7 @@ class Bridge:
             return []
         diff = await subs.set_pinned(configured_symbols(new.config.source))
         out: list[str] = []
-        for kind in ("ticker", "equity"):
+        for kind in PRICE_KINDS:
             added, removed = diff.added.get(kind, {}), diff.removed.get(kind, {})
             if added:
                 took = sum(1 for r in added.values() if r.held)
@@ -719,7 +720,7 @@ class Bridge:
     async def run(self, stop: asyncio.Event) -> dict[str, int]:
         """Run until ``stop`` is set, then drain; return undelivered events per sink.
 
-        Raises :class:`~bridge.source.SourceError` when the upstream gives up (bad key).
+        Raises :class:`~bridge.upstream.client.SourceError` when the upstream gives up (bad key).
         """
         await self.start()
         nats_control: NatsControl | None = None
@@ -727,7 +728,7 @@ class Bridge:
         if self.control is not None:
             self.control.home = asyncio.get_running_loop()
         # the HTTP server and the NATS control service answer on a thread of their own,
-        # beside the data path (see bridge.controlloop)
+        # beside the data path (see bridge.control.thread)
         settings = self.settings
         listener = settings.control_http if self._http_allowed else None
         thread: ControlLoop | None = None
@@ -930,7 +931,7 @@ def _watch_config(bridge: Bridge, path: str, stop: asyncio.Event
                   ) -> tuple[ReloadQueue, ConfigWatcher | None]:
     """SIGHUP reloads ``path``; so does a change of it when ``reload.watch`` is on.
 
-    Both go through one :class:`~bridge.reload.ReloadQueue`: a reload runs at a time
+    Both go through one :class:`~bridge.config.reload.ReloadQueue`: a reload runs at a time
     and what is asked meanwhile is merged into one that follows, so a burst of
     signals during a reload costs one more reload, not one per signal. Nothing is
     reloaded once ``stop`` is set.
@@ -970,12 +971,12 @@ async def serve(bridge: Bridge, stop: asyncio.Event | None = None,
     """Run ``bridge`` until SIGINT/SIGTERM (or ``stop`` is set), then drain it.
 
     With ``config_path`` (``aleno-bridge run``), SIGHUP reloads that file and, unless
-    ``reload.watch`` is off, so does a change of it (see :mod:`bridge.reload`).
+    ``reload.watch`` is off, so does a change of it (see :mod:`bridge.config.reload`).
 
     Serves the HTTP endpoints when the bridge does (:class:`Bridge`'s ``http``), tunes
     the garbage collector for the hot path and logs the start and the end. Returns
     the events each sink could not deliver; raises
-    :class:`~bridge.source.SourceError` when the upstream gives up.
+    :class:`~bridge.upstream.client.SourceError` when the upstream gives up.
     """
     if stop is None:
         stop = asyncio.Event()

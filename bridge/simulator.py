@@ -39,13 +39,14 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal
+from typing import Any, Final
 
 import socketio
 from aiohttp import web
 from engineio.async_drivers.aiohttp import WebSocket as _EioWebSocket
 
-from bridge import jsoncodec
+from bridge.core import jsoncodec
+from bridge.core.kinds import PRICE_KINDS, PriceKind
 
 log = logging.getLogger("aleno_bridge.simulator")
 
@@ -57,8 +58,8 @@ MAX_SYMBOLS_PER_REQUEST: Final = 1000
 TOO_MANY: Final = f"Too many symbols in one request (at most {MAX_SYMBOLS_PER_REQUEST})."
 MAX_SYMBOL_LEN: Final = 64
 #: the two feeds of the protocol, as the test hooks and the admin API name them
-KINDS: Final = ("ticker", "equity")
-Kind = Literal["ticker", "equity"]
+KINDS: Final = PRICE_KINDS
+Kind = PriceKind
 
 #: a plausible universe: symbol -> starting price (USD)
 TICKERS: Final[dict[str, float]] = {

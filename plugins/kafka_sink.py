@@ -79,7 +79,16 @@ from typing import Any, ClassVar, Final, Literal
 
 from pydantic import ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from bridge.sinkkit import (
+from bridge.sinks import (
+    Budget,
+    Message,
+    Sink,
+    SinkConnectionError,
+    SinkError,
+    SinkOptions,
+    SinkRejectedError,
+)
+from bridge.sinks.kit import (
     KAFKA_PREFIX,
     Refusals,
     TlsFilesError,
@@ -92,15 +101,6 @@ from bridge.sinkkit import (
     timeout_problem,
     tls_context,
     topic_problem,
-)
-from bridge.sinks import (
-    Budget,
-    Message,
-    Sink,
-    SinkConnectionError,
-    SinkError,
-    SinkOptions,
-    SinkRejectedError,
 )
 
 try:

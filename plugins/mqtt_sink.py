@@ -69,16 +69,6 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from bridge.sinkkit import (
-    PasswordOptions,
-    TlsFilesError,
-    TlsOptions,
-    budget_problems,
-    derived_timeout,
-    timeout_problem,
-    topic_problem,
-    user_properties,
-)
 from bridge.sinks import (
     Budget,
     Message,
@@ -88,6 +78,16 @@ from bridge.sinks import (
     SinkOptions,
     SinkRejectedError,
     replace_chars,
+)
+from bridge.sinks.kit import (
+    PasswordOptions,
+    TlsFilesError,
+    TlsOptions,
+    budget_problems,
+    derived_timeout,
+    timeout_problem,
+    topic_problem,
+    user_properties,
 )
 
 log = logging.getLogger("aleno_bridge.sinks.mqtt")

@@ -67,7 +67,15 @@ from nats.js import JetStreamContext
 from nats.js.api import PubAck, StorageType, StreamConfig
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from bridge.sinkkit import (
+from bridge.sinks import (
+    Budget,
+    Message,
+    Sink,
+    SinkConnectionError,
+    SinkError,
+    SinkOptions,
+)
+from bridge.sinks.kit import (
     BUDGET_SHARE,
     Refusals,
     TlsFilesError,
@@ -79,14 +87,6 @@ from bridge.sinkkit import (
     split_list,
     timeout_problem,
     topic_problem,
-)
-from bridge.sinks import (
-    Budget,
-    Message,
-    Sink,
-    SinkConnectionError,
-    SinkError,
-    SinkOptions,
 )
 
 log = logging.getLogger("aleno_bridge.sinks.nats")
@@ -147,7 +147,7 @@ class StreamOptions(BaseModel):
 
 class NatsOptions(TlsHostnameOptions):
     """Options of the ``nats`` driver (see docs/drivers/nats.md); the ``tls_*`` options
-    come from :class:`~bridge.sinkkit.TlsHostnameOptions`."""
+    come from :class:`~bridge.sinks.kit.TlsHostnameOptions`."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 

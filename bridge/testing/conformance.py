@@ -77,9 +77,9 @@ import orjson
 import pytest
 from pydantic import ValidationError
 
-from bridge.config import SinkCommon, SinkSpec
-from bridge.runner import SinkWorker
+from bridge.config.schema import SinkCommon, SinkSpec
 from bridge.sinks import Message, Sink, SinkOptions, SinkRejectedError, check_driver
+from bridge.sinks.worker import SinkWorker
 from bridge.testing.proxy import FaultProxy
 from bridge.testing.sample import messages, sample_events
 from bridge.testing.wait import wait_until

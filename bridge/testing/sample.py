@@ -1,12 +1,12 @@
 """Realistic events without an upstream: records shaped exactly like Aleno's, run
-through the real :class:`~bridge.normalize.Normalizer`."""
+through the real :class:`~bridge.pipeline.normalize.Normalizer`."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from bridge.envelope import Event
-from bridge.normalize import Normalizer
+from bridge.core.envelope import Event
+from bridge.pipeline.normalize import Normalizer
 from bridge.sinks import Message
 
 T0_MS = 1_732_480_000_000

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from bridge.simulator import Simulator
-from bridge.source import WS_DEFLATE_BITS
+from bridge.upstream.client import WS_DEFLATE_BITS
 from tests.integration.test_source import settings
 
 pytestmark = pytest.mark.integration

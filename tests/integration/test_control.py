@@ -16,16 +16,16 @@ import aiohttp
 import pytest
 from nats.aio.client import Client
 
-import bridge.control as control_module
+import bridge.control.core as control_module
 from bridge.app import Bridge
 from bridge.config import parse_config
-from bridge.control import Control, NatsControl, start_nats_control
-from bridge.http import HttpServer, serve_http
-from bridge.normalize import Normalizer
-from bridge.sharding import shard_of
+from bridge.control.core import Control, NatsControl, start_nats_control
+from bridge.control.http import HttpServer, serve_http
+from bridge.pipeline.normalize import Normalizer
 from bridge.sinks import Drivers
 from bridge.testing import MemorySink
 from bridge.testing.sample import T0_MS, equity_record, ticker_record
+from bridge.upstream.sharding import shard_of
 from tests.support.nats import NatsServer
 
 pytestmark = pytest.mark.integration
@@ -35,14 +35,14 @@ EQUITIES = [f"EQ{i:02d}" for i in range(30)]
 
 
 def recipe() -> Callable[..., Any]:
-    """The multi-shard client recipe of :mod:`bridge.control`'s docstring, run as is."""
+    """The multi-shard client recipe of :mod:`bridge.control.core`'s docstring, run as is."""
     doc = control_module.__doc__ or ""
     block = doc.split("``next`` says where the next page starts.", 1)[1]
     block = block.split("::\n", 1)[1].split("\n(``tests/", 1)[0]
     code = "\n".join(line[4:] for line in block.splitlines())
     code = code.replace("asyncio.run(main())", "")
     namespace: dict[str, Any] = {}
-    exec(compile(code, "bridge.control docstring", "exec"), namespace)
+    exec(compile(code, "bridge.control.core docstring", "exec"), namespace)
     fn: Callable[..., Any] = namespace["full_snapshot"]
     return fn
 

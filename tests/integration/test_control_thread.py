@@ -1,4 +1,4 @@
-"""The control thread (:mod:`bridge.controlloop`) with real sockets and a real bridge.
+"""The control thread (:mod:`bridge.control.thread`) with real sockets and a real bridge.
 
 - ``/v1/snapshot`` is answered on the control thread while the bridge's own event loop
   is blocked; ``/healthz`` hops to that loop and waits for it;
@@ -39,11 +39,11 @@ import pytest
 
 from bridge.app import Bridge
 from bridge.config import Settings, parse_config
-from bridge.control import ORDER, Control, SnapshotReply
-from bridge.controlloop import HOP_TIMEOUT_S, ControlLoop, LoopTimeout, call_on
-from bridge.envelope import Event
-from bridge.market import LastValues, MarketState
-from bridge.normalize import Normalizer
+from bridge.control.core import ORDER, Control, SnapshotReply
+from bridge.control.thread import HOP_TIMEOUT_S, ControlLoop, LoopTimeout, call_on
+from bridge.core.envelope import Event
+from bridge.pipeline.market import LastValues, MarketState
+from bridge.pipeline.normalize import Normalizer
 from bridge.simulator import Simulator
 from bridge.sinks import Drivers
 from bridge.testing import MemorySink, wait_until
@@ -234,7 +234,7 @@ def shorten_hops(monkeypatch: pytest.MonkeyPatch, timeout: float) -> None:
     """Make every :func:`call_on` that takes the default timeout use ``timeout``.
 
     ``timeout`` is keyword-only (it follows ``*args``) and its default was bound when
-    the function was defined: patching :data:`bridge.controlloop.HOP_TIMEOUT_S` changes
+    the function was defined: patching :data:`bridge.control.thread.HOP_TIMEOUT_S` changes
     nothing, the function's ``__kwdefaults__`` is what the callers get."""
     defaults = call_on.__kwdefaults__
     assert defaults is not None and defaults["timeout"] == HOP_TIMEOUT_S

@@ -1,7 +1,7 @@
 """A driver's bugs and non-connection failures never lose data (real runner, real NATS).
 
 The sink is the built-in NATS driver with one unmapped failure added, run by the
-core's :class:`~bridge.runner.SinkWorker`; what arrived is read by an independent
+core's :class:`~bridge.sinks.worker.SinkWorker`; what arrived is read by an independent
 nats-py subscriber.
 """
 
@@ -17,9 +17,9 @@ import pytest
 from aleno_bridge_plugins.nats_sink import NatsOptions, NatsSink
 
 from bridge.config import SinkCommon, SinkSpec
-from bridge.runner import SinkWorker
+from bridge.core.state import SinkState
 from bridge.sinks import Message, SinkRetryError
-from bridge.state import SinkState
+from bridge.sinks.worker import SinkWorker
 from bridge.testing.conformance import unique_topic
 from bridge.testing.sample import messages, sample_events
 from bridge.testing.wait import until

@@ -25,10 +25,10 @@ import pytest
 import yaml
 
 from bridge.config import Settings, parse_config
-from bridge.schema import is_loopback_host
-from bridge.sharding import shard_symbols
+from bridge.config.schema import is_loopback_host
 from bridge.simulator import default_equities, default_tickers
 from bridge.sinks import Drivers
+from bridge.upstream.sharding import shard_symbols
 
 pytestmark = pytest.mark.integration
 

@@ -25,8 +25,8 @@ import pytest
 
 from bridge.config import Settings, SourceConfig, parse_config
 from bridge.sinks import Drivers
-from bridge.source import SUBSCRIBE_CHUNK, AlenoSource, SourceError
 from bridge.testing import MemorySink, wait_until
+from bridge.upstream.client import SUBSCRIBE_CHUNK, AlenoSource, SourceError
 from tests.support.hostile import HostileUpstream
 from tests.support.proc import Proc, free_port
 from tests.support.tls import make_tls_files
@@ -72,7 +72,7 @@ def client_tasks() -> list[asyncio.Task[Any]]:
         code = getattr(coro, "cr_code", None)
         name = getattr(code, "co_filename", "")
         if t is not me and not t.done() and ("engineio" in name or "socketio" in name
-                                             or name.endswith("source.py")):
+                                             or name.endswith("upstream/client.py")):
             out.append(t)
     return out
 

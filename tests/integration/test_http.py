@@ -12,7 +12,7 @@ import pytest
 
 from bridge.app import Bridge
 from bridge.config import parse_config
-from bridge.http import HttpServer, serve_http
+from bridge.control.http import HttpServer, serve_http
 from bridge.sinks import Drivers
 from bridge.testing import MemorySink
 
@@ -103,7 +103,7 @@ async def test_busy_connections_are_not_evicted_and_new_ones_are_refused(
     bridge, http = served
     release = asyncio.Event()
     # make /readyz wait: its handler is busy until `release` is set
-    import bridge.http as bhttp
+    import bridge.control.http as bhttp
 
     orig_call_on = bhttp.call_on
 

@@ -29,9 +29,9 @@ from aleno_bridge_plugins.kafka_sink import CLOSE_TIMEOUT_S, KafkaOptions, Kafka
 
 from bridge.app import Bridge
 from bridge.config import SinkCommon, SinkSpec, parse_config
-from bridge.runner import SinkWorker
 from bridge.simulator import Simulator
 from bridge.sinks import Message, SinkConnectionError, SinkRejectedError
+from bridge.sinks.worker import SinkWorker
 from bridge.testing import wait_until
 from bridge.testing.conformance import BusProbe, SinkConformance, refusing_every_third, unique_topic
 from bridge.testing.sample import messages, sample_events

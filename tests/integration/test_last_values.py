@@ -37,7 +37,7 @@ from nats.aio.client import Client as Nats
 
 from bridge.app import Bridge
 from bridge.config import parse_config
-from bridge.envelope import Event
+from bridge.core.envelope import Event
 from bridge.simulator import Simulator
 from bridge.sinks import SinkError
 from bridge.testing.wait import wait_until

@@ -2,8 +2,8 @@
 upstream pool, real leases, a real nats-server and a real HTTP server.
 
 A :class:`Node` is one bridge process as the doors see it: the upstream pool feeds a
-real :class:`~bridge.normalize.Normalizer` whose events fill the last-value cache, and
-:class:`~bridge.subscriptions.Subscriptions` drives the pool. What the upstream holds
+real :class:`~bridge.pipeline.normalize.Normalizer` whose events fill the last-value cache, and
+:class:`~bridge.upstream.subscriptions.Subscriptions` drives the pool. What the upstream holds
 is read from the simulator itself (``subscriptions_by_key``), never from the bridge.
 """
 
@@ -22,18 +22,19 @@ import pytest
 from nats.aio.client import Client
 from prometheus_client import CollectorRegistry
 
-import bridge.control as control_module
+import bridge.control.core as control_module
 from bridge.config import HttpConfig, Settings, parse_config
-from bridge.control import Control, NatsControl, start_nats_control
-from bridge.http import HttpServer, serve_http
-from bridge.market import LastValues
-from bridge.normalize import Normalizer
-from bridge.sharding import shard_of
+from bridge.config.settings import upstream_keys
+from bridge.control.core import Control, NatsControl, start_nats_control
+from bridge.control.http import HttpServer, serve_http
+from bridge.pipeline.market import LastValues
+from bridge.pipeline.normalize import Normalizer
 from bridge.simulator import LIMIT_REACHED, Simulator
 from bridge.sinks import Drivers
-from bridge.subscriptions import Subscriptions
 from bridge.testing import MemorySink, wait_until
-from bridge.upstream import UpstreamPool, upstream_keys
+from bridge.upstream.pool import UpstreamPool
+from bridge.upstream.sharding import shard_of
+from bridge.upstream.subscriptions import Subscriptions
 
 pytestmark = pytest.mark.integration
 
@@ -285,14 +286,14 @@ async def test_a_lease_beyond_the_limit_is_refused_and_the_rest_keeps_flowing(
 
 
 def recipe() -> dict[str, Any]:
-    """The lease recipe of :mod:`bridge.control`'s docstring, run as is."""
+    """The lease recipe of :mod:`bridge.control.core`'s docstring, run as is."""
     doc = control_module.__doc__ or ""
     block = doc.split("Leasing over every shard, renewing and releasing, with nats-py::", 1)[1]
     block = block.split("\n(``tests/", 1)[0]
     code = "\n".join(line[4:] for line in block.splitlines())
     code = code.replace("asyncio.run(main())", "")
     namespace: dict[str, Any] = {}
-    exec(compile(code, "bridge.control docstring (leases)", "exec"), namespace)
+    exec(compile(code, "bridge.control.core docstring (leases)", "exec"), namespace)
     return namespace
 
 

@@ -1,5 +1,5 @@
 """Configured symbols first, and a bounded upstream pressure, against the real simulator
-(bridge/subscriptions.py, bridge/upstream.py, bridge/source.py).
+(bridge/upstream/subscriptions.py, bridge/upstream/pool.py, bridge/upstream/client.py).
 
 The attacks of issue 18 replayed through the real pool and real leases: anonymous leases
 filling the key's limit before a reload adds configured symbols; leases of another
@@ -18,13 +18,13 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
-import bridge.source as source_module
-from bridge.schema import LeaseConfig, SourceConfig
+import bridge.upstream.client as source_module
+from bridge.config.schema import LeaseConfig, SourceConfig
 from bridge.simulator import Simulator
-from bridge.source import SubscriptionStatus
-from bridge.subscriptions import EVICTED_ERROR
 from bridge.testing import wait_until
-from bridge.upstream import UpstreamKey
+from bridge.upstream.client import SubscriptionStatus
+from bridge.upstream.pool import UpstreamKey
+from bridge.upstream.subscriptions import EVICTED_ERROR
 from tests.support.pools import StartPool, pool_starter
 
 pytestmark = pytest.mark.integration

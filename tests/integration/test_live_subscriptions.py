@@ -1,5 +1,5 @@
 """A live symbol set against the real simulator: the upstream pool over one or several
-API keys, per-key limits, and leases (bridge/upstream.py, bridge/subscriptions.py).
+API keys, per-key limits, and leases (bridge/upstream/pool.py, bridge/upstream/subscriptions.py).
 
 Records are checked where the source hands them over (``on_payload``): what the
 simulator really sent, not what anyone says it sent.
@@ -16,12 +16,12 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
-from bridge.schema import LeaseConfig, SourceConfig
+from bridge.config.schema import LeaseConfig, SourceConfig
 from bridge.simulator import LIMIT_REACHED, Simulator
-from bridge.source import AuthError, SubscriptionStatus
-from bridge.subscriptions import LeaseNotFound, Subscriptions
 from bridge.testing import wait_until
-from bridge.upstream import UpstreamKey, UpstreamPool
+from bridge.upstream.client import AuthError, SubscriptionStatus
+from bridge.upstream.pool import UpstreamKey, UpstreamPool
+from bridge.upstream.subscriptions import LeaseNotFound, Subscriptions
 
 pytestmark = pytest.mark.integration
 

@@ -35,9 +35,9 @@ from bridge.config import (
     SinkSpec,
     parse_config,
 )
-from bridge.runner import SinkWorker
 from bridge.simulator import Simulator
 from bridge.sinks import Message, SinkConnectionError, SinkRejectedError
+from bridge.sinks.worker import SinkWorker
 from bridge.testing.conformance import BusProbe, SinkConformance, unique_topic
 from bridge.testing.sample import messages, sample_events
 from bridge.testing.wait import wait_until

@@ -34,9 +34,9 @@ from bridge.config import (
     SinkSpec,
     parse_config,
 )
-from bridge.runner import SinkWorker
 from bridge.simulator import Simulator
 from bridge.sinks import Message, SinkConnectionError, SinkError, SinkRejectedError
+from bridge.sinks.worker import SinkWorker
 from bridge.testing.conformance import (
     BusProbe,
     Received,

@@ -36,7 +36,7 @@ from yarl import URL
 
 from bridge.app import Bridge
 from bridge.config import parse_config
-from bridge.normalize import Normalizer
+from bridge.pipeline.normalize import Normalizer
 from bridge.simulator import Simulator
 from bridge.sinks import Drivers
 from bridge.testing import MemorySink, wait_until

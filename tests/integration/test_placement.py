@@ -1,6 +1,6 @@
 """Placement of the symbol set across API keys, against the real simulator, whose per-key
-limits refuse a whole request that would pass them (bridge/upstream.py,
-bridge/subscriptions.py, bridge/source.py).
+limits refuse a whole request that would pass them (bridge/upstream/pool.py,
+bridge/upstream/subscriptions.py, bridge/upstream/client.py).
 
 The cases of issue 19: two keys of 4 carry 5 tickers + 3 equities (whatever the mix of
 kinds, every configured symbol that fits is placed); a 9th configured symbol is unplaced,
@@ -25,11 +25,11 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
-from bridge.schema import LeaseConfig, SourceConfig
+from bridge.config.schema import LeaseConfig, SourceConfig
 from bridge.simulator import Simulator
-from bridge.source import SubscriptionStatus
 from bridge.testing import wait_until
-from bridge.upstream import UpstreamKey
+from bridge.upstream.client import SubscriptionStatus
+from bridge.upstream.pool import UpstreamKey
 from tests.support.pools import StartPool, pool_starter
 
 pytestmark = pytest.mark.integration

@@ -14,14 +14,14 @@ from bridge.app import Bridge
 from bridge.config import Settings, parse_config
 from bridge.simulator import Simulator
 from bridge.sinks import Drivers
-from bridge.source import (
+from bridge.testing import MemorySink
+from bridge.upstream.client import (
     LIMIT_MARK,
     AlenoSource,
     AuthError,
     SubscriptionResult,
     SubscriptionStatus,
 )
-from bridge.testing import MemorySink
 
 pytestmark = pytest.mark.integration
 
@@ -61,7 +61,7 @@ async def test_prices_flow_end_to_end(simulator: Simulator, run_bridge: Any) -> 
 
 async def test_header_only_auth_also_works(simulator: Simulator) -> None:
     # the simulator accepts either; the source sends both: prove the header path alone
-    from bridge.source import AlenoSource
+    from bridge.upstream.client import AlenoSource
 
     got: list[Any] = []
     s = settings(simulator)

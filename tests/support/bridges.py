@@ -10,8 +10,8 @@ import pytest
 
 from bridge.app import Bridge
 from bridge.config import Settings
-from bridge.source import AlenoSource
 from bridge.testing import MemorySink, wait_until
+from bridge.upstream.client import AlenoSource
 
 
 def config_text(sim_url: str, sinks: str, routes: str, tickers: str = "[BTC/USD, ETH/USD]",

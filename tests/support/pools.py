@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from bridge.schema import LeaseConfig, SourceConfig
-from bridge.subscriptions import Subscriptions
+from bridge.config.schema import LeaseConfig, SourceConfig
 from bridge.testing import wait_until
-from bridge.upstream import UpstreamKey, UpstreamPool
+from bridge.upstream.pool import UpstreamKey, UpstreamPool
+from bridge.upstream.subscriptions import Subscriptions
 
 
 class Records:

@@ -1,4 +1,4 @@
-"""Bearer tokens with scopes (bridge.auth) and the control listener's settings."""
+"""Bearer tokens with scopes (bridge.control.auth) and the control listener's settings."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
-from bridge.auth import AuthError, Guard, Token, anonymous_scopes
 from bridge.config import ConfigError, Settings, parse_config
-from bridge.schema import AuthConfig
-from bridge.settings import control_listener
+from bridge.config.schema import AuthConfig
+from bridge.config.settings import control_listener
+from bridge.control.auth import AuthError, Guard, Token, anonymous_scopes
 
 A = "token-a-0123456789abcdef"
 B = "token-b-fedcba9876543210"
@@ -117,7 +117,7 @@ def test_where_v1_is_served() -> None:
 
 
 def test_a_jetstream_stream_may_not_capture_the_control_door() -> None:
-    from bridge.settings import subject_matches
+    from bridge.config.settings import subject_matches
 
     assert subject_matches("aleno.>", "aleno.bridge.snapshot")
     assert subject_matches("aleno.*.snapshot", "aleno.bridge.snapshot")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from bridge.backoff import Backoff
+from bridge.core.backoff import Backoff
 
 
 def test_delays_grow_to_the_cap_and_stay_within_the_jitter_bounds() -> None:

@@ -11,7 +11,7 @@ import urllib.error
 
 import pytest
 
-from bridge.cli import (
+from bridge.cli.main import (
     DEMO_EQUITIES,
     DEMO_TICKERS,
     _core_extras,
@@ -20,10 +20,10 @@ from bridge.cli import (
     listen_problem,
     listeners,
 )
+from bridge.cli.top import START_HINT, unreachable
 from bridge.config import Settings, parse_config
 from bridge.sinks import DriverInfo, Drivers
 from bridge.testing import MemorySink
-from bridge.top import START_HINT, unreachable
 
 URL = "http://127.0.0.1:8765"
 

@@ -14,7 +14,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from multidict import MultiDict
 
 from bridge.config import Settings, parse_config
-from bridge.control import (
+from bridge.config.schema import LeaseConfig
+from bridge.control.core import (
     Control,
     ControlError,
     LeaseRequest,
@@ -29,17 +30,16 @@ from bridge.control import (
     release_from_json,
     renew_from_json,
 )
-from bridge.envelope import Event
-from bridge.http import make_app
-from bridge.market import LastValues
-from bridge.normalize import Normalizer
-from bridge.schema import LeaseConfig
-from bridge.sharding import shard_of
+from bridge.control.http import make_app
+from bridge.core.envelope import Event
+from bridge.pipeline.market import LastValues
+from bridge.pipeline.normalize import Normalizer
 from bridge.sinks import Drivers
-from bridge.source import SubscriptionResult, SubscriptionStatus
-from bridge.subscriptions import Subscriptions
 from bridge.testing import MemorySink
 from bridge.testing.sample import T0_MS, equity_record, ticker_record
+from bridge.upstream.client import SubscriptionResult, SubscriptionStatus
+from bridge.upstream.sharding import shard_of
+from bridge.upstream.subscriptions import Subscriptions
 
 LIMIT_ERROR = "Subscription limit reached. Contact us to increase limits."
 TICKERS = ["BTC/USD", "ETH/USD", "BTCB/USD", "SOL/USD", "DOGE/USD"]

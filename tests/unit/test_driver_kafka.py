@@ -108,9 +108,9 @@ def test_batch_bytes_default_fits_one_core_batch_and_the_request_limit() -> None
 def test_headers_fast_path_matches_the_binding() -> None:
     from aleno_bridge_plugins.kafka_sink import headers
 
-    from bridge.normalize import Normalizer
-    from bridge.sinkkit import KAFKA_PREFIX, ce_headers
+    from bridge.pipeline.normalize import Normalizer
     from bridge.sinks import Message
+    from bridge.sinks.kit import KAFKA_PREFIX, ce_headers
     from bridge.testing.sample import ticker_record
 
     (ev,) = Normalizer().tickers([ticker_record("BTC/USD", 1.5, 1_700_000_000_000)])

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import orjson
 
-from bridge.envelope import CLOUDEVENTS_JSON, iso_time
-from bridge.normalize import Normalizer
+from bridge.core.envelope import CLOUDEVENTS_JSON, iso_time
+from bridge.pipeline.normalize import Normalizer
 from bridge.testing.sample import equity_record, ticker_record
 
 T = 1_732_480_000_000
@@ -67,7 +67,7 @@ def test_iso_time_millisecond_precision() -> None:
 def test_a_message_keeps_the_light_header_not_the_event() -> None:
     import warnings
 
-    from bridge.envelope import EventHeader
+    from bridge.core.envelope import EventHeader
     from bridge.sinks import Message
     from bridge.testing import sample_events
 

@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from bridge.app import Bridge
 from bridge.config import HttpConfig, parse_config
-from bridge.http import make_app
+from bridge.control.http import make_app
 from bridge.sinks import Drivers, SinkRejectedError
 from bridge.testing import MemorySink, sample_events, wait_until
 

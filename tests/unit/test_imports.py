@@ -196,3 +196,64 @@ def test_the_import_graph_of_bridge_and_plugins_has_no_cycle(type_checking: bool
     found = cycles(import_graph(type_checking))
     text = "\n".join(" -> ".join(c) for c in found)
     assert not found, f"import cycles in bridge/ and plugins/:\n{text}"
+
+
+# ---------------------------------------------------------------------------
+# the layer rule: the data path imports the configuration's schema, never its loader;
+# nothing below the command line and the wiring imports them
+
+#: the data path, and what it stands on
+DATA_PATH = ("bridge.core", "bridge.upstream", "bridge.pipeline", "bridge.sinks")
+#: what the data path must never import: the configuration's loader side (YAML, files,
+#: driver discovery, reload), the control surface, the command line and the wiring
+NOT_FROM_DATA_PATH = ("bridge.config", "bridge.config.loading", "bridge.config.settings",
+                      "bridge.config.reload", "bridge.control", "bridge.cli", "bridge.app",
+                      "bridge.simulator")
+#: the top: only they (and ``python -m bridge``) import themselves
+TOP = ("bridge.cli", "bridge.app")
+
+
+def _within(module: str, packages: tuple[str, ...]) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in packages)
+
+
+def test_the_data_path_imports_the_schema_never_the_loader() -> None:
+    graph = import_graph(type_checking=True)
+    wrong = sorted(
+        f"{m} -> {t}" for m, targets in graph.items() if _within(m, DATA_PATH)
+        for t in targets
+        if t in NOT_FROM_DATA_PATH or _within(t, ("bridge.control", "bridge.cli")))
+    assert not wrong, "the data path imports above itself:\n" + "\n".join(wrong)
+
+
+def test_nothing_below_the_command_line_and_the_wiring_imports_them() -> None:
+    graph = import_graph(type_checking=True)
+    wrong = sorted(
+        f"{m} -> {t}" for m, targets in graph.items()
+        if not _within(m, TOP) and m != "bridge.__main__"
+        for t in targets if _within(t, TOP))
+    assert not wrong, "imports of the command line or the wiring from below:\n" + "\n".join(wrong)
+
+
+def test_the_data_path_loads_neither_yaml_nor_driver_discovery() -> None:
+    """The modules of the router, the sink worker, the normalizer and the Aleno client,
+    imported in a fresh interpreter: no YAML parser, no stevedore."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "import bridge.pipeline.routing, bridge.sinks.worker, bridge.pipeline.normalize\n"
+            "import bridge.upstream.client\n"
+            "print(sorted(m for m in ('yaml', 'stevedore') if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, cwd=ROOT, check=True)
+    assert done.stdout.strip() == "[]", done.stdout + done.stderr
+
+
+def test_the_layout_is_the_map() -> None:
+    """At most 8 modules at the top of ``bridge/``, the rest in subpackages."""
+    top = sorted(p.name for p in (ROOT / "bridge").glob("*.py"))
+    packages = sorted(p.name for p in (ROOT / "bridge").iterdir()
+                      if p.is_dir() and (p / "__init__.py").exists())
+    assert len(top) <= 8, top
+    assert len(packages) >= 5, packages

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from bridge import jsoncodec
+from bridge.core import jsoncodec
 
 
 def test_the_json_codec_refuses_deep_nesting_with_a_value_error() -> None:

@@ -1,4 +1,4 @@
-"""The driver kit (bridge.sinkkit) and the core's side of it (options-aware topic rules,
+"""The driver kit (bridge.sinks.kit) and the core's side of it (options-aware topic rules,
 budgets, quiet loggers, connect bugs)."""
 
 from __future__ import annotations
@@ -13,11 +13,20 @@ from typing import Any, ClassVar
 import pytest
 from pydantic import SecretStr, ValidationError
 
-from bridge import logs
 from bridge.config import SinkSpec
-from bridge.runner import SinkWorker
-from bridge.schema import SinkCommon
-from bridge.sinkkit import (
+from bridge.config.schema import SinkCommon
+from bridge.core import logs
+from bridge.core.state import SinkState
+from bridge.sinks import (
+    Budget,
+    Message,
+    Sink,
+    SinkOptions,
+    SinkRejectedError,
+    check_driver,
+    topic_rules,
+)
+from bridge.sinks.kit import (
     KAFKA_PREFIX,
     PasswordOptions,
     Refusals,
@@ -34,16 +43,7 @@ from bridge.sinkkit import (
     topic_problem,
     user_properties,
 )
-from bridge.sinks import (
-    Budget,
-    Message,
-    Sink,
-    SinkOptions,
-    SinkRejectedError,
-    check_driver,
-    topic_rules,
-)
-from bridge.state import SinkState
+from bridge.sinks.worker import SinkWorker
 from bridge.testing import until
 from bridge.testing.sample import sample_events
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from bridge.loading import (
+from bridge.config.loading import (
     MAX_CONFIG_BYTES,
     MAX_DEPTH,
     format_loc,
@@ -18,7 +18,7 @@ from bridge.loading import (
     read_tree,
     validation_problems,
 )
-from bridge.schema import ConfigError
+from bridge.config.schema import ConfigError
 
 
 def test_format_loc() -> None:

@@ -7,7 +7,7 @@ import logging
 
 import orjson
 
-from bridge.logs import JsonFormatter, RedactingFilter, Redactor
+from bridge.core.logs import JsonFormatter, RedactingFilter, Redactor
 
 SECRET = "s3cret-api-key"
 

@@ -1,4 +1,4 @@
-"""The last value cache and the status events (bridge.market), on real events."""
+"""The last value cache and the status events (bridge.pipeline.market), on real events."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import time
 
 import orjson
 
-from bridge.envelope import Event
-from bridge.market import GAP_FACTOR, Damping, LastValues, MarketState, StatusEvent
+from bridge.core.envelope import Event
+from bridge.pipeline.market import GAP_FACTOR, Damping, LastValues, MarketState, StatusEvent
 from bridge.testing.sample import T0_MS, sample_events
 
 
@@ -190,8 +190,8 @@ def test_the_stale_watch_skips_symbols_no_longer_subscribed() -> None:
 
 
 def test_status_events_follow_only_routes_that_ask_for_them() -> None:
-    from bridge.routing import Router
-    from bridge.schema import RouteConfig
+    from bridge.config.schema import RouteConfig
+    from bridge.pipeline.routing import Router
     from bridge.testing import MemorySink
 
     class _Worker:
@@ -246,7 +246,7 @@ def test_several_keys_each_connection_has_its_own_down_and_up() -> None:
 def _one(symbol: str, sent_ms: int, received_ms: int | None = None,
          kind: str = "ticker") -> Event:
     """One event of ``symbol`` sent at ``sent_ms`` (received 5 ms later by default)."""
-    from bridge.normalize import Normalizer
+    from bridge.pipeline.normalize import Normalizer
     from bridge.testing.sample import equity_record, ticker_record
 
     recv = sent_ms + 5 if received_ms is None else received_ms

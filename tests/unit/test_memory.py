@@ -20,10 +20,10 @@ import orjson
 import pytest
 
 from bridge.config import parse_config
-from bridge.normalize import Normalizer
-from bridge.routing import Router
-from bridge.runner import SinkWorker
+from bridge.pipeline.normalize import Normalizer
+from bridge.pipeline.routing import Router
 from bridge.sinks import Drivers
+from bridge.sinks.worker import SinkWorker
 from bridge.testing import MemorySink
 from bridge.testing.sample import equity_record, ticker_record
 
@@ -86,7 +86,7 @@ MEASURE = textwrap.dedent("""
     import gc, sys
     sys.path.insert(0, sys.argv[1])
     from tests.unit.test_memory import _payload, _pipeline
-    from bridge.normalize import Normalizer
+    from bridge.pipeline.normalize import Normalizer
     import orjson
     worker, router = _pipeline("cloudevents-json", 100_000)
     norm = Normalizer()

@@ -8,11 +8,10 @@ import dataclasses
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from bridge import metrics as m
 from bridge.app import Bridge
 from bridge.config import parse_config
-from bridge.sinks import Drivers
-from bridge.state import (
+from bridge.core import metrics as m
+from bridge.core.state import (
     BridgeSnapshot,
     IntakeSnapshot,
     NormalizerSnapshot,
@@ -23,6 +22,7 @@ from bridge.state import (
     UpstreamState,
     frozen_counts,
 )
+from bridge.sinks import Drivers
 from bridge.testing import MemorySink, sample_events, wait_until
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -123,7 +123,7 @@ def test_a_bridge_without_a_source_exports_an_idle_upstream() -> None:
 
 
 def test_status_events_and_those_damping_suppressed_are_counted_by_status() -> None:
-    from bridge.state import DAMPED_STATUSES, STATUSES, MarketSnapshot
+    from bridge.core.state import DAMPED_STATUSES, STATUSES, MarketSnapshot
 
     market = MarketSnapshot(5, 1, frozen_counts({"stale": 2, "gap": 3}),
                             frozen_counts({"gap": 7}))

@@ -9,7 +9,7 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bridge.normalize import Normalizer
+from bridge.pipeline.normalize import Normalizer
 from bridge.testing.sample import equity_record, ticker_record
 
 T = 1_732_480_000_000

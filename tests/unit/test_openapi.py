@@ -34,8 +34,8 @@ from openapi_spec_validator import OpenAPIV31SpecValidator, validate
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-import bridge.control as control
-from bridge.source import SubscriptionStatus
+import bridge.control.core as control
+from bridge.upstream.client import SubscriptionStatus
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCUMENT = ROOT / "bridge" / "openapi.json"
@@ -336,9 +336,9 @@ def test_the_lease_reply_is_the_codes(doc: dict[str, Any]) -> None:
 
 
 def test_the_body_limit_is_the_servers(doc: dict[str, Any]) -> None:
-    import bridge.http
+    import bridge.control.http
 
-    limit = bridge.http.MAX_BODY_BYTES
+    limit = bridge.control.http.MAX_BODY_BYTES
     assert limit == 64 * 1024
     too_large = deref(doc, doc["paths"]["/v1/subscriptions"]["post"]["responses"]["413"])
     assert "64 KiB" in too_large["description"]

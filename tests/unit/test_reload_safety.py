@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from bridge.config import ConfigError
-from bridge.loading import MAX_CONFIG_BYTES, read_config_file
-from bridge.reload import (
+from bridge.config.loading import MAX_CONFIG_BYTES, read_config_file
+from bridge.config.reload import (
     ConfigWatcher,
     ReloadQueue,
     load_settings,
@@ -22,7 +22,7 @@ from bridge.reload import (
     symlink_chain,
     watched_dirs,
 )
-from bridge.schema import ReloadConfig
+from bridge.config.schema import ReloadConfig
 from bridge.testing import until
 
 posix = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs are POSIX")

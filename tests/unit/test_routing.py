@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 
 from bridge.config import ConfigError, RouteConfig, parse_config
-from bridge.normalize import Normalizer
-from bridge.routing import Router, matches, placeholder_values
+from bridge.pipeline.normalize import Normalizer
+from bridge.pipeline.routing import Router, matches, placeholder_values
 from bridge.sinks import Drivers, Message, Sink
 from bridge.testing import MemorySink
 from bridge.testing.sample import equity_record, ticker_record

@@ -10,8 +10,8 @@ import orjson
 import pytest
 
 from bridge.config import SinkCommon, SinkSpec
-from bridge.runner import SinkWorker
 from bridge.sinks import Drivers, SinkRejectedError, SinkRetryError
+from bridge.sinks.worker import SinkWorker
 from bridge.testing import MemoryOptions, MemorySink, messages, sample_events, wait_until
 
 
@@ -212,7 +212,7 @@ async def test_a_driver_bug_keeps_the_batch_retries_it_and_logs_once_per_type(
 
 
 async def test_a_driver_bug_shows_on_readyz_until_a_publish_succeeds() -> None:
-    from bridge.state import SinkState
+    from bridge.core.state import SinkState
 
     w, sink = worker(batch=5)
     sink.fail_next(10_000, ValueError("unmapped"))

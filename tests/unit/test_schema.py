@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from bridge import config
-from bridge.schema import (
+from bridge.config.schema import (
     BackoffConfig,
     Config,
     Match,

@@ -9,8 +9,8 @@ import pytest
 from pydantic import SecretStr
 
 from bridge.config import parse_config
-from bridge.schema import Config, ConfigError, RouteConfig, SinkCommon, SourceConfig
-from bridge.settings import (
+from bridge.config.schema import Config, ConfigError, RouteConfig, SinkCommon, SourceConfig
+from bridge.config.settings import (
     BASELINE_BYTES,
     BYTES_PER_BUFFERED_EVENT,
     BYTES_PER_INTAKE_EVENT,

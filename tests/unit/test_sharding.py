@@ -6,7 +6,7 @@ import zlib
 
 import pytest
 
-from bridge.sharding import shard_of, shard_symbols
+from bridge.upstream.sharding import shard_of, shard_symbols
 
 SYMBOLS = [f"SYM{i}/USD" for i in range(200)]
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from bridge.normalize import Normalizer
+from bridge.pipeline.normalize import Normalizer
 from bridge.simulator import (
     BAD_PAYLOAD,
     LIMIT_REACHED,
@@ -122,7 +122,7 @@ def test_permessage_deflate_is_offered_by_default_and_can_be_turned_off() -> Non
 
 
 def test_the_simulate_command_offers_deflate_unless_told_not_to() -> None:
-    from bridge.cli import _parser
+    from bridge.cli.main import _parser
 
     assert _parser().parse_args(["simulate"]).compression is True
     assert _parser().parse_args(["simulate", "--no-compression"]).compression is False
@@ -212,7 +212,7 @@ def test_a_drop_counts_only_updates_a_client_would_have_had() -> None:
 
 
 def test_the_simulate_command_takes_key_limits_split_at_the_last_equals_sign() -> None:
-    from bridge.cli import _parser
+    from bridge.cli.main import _parser
 
     args = _parser().parse_args(["simulate", "--api-key", "a=b==", "--key-limit", "a=b===7",
                                  "--key-limit", "k=0"])
@@ -232,7 +232,7 @@ def test_the_simulate_command_takes_key_limits_split_at_the_last_equals_sign() -
 def test_a_bad_key_limit_is_a_usage_error_that_does_not_echo_the_key(
     value: str, capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from bridge.cli import _parser
+    from bridge.cli.main import _parser
 
     with pytest.raises(SystemExit) as info:
         _parser().parse_args(["simulate", "--key-limit", value])

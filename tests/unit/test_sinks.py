@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import orjson
 import pytest
 
-from bridge.envelope import CLOUDEVENTS_JSON, EventHeader
+from bridge.core.envelope import CLOUDEVENTS_JSON, EventHeader
 from bridge.sinks import (
     DriverLoadError,
     Drivers,

@@ -3,7 +3,7 @@ asks for, how acknowledgements are counted and what they say per symbol, live ch
 while not connected, the bounded rejected set and the pace of live requests; and the
 upstream pool's keys and packing, capacity, unsupported-symbol memory, configured
 symbols asked past a learned limit, limits learned from whole-request refusals (split
-requests), their re-checks and joint placement across kinds (bridge/upstream.py).
+requests), their re-checks and joint placement across kinds (bridge/upstream/pool.py).
 
 Against the simulator and a hostile server: tests/integration/test_source.py and
 tests/integration/test_hostile_upstream.py.
@@ -20,11 +20,11 @@ from typing import Any
 
 import pytest
 
-import bridge.source as source_module
-import bridge.upstream as upstream_module
+import bridge.upstream.client as source_module
+import bridge.upstream.pool as upstream_module
 from bridge.config import ConfigError, SourceConfig, parse_config
-from bridge.sharding import shard_symbols
-from bridge.source import (
+from bridge.config.settings import upstream_keys
+from bridge.upstream.client import (
     AlenoSource,
     BoundedSet,
     RateLimit,
@@ -34,7 +34,8 @@ from bridge.source import (
     normalize_symbols,
     sanitize_url,
 )
-from bridge.upstream import REJECTED_TTL_S, UpstreamKey, UpstreamPool, upstream_keys
+from bridge.upstream.pool import REJECTED_TTL_S, UpstreamKey, UpstreamPool
+from bridge.upstream.sharding import shard_symbols
 
 
 def source(**kw: Any) -> AlenoSource:

@@ -8,7 +8,7 @@ import dataclasses
 import orjson
 import pytest
 
-from bridge.state import (
+from bridge.core.state import (
     BridgeSnapshot,
     IntakeSnapshot,
     NormalizerSnapshot,

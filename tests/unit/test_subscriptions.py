@@ -1,4 +1,4 @@
-"""The desired symbol set (bridge/subscriptions.py): pins, leases, grace, limits, owners,
+"""The desired symbol set (bridge/upstream/subscriptions.py): pins, leases, grace, limits, owners,
 caps, configured symbols first (eviction, retry).
 
 The upstream here is a model of the pool (:class:`ModelUpstream`): a symbol universe, a
@@ -21,9 +21,15 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from bridge.schema import LeaseConfig
-from bridge.source import LIMIT_MARK, SubscriptionResult, SubscriptionStatus, normalize_symbols
-from bridge.subscriptions import (
+from bridge.config.schema import LeaseConfig
+from bridge.upstream.client import (
+    LIMIT_MARK,
+    SubscriptionResult,
+    SubscriptionStatus,
+    normalize_symbols,
+)
+from bridge.upstream.pool import LIMIT_ERROR
+from bridge.upstream.subscriptions import (
     EVICTED_ERROR,
     LOST_ERROR,
     LeaseCapError,
@@ -33,7 +39,6 @@ from bridge.subscriptions import (
     Placement,
     Subscriptions,
 )
-from bridge.upstream import LIMIT_ERROR
 
 ACCEPTED = SubscriptionStatus.ACCEPTED
 PENDING = SubscriptionStatus.PENDING

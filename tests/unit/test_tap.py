@@ -9,11 +9,11 @@ import orjson
 import pytest
 
 from bridge.app import Bridge
+from bridge.cli.tap import DiscardSink, Tap, TapOptions
 from bridge.config import ConfigError, Settings, parse_config
-from bridge.envelope import Event
+from bridge.core.envelope import Event
+from bridge.core.state import Destination
 from bridge.sinks import Drivers
-from bridge.state import Destination
-from bridge.tap import DiscardSink, Tap, TapOptions
 from bridge.testing import MemorySink, sample_events, wait_until
 
 DRIVERS = Drivers(injected={"memory": MemorySink})

@@ -9,8 +9,8 @@ import pytest
 from prometheus_client import generate_latest
 from rich.console import Console
 
-from bridge import metrics as m
-from bridge.top import check_url, parse, render, run_top, scrape
+from bridge.cli.top import check_url, parse, render, run_top, scrape
+from bridge.core import metrics as m
 from tests.unit.test_metrics import snapshot
 
 

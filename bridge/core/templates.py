@@ -23,7 +23,7 @@ NEUTRAL_SAMPLES: Final = (("ticker", "BTC/USD"), ("equity", "AAPL"),
 
 
 class SymbolMatch(Protocol):
-    """What :func:`matches` reads of a route's ``match`` (``bridge.schema.Match``)."""
+    """What :func:`matches` reads of a route's ``match`` (``bridge.config.schema.Match``)."""
 
     @property
     def kind(self) -> str: ...

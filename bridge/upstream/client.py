@@ -40,7 +40,7 @@ Promises:
   symbol what the acknowledgement said (:class:`SubscriptionResult`); the desired set
   they leave is what every reconnect re-issues; a request the upstream refuses for its
   limit changes nothing that was subscribed before (the upstream refuses the whole
-  request: what part of it fits is the pool's to find, :mod:`bridge.upstream`);
+  request: what part of it fits is the pool's to find, :mod:`bridge.upstream.pool`);
 - the requests of a (re)connect subscription refused for the limit are told to
   ``on_limit`` (kind, symbols) once the whole desired set was issued and the connection
   is live, so that the listener sees what the key holds of every kind and can ask
@@ -83,12 +83,12 @@ import aiohttp
 import engineio
 import socketio
 
-from bridge import jsoncodec
-from bridge.backoff import Backoff
-from bridge.config import SourceConfig
-from bridge.normalize import EQUITY_EVENT, TICKER_EVENT
-from bridge.sharding import configured_symbols
-from bridge.state import UpstreamSnapshot, UpstreamState, frozen_counts
+from bridge.config.schema import SourceConfig
+from bridge.core import jsoncodec
+from bridge.core.backoff import Backoff
+from bridge.core.kinds import EQUITY_EVENT, TICKER_EVENT
+from bridge.core.state import UpstreamSnapshot, UpstreamState, frozen_counts
+from bridge.upstream.sharding import configured_symbols
 
 log = logging.getLogger("aleno_bridge.source")
 
@@ -179,7 +179,7 @@ class SubscriptionStatus(StrEnum):
     #: not connected now: it is (un)subscribed on the next connect
     PENDING = "pending"
     #: held by a lease until the configured symbols needed its room (see
-    #: :mod:`bridge.subscriptions`); no longer subscribed for that lease
+    #: :mod:`bridge.upstream.subscriptions`); no longer subscribed for that lease
     EVICTED = "evicted"
 
 
@@ -394,7 +394,7 @@ class AlenoSource:
         #: told when data begins to flow and when a flowing connection ends
         #: (the status events ``up`` / ``down``)
         self.on_link: LinkHandler | None = None
-        #: told whenever :attr:`wanted` changed (an :class:`~bridge.upstream.UpstreamPool`
+        #: told whenever :attr:`wanted` changed (an :class:`~bridge.upstream.pool.UpstreamPool`
         #: keeps its union of every connection's set with it)
         self.on_wanted: Callable[[], None] | None = None
         #: told when a (re)connect subscription was refused for the per-key limit, with
@@ -829,7 +829,7 @@ class AlenoSource:
 
     async def pin(self, kind: str, symbols: Iterable[str]) -> dict[str, SubscriptionResult]:
         """:meth:`subscribe`, for the configuration's symbols (a reload). With leases,
-        reloads go through :meth:`bridge.subscriptions.Subscriptions.set_pinned`, which
+        reloads go through :meth:`bridge.upstream.subscriptions.Subscriptions.set_pinned`, which
         keeps a symbol a lease still holds."""
         return await self.subscribe(kind, symbols)
 

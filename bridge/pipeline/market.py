@@ -68,8 +68,9 @@ from typing import Any, Final, NamedTuple
 
 import orjson
 
-from bridge.envelope import DEFAULT_SOURCE, Event, EventHeader, iso_time
-from bridge.state import DAMPED_STATUSES, STATUSES, MarketSnapshot, frozen_counts
+from bridge.core.envelope import DEFAULT_SOURCE, Event, EventHeader, iso_time
+from bridge.core.kinds import PRICE_KINDS
+from bridge.core.state import DAMPED_STATUSES, STATUSES, MarketSnapshot, frozen_counts
 
 #: a jump of ``sentTimestampMs`` beyond this many update intervals is a ``gap``
 #: (one missed update makes a jump of two intervals; the margin absorbs jitter)
@@ -78,7 +79,6 @@ GAP_FACTOR: Final = 1.9
 STATUS_KIND: Final = "status"
 #: the subject (and routing symbol) of the events about the upstream connection
 UPSTREAM_SUBJECT: Final = "upstream"
-PRICE_KINDS: Final = ("ticker", "equity")
 #: how often the stale watch looks at most (it looks four times per stale period)
 STALE_SCAN_MAX_S: Final = 0.5
 #: the default damping: at most this many damped status events per symbol ...
@@ -155,7 +155,7 @@ class LastValues:
 
     Written only by the dispatcher (:meth:`MarketState.observe`) on the event loop;
     read by the control surface, which answers snapshots on a thread of its own
-    (:mod:`bridge.controlloop`). Reading from that thread is safe without a lock
+    (:mod:`bridge.control.thread`). Reading from that thread is safe without a lock
     because every write is one dict store of an immutable entry (a reader sees the old
     entry or the new one, never half of one), and the readers only make single calls
     into C that hold the GIL throughout (``dict.get``, ``sorted(dict)``). The sorted
@@ -430,7 +430,7 @@ class MarketState:
     path produces (``fresh``, ``gap``) for the dispatcher to route after the chunk.
 
     ``wanted``, when given, says which symbols are subscribed (by kind, a set replaced
-    whole on every change, like :attr:`bridge.source.AlenoSource.wanted`): a symbol that
+    whole on every change, like :attr:`bridge.upstream.client.AlenoSource.wanted`): a symbol that
     leaves it is forgotten (:meth:`sync_wanted`), and the stale watch skips the others.
     ``damping``: the status damping (:class:`Damping`, default
     :data:`DAMP_MAX_EVENTS` per :data:`DAMP_WINDOW_S`). ``clock``: wall-clock

@@ -9,7 +9,8 @@
 - ``/metrics`` is the Prometheus text format.
 
 ``control.http`` (default ``127.0.0.1:9465``): ``/v1/``, the HTTP door of the control
-surface (:mod:`bridge.control`), guarded by bearer tokens with scopes (:mod:`bridge.auth`)::
+surface (:mod:`bridge.control.core`), guarded by bearer tokens with scopes
+(:mod:`bridge.control.auth`)::
 
     GET    /v1/snapshot?kind=&symbols=&limit=&after=    scope snapshot
     POST   /v1/subscriptions                  {"kind": "ticker", "symbols": ["BTC/USD"],
@@ -45,9 +46,9 @@ What a client can hold, on either listener:
   ``max_concurrent_snapshots`` requests at once and the replies assembled or being sent
   hold at most ``max_reply_bytes`` in total; beyond, 503 with ``Retry-After``.
 
-Both servers run on the control thread (:mod:`bridge.controlloop`): ``/v1/snapshot`` is
+Both servers run on the control thread (:mod:`bridge.control.thread`): ``/v1/snapshot`` is
 answered there, beside the data path; health, readiness, metrics and leases hop to the
-bridge's own loop (503 after :data:`~bridge.controlloop.HOP_TIMEOUT_S` for the first
+bridge's own loop (503 after :data:`~bridge.control.thread.HOP_TIMEOUT_S` for the first
 three: a stuck loop fails the liveness probe).
 """
 
@@ -64,20 +65,19 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from bridge.auth import CHALLENGE, AuthError, Guard, Principal
-from bridge.config import HttpConfig
-from bridge.control import (
+from bridge.config.schema import ControlHttpConfig, HttpConfig
+from bridge.control.auth import CHALLENGE, AuthError, Guard, Principal
+from bridge.control.core import (
     ControlError,
     lease_from_json,
     parse_lease_id,
     query_from_params,
     renew_from_json,
 )
-from bridge.controlloop import ControlLoop, LoopTimeout, call_on
-from bridge.schema import ControlHttpConfig
+from bridge.control.thread import ControlLoop, LoopTimeout, call_on
 
 if TYPE_CHECKING:
-    from bridge.control import Control
+    from bridge.control.core import Control
 
 log = logging.getLogger("aleno_bridge.http")
 

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from bridge.schema import SourceConfig
+    from bridge.config.schema import SourceConfig
 
 
 def shard_of(kind: str, symbol: str, count: int) -> int:

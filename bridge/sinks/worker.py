@@ -69,9 +69,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from bridge.backoff import Backoff
-from bridge.config import SinkSpec
-from bridge.logs import quiet, redact
+from bridge.config.schema import SinkSpec
+from bridge.core.backoff import Backoff
+from bridge.core.logs import quiet, redact
+from bridge.core.state import SinkSnapshot, SinkState, frozen_counts
 from bridge.sinks import (
     Budget,
     Message,
@@ -81,7 +82,6 @@ from bridge.sinks import (
     is_io_error,
     topic_rules,
 )
-from bridge.state import SinkSnapshot, SinkState, frozen_counts
 
 log = logging.getLogger("aleno_bridge.runner")
 

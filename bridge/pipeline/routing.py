@@ -13,11 +13,11 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from bridge.config import RouteConfig
-from bridge.envelope import Event
+from bridge.config.schema import RouteConfig
+from bridge.core.envelope import Event
+from bridge.core.state import RouterSnapshot, frozen_counts
+from bridge.core.templates import matches, placeholder_values
 from bridge.sinks import Message
-from bridge.state import RouterSnapshot, frozen_counts
-from bridge.templates import matches, placeholder_values
 
 
 class Offer(Protocol):
@@ -154,6 +154,6 @@ class Router:
         return pending
 
 
-# ``placeholder_values`` and ``matches`` live in bridge.templates (shared with the
+# ``placeholder_values`` and ``matches`` live in bridge.core.templates (shared with the
 # configuration's topic checks) and stay importable from here
 __all__ = ["Gate", "Offer", "RouteHit", "Router", "Target", "matches", "placeholder_values"]

@@ -1,4 +1,4 @@
-"""Wire records -> validated :class:`~bridge.envelope.Event`.
+"""Wire records -> validated :class:`~bridge.core.envelope.Event`.
 
 Nothing from the wire can raise out of here: a record that fails validation is
 dropped and counted by reason (``Normalizer.invalid``), and the first record of each
@@ -38,13 +38,11 @@ import time
 from collections.abc import Callable, Container
 from typing import Any, Final
 
-from bridge.envelope import DEFAULT_SOURCE, Event, install_raw_decoder, iso_time
-from bridge.state import NormalizerSnapshot, frozen_counts
+from bridge.core.envelope import DEFAULT_SOURCE, Event, install_raw_decoder, iso_time
+from bridge.core.state import NormalizerSnapshot, frozen_counts
 
 log = logging.getLogger("aleno_bridge.normalize")
 
-TICKER_EVENT: Final = "new_token_states"
-EQUITY_EVENT: Final = "new_equity_states"
 
 #: symbols longer than this are not prices, they are garbage or an attack
 MAX_SYMBOL_LEN: Final = 64

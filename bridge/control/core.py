@@ -4,12 +4,12 @@ Both doors call the same core functions: :meth:`Control.snapshot` (below) and th
 leases, :meth:`Control.lease` / :meth:`Control.renew` / :meth:`Control.release`
 ("Leases" further down):
 
-Who may call is decided by the doors (:mod:`bridge.auth`: bearer tokens with the scopes
+Who may call is decided by the doors (:mod:`bridge.control.auth`: bearer tokens with the scopes
 ``snapshot`` and ``lease``, the same header on both doors); the core functions take the
 principal's name as the owner of a lease. The human reference of both doors is
 ``docs/control-api.md``, the HTTP door's OpenAPI document ``docs/openapi.json``.
 
-* HTTP, on the control listener (``control.http``, :mod:`bridge.http`)::
+* HTTP, on the control listener (``control.http``, :mod:`bridge.control.http`)::
 
       GET /v1/snapshot?kind=ticker&symbols=BTC/*,ETH/USD&limit=500&after=ticker:BTC/USD
 
@@ -125,7 +125,7 @@ Leases: symbols on demand
 With ``source.leases.enabled: true`` a client leases symbols: the bridge subscribes
 them upstream (``subscribe_ticker`` / ``subscribe_equity`` on the open connection) for
 as long as a lease on them lives, and unsubscribes them ``source.leases.grace_s`` after
-the last one ended, unless the configuration pins them (:mod:`bridge.subscriptions`).
+the last one ended, unless the configuration pins them (:mod:`bridge.upstream.subscriptions`).
 Both doors call :meth:`Control.lease`, :meth:`Control.renew` and :meth:`Control.release`.
 
 The request (a JSON object; anything else is refused, naming the parameter):
@@ -187,7 +187,7 @@ The NATS endpoints of leases (same service, JSON bodies as above):
 ``subscribe`` on ``<subject_prefix>.subscribe``
     in the per-shard queue group like ``snapshot``: every shard receives the request
     once and answers for the symbols it owns (``crc32(kind:SYMBOL) % count``, see
-    :mod:`bridge.sharding`); a shard that owns none of them stays silent. An unsharded
+    :mod:`bridge.upstream.sharding`); a shard that owns none of them stays silent. An unsharded
     bridge always answers. So a client collects replies until every symbol it asked
     for is answered, one lease per answering shard.
 ``subscribe-shard`` on ``<subject_prefix>.subscribe.<index>`` (sharded bridges only)
@@ -300,16 +300,17 @@ from typing import Any, Final, Protocol, TypeVar, cast
 import orjson
 
 from bridge import __version__
-from bridge.auth import AuthError, Guard, Principal
-from bridge.backoff import Backoff
-from bridge.config import Settings
-from bridge.controlloop import call_on
-from bridge.market import BODY, RECEIVED, Entry, LastValue, monotonic_ms
-from bridge.schema import ControlNatsConfig, ShardConfig
-from bridge.sharding import shard_of
-from bridge.sinkkit import TlsFilesError, mask_secrets, tls_context
-from bridge.source import SubscriptionResult, SubscriptionStatus, normalize_symbols
-from bridge.subscriptions import (
+from bridge.config.schema import ControlNatsConfig, ShardConfig
+from bridge.config.settings import Settings
+from bridge.control.auth import AuthError, Guard, Principal
+from bridge.control.thread import call_on
+from bridge.core.backoff import Backoff
+from bridge.core.kinds import PRICE_KINDS
+from bridge.pipeline.market import BODY, RECEIVED, Entry, LastValue, monotonic_ms
+from bridge.sinks.kit import TlsFilesError, mask_secrets, tls_context
+from bridge.upstream.client import SubscriptionResult, SubscriptionStatus, normalize_symbols
+from bridge.upstream.sharding import shard_of
+from bridge.upstream.subscriptions import (
     LeaseCapError,
     LeaseError,
     LeaseNotFound,
@@ -323,7 +324,7 @@ T = TypeVar("T")
 
 KINDS: Final = ("ticker", "equity", "*")
 #: the order of the items: tickers, then equities, each sorted by symbol
-ORDER: Final = ("ticker", "equity")
+ORDER: Final = PRICE_KINDS
 #: at most this many glob patterns per query, each at most this long (bounds the cost
 #: of one request)
 MAX_PATTERNS: Final = 256
@@ -331,7 +332,7 @@ MAX_PATTERN_LEN: Final = 128
 #: the query parameters a snapshot accepts (both doors)
 PARAMETERS: Final = ("kind", "symbols", "after", "limit")
 #: the kinds a lease takes
-LEASE_KINDS: Final = ("ticker", "equity")
+LEASE_KINDS: Final = PRICE_KINDS
 #: the parameters of ``subscribe``, ``renew`` and ``release`` (JSON bodies)
 LEASE_PARAMETERS: Final = ("kind", "symbols", "ttl_s", "holder")
 RENEW_PARAMETERS: Final = ("lease", "ttl_s")
@@ -356,7 +357,7 @@ _SEMVER: Final = re.compile(r"^\d+\.\d+\.\d+(?:-[0-9A-Za-z.-]+)?(?:\+[0-9A-Za-z.
 
 
 class LastValuesView(Protocol):
-    """The last-value cache (:class:`bridge.market.LastValues`)."""
+    """The last-value cache (:class:`bridge.pipeline.market.LastValues`)."""
 
     def select(self, kind: str, symbols: Sequence[str] | None = None) -> Sequence[str]: ...
 
@@ -377,7 +378,7 @@ class ControlHost(Protocol):
     @property
     def settings(self) -> Settings: ...
 
-    # ``subscriptions`` (:class:`bridge.subscriptions.Subscriptions` or ``None``): the
+    # ``subscriptions`` (:class:`bridge.upstream.subscriptions.Subscriptions` or ``None``): the
     # leases; read with ``getattr`` so that a host without it answers "leases are
     # off" (409) instead of failing.
 
@@ -431,7 +432,7 @@ class SnapshotQuery:
 def parse_cursor(cursor: str) -> tuple[str, str]:
     """``"ticker:BTC/USD"`` -> ``("ticker", "BTC/USD")`` (raises :class:`QueryError`)."""
     kind, sep, symbol = cursor.partition(":")
-    if not sep or kind not in ("ticker", "equity") or not symbol.strip():
+    if not sep or kind not in PRICE_KINDS or not symbol.strip():
         msg = "must be the 'next' of a previous reply (kind:SYMBOL, e.g. ticker:BTC/USD)"
         raise QueryError("after", msg)
     return kind, symbol.strip().upper()
@@ -725,7 +726,7 @@ class Control:
 
     :meth:`snapshot` is synchronous and quick (no I/O: a full snapshot of 10,000
     symbols splices ~6 MB of cached bytes in ~3 ms) and safe to call from another
-    thread: the doors call it on the control thread (:mod:`bridge.controlloop`),
+    thread: the doors call it on the control thread (:mod:`bridge.control.thread`),
     beside the data path. The lease calls run on the bridge's loop (:attr:`home`),
     wherever they are awaited.
     """
@@ -736,7 +737,7 @@ class Control:
         #: ``renew`` / ``release`` over NATS find the process that holds the lease
         self.instance = secrets.token_hex(4)
         #: the bridge's event loop, where the leases live: a lease request that
-        #: arrives on another loop (the control thread, :mod:`bridge.controlloop`)
+        #: arrives on another loop (the control thread, :mod:`bridge.control.thread`)
         #: is run there (``None``: where it is awaited)
         self.home: asyncio.AbstractEventLoop | None = None
         #: lease requests being served now (both doors, any thread)
@@ -917,7 +918,7 @@ class Control:
                     holder: str = "", *, foreign: str = "report", owner: str = "",
                     max_symbols: int | None = None) -> LeaseAnswer:
         """Lease ``symbols`` of ``kind`` (see "Leases" in the module docstring) for
-        ``owner`` (the token's name, :mod:`bridge.auth`; ``holder`` is only a label),
+        ``owner`` (the token's name, :mod:`bridge.control.auth`; ``holder`` is only a label),
         whose live leases may hold at most ``max_symbols`` symbols.
 
         Symbols owned by another shard are not leased here: ``foreign="report"``
@@ -1079,7 +1080,7 @@ class NatsControl:
     keeps it (reconnects forever; the service's subscriptions are restored with it).
     :meth:`close` stops the service and the connection; it is safe to call twice.
     :class:`~bridge.app.Bridge` runs it on the control thread
-    (:mod:`bridge.controlloop`): ``snapshot`` is answered there, the lease endpoints
+    (:mod:`bridge.control.thread`): ``snapshot`` is answered there, the lease endpoints
     by the bridge's loop (:meth:`Control.lease` goes there by itself).
     """
 
@@ -1088,7 +1089,7 @@ class NatsControl:
         self.control = control
         self.cfg = cfg
         self._redact = redact
-        #: who may call (:mod:`bridge.auth`); ``None``: anyone, for every scope
+        #: who may call (:mod:`bridge.control.auth`); ``None``: anyone, for every scope
         self.guard = guard
         self._backoff = Backoff(cfg.backoff.initial_s, cfg.backoff.max_s)
         self._task: asyncio.Task[None] | None = None

@@ -4,8 +4,8 @@ Every model refuses unknown keys and non-finite floats (``.inf``, ``.nan`` are n
 meaningful timeout, interval or size). A sink section mixes the keys every sink has
 (:class:`SinkCommon`) with the driver's own options, which are kept as extras here and
 validated by the driver's ``options_model`` when the settings are resolved
-(``bridge.settings``). Reading the file and ``${VAR}`` interpolation are in
-``bridge.loading``; the template rules in ``bridge.templates``.
+(``bridge.config.settings``). Reading the file and ``${VAR}`` interpolation are in
+``bridge.config.loading``; the template rules in ``bridge.core.templates``.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ import ipaddress
 import re
 import unicodedata
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Final, Literal
+from typing import Annotated, Any, Final, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -27,9 +28,10 @@ from pydantic import (
     model_validator,
 )
 
-from bridge.envelope import Format
-from bridge.sinkkit import server_urls, split_list
-from bridge.templates import template_problem
+from bridge.core.envelope import Format
+from bridge.core.templates import template_problem
+from bridge.sinks import Sink, SinkOptions
+from bridge.sinks.kit import server_urls, split_list
 
 
 class ConfigError(Exception):
@@ -60,7 +62,7 @@ class _Model(BaseModel):
 class BackoffConfig(_Model):
     """``source.backoff``: the delays between reconnects to the upstream.
 
-    The runtime schedule is :class:`bridge.backoff.Backoff`. A sink's delays between
+    The runtime schedule is :class:`bridge.core.backoff.Backoff`. A sink's delays between
     publish retries are :class:`RetryConfig` (``initial_backoff_s``, ``max_backoff_s``):
     the key names differ because each is user contract in its own section.
     """
@@ -153,7 +155,7 @@ class StatusDampingConfig(_Model):
     status events per symbol in any ``window_s`` (a sliding window); more are
     suppressed and counted, and the symbol's state (stale or fresh) is emitted once its
     budget allows again if consumers were last told otherwise (see
-    :class:`bridge.market.Damping`)."""
+    :class:`bridge.pipeline.market.Damping`)."""
 
     max_events: int = Field(4, ge=1, le=1000)
     window_s: float = Field(60.0, gt=0, le=86_400)
@@ -188,7 +190,7 @@ class SourceConfig(_Model):
     #: ``stale`` status event (and ``fresh`` on its next update)
     symbol_stale_after_s: float = Field(10.0, gt=0)
     #: the upstream's update cadence: a symbol whose ``sentTimestampMs`` jumps by more
-    #: than :data:`bridge.market.GAP_FACTOR` times this gets a ``gap`` status event
+    #: than :data:`bridge.pipeline.market.GAP_FACTOR` times this gets a ``gap`` status event
     update_interval_s: float = Field(1.0, gt=0)
     #: status events of one symbol, at most (see :class:`StatusDampingConfig`)
     status_damping: StatusDampingConfig = Field(default_factory=StatusDampingConfig)
@@ -311,7 +313,7 @@ class BatchConfig(_Model):
 
 
 class RetryConfig(_Model):
-    """A sink's ``retry``: publish retries with backoff (:class:`bridge.backoff.Backoff`)
+    """A sink's ``retry``: publish retries with backoff (:class:`bridge.core.backoff.Backoff`)
     and the timeouts of one publish and one connection attempt."""
 
     initial_backoff_s: float = Field(0.2, gt=0)
@@ -507,7 +509,7 @@ def is_loopback_host(host: str) -> bool:
 
 class ControlNatsConfig(_Model):
     """The NATS door of the control surface: one "micro" service (``$SRV`` discovery)
-    whose endpoints live under ``subject_prefix`` (see :mod:`bridge.control` and
+    whose endpoints live under ``subject_prefix`` (see :mod:`bridge.control.core` and
     docs/consuming-prices.md).
 
     The door has its own connection, independent of any NATS sink: it reconnects on
@@ -669,3 +671,26 @@ __all__ = [
     "key_problem",
     "token_problem",
 ]
+
+
+@dataclass(frozen=True)
+class SinkSpec:
+    """One configured sink: its common settings, driver class and validated options."""
+
+    name: str
+    common: SinkCommon
+    driver: type[Sink[Any]]
+    options: SinkOptions
+
+
+#: the connection name of a single ``api_key`` / ``api_key_file``
+DEFAULT_NAME: Final = "default"
+
+
+@dataclass(frozen=True)
+class UpstreamKey:
+    """One API key of the pool: its connection's name, the key, its known limit."""
+
+    name: str
+    key: SecretStr | None = field(repr=False)
+    limit: int | None = None

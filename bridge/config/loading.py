@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 from pydantic import SecretStr, ValidationError
 
-from bridge.schema import ConfigError, key_problem
+from bridge.config.schema import ConfigError, key_problem
 
 #: a configuration file larger than this is refused before it is parsed
 MAX_CONFIG_BYTES = 4 * 1024 * 1024

@@ -1,4 +1,4 @@
-"""Several API keys in one bridge: one :class:`~bridge.source.AlenoSource` connection
+"""Several API keys in one bridge: one :class:`~bridge.upstream.client.AlenoSource` connection
 per key, the symbols packed across them within each key's limit.
 
 The upstream limits the subscriptions of one API key, tickers and equities counted
@@ -25,7 +25,7 @@ and places every symbol on exactly one of them:
   split, once the connection is live; the rest leave it (with one key too: they are
   not re-issued on every reconnect) and go to the others; those that fit nowhere are
   in :attr:`UpstreamPool.unplaced` and told to :attr:`UpstreamPool.on_unplaced` (the
-  :class:`~bridge.subscriptions.Subscriptions`, which evicts leased symbols for
+  :class:`~bridge.upstream.subscriptions.Subscriptions`, which evicts leased symbols for
   configured ones and retries the configured ones on a bounded schedule);
 - a learned limit is a guess: the upstream counts every connection of the key, other
   processes' too, and room is freed behind our back. It is re-checked: after an
@@ -56,9 +56,9 @@ and places every symbol on exactly one of them:
 With a single key the pool is the single source it holds: the same desired set, the
 same ``wanted`` dict object, the same errors.
 
-The pool answers the :class:`~bridge.subscriptions.Upstream` protocol (``subscribe``,
+The pool answers the :class:`~bridge.upstream.subscriptions.Upstream` protocol (``subscribe``,
 ``unsubscribe``, ``subscribed``) that leases and reloads drive, and the
-:class:`~bridge.subscriptions.Placement` one (``capacity``, ``pin``, ``unplaced``,
+:class:`~bridge.upstream.subscriptions.Placement` one (``capacity``, ``pin``, ``unplaced``,
 ``set_unplaced``, ``on_unplaced``, ``on_room``) that puts the configured symbols first.
 """
 
@@ -70,10 +70,10 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Final
 
-from bridge.schema import SourceConfig
-from bridge.settings import DEFAULT_NAME, UpstreamKey, upstream_keys
-from bridge.sharding import configured_symbols
-from bridge.source import (
+from bridge.config.schema import DEFAULT_NAME, SourceConfig, UpstreamKey
+from bridge.core.kinds import PRICE_KINDS
+from bridge.core.state import ConnectionSnapshot, UpstreamSnapshot, UpstreamState, frozen_counts
+from bridge.upstream.client import (
     LIMIT_MARK,
     AlenoSource,
     AuthError,
@@ -86,11 +86,11 @@ from bridge.source import (
     SubscriptionStatus,
     normalize_symbols,
 )
-from bridge.state import ConnectionSnapshot, UpstreamSnapshot, UpstreamState, frozen_counts
+from bridge.upstream.sharding import configured_symbols
 
 log = logging.getLogger("aleno_bridge.upstream")
 
-KINDS: Final = ("ticker", "equity")
+KINDS: Final = PRICE_KINDS
 #: the limit error given for a request that fits on no connection (the upstream's words)
 LIMIT_ERROR: Final = "Subscription limit reached. Contact us to increase limits."
 #: how long a symbol the upstream rejected as unsupported is answered ``rejected``
@@ -202,7 +202,7 @@ class UpstreamPool:
         #: in insertion order, the oldest forgotten first beyond MAX_REJECTED_CACHE
         self._unsupported: dict[tuple[str, str], float] = {}
         #: configured symbols that fit in no key's limit (logged, counted); with
-        #: :class:`~bridge.subscriptions.Subscriptions` the configured symbols it could
+        #: :class:`~bridge.upstream.subscriptions.Subscriptions` the configured symbols it could
         #: not place for the limit (it keeps this up to date, see :meth:`set_unplaced`)
         self.unplaced: dict[str, frozenset[str]] = {k: frozenset() for k in KINDS}
         placement = self._pack(keys, configured_symbols(config))
@@ -521,7 +521,7 @@ class UpstreamPool:
 
     def _learn(self, conn: _Connection, exact: bool) -> None:
         """A request of ``conn`` was refused for the key's limit while it held
-        :meth:`~bridge.source.AlenoSource.upstream_count` symbols (every kind, with what
+        :meth:`~bridge.upstream.client.AlenoSource.upstream_count` symbols (every kind, with what
         it accepted so far). ``exact``: the request had one new symbol, so the limit
         is that count. Otherwise the count is only a lower bound: a limit in force that
         is not below it stands (due a re-check), none is ever learned below it."""
@@ -759,5 +759,4 @@ __all__ = [
     "UnplacedHandler",
     "UpstreamKey",
     "UpstreamPool",
-    "upstream_keys",
 ]

@@ -16,7 +16,7 @@ What a driver writes::
         async def publish(self, batch: Sequence[Message]) -> None: ...
         async def close(self) -> None: ...
 
-What a driver gets from the core (:mod:`bridge.runner`): a bounded buffer with the
+What a driver gets from the core (:mod:`bridge.sinks.worker`): a bounded buffer with the
 configured ``when_full`` policy, batching, retries with capped jittered backoff,
 reconnection, metrics and health.
 
@@ -69,7 +69,7 @@ Lifecycle promises the runner keeps:
   :meth:`Sink.check_budget` refuses at start-up an option that cannot fit.
 
 Helpers for writing a driver (TLS and credential options, server lists, CloudEvents
-headers, partial rejections, topic checks, timeouts) are in :mod:`bridge.sinkkit`.
+headers, partial rejections, topic checks, timeouts) are in :mod:`bridge.sinks.kit`.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ from typing import Any, ClassVar, Generic, NamedTuple, TypeVar
 import orjson
 from pydantic import BaseModel, ConfigDict
 
-from bridge.envelope import CLOUDEVENTS_JSON, Event, EventHeader
+from bridge.core.envelope import CLOUDEVENTS_JSON, Event, EventHeader
 
 ENTRY_POINT_GROUP = "bridge.sinks"
 
@@ -112,10 +112,10 @@ class Message:
     the CloudEvents context attributes in ``cloudevents-binary`` format (empty in
     the other formats); ``content_type`` is the MIME type of ``body``.
 
-    ``event`` is the event's light :class:`~bridge.envelope.EventHeader` (``kind``,
+    ``event`` is the event's light :class:`~bridge.core.envelope.EventHeader` (``kind``,
     ``symbol``, ``base``, ``quote``, ``id``, ``sent_ms``, ``received_ms``, ``time``,
     ``price``, ``type``, ``source``), shared by every message of that event. A full
-    :class:`~bridge.envelope.Event` given here is replaced by its header, so that a
+    :class:`~bridge.core.envelope.Event` given here is replaced by its header, so that a
     buffered message holds its encoded bytes and not the decoded record trees.
     """
 
@@ -338,7 +338,7 @@ class Sink(ABC, Generic[OptionsT]):
         Each item is ``option: message`` (the option's path relative to the sink's
         section); the core reports them as configuration errors at start-up. Derive
         the driver's own timeouts from :attr:`budget` at run time and use this hook to
-        refuse an explicit option that exceeds it (:func:`bridge.sinkkit.timeout_problem`).
+        refuse an explicit option that exceeds it (:func:`bridge.sinks.kit.timeout_problem`).
         """
         return []
 

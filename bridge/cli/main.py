@@ -18,7 +18,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from bridge import __version__, logs
+from bridge import __version__
+from bridge.core import logs
 
 if TYPE_CHECKING:
     from bridge.config import Settings
@@ -110,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         from bridge.config import ConfigError
-        from bridge.source import SourceError
+        from bridge.upstream.client import SourceError
 
         if isinstance(exc, CommandFailed):
             print(f"aleno-bridge: {args.command}: {logs.redact(str(exc))}", file=sys.stderr)
@@ -443,7 +444,7 @@ def _plugins(args: argparse.Namespace) -> int:
 
 
 def _tap(args: argparse.Namespace) -> int:
-    from bridge.tap import TapOptions, run_tap
+    from bridge.cli.tap import TapOptions, run_tap
 
     options = TapOptions(route=args.route, sink=args.sink, limit=args.limit,
                          publish=args.publish)
@@ -451,7 +452,7 @@ def _tap(args: argparse.Namespace) -> int:
 
 
 def _top(args: argparse.Namespace) -> int:
-    from bridge.top import TopError, run_top
+    from bridge.cli.top import TopError, run_top
 
     try:
         return run_top(args)

@@ -34,7 +34,7 @@ from typing import Final
 
 from pydantic import SecretStr
 
-from bridge.schema import ANONYMOUS, SCOPES, AuthConfig
+from bridge.config.schema import ANONYMOUS, SCOPES, AuthConfig
 
 #: the ``WWW-Authenticate`` challenge of a 401
 CHALLENGE: Final = 'Bearer realm="aleno-bridge"'

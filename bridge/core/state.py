@@ -21,9 +21,11 @@ from enum import StrEnum
 from types import MappingProxyType
 from typing import Any
 
+from bridge.core.kinds import PRICE_KINDS
+
 
 class UpstreamState(StrEnum):
-    """The upstream connection (see the state machine in :mod:`bridge.source`)."""
+    """The upstream connection (see the state machine in :mod:`bridge.upstream.client`)."""
 
     IDLE = "idle"
     CONNECTING = "connecting"
@@ -35,7 +37,7 @@ class UpstreamState(StrEnum):
 
 
 class SinkState(StrEnum):
-    """One sink's connection to its bus (see :mod:`bridge.runner`)."""
+    """One sink's connection to its bus (see :mod:`bridge.sinks.worker`)."""
 
     IDLE = "idle"
     CONNECTING = "connecting"
@@ -47,7 +49,7 @@ class SinkState(StrEnum):
 #: the acknowledgement statuses of the upstream's subscribe requests
 ACK_STATUSES = ("ok", "partial", "error")
 #: the kinds of price events
-KINDS = ("ticker", "equity")
+KINDS = PRICE_KINDS
 #: reasons every sink reports a drop count for, even while zero
 SINK_DROP_REASONS = ("buffer_full", "rejected", "dead_lettered", "driver_error", "shutdown")
 #: reasons the pipeline reports a drop count for, even while zero (``sink_removed``:
@@ -219,7 +221,7 @@ DAMPED_STATUSES = ("stale", "fresh", "gap")
 
 @dataclass(frozen=True, slots=True)
 class MarketSnapshot:
-    """The market state (:mod:`bridge.market`): symbols with a last value, how many
+    """The market state (:mod:`bridge.pipeline.market`): symbols with a last value, how many
     of them are stale now, the status events emitted so far by status, and those the
     per-symbol damping suppressed (``stale``, ``fresh``, ``gap``)."""
 
@@ -231,7 +233,7 @@ class MarketSnapshot:
 
 @dataclass(frozen=True, slots=True)
 class SubscriptionsSnapshot:
-    """The desired symbol set now (:mod:`bridge.subscriptions`), for metrics and
+    """The desired symbol set now (:mod:`bridge.upstream.subscriptions`), for metrics and
     ``/readyz``."""
 
     leases: int

@@ -1,8 +1,8 @@
 """Prometheus metrics of one bridge.
 
-The hot path only bumps plain integers (in :class:`~bridge.runner.SinkStats`, the
+The hot path only bumps plain integers (in :class:`~bridge.sinks.worker.SinkStats`, the
 normalizer, the router and the source); :class:`SnapshotCollector` reads them through
-the bridge's read model (:class:`~bridge.state.BridgeSnapshot`) and turns them into
+the bridge's read model (:class:`~bridge.core.state.BridgeSnapshot`) and turns them into
 metric families when ``/metrics`` is scraped, so no lock is taken per event. Only the
 two histograms are observed directly, once per upstream batch and once per sink batch.
 
@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from bridge.state import (
+from bridge.core.state import (
     ACK_STATUSES,
     DAMPED_STATUSES,
     KINDS,
@@ -121,7 +121,7 @@ class Metrics:
 
 
 class SnapshotCollector(Collector):
-    """Metric families of one :class:`~bridge.state.BridgeSnapshot`, taken per scrape."""
+    """Metric families of one :class:`~bridge.core.state.BridgeSnapshot`, taken per scrape."""
 
     def __init__(self, snapshot: SnapshotSource) -> None:
         self.snapshot = snapshot

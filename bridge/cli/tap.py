@@ -17,12 +17,12 @@ from typing import Any
 
 import orjson
 
-from bridge import logs
 from bridge.app import Bridge, serve
 from bridge.config import ConfigError, Settings, load_config
-from bridge.envelope import Event
+from bridge.core import logs
+from bridge.core.envelope import Event
+from bridge.core.state import Destination
 from bridge.sinks import Message, Sink, SinkOptions
-from bridge.state import Destination
 
 
 class _DiscardOptions(SinkOptions):

@@ -24,8 +24,8 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from bridge import metrics as m
-from bridge.metrics import TOTAL
+from bridge.core import metrics as m
+from bridge.core.metrics import TOTAL
 
 
 @dataclass

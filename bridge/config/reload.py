@@ -64,13 +64,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from bridge.config import Config, ConfigError, Settings, SinkSpec, parse_config
-from bridge.loading import read_config_file
-from bridge.logs import quiet
-from bridge.schema import ReloadConfig
-from bridge.state import RELOAD_RESULTS, SinkSnapshot, SinkState, frozen_counts
+from bridge.config.loading import read_config_file
+from bridge.config.schema import ReloadConfig
+from bridge.core.logs import quiet
+from bridge.core.state import RELOAD_RESULTS, SinkSnapshot, SinkState, frozen_counts
 
 if TYPE_CHECKING:
-    from bridge.runner import SinkWorker
+    from bridge.sinks.worker import SinkWorker
 
 log = logging.getLogger("aleno_bridge.reload")
 
@@ -156,7 +156,7 @@ def load_settings(path: str, text: str | None = None) -> Settings:
     """The settings of the file at ``path`` for a reload, or of ``text`` (its content
     as the watcher saw it settle). Blocking: run it in a worker thread.
 
-    Only a regular file is read (see :func:`bridge.loading.read_config_file`); raises
+    Only a regular file is read (see :func:`bridge.config.loading.read_config_file`); raises
     :class:`ConfigError` as :func:`bridge.config.load_config` does.
     """
     if text is None:

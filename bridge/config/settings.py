@@ -1,4 +1,4 @@
-"""Resolved settings: a validated :class:`~bridge.schema.Config` with its sink drivers
+"""Resolved settings: a validated :class:`~bridge.config.schema.Config` with its sink drivers
 loaded, every cross-reference checked, and the warnings of valid but insecure settings.
 
 What the schema alone cannot check is checked here: each sink's driver loads and
@@ -20,51 +20,29 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, SecretStr, ValidationError
 
-from bridge.auth import Guard, Token, anonymous_scopes
-from bridge.loading import read_key_file, validation_problems
-from bridge.schema import (
+from bridge.config.loading import read_key_file, validation_problems
+from bridge.config.schema import (
+    DEFAULT_NAME,
     Config,
     ConfigError,
     ControlHttpConfig,
     RouteConfig,
     SinkCommon,
+    SinkSpec,
     SourceConfig,
+    UpstreamKey,
     is_loopback_host,
     token_problem,
 )
+from bridge.control.auth import Guard, Token, anonymous_scopes
+from bridge.core.templates import NEUTRAL_SAMPLES, topic_problem
 from bridge.sinks import (
     Budget,
     DriverLoadError,
     Drivers,
-    Sink,
-    SinkOptions,
     UnknownDriverError,
     topic_rules,
 )
-from bridge.templates import NEUTRAL_SAMPLES, topic_problem
-
-
-@dataclass(frozen=True)
-class SinkSpec:
-    """One configured sink: its common settings, driver class and validated options."""
-
-    name: str
-    common: SinkCommon
-    driver: type[Sink[Any]]
-    options: SinkOptions
-
-
-#: the connection name of a single ``api_key`` / ``api_key_file``
-DEFAULT_NAME: Final = "default"
-
-
-@dataclass(frozen=True)
-class UpstreamKey:
-    """One API key of the pool: its connection's name, the key, its known limit."""
-
-    name: str
-    key: SecretStr | None = field(repr=False)
-    limit: int | None = None
 
 
 def upstream_keys(config: SourceConfig, api_key: SecretStr | str | None = None,
@@ -123,7 +101,7 @@ class Settings:
 
     def guard(self, door: str) -> Guard:
         """Who may call ``door`` (``http`` or ``nats``): the tokens, and the anonymous
-        scopes given that door's reach (:func:`bridge.auth.anonymous_scopes`)."""
+        scopes given that door's reach (:func:`bridge.control.auth.anonymous_scopes`)."""
         control = self.config.control
         if door == "nats":
             loopback = control.nats_loopback

@@ -3,7 +3,7 @@
 A symbol is subscribed upstream while the configuration pins it or a lease on it
 lives; ``grace_s`` after its last lease ended (expired or released) it is unsubscribed,
 unless it was pinned or leased again meanwhile. :class:`Subscriptions` keeps that set
-and drives an :class:`Upstream` (an :class:`~bridge.upstream.UpstreamPool`) with the
+and drives an :class:`Upstream` (an :class:`~bridge.upstream.pool.UpstreamPool`) with the
 differences, one ``subscribe`` / ``unsubscribe`` at a time:
 
 - a lease answers per symbol what the upstream's acknowledgement said (``accepted``,
@@ -61,13 +61,19 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Final, Protocol, runtime_checkable
 
-from bridge.schema import LeaseConfig
-from bridge.source import LIMIT_MARK, SubscriptionResult, SubscriptionStatus, normalize_symbols
-from bridge.state import SubscriptionsSnapshot
+from bridge.config.schema import LeaseConfig
+from bridge.core.kinds import PRICE_KINDS
+from bridge.core.state import SubscriptionsSnapshot
+from bridge.upstream.client import (
+    LIMIT_MARK,
+    SubscriptionResult,
+    SubscriptionStatus,
+    normalize_symbols,
+)
 
 log = logging.getLogger("aleno_bridge.subscriptions")
 
-KINDS: Final = ("ticker", "equity")
+KINDS: Final = PRICE_KINDS
 #: the error of a leased symbol taken back for the configured symbols
 EVICTED_ERROR: Final = "evicted: the configured symbols need this key's capacity"
 #: the error of a leased symbol a (re)connect subscription was refused for the limit

@@ -8,7 +8,7 @@ itself while it splices megabytes. So the HTTP server and the NATS control servi
 on a second event loop, in a thread of their own (:class:`ControlLoop`):
 
 - ``/v1/snapshot`` and the NATS ``snapshot`` endpoints are answered on that thread,
-  reading the last-value cache directly (:class:`bridge.market.LastValues` is made to be
+  reading the last-value cache directly (:class:`bridge.pipeline.market.LastValues` is made to be
   read from another thread without a lock);
 - everything that touches the rest of the bridge runs on the bridge's own loop, as
   before: ``/healthz``, ``/readyz`` and ``/metrics`` hop there with :func:`call_on`
