@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from aleno_bridge_plugins.mqtt_sink import MqttOptions, MqttSink
+from aleno_bridge_plugins.mqtt import MqttOptions, MqttSink
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties

@@ -16,7 +16,7 @@ Five phases of ``--seconds`` each, after the cache holds every symbol:
    the bridge's process like the bridge's own control thread: the floor of moving that
    many bytes through aiohttp on this machine, under the same load;
 4. ``nats``: a client process fetches the whole snapshot over NATS (all pages, the
-   recipe of :mod:`bridge.control.core`) ``--rate`` times a second;
+   recipe in docs/control-api.md) ``--rate`` times a second;
 5. ``nats-raw``: the same client against a bare nats-py responder answering the same
    ready-made pages.
 

@@ -2,8 +2,8 @@
 
 Flow of one upstream payload::
 
-    AlenoSource (receive loop) -> Bridge.on_payload: Normalizer -> intake queue
-      -> dispatcher task: Router.dispatch -> SinkWorker.offer (per sink buffer)
+    AlenoSource (receive loop) -> Intake.on_payload: Normalizer -> intake queue
+      -> Dispatcher task: Router.dispatch -> SinkWorker.offer (per sink buffer)
       -> SinkWorker task: Sink.publish(batch)
 
 ``on_payload`` never blocks the Socket.IO receive loop and does only what every
@@ -15,16 +15,17 @@ fit, the oldest queued payloads are shed whole
 (``aleno_bridge_pipeline_dropped_total{reason="intake_full"}``). The dispatcher waits
 while every connected non-``block`` sink is full and yields between chunks, so the
 sinks and the reader keep their share of the CPU (see "Overload" in
-``docs/operations.md``).
+``docs/operations.md``). The intake is :mod:`bridge.pipeline.intake`, the dispatcher
+:mod:`bridge.pipeline.dispatcher`; the bridge wires them.
 
 Shutdown has one deadline, ``shutdown_timeout_s`` from the stop signal, shared by
 every step: stopping the source, routing what the intake holds, draining the sinks
-and closing them (see :meth:`Bridge.shutdown`). Nothing is lost uncounted: events
-still in the intake at the deadline are counted as
+and closing them (see :meth:`Bridge.shutdown` and :mod:`bridge.pipeline.drain`).
+Nothing is lost uncounted: events still in the intake at the deadline are counted as
 ``aleno_bridge_pipeline_dropped_total{reason="shutdown"}``, events held by a sink as
 ``aleno_bridge_sink_events_dropped_total{reason="shutdown"}``, and events held by a
 sink a reload replaced or removed as ``{reason="sink_removed"}`` in both (see
-:mod:`bridge.config.reload`).
+:mod:`bridge.config.reload`, which applies reloads: :class:`~bridge.config.reload.Reloader`).
 
 Assembly: :meth:`Bridge.from_settings` is the one way settings become a bridge, and
 :func:`serve` the one way the command line runs one (``run``, ``demo`` and ``tap``).
@@ -48,57 +49,38 @@ from typing import Any, Final
 from prometheus_client import CollectorRegistry
 
 from bridge import __version__
-from bridge.config import ConfigError, HttpConfig, Settings
-from bridge.config.reload import (
-    SINK_REMOVED,
-    ConfigWatcher,
-    ReloadOutcome,
-    ReloadQueue,
-    RetiredSinks,
-    load_settings,
-    pinned_changed,
-    restart_needed,
-    same_sink,
-    settings_changed,
-)
+from bridge.config import HttpConfig, Settings
+from bridge.config.apply import Reloader, RetiredSinks, link_dead_letters
+from bridge.config.reload import ConfigWatcher, ReloadOutcome, ReloadQueue
 from bridge.config.settings import upstream_keys
 from bridge.control.core import Control, NatsControl, start_nats_control
 from bridge.control.http import serve_control, serve_http
 from bridge.control.thread import ControlLoop
 from bridge.core.envelope import Event
-from bridge.core.kinds import PRICE_KINDS, TICKER_EVENT
+from bridge.core.kinds import PRICE_KINDS
 from bridge.core.logs import Redactor
 from bridge.core.metrics import Metrics
-from bridge.core.state import (
-    BridgeSnapshot,
-    Destination,
-    IntakeSnapshot,
-    OverloadSnapshot,
-    frozen_counts,
-    readiness,
+from bridge.core.state import BridgeSnapshot, Destination, frozen_counts, readiness
+from bridge.pipeline.dispatcher import Dispatcher, Tap
+from bridge.pipeline.drain import (
+    Deadline,
+    log_drained,
+    log_shutdown,
+    stop_sinks,
+    stop_source,
 )
-from bridge.pipeline.market import STALE_SCAN_MAX_S, STATUS_KIND, Damping, MarketState
+from bridge.pipeline.intake import Batch, Intake
+from bridge.pipeline.market import STALE_SCAN_MAX_S, Damping, MarketState
 from bridge.pipeline.normalize import Normalizer
 from bridge.pipeline.routing import Router
 from bridge.sinks import Sink
-from bridge.sinks.worker import DISPATCH_CHUNK, SinkWorker
+from bridge.sinks.worker import SinkWorker
 from bridge.upstream.pool import UpstreamPool
-from bridge.upstream.sharding import configured_symbols
 from bridge.upstream.subscriptions import Subscriptions
 
 log = logging.getLogger("aleno_bridge.app")
 
 GC_THRESHOLDS: Final = (50_000, 50, 100)
-#: seconds without shedding after which an overloaded bridge counts as recovered
-OVERLOAD_CLEAR_S: Final = 5.0
-#: the longest the dispatcher waits for a saturated sink before it looks again
-ROOM_POLL_S: Final = 0.05
-#: what a retired sink still gets to close when the shutdown's deadline cuts its drain
-RETIRE_CUT_S: Final = 0.2
-
-#: sees every event before it is routed (``aleno-bridge tap``, tests)
-Tap = Callable[[Event], None]
-
 
 def tune_gc() -> None:
     """Tune the cyclic garbage collector for the hot path (called by :func:`serve`).
@@ -112,21 +94,6 @@ def tune_gc() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
-
-
-class _Batch:
-    """One upstream payload in the intake: its records, not yet validated (``events``
-    is ``None``), or events ingested ready-made (:meth:`Bridge.ingest`)."""
-
-    __slots__ = ("events", "kind", "received_ms", "records", "size")
-
-    def __init__(self, kind: str, records: list[Any] | None, events: list[Event] | None,
-                 received_ms: int, size: int) -> None:
-        self.kind = kind
-        self.records = records
-        self.events = events
-        self.received_ms = received_ms
-        self.size = size
 
 
 class Bridge:
@@ -160,34 +127,29 @@ class Bridge:
         self.normalizer = Normalizer(source=cfg.source.endpoint,
                                      max_clock_skew_s=cfg.source.max_clock_skew_s,
                                      max_record_age_s=cfg.source.max_record_age_s)
-        self.workers: dict[str, SinkWorker] = {
+        workers: dict[str, SinkWorker] = {
             name: SinkWorker(spec, (sinks or {}).get(name), self.metrics.observe_publish)
             for name, spec in settings.sinks.items()
         }
-        _link_dead_letters(settings, self.workers)
-        self.router: Router = Router(settings.routes, self.workers)
-        #: configuration reloads, by result (``aleno_bridge_config_reloads_total``)
-        self.reloads: dict[str, int] = {}
-        self._reload_lock = asyncio.Lock()
-        self._retiring: set[asyncio.Task[Any]] = set()
-        #: the sinks reloads replaced or removed: their counters and what they lost
-        self.retired = RetiredSinks()
-        #: set when :meth:`shutdown` begins: no reload is applied after that
-        self._shutting_down = False
+        link_dead_letters(settings, workers)
+        router = Router(settings.routes, workers)
+        #: upstream payloads waiting for the dispatcher, bounded, shed when full
+        self.intake = Intake(cfg.intake_max_events, self.normalizer, self.metrics,
+                             self._sinks_full)
         #: the upstream connections (one per API key) and the symbols they carry
         self.source: UpstreamPool | None = None
         #: the desired symbol set: pinned by the configuration, or leased by consumers
         self.subscriptions: Subscriptions | None = None
         if with_source:
             keys = settings.api_keys or tuple(upstream_keys(cfg.source, settings.api_key))
-            self.source = UpstreamPool(cfg.source, keys, self.on_payload,
+            self.source = UpstreamPool(cfg.source, keys, self.intake.on_payload,
                                        self.normalizer.reject)
             self.subscriptions = Subscriptions(
                 self.source, cfg.source.leases,
                 pinned={k: sorted(self.source.wanted[k]) for k in PRICE_KINDS})
         #: the last value of every symbol and the status events (``ai.aleno.status.v1``)
         self.market = MarketState(
-            self.ingest,
+            self.intake.ingest,
             stale_after_s=cfg.source.symbol_stale_after_s,
             update_interval_s=cfg.source.update_interval_s,
             source=cfg.source.endpoint,
@@ -211,39 +173,17 @@ class Bridge:
                 self.source.on_connection_retired = self.market.retire
             else:
                 self.source.on_link = self.market.link
+        #: routes the intake to the sink workers; holds them and the router
+        self.dispatcher = Dispatcher(self.intake, self.normalizer, self.market, workers,
+                                     router, self._wanted)
+        #: applies reloads, one at a time, and keeps their account
+        self._reloader = Reloader(self)
         self._stale_watch: asyncio.Task[None] | None = None
         #: the control surface (``/v1/`` on the HTTP server and the NATS service)
         self.control: Control | None = Control(self)
-        #: events dropped between the receive loop and the router, by reason
-        #: (``intake_full``, ``shutdown``)
-        self.pipeline_dropped: dict[str, int] = {}
         self.http_port: int | None = None
         #: the control listener's port (``control.http``), once it listens
         self.control_port: int | None = None
-        #: upstream batches waiting for the dispatcher, and the events they hold
-        #: (including the not yet routed rest of the batch being dispatched)
-        self.intake_max_events: int = cfg.intake_max_events
-        self.intake_events = 0
-        #: of those, the events of the batches not yet started: ``intake_max_events``
-        #: bounds these (the batch being dispatched is held besides, so the intake
-        #: holds at most twice as many events)
-        self.queued_events = 0
-        self._intake: deque[_Batch] = deque()
-        #: overload: since when (monotonic) the bridge sheds, the last shed, and totals
-        self.overload_clear_s = OVERLOAD_CLEAR_S
-        self._overloaded_since: float | None = None
-        self._last_shed = 0.0
-        self.shed_payloads = 0
-        self._episode_shed = [0, 0]  # payloads, events shed in the current episode
-        #: the sinks whose fullness holds the dispatcher back (not ``block``: those
-        #: make it wait already)
-        self._elastic = [w for w in self.workers.values() if w.policy != "block"]
-        self._intake_ready = asyncio.Event()
-        self._intake_idle = asyncio.Event()
-        self._intake_idle.set()
-        self._closing = False
-        self._dispatcher: asyncio.Task[None] | None = None
-        self._taps: list[Tap] = []
         self.started_at = time.time()
         self.metrics.attach(self.snapshot)
 
@@ -259,113 +199,35 @@ class Bridge:
         options): what ``run``, ``demo`` and ``tap`` build and hand to :func:`serve`."""
         return cls(settings, sinks, http=http)
 
-    # -- data path -------------------------------------------------------------
+    # -- data path (bridge.pipeline.intake, bridge.pipeline.dispatcher) ----------
+
+    @property
+    def workers(self) -> dict[str, SinkWorker]:
+        """The sink workers by sink name (a reload replaces the mapping)."""
+        return self.dispatcher.workers
+
+    @property
+    def router(self) -> Router:
+        """The router (a reload replaces it)."""
+        return self.dispatcher.router
 
     def on_payload(self, event_name: str, payload: Any) -> None:
-        """Queue one upstream payload for the dispatcher (called in the receive loop).
-
-        Only what every payload needs is done here: the array is checked and counted,
-        the upstream lag observed. Validation and encoding happen in the dispatcher,
-        so a payload shed under overload costs nothing more (see :meth:`_admit`).
-        """
-        kind = "ticker" if event_name == TICKER_EVENT else "equity"
-        records = self.normalizer.records(kind, payload)
-        if not records:
-            return
-        received = self.normalizer.now_ms()
-        first = records[0]
-        sent = first.get("sentTimestampMs") if type(first) is dict else None
-        # a send time the normalizer will drop (clock_skew, too_old) is no lag
-        if type(sent) is int and self.normalizer.timely(sent, received):
-            self.metrics.lag.labels(kind).observe(max(0.0, (received - sent) / 1000.0))
-        self._admit(_Batch(kind, records, None, received, len(records)))
-
-    def _wanted(self) -> Mapping[str, frozenset[str]] | None:
-        return self.source.wanted if self.source is not None else None
+        """Queue one upstream payload for the dispatcher (see
+        :meth:`~bridge.pipeline.intake.Intake.on_payload`)."""
+        self.intake.on_payload(event_name, payload)
 
     def ingest(self, events: list[Event]) -> None:
         """Queue ready-made ``events`` (one upstream batch) for the dispatcher, under
         the same rules as an upstream payload."""
-        if events:
-            self._admit(_Batch(events[0].kind, None, events, events[0].received_ms,
-                               len(events)))
+        self.intake.ingest(events)
 
-    def _admit(self, batch: _Batch) -> None:
-        """Queue ``batch``; when the intake cannot hold it, shed the *oldest* queued
-        batches, whole, until it fits (stale prices go first). A batch bigger than the
-        whole intake is taken whole once nothing else is queued: cutting it would leave
-        the symbols at its end unpublished for good (one upstream tick of every symbol
-        can exceed ``intake_max_events``; the upstream frame limit bounds its size).
-
-        Shed events are counted as ``pipeline_dropped{reason="intake_full"}``. The batch
-        being dispatched is never shed: its rest is routed, so every symbol of an
-        upstream snapshot keeps being published under overload.
-        """
-        if self._closing:
-            self._pipeline_drop("shutdown", batch.size)
-            return
-        intake = self._intake
-        shed_payloads = shed_events = 0
-        room = self.intake_max_events - self.queued_events
-        while batch.size > room and intake:
-            old = intake.popleft()
-            shed_payloads += 1
-            shed_events += old.size
-            self.intake_events -= old.size
-            self.queued_events -= old.size
-            room += old.size
-        if shed_events:
-            self._shed(shed_payloads, shed_events)
-        elif self._overloaded_since is not None:
-            self._check_recovered()
-        self.intake_events += batch.size
-        self.queued_events += batch.size
-        intake.append(batch)
-        self._intake_idle.clear()
-        self._intake_ready.set()
-
-    def _shed(self, payloads: int, events: int) -> None:
-        self._pipeline_drop("intake_full", events)
-        self.shed_payloads += payloads
-        self._last_shed = time.monotonic()
-        self._episode_shed[0] += payloads
-        self._episode_shed[1] += events
-        if self._overloaded_since is None:
-            self._overloaded_since = self._last_shed
-            saturated = [w.name for w in self.workers.values()
-                         if w.saturated or w.blocked]
-            log.warning(
-                "overloaded: the pipeline is behind the upstream; shedding the oldest "
-                "upstream payloads before validating them (intake %d/%d events; sinks "
-                "full: %s); counted as aleno_bridge_pipeline_dropped_total"
-                "{reason=\"intake_full\"}",
-                self.intake_events, self.intake_max_events, ", ".join(saturated) or "none",
-                extra={"overloaded": True, "sinks_full": saturated},
-            )
-
-    def _check_recovered(self) -> None:
-        since = self._overloaded_since
-        if since is None:
-            return
-        now = time.monotonic()
-        if now - self._last_shed < self.overload_clear_s:
-            return
-        payloads, events = self._episode_shed
-        log.info(
-            "recovered from overload after %.1fs: shed %d upstream payload(s), %d event(s)",
-            self._last_shed - since, payloads, events,
-            extra={"overloaded": False, "shed_payloads": payloads, "shed_events": events},
-        )
-        self._overloaded_since = None
-        self._episode_shed = [0, 0]
-
-    def _pipeline_drop(self, reason: str, n: int) -> None:
-        if n > 0:
-            self.pipeline_dropped[reason] = self.pipeline_dropped.get(reason, 0) + n
+    async def flush_intake(self) -> None:
+        """Wait until every queued upstream batch has been routed (for tests and drain)."""
+        await self.intake.flush()
 
     def add_tap(self, tap: Tap) -> None:
         """Call ``tap`` with every event, in upstream order, before it is routed."""
-        self._taps.append(tap)
+        self.dispatcher.taps.append(tap)
 
     def destinations(self, kind: str, symbol: str) -> tuple[Destination, ...]:
         """Where the events of (kind, symbol) go: route, sink, topic and key."""
@@ -375,119 +237,50 @@ class Bridge:
             for t in hit.targets
         )
 
-    def _saturated(self) -> SinkWorker | None:
-        """A sink the dispatcher waits for: when every connected non-``block`` sink is
-        :attr:`~bridge.sinks.worker.SinkWorker.saturated`, routing more would only make them
-        drop what they hold (``buffer_full``), after paying for its validation and
-        encoding. One sink with room (or none connected) lets the dispatcher go on."""
-        found = None
-        for w in self._elastic:
-            if w.connected:
-                if not w.saturated:
-                    return None
-                found = w
-        return found
+    def _wanted(self) -> Mapping[str, frozenset[str]] | None:
+        return self.source.wanted if self.source is not None else None
 
-    async def _dispatch_forever(self) -> None:
-        """Route the intake in order until :meth:`shutdown` closes it; what is left
-        then (or when this task is cancelled) is counted as dropped (``shutdown``).
+    def _sinks_full(self) -> list[str]:
+        return [w.name for w in self.workers.values() if w.saturated or w.blocked]
 
-        A batch is validated, encoded and routed in chunks of
-        :data:`~bridge.sinks.worker.DISPATCH_CHUNK` records; before each chunk the dispatcher
-        waits while every connected sink is saturated, and after each it yields to the
-        event loop, so the sink workers and the Socket.IO reader keep their share of
-        the CPU. Meanwhile newer payloads queue up in the intake, where the oldest are
-        shed whole when it is full (:meth:`_admit`).
-        """
-        intake = self._intake
-        observe = self.market.observe
-        while True:
-            if not intake:
-                self._intake_idle.set()
-                if self._overloaded_since is not None:
-                    self._check_recovered()
-                if self._closing:
-                    return
-                self._intake_ready.clear()
-                await self._intake_ready.wait()
-                continue
-            if self._closing:
-                self._discard_intake()
-                return
-            batch = intake.popleft()
-            size = batch.size
-            self.queued_events -= size
-            done = 0  # records of the batch validated (and routed, or being routed)
-            routed_all = True
-            try:
-                while done < size:
-                    while (full := self._saturated()) is not None and not self._closing:
-                        await full.wait_room(ROOM_POLL_S)
-                    if self._closing:
-                        routed_all = False
-                        break
-                    end = min(size, done + DISPATCH_CHUNK)
-                    if batch.records is not None:
-                        wanted = self._wanted()
-                        events = self.normalizer.validate(
-                            batch.kind, batch.records[done:end], batch.received_ms,
-                            wanted[batch.kind] if wanted else None)
-                    else:
-                        assert batch.events is not None
-                        events = batch.events[done:end]
-                    chunk = end - done
-                    done = end
-                    if batch.kind != STATUS_KIND:
-                        # the last values, and the status events they cause (fresh, gap)
-                        statuses = observe(batch.kind, events)
-                        if statuses:
-                            events = events + statuses
-                    for tap in self._taps:
-                        for ev in events:
-                            tap(ev)
-                    routed = 0
-                    # read per chunk: a reload swaps the router between two chunks
-                    dispatch = self.router.dispatch
-                    try:
-                        for ev in events:
-                            waiters = dispatch(ev)
-                            routed += 1
-                            if waiters:
-                                for waiter in waiters:
-                                    await waiter
-                                if self._closing:
-                                    break
-                    except asyncio.CancelledError:
-                        # the event being offered may not have reached every sink
-                        routed -= 1
-                        raise
-                    finally:
-                        self.intake_events -= chunk
-                        if routed < len(events):
-                            self._pipeline_drop("shutdown", len(events) - routed)
-                            routed_all = False
-                    if not routed_all:
-                        break
-                    await asyncio.sleep(0)  # the sinks and the reader get their turn
-            finally:
-                rest = size - done
-                if rest:
-                    self.intake_events -= rest
-                    self._pipeline_drop("shutdown", rest)
+    @property
+    def pipeline_dropped(self) -> dict[str, int]:
+        """Events dropped between the receive loop and the router, by reason
+        (``intake_full``, ``shutdown``, ``sink_removed``)."""
+        return self.intake.dropped
 
-    def _discard_intake(self) -> None:
-        n = sum(batch.size for batch in self._intake)
-        self._intake.clear()
-        self.queued_events = 0
-        self.intake_events -= n
-        self._pipeline_drop("shutdown", n)
-        self._intake_idle.set()
+    @property
+    def intake_events(self) -> int:
+        """The events the intake holds, queued or being routed."""
+        return self.intake.events
 
-    async def flush_intake(self) -> None:
-        """Wait until every queued upstream batch has been routed (for tests and drain)."""
-        await self._intake_idle.wait()
+    @property
+    def intake_max_events(self) -> int:
+        return self.intake.max_events
 
-    # -- reload -------------------------------------------------------------------
+    @property
+    def queued_events(self) -> int:
+        """The events of the batches not yet started (``intake_max_events`` bounds these)."""
+        return self.intake.queued_events
+
+    @property
+    def shed_payloads(self) -> int:
+        return self.intake.shed_payloads
+
+    @property
+    def _intake(self) -> deque[Batch]:
+        return self.intake.batches
+
+    @property
+    def overload_clear_s(self) -> float:
+        """Seconds without shedding after which an overloaded bridge has recovered."""
+        return self.intake.overload_clear_s
+
+    @overload_clear_s.setter
+    def overload_clear_s(self, seconds: float) -> None:
+        self.intake.overload_clear_s = seconds
+
+    # -- reload (bridge.config.reload.Reloader) ------------------------------------
 
     async def reload_file(self, path: str, text: str | None = None) -> ReloadOutcome:
         """Read, validate and apply the configuration file at ``path`` (SIGHUP and the
@@ -498,152 +291,27 @@ class Bridge:
         2,000 symbols take a few tenths of a second to validate, which the data path's
         loop must not wait for.
         """
-        try:
-            new = await asyncio.to_thread(load_settings, path, text)
-        except ConfigError as exc:
-            self._count_reload("invalid")
-            log.error("configuration reload refused, the running configuration stays: %s",
-                      self.redact(str(exc)), extra={"reload": "invalid",
-                                                    "problems": exc.problems})
-            return ReloadOutcome("invalid", message=str(exc))
-        return await self.reload(new)
+        return await self._reloader.reload_file(path, text)
 
     async def reload(self, new: Settings) -> ReloadOutcome:
         """Apply ``new`` to the running bridge, or refuse it whole (see
         :mod:`bridge.config.reload`). Reloads run one at a time; none is applied once the
         shutdown began (it would start sinks nothing stops)."""
-        async with self._reload_lock:
-            if self._shutting_down:
-                msg = "configuration reload refused: the bridge is shutting down"
-                log.warning(msg, extra={"reload": "refused"})
-                self._count_reload("refused")
-                return ReloadOutcome("refused", message=msg)
-            try:
-                outcome = await self._reload(new)
-            except Exception as exc:
-                log.exception("configuration reload failed")
-                outcome = ReloadOutcome("failed", message=f"{type(exc).__name__}: {exc}")
-            self._count_reload(outcome.result)
-            return outcome
+        return await self._reloader.reload(new)
 
-    def _count_reload(self, result: str) -> None:
-        self.reloads[result] = self.reloads.get(result, 0) + 1
+    @property
+    def reloads(self) -> dict[str, int]:
+        """Configuration reloads, by result (``aleno_bridge_config_reloads_total``)."""
+        return self._reloader.counts
 
-    async def _reload(self, new: Settings) -> ReloadOutcome:
-        old = self.settings
-        blocked = restart_needed(old, new)
-        if blocked:
-            msg = ("configuration reload refused: " + ", ".join(blocked)
-                   + " changed, which needs a restart; the running configuration stays")
-            log.error(msg, extra={"reload": "refused", "needs_restart": blocked})
-            return ReloadOutcome("refused", blocked, msg)
-        changes: list[str] = []
-        # secrets of the old sinks stay redacted while those drain
-        self.redact = Redactor([*old.secrets(), *new.secrets()])
-        # sinks: unchanged ones stay, new and changed ones are built and started first
-        workers: dict[str, SinkWorker] = {}
-        retired: list[SinkWorker] = []
-        for name, spec in new.sinks.items():
-            current = self.workers.get(name)
-            if current is not None and same_sink(current.spec, spec):
-                workers[name] = current
-                continue
-            workers[name] = SinkWorker(spec, None, self.metrics.observe_publish)
-            workers[name].start()
-            changes.append(f"sink {name} " + ("replaced" if current is not None else "added"))
-            if current is not None:
-                retired.append(current)
-        for name, current in self.workers.items():
-            if name not in new.sinks:
-                retired.append(current)
-                changes.append(f"sink {name} removed")
-        _link_dead_letters(new, workers)
-        router = Router(new.routes, workers)
-        if [r.model_dump() for r in old.routes] != [r.model_dump() for r in new.routes]:
-            changes.append("routes")
-        changes += settings_changed(old, new)
-        # the swap: the dispatcher reads the router once per chunk
-        self.workers = workers
-        self._elastic = [w for w in workers.values() if w.policy != "block"]
-        self.router = router
-        self.settings = new
-        self.market.stale_after_s = new.config.source.symbol_stale_after_s
-        self.market.set_interval(new.config.source.update_interval_s)
-        damping = new.config.source.status_damping
-        self.market.damping.configure(damping.max_events, damping.window_s)
-        self.normalizer.set_time_bounds(new.config.source.max_clock_skew_s,
-                                        new.config.source.max_record_age_s)
-        for w in retired:
-            self._retire(w)
-        if self.subscriptions is not None:
-            self.subscriptions.config = new.config.source.leases
-        if pinned_changed(old.config, new.config):
-            changes += await self._apply_symbols(new)
-        if not changes:
-            log.info("configuration reloaded: nothing changed", extra={"reload": "unchanged"})
-            return ReloadOutcome("unchanged")
-        log.info("configuration reloaded: %s", "; ".join(changes),
-                 extra={"reload": "applied", "changes": changes})
-        return ReloadOutcome("applied", changes)
+    @property
+    def _retiring(self) -> set[asyncio.Task[Any]]:
+        return self._reloader.retiring
 
-    async def _apply_symbols(self, new: Settings) -> list[str]:
-        """Subscribe and unsubscribe the configured symbols that changed, on the live
-        connections (no reconnect); a symbol a lease still holds stays subscribed."""
-        subs = self.subscriptions
-        if subs is None:
-            return []
-        diff = await subs.set_pinned(configured_symbols(new.config.source))
-        out: list[str] = []
-        for kind in PRICE_KINDS:
-            added, removed = diff.added.get(kind, {}), diff.removed.get(kind, {})
-            if added:
-                took = sum(1 for r in added.values() if r.held)
-                out.append(f"+{len(added)} {kind}(s)"
-                           + (f" ({len(added) - took} refused)" if took < len(added) else ""))
-            if removed:
-                # (the market forgot them already: the sources tell it what leaves)
-                out.append(f"-{len(removed)} {kind}(s)")
-        return out
-
-    def _retire(self, worker: SinkWorker) -> None:
-        """Drain and close a sink that a reload replaced or removed, in the background,
-        within ``shutdown_timeout_s`` (or the shutdown's deadline, if sooner).
-
-        Nothing it held vanishes: what it could not deliver (held at the deadline, or
-        routed to it after the swap by the chunk being dispatched) is counted as its
-        ``dropped{reason="sink_removed"}`` and as
-        ``pipeline_dropped{reason="sink_removed"}``, and its counters stay in
-        :attr:`retired` (``/metrics``, the shutdown's account) until the process ends.
-        """
-        why = "replaced" if worker.name in self.workers else "removed"
-        self.retired.add(worker)
-        worker.begin_stop(SINK_REMOVED)
-
-        async def retire() -> None:
-            try:
-                await worker.stop(self.settings.config.shutdown_timeout_s, SINK_REMOVED)
-            except asyncio.CancelledError:
-                # the shutdown's deadline came first: close now, count what is left
-                with contextlib.suppress(Exception):
-                    await worker.stop(RETIRE_CUT_S, SINK_REMOVED)
-                raise
-            finally:
-                worker.discard()
-                lost = self.retired.closed(worker)
-                self._pipeline_drop(SINK_REMOVED, lost)
-                if lost:
-                    log.warning(
-                        "sink %s (%s by a reload): %d event(s) not delivered before it was "
-                        "closed; counted as aleno_bridge_pipeline_dropped_total"
-                        "{reason=\"sink_removed\"}", worker.name, why, lost,
-                        extra={"sink": worker.name, "undelivered": lost})
-                else:
-                    log.info("sink %s (%s by a reload) drained and closed", worker.name, why,
-                             extra={"sink": worker.name})
-
-        task = asyncio.create_task(retire(), name=f"retire-{worker.name}")
-        self._retiring.add(task)
-        task.add_done_callback(self._retiring.discard)
+    @property
+    def retired(self) -> RetiredSinks:
+        """The sinks reloads replaced or removed: their counters and what they lost."""
+        return self._reloader.retired
 
     # -- read model -------------------------------------------------------------
 
@@ -653,9 +321,8 @@ class Bridge:
             upstream=self.source.snapshot() if self.source is not None else None,
             normalizer=self.normalizer.snapshot(),
             router=self.router.snapshot(),
-            intake=IntakeSnapshot(self.intake_events, self.intake_max_events,
-                                  frozen_counts(self.pipeline_dropped), len(self._intake)),
-            overload=self._overload_snapshot(),
+            intake=self.intake.snapshot(),
+            overload=self.intake.overload(),
             # a sink's counters include those of the workers reloads replaced; a
             # removed sink's stay apart (metrics only, never readiness)
             sinks=tuple(self.retired.merged(w.snapshot()) for w in self.workers.values()),
@@ -666,19 +333,6 @@ class Bridge:
             reloads=frozen_counts(self.reloads),
             symbols=(self.subscriptions.snapshot()
                      if self.subscriptions is not None else None),
-        )
-
-    def _overload_snapshot(self) -> OverloadSnapshot:
-        self._check_recovered()
-        since = self._overloaded_since
-        now = time.monotonic()
-        return OverloadSnapshot(
-            overloaded=since is not None,
-            seconds=None if since is None else now - since,
-            seconds_since_shed=None if not self.shed_payloads else now - self._last_shed,
-            shed_payloads=self.shed_payloads,
-            shed_events=self.pipeline_dropped.get("intake_full", 0),
-            sinks_full=tuple(w.name for w in self.workers.values() if w.saturated or w.blocked),
         )
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
@@ -695,7 +349,7 @@ class Bridge:
         return self.settings.config.http
 
     def alive(self) -> bool:
-        return self._dispatcher is not None and not self._dispatcher.done()
+        return self.dispatcher.alive()
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -703,7 +357,7 @@ class Bridge:
         """Start the sink workers and the dispatcher (not the source)."""
         for w in self.workers.values():
             w.start()
-        self._dispatcher = asyncio.create_task(self._dispatch_forever(), name="dispatcher")
+        self.dispatcher.start()
         self._stale_watch = asyncio.create_task(self._watch_stale(), name="stale-watch")
 
     async def _watch_stale(self) -> None:
@@ -797,6 +451,7 @@ class Bridge:
                 raise exc
         return lost
 
+
     async def shutdown(self, source_task: asyncio.Task[None] | None = None) -> dict[str, int]:
         """Stop the source, route what was received, drain every sink and close them,
         all within ``shutdown_timeout_s``; log what could not be delivered.
@@ -811,94 +466,23 @@ class Bridge:
         removed and still draining get the same deadline; the undelivered events
         returned (and logged) include theirs, by sink name.
         """
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        self._shutting_down = True
-        budget = self.settings.config.shutdown_timeout_s
+        deadline = Deadline(self.settings.config.shutdown_timeout_s)
+        self._reloader.shutting_down = True
         if self._stale_watch is not None:
             self._stale_watch.cancel()
-        deadline = started + budget
-        drain_until = deadline - min(1.0, budget / 4)
-
-        def left(until: float = drain_until) -> float:
-            return max(0.0, until - loop.time())
-
-        if self.source is not None:
-            self.source.stop()
-        if source_task is not None and not source_task.done():
-            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
-                await asyncio.wait_for(asyncio.shield(source_task), left())
-            if not source_task.done():
-                source_task.cancel()
-                with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError,
-                                         Exception):
-                    await asyncio.wait_for(asyncio.shield(source_task),
-                                           min(0.5, max(0.01, left(deadline))))
-        dispatcher = self._dispatcher
-        if dispatcher is not None and not dispatcher.done():
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.flush_intake(), left())
-        # from here on nothing new is routed: what the intake still holds is counted,
-        # offers still waiting on a ``block`` sink are released and counted by it
-        self._closing = True
-        self._intake_ready.set()
-        for w in self.workers.values():
-            w.begin_stop()
-        if dispatcher is not None and not dispatcher.done():
-            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
-                await asyncio.wait_for(asyncio.shield(dispatcher),
-                                       min(0.5, max(0.01, left(deadline))))
-            if not dispatcher.done():
-                dispatcher.cancel()
-                with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
-                    await asyncio.wait_for(asyncio.shield(dispatcher), 0.1)
-        self._discard_intake()  # ingested after the dispatcher ended, if anything
-        results = await asyncio.gather(*(w.stop(left(deadline)) for w in self.workers.values()))
-        if self._retiring:  # sinks a reload replaced, still draining: same deadline
-            retiring = set(self._retiring)
-            _, late = await asyncio.wait(retiring, timeout=max(0.01, left(deadline)))
-            for task in late:
-                task.cancel()
-            if late:
-                await asyncio.wait(late, timeout=0.5)
-        lost = dict(zip(self.workers, results, strict=True))
-        for name, n in lost.items():
-            w = self.workers[name]
-            if n:
-                log.warning("sink %s: %d event(s) not delivered at shutdown", name, n,
-                            extra={"sink": name, "undelivered": n})
-            else:
-                log.info("sink %s drained: %d event(s) published", name, w.stats.published,
-                         extra={"sink": name, "published": w.stats.published})
+        await stop_source(self.source, source_task, deadline)
+        await self.dispatcher.stop(deadline)
+        lost = await stop_sinks(self.workers, deadline)
+        await self._reloader.finish(deadline)  # sinks a reload replaced, still draining
+        log_drained(self.workers, lost)
         # and what the sinks reloads replaced or removed could not deliver
         retired_lost = dict(self.retired.undelivered)
         for name, n in retired_lost.items():
             lost[name] = lost.get(name, 0) + n
-        intake_lost = self.pipeline_dropped.get("shutdown", 0)
         sinks = [*(self.retired.merged(w.snapshot()) for w in self.workers.values()),
                  *self.retired.orphans(self.workers)]
-        log.info(
-            "shutdown took %.2fs (budget %gs): %d event(s) not delivered by the sinks "
-            "(%d by sinks a reload replaced or removed), %d left in the intake",
-            loop.time() - started, budget, sum(lost.values()), sum(retired_lost.values()),
-            intake_lost,
-            extra={
-                "shutdown_s": round(loop.time() - started, 3),
-                "undelivered": lost,
-                "pipeline_dropped": dict(self.pipeline_dropped),
-                "events_received": dict(self.normalizer.received),
-                "events_invalid": sum(self.normalizer.invalid.values()),
-                "events_unrouted": self.router.unrouted,
-                "events_filtered": sum(self.router.filtered.values()),
-                # totals per sink name, over every worker reloads replaced or removed
-                "sinks": {
-                    s.name: {"offered": s.offered, "published": s.published,
-                             "dropped": dict(s.dropped), "conflated": s.conflated,
-                             "depth": s.depth}
-                    for s in sinks
-                },
-            },
-        )
+        log_shutdown(deadline, lost, retired_lost, self.pipeline_dropped, self.normalizer,
+                     self.router, sinks)
         return lost
 
 
@@ -911,12 +495,6 @@ def _then(first: Callable[[], None] | None, then: Callable[[], None]) -> Callabl
         first()
         then()
     return both
-
-
-def _link_dead_letters(settings: Settings, workers: Mapping[str, SinkWorker]) -> None:
-    for name, spec in settings.sinks.items():
-        dead_letter = spec.common.dead_letter
-        workers[name].dead_letter = workers.get(dead_letter) if dead_letter else None
 
 
 def install_signals(stop: asyncio.Event) -> None:

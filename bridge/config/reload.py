@@ -26,7 +26,7 @@ thread, only if it is a regular file, at most ``MAX_CONFIG_BYTES`` (a FIFO, a so
 ``/dev/zero`` or a 300 MB file at the path is an ``invalid`` reload naming why), and
 parsed and validated in that thread too.
 
-What a reload does (:meth:`bridge.app.Bridge.reload`):
+What a reload does (:class:`Reloader`, behind :meth:`bridge.app.Bridge.reload`):
 
 1. the whole file is read and validated as at start-up, drivers included; an invalid
    one is refused with every problem and its path in the log, and nothing changes;
@@ -54,11 +54,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import hashlib
 import logging
 import os
-from collections.abc import Awaitable, Callable, Collection, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -67,12 +66,14 @@ from bridge.config import Config, ConfigError, Settings, SinkSpec, parse_config
 from bridge.config.loading import read_config_file
 from bridge.config.schema import ReloadConfig
 from bridge.core.logs import quiet
-from bridge.core.state import RELOAD_RESULTS, SinkSnapshot, SinkState, frozen_counts
+from bridge.core.state import RELOAD_RESULTS
 
 if TYPE_CHECKING:
-    from bridge.sinks.worker import SinkWorker
+    pass
 
 log = logging.getLogger("aleno_bridge.reload")
+#: what applying a reload logs goes to the bridge's own log, as it always did
+app_log = logging.getLogger("aleno_bridge.app")
 
 RESULTS: Final = RELOAD_RESULTS
 #: source keys a reload may change (the rest of ``source`` needs a restart)
@@ -91,6 +92,8 @@ MAX_SYMLINKS: Final = 40
 MIN_SETTLE_S: Final = 0.05
 #: how long a watch that could not start waits before it tries again
 WATCH_RETRY_S: Final = 5.0
+#: what a retired sink still gets to close when the shutdown's deadline cuts its drain
+RETIRE_CUT_S: Final = 0.2
 
 
 @dataclass(frozen=True)
@@ -413,111 +416,3 @@ class ConfigWatcher:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
-
-
-# -- accounting ------------------------------------------------------------------------
-
-
-def add_counts(a: SinkSnapshot, b: SinkSnapshot) -> SinkSnapshot:
-    """``a`` with the counters (and the events held) of ``b`` added: one sink name's
-    totals over the workers a reload replaced."""
-    dropped = dict(a.dropped)
-    for reason, n in b.dropped.items():
-        dropped[reason] = dropped.get(reason, 0) + n
-    bugs = dict(a.driver_errors)
-    for kind, n in b.driver_errors.items():
-        bugs[kind] = bugs.get(kind, 0) + n
-    return dataclasses.replace(
-        a, depth=a.depth + b.depth, blocked=a.blocked + b.blocked,
-        offered=a.offered + b.offered, published=a.published + b.published,
-        conflated=a.conflated + b.conflated, dropped=frozen_counts(dropped),
-        failed_batches=a.failed_batches + b.failed_batches,
-        reconnects=a.reconnects + b.reconnects, rejections=a.rejections + b.rejections,
-        connect_failures=a.connect_failures + b.connect_failures,
-        driver_errors=frozen_counts(bugs),
-    )
-
-
-class RetiredSinks:
-    """The sink workers reloads replaced or removed: those still draining, and the
-    final counters of those closed, by sink name.
-
-    Nothing of them vanishes: :meth:`merged` adds them to the running sink of the same
-    name (its counters continue where the old ones were), :meth:`orphans` gives those
-    of the names no running sink has (a removed sink: its counters stay until
-    restart), and :attr:`undelivered` what each name's retired workers could not
-    deliver (``dropped{reason="sink_removed"}``).
-    """
-
-    def __init__(self) -> None:
-        self.draining: list[SinkWorker] = []
-        self._closed: dict[str, SinkSnapshot] = {}
-        #: events the retired workers could not deliver, by sink name
-        self.undelivered: dict[str, int] = {}
-
-    def add(self, worker: SinkWorker) -> None:
-        self.draining.append(worker)
-
-    def closed(self, worker: SinkWorker) -> int:
-        """Fold the final counters of ``worker`` (stopped) into its name's totals;
-        return what it could not deliver."""
-        with contextlib.suppress(ValueError):
-            self.draining.remove(worker)
-        snap = dataclasses.replace(worker.snapshot(), state=SinkState.CLOSED, ready=False,
-                                   depth=0, blocked=0)
-        name = worker.name
-        old = self._closed.get(name)
-        self._closed[name] = snap if old is None else add_counts(old, snap)
-        lost = worker.stats.dropped.get(SINK_REMOVED, 0)
-        if lost:
-            self.undelivered[name] = self.undelivered.get(name, 0) + lost
-        return lost
-
-    def _totals(self, name: str) -> SinkSnapshot | None:
-        total = self._closed.get(name)
-        for w in self.draining:
-            if w.name == name:
-                snap = w.snapshot()
-                total = snap if total is None else add_counts(snap, total)
-        return total
-
-    def merged(self, current: SinkSnapshot) -> SinkSnapshot:
-        """``current`` with the counters of the retired workers of its name added."""
-        if not self._closed and not self.draining:
-            return current
-        total = self._totals(current.name)
-        return current if total is None else add_counts(current, total)
-
-    def orphans(self, running: Collection[str]) -> tuple[SinkSnapshot, ...]:
-        """The totals of the retired names that no running sink has."""
-        names = dict.fromkeys([*self._closed, *(w.name for w in self.draining)])
-        out = []
-        for name in names:
-            if name in running:
-                continue
-            total = self._totals(name)
-            if total is not None:
-                out.append(dataclasses.replace(total, required=False))
-        return tuple(out)
-
-
-__all__ = [
-    "HOT_SOURCE_KEYS",
-    "RESULTS",
-    "SINK_REMOVED",
-    "ConfigWatcher",
-    "FileState",
-    "ReloadOutcome",
-    "ReloadQueue",
-    "RetiredSinks",
-    "add_counts",
-    "file_digest",
-    "load_settings",
-    "pinned_changed",
-    "read_state",
-    "restart_needed",
-    "same_sink",
-    "settings_changed",
-    "symlink_chain",
-    "watched_dirs",
-]

@@ -131,7 +131,7 @@ class OverloadSnapshot:
     """Whether the bridge sheds load: upstream payloads dropped whole at the intake,
     before validation, because the pipeline is behind the upstream."""
 
-    #: a payload was shed within the last ``OVERLOAD_CLEAR_S`` (see :mod:`bridge.app`)
+    #: a payload was shed within the last ``OVERLOAD_CLEAR_S`` (see :mod:`bridge.pipeline.intake`)
     overloaded: bool
     #: how long the current overload has lasted (``None``: not overloaded)
     seconds: float | None

@@ -53,373 +53,56 @@ damping costs only when a status event is due. The stale watch runs beside it, a
 every half second, over the cached symbols and the damping records. Memory: one
 :data:`Entry` (the envelope's bytes and three numbers) per symbol this process
 subscribes; a sharded bridge holds its own share.
+
+The cache is in :mod:`bridge.pipeline.lastvalues`, the status events and their damping
+in :mod:`bridge.pipeline.status`; :class:`MarketState` here ties them to the flow, and
+this module re-exports every name of both.
 """
 
 from __future__ import annotations
 
-import re
 import time
-from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from collections.abc import Set as AbstractSet
-from fnmatch import translate
-from types import MappingProxyType
-from typing import Any, Final, NamedTuple
+from typing import Any, Final
 
-import orjson
-
-from bridge.core.envelope import DEFAULT_SOURCE, Event, EventHeader, iso_time
+from bridge.core.envelope import DEFAULT_SOURCE, Event
 from bridge.core.kinds import PRICE_KINDS
 from bridge.core.state import DAMPED_STATUSES, STATUSES, MarketSnapshot, frozen_counts
+
+# the cache and the status events live in modules of their own; every name stays
+# importable from here
+from bridge.pipeline.lastvalues import BODY as BODY
+from bridge.pipeline.lastvalues import PRICE as PRICE
+from bridge.pipeline.lastvalues import RECEIVED as RECEIVED
+from bridge.pipeline.lastvalues import SENT_MS as SENT_MS
+from bridge.pipeline.lastvalues import (
+    SNAPSHOT_FORMAT,
+    Entry,
+    LastValue,
+    LastValues,
+    entry_of,
+    monotonic_ms,
+)
+from bridge.pipeline.status import (
+    DAMP_MAX_EVENTS,
+    DAMP_WINDOW_S,
+    NO_EXTRA,
+    STATUS_KIND,
+    UPSTREAM_SUBJECT,
+    Damping,
+    StatusEvent,
+)
 
 #: a jump of ``sentTimestampMs`` beyond this many update intervals is a ``gap``
 #: (one missed update makes a jump of two intervals; the margin absorbs jitter)
 GAP_FACTOR: Final = 1.9
-#: the kind of status events (``match: {kind: status}``)
-STATUS_KIND: Final = "status"
-#: the subject (and routing symbol) of the events about the upstream connection
-UPSTREAM_SUBJECT: Final = "upstream"
 #: how often the stale watch looks at most (it looks four times per stale period)
 STALE_SCAN_MAX_S: Final = 0.5
-#: the default damping: at most this many damped status events per symbol ...
-DAMP_MAX_EVENTS: Final = 4
-#: ... in any window of this many seconds (``source.status_damping``)
-DAMP_WINDOW_S: Final = 60.0
 #: how long a record received before its symbol was unsubscribed may still be waiting
 #: in the intake (records older than this are not told from new ones; an intake that
 #: holds records for minutes sheds them first, see bridge.app)
 GONE_MARK_S: Final = 300.0
-
-
-#: the wire format of the cached envelopes (what a snapshot splices)
-SNAPSHOT_FORMAT: Final = "cloudevents-json"
-
-#: A cache entry: ``(body, sent_ms, received_ms, price)``, ``received_ms`` on the
-#: monotonic clock (:func:`monotonic_ms`), so a snapshot computes ages in integers.
-#: A plain tuple of
-#: atomic values on purpose: the cycle collector stops tracking such a tuple the first
-#: time it survives a collection, so the entries replaced every second (10,000 a second
-#: at 10,000 symbols) never fill the old generation and never cost a full collection
-#: (an object per entry, and the event it held, made the bridge run a 50-100 ms full
-#: collection every second at 10,000 symbols: measured with ``bench/snapshot.py``).
-Entry = tuple[bytes, int, int, float]
-BODY: Final = 0
-SENT_MS: Final = 1
-RECEIVED: Final = 2
-PRICE: Final = 3
-
-
-class LastValue(NamedTuple):
-    """A readable copy of one cached value (what :meth:`LastValues.get` returns)."""
-
-    kind: str
-    symbol: str
-    #: the envelope in :data:`SNAPSHOT_FORMAT`, the bytes the sinks published
-    body: bytes
-    sent_ms: int
-    #: when it arrived (:func:`monotonic_ms`)
-    received_ms: int
-    price: float
-
-    @property
-    def received_monotonic(self) -> float:
-        """When it arrived, in ``time.monotonic()`` seconds."""
-        return self.received_ms / 1000.0
-
-    def envelope(self) -> dict[str, Any]:
-        """The envelope, decoded."""
-        env: dict[str, Any] = orjson.loads(self.body)
-        return env
-
-
-def monotonic_ms(seconds: float | None = None) -> int:
-    """``time.monotonic()`` (or ``seconds`` on that clock) in whole milliseconds."""
-    return int((time.monotonic() if seconds is None else seconds) * 1000.0)
-
-
-def _entry(event: Event, received_ms: int) -> Entry:
-    return (event.encoded(SNAPSHOT_FORMAT).body, event.sent_ms, received_ms, event.price)
-
-
-def _glob_matcher(symbols: Sequence[str]) -> Callable[[str], bool]:
-    """One compiled matcher for shell-style globs (upper-cased like symbols)."""
-    pattern = "|".join(f"(?:{translate(s.strip().upper())})" for s in symbols)
-    return re.compile(pattern).match  # type: ignore[return-value]
-
-
-_GLOB_CHARS: Final = frozenset("*?[")
-
-
-class LastValues:
-    """The last value cache: per kind, symbol -> :data:`Entry`.
-
-    Written only by the dispatcher (:meth:`MarketState.observe`) on the event loop;
-    read by the control surface, which answers snapshots on a thread of its own
-    (:mod:`bridge.control.thread`). Reading from that thread is safe without a lock
-    because every write is one dict store of an immutable entry (a reader sees the old
-    entry or the new one, never half of one), and the readers only make single calls
-    into C that hold the GIL throughout (``dict.get``, ``sorted(dict)``). The sorted
-    symbol list is cached with the version of the key set it was made from, so a
-    symbol that comes or goes while a reader sorts is seen by the next reader.
-    """
-
-    def __init__(self) -> None:
-        self._kinds: dict[str, dict[str, Entry]] = {k: {} for k in PRICE_KINDS}
-        #: the symbols of each kind marked stale (a ``stale`` event went out, no update
-        #: came since)
-        self._stale: dict[str, set[str]] = {k: set() for k in PRICE_KINDS}
-        #: bumped whenever a symbol of the kind comes or goes
-        self._version: dict[str, int] = dict.fromkeys(PRICE_KINDS, 0)
-        #: the symbols of each kind in order, and the version they were sorted at
-        self._sorted: dict[str, tuple[int, list[str]]] = {}
-
-    def __len__(self) -> int:
-        return sum(map(len, self._kinds.values()))
-
-    @property
-    def stale(self) -> int:
-        """How many symbols are stale now."""
-        return sum(map(len, self._stale.values()))
-
-    def by_kind(self, kind: str) -> dict[str, Entry]:
-        """The live mapping of one kind (symbol -> entry); read-only for callers."""
-        return self._kinds[kind]
-
-    def stale_of(self, kind: str) -> set[str]:
-        """The live set of the stale symbols of one kind; read-only for callers."""
-        return self._stale[kind]
-
-    def changed(self, kind: str) -> None:
-        """A symbol of ``kind`` came or went (the sorted list is made again)."""
-        self._version[kind] += 1
-
-    def put(self, event: Event, received_monotonic: float | None = None) -> None:
-        """Keep ``event`` as the last value of its symbol unless a newer one is cached
-        (``received_monotonic``: when it arrived, ``time.monotonic()`` by default)."""
-        values = self._kinds[event.kind]
-        now = monotonic_ms(received_monotonic)
-        prev = values.get(event.symbol)
-        if prev is None:
-            values[event.symbol] = _entry(event, now)
-            self.changed(event.kind)
-        elif event.sent_ms >= prev[SENT_MS]:
-            values[event.symbol] = _entry(event, now)
-
-    def get(self, kind: str, symbol: str) -> LastValue | None:
-        values = self._kinds.get(kind)
-        if values is None:
-            return None
-        symbol = symbol.strip().upper()
-        entry = values.get(symbol)
-        return None if entry is None else LastValue(kind, symbol, *entry)
-
-    def forget(self, kind: str, symbols: Iterable[str]) -> int:
-        """Drop the values of symbols no longer subscribed; return how many were held."""
-        values = self._kinds[kind]
-        stale = self._stale[kind]
-        n = 0
-        for s in symbols:
-            if values.pop(s, None) is not None:
-                n += 1
-            stale.discard(s)
-        self.changed(kind)
-        return n
-
-    def symbols(self, kind: str) -> list[str]:
-        """The cached symbols of ``kind`` in order (shared: do not modify)."""
-        version = self._version[kind]
-        cached = self._sorted.get(kind)
-        if cached is not None and cached[0] == version:
-            return cached[1]
-        order = sorted(self._kinds[kind])  # one C call: atomic for another thread
-        self._sorted[kind] = (version, order)
-        return order
-
-    def select(self, kind: str, symbols: Sequence[str] | None = None) -> list[str]:
-        """The cached symbols of ``kind`` that match one of ``symbols`` (shell-style
-        globs, case-insensitive; ``None``: every symbol), in order. A symbol may be
-        gone by the time its entry is read (:meth:`by_kind`): skip it."""
-        values = self._kinds.get(kind)
-        if not values:
-            return []
-        patterns = [s.strip().upper() for s in symbols] if symbols is not None else None
-        if patterns is None or "*" in patterns:
-            return self.symbols(kind)
-        if not any(_GLOB_CHARS.intersection(p) for p in patterns):
-            return [s for s in sorted(set(patterns)) if s in values]
-        match = _glob_matcher(patterns)
-        return [s for s in self.symbols(kind) if match(s)]
-
-
-class StatusEvent(Event):
-    """An ``ai.aleno.status.v1`` event: ``kind`` is ``status``; the symbol is the
-    symbol the status is about, or ``upstream`` for ``down`` / ``up``."""
-
-    __slots__ = ()
-
-    def __init__(self, status: str, symbol: str, ref_ms: int, data: dict[str, Any],
-                 source: str, id_: str | None = None) -> None:
-        base, _, quote = symbol.partition("/")
-        payload = {"kind": STATUS_KIND, "status": status, **data}
-        feed = data.get("feed")
-        eid = id_ or f"status:{status}:{feed + ':' if feed else ''}{symbol}:{ref_ms}"
-        when = iso_time(ref_ms)
-        received = time.time_ns() // 1_000_000
-        self.kind = STATUS_KIND
-        self.symbol = symbol
-        self.base = base
-        self.quote = quote
-        self.sent_ms = ref_ms
-        self.received_ms = received
-        self.time = when
-        self.data = payload
-        self.raw = payload
-        self.prices = (status,)
-        self.source = source
-        self.price = data.get("price")  # type: ignore[assignment]
-        self.id = eid
-        self._encoded = {}
-        self._body = None
-        self._format = None
-        h = self._header = object.__new__(EventHeader)
-        for name in ("kind", "symbol", "base", "quote", "id", "sent_ms", "received_ms",
-                     "time", "price", "source", "_body", "_format"):
-            setattr(h, name, getattr(self, name))
-
-    @property
-    def status(self) -> str:
-        return str(self.data["status"])
-
-
-class _Flaps:
-    """The damping state of one symbol: when its last status events went out, what
-    they told consumers, and what was suppressed since."""
-
-    __slots__ = ("suppressed", "times", "told_stale")
-
-    def __init__(self, told_stale: bool) -> None:
-        #: monotonic seconds of the emitted events within the window, oldest first
-        self.times: deque[float] = deque()
-        #: the state the last emitted ``stale`` / ``fresh`` told consumers
-        self.told_stale = told_stale
-        #: suppressed since the last emitted event, by status (``None``: nothing)
-        self.suppressed: dict[str, int] | None = None
-
-
-_NO_EXTRA: Final[Mapping[str, Any]] = MappingProxyType({})
-
-
-class Damping:
-    """At most ``max_events`` ``stale`` / ``fresh`` / ``gap`` events per symbol in any
-    ``window_s`` (a sliding window; ``source.status_damping``).
-
-    Why: a symbol that flaps (2 s on, 2 s off) would emit a status event every few
-    seconds for as long as it flaps, and 150 such symbols thousands a minute, drowning
-    the events that matter. What is suppressed is counted (:attr:`suppressed`, the
-    metric) and reported with the symbol's next emitted event; the state a consumer
-    acts on (stale or fresh) is made right by :meth:`MarketState.scan_stale` once the
-    symbol's budget allows (see the module).
-
-    Memory: one small record per symbol that emitted a status event within the window
-    (or has a correction pending); the stale watch drops the others (:meth:`prune`).
-    """
-
-    def __init__(self, max_events: int = DAMP_MAX_EVENTS,
-                 window_s: float = DAMP_WINDOW_S) -> None:
-        self.configure(max_events, window_s)
-        #: (kind, symbol) -> its record, the least recently touched first
-        self._flaps: dict[tuple[str, str], _Flaps] = {}
-        #: symbols with something suppressed: their state may need a correction
-        self._pending: set[tuple[str, str]] = set()
-        #: suppressed events since start, by status
-        self.suppressed: dict[str, int] = dict.fromkeys(DAMPED_STATUSES, 0)
-
-    def configure(self, max_events: int, window_s: float) -> None:
-        """Set the budget (the records kept apply the new one from their next event)."""
-        if max_events < 1 or not window_s > 0:
-            msg = "status damping needs max_events >= 1 and window_s > 0"
-            raise ValueError(msg)
-        self.max_events = max_events
-        self.window_s = window_s
-
-    def __len__(self) -> int:
-        return len(self._flaps)
-
-    def _room(self, flaps: _Flaps, now: float) -> bool:
-        times = flaps.times
-        horizon = now - self.window_s
-        while times and times[0] <= horizon:
-            times.popleft()
-        return len(times) < self.max_events
-
-    def let(self, kind: str, symbol: str, status: str, now: float,
-            told_stale: bool) -> Mapping[str, Any] | None:
-        """May a ``status`` event of (kind, symbol) go out at ``now`` (monotonic s)?
-        ``None``: no, it is suppressed (and counted); else the extra ``data`` the event
-        carries (``suppressed``, what was held back since the symbol's last event).
-        ``told_stale``: what consumers were told before, for a symbol without a record
-        (the state before this event's transition)."""
-        key = (kind, symbol)
-        flaps = self._flaps.pop(key, None)
-        if flaps is None:
-            flaps = _Flaps(told_stale)
-        self._flaps[key] = flaps  # the most recently touched last (see prune)
-        if not self._room(flaps, now):
-            held = flaps.suppressed
-            if held is None:
-                held = flaps.suppressed = {}
-            held[status] = held.get(status, 0) + 1
-            self.suppressed[status] = self.suppressed.get(status, 0) + 1
-            self._pending.add(key)
-            return None
-        flaps.times.append(now)
-        if status == "stale":
-            flaps.told_stale = True
-        elif status == "fresh":
-            flaps.told_stale = False
-        held = flaps.suppressed
-        if held:
-            flaps.suppressed = None
-            return {"suppressed": held}
-        return _NO_EXTRA
-
-    def pending(self) -> list[tuple[str, str]]:
-        """The symbols with something suppressed, whose state may need a correction."""
-        return list(self._pending)
-
-    def told_stale(self, key: tuple[str, str]) -> bool | None:
-        """What the symbol's last emitted ``stale`` / ``fresh`` said (``None``: no record)."""
-        flaps = self._flaps.get(key)
-        return None if flaps is None else flaps.told_stale
-
-    def room(self, key: tuple[str, str], now: float) -> bool:
-        """The symbol may emit an event now."""
-        flaps = self._flaps.get(key)
-        return flaps is None or self._room(flaps, now)
-
-    def settled(self, key: tuple[str, str]) -> None:
-        """No correction is due for the symbol (what was suppressed is still reported
-        with its next event, while its record lives)."""
-        self._pending.discard(key)
-
-    def forget(self, key: tuple[str, str]) -> None:
-        """The symbol was unsubscribed: its damping starts afresh."""
-        self._flaps.pop(key, None)
-        self._pending.discard(key)
-
-    def prune(self, now: float) -> None:
-        """Drop the records of symbols without an event within the window and nothing
-        pending. Records are kept in the order they were last touched, so this stops at
-        the first recent one: it costs what it drops."""
-        horizon = now - self.window_s
-        dead: list[tuple[str, str]] = []
-        for key, flaps in self._flaps.items():
-            if flaps.times and flaps.times[-1] > horizon:
-                break
-            if key not in self._pending:
-                dead.append(key)
-        for key in dead:
-            del self._flaps[key]
 
 
 class MarketState:
@@ -590,7 +273,7 @@ class MarketState:
                         if ev.received_ms <= at:
                             continue  # received before it was unsubscribed: not ours
                         del gone[(kind, symbol)]
-                values[symbol] = _entry(ev, now_ms)
+                values[symbol] = entry_of(ev, now_ms)
                 new = True
                 continue
             delta = ev.sent_ms - prev[SENT_MS]
@@ -611,7 +294,7 @@ class MarketState:
                         if out is None:
                             out = []
                         out.append(self._fresh(kind, prev, ev, now_ms, extra))
-            values[symbol] = _entry(ev, now_ms)
+            values[symbol] = entry_of(ev, now_ms)
         if new:
             self.values.changed(kind)
         last = events[-1].sent_ms
@@ -620,7 +303,7 @@ class MarketState:
         return self._count(out) if out else None
 
     def _gap(self, kind: str, prev: Entry, ev: Event,
-             extra: Mapping[str, Any] = _NO_EXTRA) -> Event:
+             extra: Mapping[str, Any] = NO_EXTRA) -> Event:
         step = self.interval_ms
         last = prev[SENT_MS]
         missed = max(1, round((ev.sent_ms - last) / step) - 1) if step else 1
@@ -633,7 +316,7 @@ class MarketState:
         }, self.source)
 
     def _fresh(self, kind: str, prev: Entry, ev: Event, now_ms: int,
-               extra: Mapping[str, Any] = _NO_EXTRA) -> Event:
+               extra: Mapping[str, Any] = NO_EXTRA) -> Event:
         return StatusEvent("fresh", ev.symbol, ev.sent_ms, {
             "feed": kind, "symbol": ev.symbol, "sentTimestampMs": ev.sent_ms,
             "price": ev.price,
@@ -641,7 +324,7 @@ class MarketState:
         }, self.source)
 
     def _stale(self, kind: str, symbol: str, entry: Entry, now_ms: int,
-               extra: Mapping[str, Any] = _NO_EXTRA) -> Event:
+               extra: Mapping[str, Any] = NO_EXTRA) -> Event:
         return StatusEvent("stale", symbol, entry[SENT_MS], {
             "feed": kind, "symbol": symbol,
             "lastSentTimestampMs": entry[SENT_MS], "lastPrice": entry[PRICE],

@@ -5,8 +5,9 @@ another sink or the upstream (unless its policy is ``block``, which by design sl
 the whole pipeline to the pace of that sink).
 
 ``buffer.max_events`` bounds the events a sink holds: queued *and* in flight (the
-batch handed to the driver and not yet confirmed). ``buffer.when_full`` decides what
-happens when it holds that many:
+batch handed to the driver and not yet confirmed), in the worker's
+:class:`~bridge.sinks.buffer.SinkBuffer`. ``buffer.when_full`` decides what happens
+when it holds that many:
 
 ``drop_oldest`` (default)
     the oldest queued event is dropped to make room; the freshest prices survive
@@ -67,7 +68,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, Generic, TypeVar, cast, overload
 
 from bridge.config.schema import SinkSpec
 from bridge.core.backoff import Backoff
@@ -82,8 +83,11 @@ from bridge.sinks import (
     is_io_error,
     topic_rules,
 )
+from bridge.sinks.buffer import Policy, SinkBuffer
 
 log = logging.getLogger("aleno_bridge.runner")
+
+T = TypeVar("T")
 
 #: the longest ``deadlettererror`` attribute (the error text of a big partial rejection
 #: names every refused message)
@@ -129,6 +133,27 @@ class SinkStats:
         self.dropped[reason] = self.dropped.get(reason, 0) + n
 
 
+class _Buffered(Generic[T]):
+    """An attribute of a :class:`SinkWorker` that its :class:`SinkBuffer` keeps: read
+    and set through (``worker.capacity = 2`` resizes the buffer)."""
+
+    def __init__(self, attr: str) -> None:
+        self.attr = attr
+
+    @overload
+    def __get__(self, worker: None, owner: type[SinkWorker]) -> _Buffered[T]: ...
+    @overload
+    def __get__(self, worker: SinkWorker, owner: type[SinkWorker]) -> T: ...
+
+    def __get__(self, worker: SinkWorker | None, owner: type[SinkWorker]) -> T | _Buffered[T]:
+        if worker is None:
+            return self
+        return cast(T, getattr(worker.buffer, self.attr))
+
+    def __set__(self, worker: SinkWorker, value: T) -> None:
+        setattr(worker.buffer, self.attr, value)
+
+
 class SinkWorker:
     """Owns one :class:`Sink`, its buffer and its retry loop."""
 
@@ -145,13 +170,17 @@ class SinkWorker:
         self.safe_token = topic_rules(spec.driver, spec.options).safe_token
         quiet(spec.driver.quiet_loggers)
         self.required = spec.common.required
-        self.policy = spec.common.buffer.when_full
-        self.capacity = spec.common.buffer.max_events
-        # a batch is held in flight: it can never be larger than the buffer
-        self.batch_max = min(spec.common.batch.max_events, self.capacity)
+        capacity = spec.common.buffer.max_events
+        self.stats = SinkStats()
+        #: the events this sink holds: queued and in flight (a batch is held in flight:
+        #: it can never be larger than the buffer)
+        self.buffer = SinkBuffer(
+            self.stats, spec.common.buffer.when_full, capacity,
+            batch_max=min(spec.common.batch.max_events, capacity),
+            linger_s=spec.common.batch.linger_ms / 1000.0,
+        )
         #: the room :attr:`saturated` asks for: one dispatcher chunk, or half the buffer
-        self.headroom = max(1, min(DISPATCH_CHUNK, self.capacity // 2))
-        self.linger_s = spec.common.batch.linger_ms / 1000.0
+        self.headroom = max(1, min(DISPATCH_CHUNK, capacity // 2))
         retry = spec.common.retry
         self.publish_timeout_s = retry.publish_timeout_s
         self.connect_timeout_s = retry.connect_timeout_s
@@ -160,36 +189,38 @@ class SinkWorker:
         #: driver-bug exception types already logged with their traceback
         self._logged_bugs: set[str] = set()
         self.backoff = Backoff(retry.initial_backoff_s, retry.max_backoff_s)
-        self.stats = SinkStats()
         self.state = SinkState.IDLE
         #: the (state, cause type) of the last state line logged
         self._logged: tuple[SinkState, str | None] = (SinkState.IDLE, None)
         self.connected = False
         #: where refused events go (set by the bridge from ``dead_letter:``)
         self.dead_letter: SinkWorker | None = None
-        #: ``block`` offers waiting for room (not yet counted as offered)
-        self.blocked = 0
         self._on_latency = on_latency
-        self._queue: deque[Message] = deque()
-        self._conflated: OrderedDict[tuple[str, str, str], Message] = OrderedDict()
-        self._inflight: list[Message] = []
-        self._ready = asyncio.Event()
-        self._room = asyncio.Event()
-        self._stopping = False
-        #: the drop reason of what arrives after :meth:`begin_stop` and of what is left
-        #: at the deadline (``shutdown``, or ``sink_removed`` for a sink a reload retired)
-        self._stop_reason = "shutdown"
         # set when the drain deadline passed: the loop returns at its next step even if
         # a cancellation was swallowed (asyncio.wait_for on Python < 3.12 can do that)
         self._abandoned = False
         self._task: asyncio.Task[None] | None = None
 
-    # -- buffer ---------------------------------------------------------------
+    # -- buffer (a SinkBuffer; its settings and state are read and set here too) ------
+
+    #: ``buffer.when_full``
+    policy = _Buffered[Policy]("policy")
+    #: ``buffer.max_events``: the events held at most, queued and in flight
+    capacity = _Buffered[int]("capacity")
+    batch_max = _Buffered[int]("batch_max")
+    linger_s = _Buffered[float]("linger_s")
+    #: ``block`` offers waiting for room (not yet counted as offered)
+    blocked = _Buffered[int]("blocked")
+    _queue = _Buffered[deque[Message]]("queue")
+    _conflated = _Buffered[OrderedDict[tuple[str, str, str], Message]]("conflation")
+    _inflight = _Buffered[list[Message]]("inflight")
+    _stopping = _Buffered[bool]("stopping")
+    _stop_reason = _Buffered[str]("stop_reason")
 
     @property
     def depth(self) -> int:
         """Events accepted but not yet confirmed or dropped (queued + in flight)."""
-        return len(self._queue) + len(self._conflated) + len(self._inflight)
+        return self.buffer.depth
 
     @property
     def saturated(self) -> bool:
@@ -197,108 +228,17 @@ class SinkWorker:
         events): routing more to it now would only drop what it holds. A sink that is
         not connected is never saturated (its policy applies: the bridge keeps routing
         to it, see :mod:`bridge.app`)."""
-        return self.connected and self.depth > self.capacity - self.headroom
+        return self.connected and self.buffer.depth > self.buffer.capacity - self.headroom
 
     async def wait_room(self, timeout_s: float) -> None:
         """Return when a batch left the buffer, or after ``timeout_s``."""
-        self._room.clear()
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._room.wait(), timeout_s)
-
-    def _queued(self) -> int:
-        return len(self._queue) + len(self._conflated)
+        await self.buffer.wait_room(timeout_s)
 
     def offer(self, message: Message, wait: bool = True) -> Awaitable[None] | None:
         """Accept ``message`` under the buffer policy; never blocks except for ``block``,
         where it returns an awaitable that completes once the message is queued (or,
         with ``wait=False``, drops it as ``buffer_full``)."""
-        stats = self.stats
-        if self._stopping:
-            stats.offered += 1
-            stats.drop(self._stop_reason)
-            return None
-        if self.policy == "conflate":
-            stats.offered += 1
-            ev = message.event
-            key = (ev.kind, ev.symbol, message.topic)
-            conf = self._conflated
-            if key in conf:
-                conf[key] = message
-                stats.conflated += 1
-                return None
-            if len(conf) + len(self._inflight) >= self.capacity:
-                if conf:
-                    conf.popitem(last=False)
-                else:  # everything held is in flight: nothing older can go
-                    stats.drop("buffer_full")
-                    return None
-                stats.drop("buffer_full")
-            conf[key] = message
-        elif len(self._queue) + len(self._inflight) < self.capacity:
-            stats.offered += 1
-            self._queue.append(message)
-        elif self.policy == "drop_oldest":
-            stats.offered += 1
-            stats.drop("buffer_full")
-            if not self._queue:  # everything held is in flight: nothing older can go
-                return None
-            self._queue.popleft()
-            self._queue.append(message)
-        elif self.policy == "drop_newest" or not wait:
-            stats.offered += 1
-            stats.drop("buffer_full")
-            return None
-        else:
-            return self._put_when_room(message)
-        self._ready.set()
-        return None
-
-    async def _put_when_room(self, message: Message) -> None:
-        self.blocked += 1
-        try:
-            while len(self._queue) + len(self._inflight) >= self.capacity:
-                if self._stopping:
-                    self.stats.offered += 1
-                    self.stats.drop(self._stop_reason)
-                    return
-                self._room.clear()
-                await self._room.wait()
-            self.stats.offered += 1
-            self._queue.append(message)
-            self._ready.set()
-        finally:
-            self.blocked -= 1
-
-    def _take(self) -> list[Message]:
-        n = self.batch_max
-        batch: list[Message]
-        if self._conflated:
-            batch = []
-            while self._conflated and len(batch) < n:
-                batch.append(self._conflated.popitem(last=False)[1])
-        else:
-            q = self._queue
-            if len(q) <= n:
-                batch = list(q)
-                q.clear()
-            else:
-                batch = [q.popleft() for _ in range(n)]
-        return batch
-
-    def _done(self) -> None:
-        """The in-flight batch left the worker: make room for blocked offers."""
-        self._inflight = []
-        self._room.set()
-
-    async def _next_batch(self) -> list[Message] | None:
-        while not self._queued():
-            if self._stopping:
-                return None
-            self._ready.clear()
-            await self._ready.wait()
-        if self.linger_s and self._queued() < self.batch_max and not self._stopping:
-            await asyncio.sleep(self.linger_s)
-        return self._take()
+        return self.buffer.offer(message, wait)
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -382,7 +322,7 @@ class SinkWorker:
         if self.stats.connects > 1:
             self.stats.reconnects += 1
         self.connected = True
-        self._set_state(SinkState.CONNECTED, quiet=bool(self._inflight))
+        self._set_state(SinkState.CONNECTED, quiet=bool(self.buffer.inflight))
         return True
 
     def _connect_bug(self, exc: Exception) -> None:
@@ -416,26 +356,27 @@ class SinkWorker:
 
     async def _pause(self) -> None:
         delay = self.backoff.next()
-        if self._stopping:
+        if self.buffer.stopping:
             delay = min(delay, 0.5)
         await asyncio.sleep(delay)
 
     async def _run(self) -> None:
+        buffer = self.buffer
         while not self._abandoned:
             if not self.connected:
-                if self._stopping and not self.depth:
+                if buffer.stopping and not buffer.depth:
                     return
                 if not await self._connect():
                     await self._pause()
                     continue
-            if not self._inflight:
-                batch = await self._next_batch()
+            if not buffer.inflight:
+                batch = await buffer.next_batch()
                 if batch is None:
                     return
-                self._inflight = batch
+                buffer.inflight = batch
             started = time.perf_counter()
             try:
-                await asyncio.wait_for(self.sink.publish(self._inflight), self.publish_timeout_s)
+                await asyncio.wait_for(self.sink.publish(buffer.inflight), self.publish_timeout_s)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -454,7 +395,7 @@ class SinkWorker:
                 else:
                     # an exception the driver did not map: keep the batch, suspect the
                     # connection, retry; only an explicit refusal drops
-                    self._driver_bug(exc, f"publish() of {len(self._inflight)} event(s)",
+                    self._driver_bug(exc, f"publish() of {len(buffer.inflight)} event(s)",
                                      "the batch is kept and retried after a reconnect")
                     await self._safe_close()
                     await self._pause()
@@ -462,9 +403,9 @@ class SinkWorker:
             elapsed = time.perf_counter() - started
             if self._on_latency is not None:
                 self._on_latency(self.name, elapsed)
-            self.stats.published += len(self._inflight)
+            self.stats.published += len(buffer.inflight)
             self.stats.last_publish_ok = True
-            self._done()
+            buffer.done()
             self.backoff.reset()
             if self._logged != (SinkState.CONNECTED, None):
                 self._set_state(SinkState.CONNECTED)
@@ -474,7 +415,7 @@ class SinkWorker:
     def _rejected(self, exc: SinkError) -> None:
         """The bus refused (part of) the in-flight batch for good: count the rest as
         published, dead-letter or drop the refused ones, record the refusal."""
-        batch = self._inflight
+        batch = self.buffer.inflight
         n = len(batch)
         refused = _refused_messages(batch, getattr(exc, "refused", None))
         if refused is not None:
@@ -517,7 +458,7 @@ class SinkWorker:
                 self.name, count, n, detail, why, extra={"sink": self.name},
             )
             stats.drop("rejected", count)
-        self._done()
+        self.buffer.done()
 
     # -- stopping ---------------------------------------------------------------------
 
@@ -525,11 +466,7 @@ class SinkWorker:
         """Accept nothing more (later offers count as ``dropped{reason=...}``, by
         default ``shutdown``; blocked ones are released and counted so); keep delivering
         what is held."""
-        if not self._stopping:
-            self._stop_reason = reason
-        self._stopping = True
-        self._ready.set()
-        self._room.set()
+        self.buffer.begin_stop(reason)
 
     async def stop(self, timeout_s: float, reason: str = "shutdown") -> int:
         """Stop accepting, deliver what is held, close: all within ``timeout_s``.
@@ -568,13 +505,7 @@ class SinkWorker:
         if task is not None and not task.done() and not self._abandoned:
             self._abandoned = True
             task.cancel()
-        lost = self.depth
-        if lost:
-            self.stats.drop(self._stop_reason, lost)
-            self._queue.clear()
-            self._conflated.clear()
-            self._inflight = []
-        return lost
+        return self.buffer.discard()
 
 
 def _refused_messages(

@@ -72,10 +72,12 @@ from typing import Final
 
 from bridge.config.schema import DEFAULT_NAME, SourceConfig, UpstreamKey
 from bridge.core.kinds import PRICE_KINDS
-from bridge.core.state import ConnectionSnapshot, UpstreamSnapshot, UpstreamState, frozen_counts
-from bridge.upstream.client import (
+from bridge.core.state import ConnectionSnapshot, UpstreamSnapshot
+from bridge.upstream.client import AlenoSource
+from bridge.upstream.limits import RECHECK_S, KeyConnection, pack
+from bridge.upstream.placement import Placer
+from bridge.upstream.protocol import (
     LIMIT_MARK,
-    AlenoSource,
     AuthError,
     Handler,
     InvalidHandler,
@@ -87,6 +89,7 @@ from bridge.upstream.client import (
     normalize_symbols,
 )
 from bridge.upstream.sharding import configured_symbols
+from bridge.upstream.snapshots import merge_snapshots
 
 log = logging.getLogger("aleno_bridge.upstream")
 
@@ -102,66 +105,11 @@ MAX_REJECTED_CACHE: Final = 10_000
 #: costs one or two requests, so a refused request of n symbols costs at most about
 #: 2·log2(n) more (and a live request is at most SUBSCRIBE_CHUNK symbols)
 MAX_SPLIT_DEPTH: Final = 12
-#: how long a learned limit stands before the key may be asked past it again (seconds):
-#: the upstream counts every connection of the key, other processes' too
-RECHECK_S: Final = 300.0
-
-#: worst first: the aggregate state of the connections that carry symbols
-_STATE_ORDER: Final = (UpstreamState.REFUSED, UpstreamState.DISCONNECTED,
-                       UpstreamState.CONNECTING, UpstreamState.IDLE, UpstreamState.CONNECTED,
-                       UpstreamState.SUBSCRIBED, UpstreamState.STOPPED)
-
 #: ``(connection name, up, cause)``: the ``up`` / ``down`` of one connection
 ConnectionLinkHandler = Callable[[str, bool, str], None]
 #: ``(kind, symbols)``: symbols dropped from every connection because they fit nowhere
 UnplacedHandler = Callable[[str, list[str]], None]
 _LimitHandler = Callable[[str, list[str]], None]
-
-
-class _Connection:
-    def __init__(self, key: UpstreamKey, source: AlenoSource) -> None:
-        self.name = key.name
-        self.source = source
-        #: the operator's ``limit`` (kept), and the one in force (maybe learned lower)
-        self.configured = key.limit
-        self.limit = key.limit
-        self.learned = False
-        #: the learned limit may be too low (room was freed on the key since): the next
-        #: request may go past it
-        self.recheck = False
-        #: when the learned limit was last confirmed (the pool's clock), and the source's
-        #: connection count then: a reconnect makes it due a re-check
-        self.checked_at = 0.0
-        self.checked_connects = 0
-        self.failed: str | None = None
-        self.error: SourceError | None = None
-
-    def doubtful(self, now: float) -> bool:
-        """A learned limit due a re-check: room was freed on the key (an unsubscribe),
-        the connection was re-established, or it was confirmed :data:`RECHECK_S` ago."""
-        return self.learned and (self.recheck or now - self.checked_at >= RECHECK_S
-                                 or self.source.stats.connects != self.checked_connects)
-
-    def confirm(self, now: float) -> None:
-        """The learned limit was just confirmed by the upstream."""
-        self.recheck = False
-        self.checked_at = now
-        self.checked_connects = self.source.stats.connects
-
-    def room(self, now: float, probe: bool = False) -> int | None:
-        """Symbols it may still take; ``None``: unknown (ask the upstream). ``probe``
-        ignores a learned limit (only the configured one holds), and so does a learned
-        limit due a re-check."""
-        limit = self.configured if probe or self.doubtful(now) else self.limit
-        if limit is None:
-            return None
-        return max(0, limit - self.source.desired_count())
-
-    def learned_room(self) -> int | None:
-        """What the learned limit leaves (``None``: no limit learned)."""
-        if not self.learned or self.limit is None:
-            return None
-        return max(0, self.limit - self.source.desired_count())
 
 
 class UpstreamPool:
@@ -197,7 +145,7 @@ class UpstreamPool:
         #: the clock of the unsupported-symbol memory (seconds, monotonic)
         self.clock: Callable[[], float] = time.monotonic
         self._lock = asyncio.Lock()
-        self._owner: dict[tuple[str, str], _Connection] = {}
+        self._owner: dict[tuple[str, str], KeyConnection] = {}
         #: (kind, symbol) -> until when it is answered ``rejected`` without a request;
         #: in insertion order, the oldest forgotten first beyond MAX_REJECTED_CACHE
         self._unsupported: dict[tuple[str, str], float] = {}
@@ -205,12 +153,13 @@ class UpstreamPool:
         #: :class:`~bridge.upstream.subscriptions.Subscriptions` the configured symbols it could
         #: not place for the limit (it keeps this up to date, see :meth:`set_unplaced`)
         self.unplaced: dict[str, frozenset[str]] = {k: frozenset() for k in KINDS}
-        placement = self._pack(keys, configured_symbols(config))
-        self._connections: list[_Connection] = []
+        placement, unplaced = pack(keys, configured_symbols(config))
+        self._set_unplaced(unplaced)
+        self._connections: list[KeyConnection] = []
         for key, symbols in zip(keys, placement, strict=True):
             secret = key.key.get_secret_value() if key.key is not None else None
             src = AlenoSource(config, secret, on_payload, on_invalid, symbols=symbols)
-            conn = _Connection(key, src)
+            conn = KeyConnection(key, src)
             src.on_link = self._link_handler(conn)
             self._connections.append(conn)
             for kind, syms in symbols.items():
@@ -230,27 +179,9 @@ class UpstreamPool:
         for conn in self._connections:
             conn.source.on_limit = self._limit_handler(conn)
         self._tasks: set[asyncio.Task[None]] = set()
-
-    def _pack(self, keys: Sequence[UpstreamKey],
-              symbols: Mapping[str, Sequence[str]]) -> list[dict[str, list[str]]]:
-        """First fit of the configured symbols within the configured limits, tickers
-        then equities, a key's room counting both (so the equities take what the
-        tickers left); a key without a limit takes every symbol that reaches it (its
-        limit is learned from the upstream's refusals, see :meth:`_spill`)."""
-        out: list[dict[str, list[str]]] = [{k: [] for k in KINDS} for _ in keys]
-        used = [0] * len(keys)
-        unplaced: dict[str, list[str]] = {k: [] for k in KINDS}
-        for kind in KINDS:
-            for s in normalize_symbols(symbols.get(kind, ())):
-                for i, key in enumerate(keys):
-                    if key.limit is None or used[i] < key.limit:
-                        out[i][kind].append(s)
-                        used[i] += 1
-                        break
-                else:
-                    unplaced[kind].append(s)
-        self._set_unplaced(unplaced)
-        return out
+        self._placer = Placer(self._connections, self._owner, self.unplaced,
+                              lambda: self.clock(), lambda: MAX_SPLIT_DEPTH,
+                              self._remember_unsupported)
 
     def _set_unplaced(self, add: Mapping[str, Iterable[str]]) -> None:
         for kind, syms in add.items():
@@ -354,48 +285,9 @@ class UpstreamPool:
         summed, the first connection's error named."""
         if self._single:
             return self._connections[0].source.snapshot()
-        snaps = self.connection_snapshots()
-        carrying = [s for s in snaps if s.symbols > 0] or list(snaps)
-        ups = [s.upstream for s in carrying]
-        state = min((u.state for u in ups), key=_STATE_ORDER.index)
-        if any(s.failed for s in carrying):
-            state = UpstreamState.REFUSED if state != UpstreamState.STOPPED else state
-        ages = [u.seconds_since_update for u in ups]
-        acks: dict[str, int] = {}
-        subs: dict[str, int] = {}
-        for s in snaps:
-            for k, v in s.upstream.acks.items():
-                acks[k] = acks.get(k, 0) + v
-            for k, v in s.upstream.subscriptions.items():
-                subs[k] = subs.get(k, 0) + v
-        error = next((f"{s.name}: {s.failed or s.upstream.last_error}" for s in snaps
-                      if s.failed or s.upstream.last_error), None)
-        return UpstreamSnapshot(
-            state=state,
-            flowing=all(u.flowing for u in ups),
-            seconds_since_update=None if any(a is None for a in ages)
-            else max(a for a in ages if a is not None),
-            stale_after_s=self.config.stale_after_s,
-            connects=sum(s.upstream.connects for s in snaps),
-            reconnects=sum(s.upstream.reconnects for s in snaps),
-            connect_failures=sum(s.upstream.connect_failures for s in snaps),
-            watchdog_restarts=sum(s.upstream.watchdog_restarts for s in snaps),
-            acks=frozen_counts(acks),
-            rejected_symbols=sum(s.upstream.rejected_symbols for s in snaps),
-            subscriptions=frozen_counts(subs),
-            last_error=error,
-        )
+        return merge_snapshots(self.connection_snapshots(), self.config.stale_after_s)
 
     # -- live changes -----------------------------------------------------------------
-
-    def _usable(self, exclude: _Connection | None = None,
-                probe: bool = False) -> list[_Connection]:
-        """The connections that may take new symbols: the live ones first, and among
-        them those whose room is known before those the upstream must be asked about
-        (each refused request costs more requests to find how much of it fits)."""
-        now = self.clock()
-        ok = [c for c in self._connections if c.failed is None and c is not exclude]
-        return sorted(ok, key=lambda c: (not c.source.live, c.room(now, probe) is None))
 
     async def subscribe(self, kind: str,
                         symbols: Iterable[str]) -> dict[str, SubscriptionResult]:
@@ -430,8 +322,8 @@ class UpstreamPool:
                 conn = self._connections[i]
                 results = await conn.source.subscribe(kind, syms)
                 # one its connection no longer holds for the limit is placed anew
-                new.extend(self._settle(conn, kind, results, out))
-            leftover = await self._place(kind, new, out, probe=probe)
+                new.extend(self._placer.settle(conn, kind, results, out))
+            leftover = await self._placer.place(kind, new, out, probe=probe)
             for s in leftover:
                 # the upstream's answer when it was asked, else the same words
                 out.setdefault(s, _NO_ROOM)
@@ -484,139 +376,9 @@ class UpstreamPool:
         """:meth:`unsubscribe` (see :meth:`AlenoSource.unpin`)."""
         return await self.unsubscribe(kind, symbols)
 
-    def _settle(self, conn: _Connection, kind: str, results: Mapping[str, SubscriptionResult],
-                out: dict[str, SubscriptionResult]) -> list[str]:
-        """Record what one connection answered; return the symbols refused for its limit
-        (what a refusal teaches about the limit is the caller's to learn: it knows how
-        many new symbols the request had)."""
-        limited: list[str] = []
-        for s, r in results.items():
-            out[s] = r
-            if r.status == SubscriptionStatus.LIMIT:
-                limited.append(s)
-                self._owner.pop((kind, s), None)
-                continue
-            if r.held:
-                self._owner[(kind, s)] = conn
-                if s in self.unplaced[kind]:
-                    self.unplaced[kind] = self.unplaced[kind] - {s}
-            else:
-                self._owner.pop((kind, s), None)
-                if r.status == SubscriptionStatus.REJECTED:
-                    self._remember_unsupported(kind, s)
-        if conn.learned and conn.limit is not None \
-                and any(r.status == SubscriptionStatus.ACCEPTED for r in results.values()):
-            count = conn.source.upstream_count()
-            if count > conn.limit:
-                # the upstream took more than the learned limit: the room it lacked then
-                # was freed since (by us, or by another process on the same key)
-                log.info("connection %s holds %d symbol(s), past its learned limit of %d: "
-                         "the limit was raised", conn.name, count, conn.limit,
-                         extra={"connection": conn.name})
-                conn.limit = count
-                if conn.configured is not None and count >= conn.configured:
-                    conn.limit, conn.learned = conn.configured, False
-                conn.confirm(self.clock())
-        return limited
-
-    def _learn(self, conn: _Connection, exact: bool) -> None:
-        """A request of ``conn`` was refused for the key's limit while it held
-        :meth:`~bridge.upstream.client.AlenoSource.upstream_count` symbols (every kind, with what
-        it accepted so far). ``exact``: the request had one new symbol, so the limit
-        is that count. Otherwise the count is only a lower bound: a limit in force that
-        is not below it stands (due a re-check), none is ever learned below it."""
-        count = conn.source.upstream_count()
-        if conn.configured is not None and count >= conn.configured:
-            conn.limit, conn.learned = conn.configured, False
-            return
-        if not exact and conn.limit is not None and conn.limit >= count:
-            conn.recheck = conn.learned
-            return
-        if conn.limit != count or not conn.learned:
-            if conn.configured is not None:
-                log.warning("the upstream refused a subscription of connection %s at %d "
-                            "symbol(s), below its configured limit of %d; using %d",
-                            conn.name, count, conn.configured, count,
-                            extra={"connection": conn.name})
-            else:
-                log.info("connection %s: the upstream's limit is %d symbol(s) (learned from "
-                         "its limit error%s)", conn.name, count,
-                         "" if exact else "; a lower bound", extra={"connection": conn.name})
-        conn.limit = count
-        conn.learned = True
-        if exact:
-            conn.confirm(self.clock())
-        else:
-            conn.recheck = True
-
-    async def _place(self, kind: str, new: list[str], out: dict[str, SubscriptionResult],
-                     exclude: _Connection | None = None, probe: bool = False) -> list[str]:
-        """Place ``new`` symbols on the connections with room (see :meth:`_offer`);
-        return those that fit nowhere, in order. ``probe``: see :meth:`pin`."""
-        for conn in self._usable(exclude, probe):
-            if not new:
-                break
-            new = await self._offer(conn, kind, new, out, probe)
-        return new
-
-    async def _offer(self, conn: _Connection, kind: str, symbols: list[str],
-                     out: dict[str, SubscriptionResult], probe: bool) -> list[str]:
-        """Ask one connection for as many of ``symbols`` as it takes; return the rest,
-        in order.
-
-        Within a known room (configured, or learned and not due a re-check) only what
-        fits is asked. Past a learned limit (``probe``, or a re-check): first what the
-        learned limit leaves, then one symbol (refused: the limit is confirmed at the
-        cost of one request), then the rest (a refusal is split, see :meth:`_split`)."""
-        now = self.clock()
-        room = conn.room(now, probe)
-        over: list[str] = []
-        if room is not None:
-            symbols, over = symbols[:room], symbols[room:]
-        learned = conn.learned_room() if probe or conn.doubtful(now) else None
-        if learned is None or learned >= len(symbols):
-            return await self._fill(conn, kind, symbols, out) + over
-        head, tail = symbols[:learned], symbols[learned:]
-        left = await self._fill(conn, kind, head, out)
-        if left:
-            return left + tail + over
-        left = await self._fill(conn, kind, tail[:1], out)
-        if left:
-            return left + tail[1:] + over
-        return await self._fill(conn, kind, tail[1:], out) + over
-
-    async def _fill(self, conn: _Connection, kind: str, symbols: list[str],
-                    out: dict[str, SubscriptionResult], depth: int = 0) -> list[str]:
-        """Subscribe ``symbols`` on ``conn``; a refusal for the limit is split (see
-        :meth:`_split`). Returns the symbols it did not take for its limit, in order."""
-        if not symbols:
-            return []
-        limited = self._settle(conn, kind, await conn.source.subscribe(kind, symbols), out)
-        return await self._split(conn, kind, limited, out, depth)
-
-    async def _split(self, conn: _Connection, kind: str, limited: list[str],
-                     out: dict[str, SubscriptionResult], depth: int = 0) -> list[str]:
-        """``limited`` were refused together for the key's limit. The upstream refuses a
-        whole request that would pass it, so the key may still have room for part of
-        it: ask for the first half, then (if it all fit) for the second, each refused
-        half split again, down to one symbol (whose refusal is the exact limit) or
-        :data:`MAX_SPLIT_DEPTH` halvings. Once a part is refused, what follows it is not
-        asked for. Each request waits for the key's pace like any live request.
-        Returns the symbols the key did not take, in order."""
-        if not limited:
-            return []
-        if len(limited) == 1 or depth >= MAX_SPLIT_DEPTH:
-            self._learn(conn, exact=len(limited) == 1)
-            return limited
-        half = (len(limited) + 1) // 2
-        left = await self._fill(conn, kind, limited[:half], out, depth + 1)
-        if left:
-            return left + limited[half:]
-        return await self._fill(conn, kind, limited[half:], out, depth + 1)
-
     # -- connections' trouble ------------------------------------------------------------
 
-    def _link_handler(self, conn: _Connection) -> LinkHandler:
+    def _link_handler(self, conn: KeyConnection) -> LinkHandler:
         def tell(up: bool, cause: str) -> None:
             if up and conn.learned and self.on_room is not None:
                 # re-established: its learned limit is due a re-check (see doubtful())
@@ -631,7 +393,7 @@ class UpstreamPool:
                 self.on_link(up, named)
         return tell
 
-    def _limit_handler(self, conn: _Connection) -> _LimitHandler:
+    def _limit_handler(self, conn: KeyConnection) -> _LimitHandler:
         def refused(kind: str, symbols: list[str]) -> None:
             # told inside the connection's subscription: move them in a task of our own
             task = asyncio.get_running_loop().create_task(
@@ -640,11 +402,11 @@ class UpstreamPool:
             task.add_done_callback(self._tasks.discard)
         return refused
 
-    async def _spill(self, conn: _Connection, kind: str, symbols: list[str]) -> None:
+    async def _spill(self, conn: KeyConnection, kind: str, symbols: list[str]) -> None:
         """Symbols a connection's (re)connect subscription was refused for its limit:
         the upstream refused the whole request, so part of it may still fit on this
         connection (with what the other requests of the subscription, of every kind,
-        left): that part is asked for again, split (see :meth:`_split`); the rest goes
+        left): that part is asked for again, split (see :meth:`Placer.split`); the rest goes
         to the other connections. A connection no longer live learns from the refusal
         only (its symbols move)."""
         async with self._lock:
@@ -655,22 +417,22 @@ class UpstreamPool:
             if conn.source.live and conn.failed is None:
                 room = conn.room(self.clock())
                 if room is not None and room < len(mine):
-                    left = await self._fill(conn, kind, mine[:room], out) + mine[room:]
+                    left = await self._placer.fill(conn, kind, mine[:room], out) + mine[room:]
                 else:
-                    left = await self._split(conn, kind, mine, out)
+                    left = await self._placer.split(conn, kind, mine, out)
             else:
-                self._learn(conn, exact=len(mine) == 1)
+                self._placer.learn(conn, exact=len(mine) == 1)
                 left = mine
             await self._move(conn, kind, left)
 
-    async def _move(self, conn: _Connection, kind: str, symbols: list[str]) -> None:
+    async def _move(self, conn: KeyConnection, kind: str, symbols: list[str]) -> None:
         if not symbols:
             return
         conn.source.forget(kind, symbols)
         for s in symbols:
             self._owner.pop((kind, s), None)
         out: dict[str, SubscriptionResult] = {}
-        leftover = await self._place(kind, symbols, out, exclude=conn)
+        leftover = await self._placer.place(kind, symbols, out, exclude=conn)
         dropped = [s for s, r in out.items()
                    if not r.held and r.status != SubscriptionStatus.LIMIT]
         if leftover or dropped:
@@ -685,7 +447,7 @@ class UpstreamPool:
             log.info("moved %d %s symbol(s) from connection %s to the others", moved, kind,
                      conn.name, extra={"connection": conn.name, "kind": kind})
 
-    async def _run_one(self, conn: _Connection) -> None:
+    async def _run_one(self, conn: KeyConnection) -> None:
         try:
             await conn.source.run()
         except SourceError as exc:

@@ -56,20 +56,29 @@ import asyncio
 import contextlib
 import logging
 import time
-import uuid
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import Final, Protocol, runtime_checkable
+from typing import Final
 
 from bridge.config.schema import LeaseConfig
 from bridge.core.kinds import PRICE_KINDS
 from bridge.core.state import SubscriptionsSnapshot
-from bridge.upstream.client import (
-    LIMIT_MARK,
+from bridge.upstream.leases import (
+    Lease,
+    LeaseCapError,
+    LeaseError,
+    LeaseNotFound,
+    LeaseReply,
+    LeaseTable,
+)
+from bridge.upstream.pins import PinDiff, RetrySchedule, lease_room, room_error
+from bridge.upstream.protocol import (
+    Placement,
     SubscriptionResult,
     SubscriptionStatus,
+    Upstream,
     normalize_symbols,
 )
+from bridge.upstream.snapshots import subscriptions_snapshot
 
 log = logging.getLogger("aleno_bridge.subscriptions")
 
@@ -85,116 +94,6 @@ RETRY_MAX_S: Final = 300.0
 
 _ACCEPTED: Final = SubscriptionResult(SubscriptionStatus.ACCEPTED)
 _PENDING: Final = SubscriptionResult(SubscriptionStatus.PENDING)
-
-
-class Upstream(Protocol):
-    """What the subscriptions drive: the upstream connections (an ``UpstreamPool``)."""
-
-    async def subscribe(self, kind: str,
-                        symbols: Iterable[str]) -> Mapping[str, SubscriptionResult]: ...
-
-    async def unsubscribe(self, kind: str,
-                          symbols: Iterable[str]) -> Mapping[str, SubscriptionResult]: ...
-
-    def subscribed(self) -> Mapping[str, frozenset[str]]: ...
-
-
-@runtime_checkable
-class Placement(Protocol):
-    """What an upstream that places symbols on API keys also offers (the pool): the
-    subscriptions use it to put the configured symbols first."""
-
-    #: told ``(kind, symbols)`` when symbols were dropped because they fit nowhere
-    on_unplaced: Callable[[str, list[str]], None] | None
-    #: told when a key may have room again that its learned limit denied (reconnected)
-    on_room: Callable[[], None] | None
-    #: configured symbols that fit in no key's limit, by kind
-    unplaced: dict[str, frozenset[str]]
-
-    def capacity(self) -> int | None:
-        """Symbols every usable key can hold in total (``None``: unknown)."""
-        ...
-
-    async def pin(self, kind: str,
-                  symbols: Iterable[str]) -> Mapping[str, SubscriptionResult]:
-        """Subscribe configured symbols (asking even where a learned limit says no)."""
-        ...
-
-    def set_unplaced(self, unplaced: Mapping[str, Iterable[str]]) -> None:
-        """The configured symbols that fit nowhere now."""
-        ...
-
-
-class LeaseError(Exception):
-    """A lease request that cannot be served; the message says why."""
-
-
-class LeaseNotFound(LeaseError):
-    """No live lease has this id (never granted, released, expired, or another owner's)."""
-
-
-class LeaseCapError(LeaseError):
-    """A lease request over a cap (the control surface answers 429); ``cap`` names the
-    setting (``source.leases.max_leases``, ``source.leases.max_symbols``,
-    ``source.leases.max_per_holder``, ``control.auth max_symbols``), the message its
-    value."""
-
-    def __init__(self, cap: str, message: str) -> None:
-        super().__init__(message)
-        self.cap = cap
-
-
-@dataclass(frozen=True, slots=True)
-class LeaseReply:
-    """The answer to :meth:`Subscriptions.lease` and :meth:`Subscriptions.renew`."""
-
-    #: ``None`` when the lease holds no symbol (every one was refused)
-    lease_id: str | None
-    kind: str
-    #: the label the request gave (not who owns the lease: see ``owner``)
-    holder: str
-    #: the TTL granted (the one asked for, cut to ``max_ttl_s``)
-    ttl_s: float
-    #: when the lease ends, on the subscriptions' clock (``None``: no lease)
-    expires_at: float | None
-    #: per symbol (normalized), what the upstream's acknowledgement said; on renew,
-    #: the symbols evicted since the last renew too (``evicted``)
-    results: Mapping[str, SubscriptionResult]
-    #: the principal the lease belongs to (the only one that may renew or release it)
-    owner: str = ""
-
-    @property
-    def held(self) -> list[str]:
-        """The symbols the lease holds (accepted, or pending the next connect)."""
-        return [s for s, r in self.results.items() if r.held]
-
-
-@dataclass(frozen=True, slots=True)
-class PinDiff:
-    """What :meth:`Subscriptions.set_pinned` (or a retry of the unplaced pinned symbols)
-    changed, per kind and symbol."""
-
-    added: Mapping[str, Mapping[str, SubscriptionResult]]
-    removed: Mapping[str, Mapping[str, SubscriptionResult]]
-    #: symbols held for leases (or in grace) unsubscribed to make room for pinned ones
-    evicted: Mapping[str, frozenset[str]] = field(default_factory=dict)
-
-    @property
-    def empty(self) -> bool:
-        return not any(self.added.values()) and not any(self.removed.values())
-
-
-@dataclass(slots=True)
-class _Lease:
-    id: str
-    owner: str
-    holder: str
-    kind: str
-    symbols: frozenset[str]
-    ttl_s: float
-    expires_at: float
-    #: symbols taken from it since its last renew, and why (``None``: none, the usual)
-    evicted: dict[str, str] | None = None
 
 
 class Subscriptions:
@@ -229,24 +128,12 @@ class Subscriptions:
             _check_kind(kind)
             self._pinned[kind] = frozenset(normalize_symbols(syms))
             self._held[kind] |= self._pinned[kind]
-        self._leases: dict[str, _Lease] = {}
-        #: owner -> ids of its leases
-        self._by_owner: dict[str, set[str]] = {}
-        #: (kind, symbol) -> ids of the live leases holding it; in the order the symbols
-        #: became leased (the most recent last: the first evicted)
-        self._holders: dict[tuple[str, str], set[str]] = {}
-        #: (kind, symbol) -> when it is unsubscribed unless leased or pinned again
-        self._grace: dict[tuple[str, str], float] = {}
+        #: the live leases, their symbols and those in grace
+        self._table = LeaseTable(self.config)
         #: pinned symbols the upstream last answered ``rejected`` (they reserve no room)
         self._unsupported_pins: set[tuple[str, str]] = set()
-        self.retry_initial_s = retry_initial_s
-        self.retry_max_s = max(retry_max_s, retry_initial_s)
-        self._retry_delay = retry_initial_s
-        #: when the unplaced pinned symbols are tried again (``None``: nothing to retry)
-        self._retry_at: float | None = None
-        self._last_retry: float | None = None
-        #: room was freed (grace ended, unpinned) since the last retry
-        self._room_freed = False
+        #: when the pinned symbols not held are tried again
+        self._retry = RetrySchedule(retry_initial_s, retry_max_s)
         #: leased symbols evicted for pinned ones since start
         self.evicted_total = 0
         if self._placement is not None:
@@ -257,7 +144,17 @@ class Subscriptions:
             self._placement.on_unplaced = self._lost
             self._placement.on_room = self._room
             if any(self.unplaced_pinned().values()):
-                self._retry_at = clock()
+                self._retry.at = clock()
+
+    @property
+    def retry_initial_s(self) -> float:
+        """The first delay of the retry of the pinned symbols not held (seconds)."""
+        return self._retry.initial_s
+
+    @property
+    def retry_max_s(self) -> float:
+        """The cap of that delay (seconds)."""
+        return self._retry.max_s
 
     # -- read side ----------------------------------------------------------------------
 
@@ -271,16 +168,10 @@ class Subscriptions:
 
     def leased(self) -> dict[str, frozenset[str]]:
         """The symbols held by at least one live lease, by kind."""
-        out: dict[str, set[str]] = {k: set() for k in KINDS}
-        for kind, s in self._holders:
-            out[kind].add(s)
-        return {k: frozenset(v) for k, v in out.items()}
+        return self._table.leased()
 
     def in_grace(self) -> dict[str, frozenset[str]]:
-        out: dict[str, set[str]] = {k: set() for k in KINDS}
-        for kind, s in self._grace:
-            out[kind].add(s)
-        return {k: frozenset(v) for k, v in out.items()}
+        return self._table.in_grace()
 
     def unplaced_pinned(self) -> dict[str, frozenset[str]]:
         """The pinned symbols not held now (refused for the limit, rejected, failed),
@@ -289,16 +180,11 @@ class Subscriptions:
 
     def lease_ids(self, holder: str | None = None, *, owner: str | None = None) -> list[str]:
         """The live leases' ids (with that holder label, of that owner)."""
-        ids = self._leases if owner is None else self._by_owner.get(owner, set())
-        return [i for i in ids if (le := self._leases.get(i)) is not None
-                and (holder is None or le.holder == holder)]
+        return self._table.lease_ids(holder, owner=owner)
 
     def owner_of(self, lease_id: str) -> str | None:
         """Who a live lease belongs to (``None``: no live lease has this id)."""
-        lease = self._leases.get(lease_id)
-        if lease is None or lease.expires_at <= self.clock():
-            return None
-        return lease.owner
+        return self._table.owner_of(lease_id, self.clock())
 
     def unplaced_for_room(self) -> dict[str, list[str]]:
         """The pinned symbols not held for want of room (every reason but the
@@ -308,15 +194,8 @@ class Subscriptions:
                           if (k, s) not in self._unsupported_pins) for k in KINDS}
 
     def snapshot(self) -> SubscriptionsSnapshot:
-        waiting = self.unplaced_for_room()
-        return SubscriptionsSnapshot(
-            leases=len(self._leases), leased=len(self._holders),
-            pinned=sum(map(len, self._pinned.values())), in_grace=len(self._grace),
-            held=sum(map(len, self._held.values())),
-            unplaced_pinned=sum(len(self._pinned[k] - self._held[k]) for k in KINDS),
-            evicted=self.evicted_total,
-            unplaced_by_kind={k: len(v) for k, v in waiting.items()},
-            unplaced_sample=tuple(f"{k}:{s}" for k in KINDS for s in waiting[k][:5])[:5])
+        return subscriptions_snapshot(self._table, self._pinned, self._held,
+                                      self.evicted_total, self.unplaced_for_room())
 
     # -- pins ---------------------------------------------------------------------------
 
@@ -338,18 +217,18 @@ class Subscriptions:
                 old = self._pinned[kind]
                 self._pinned[kind] = frozenset(new)
                 for s in new:
-                    self._grace.pop((kind, s), None)
+                    self._table.grace.pop((kind, s), None)
                 for s in old - self._pinned[kind]:
                     self._unsupported_pins.discard((kind, s))
                 todo[kind] = [s for s in new if s not in self._held[kind]]
                 gone[kind] = sorted(s for s in old if s not in self._pinned[kind]
-                                    and (kind, s) not in self._holders
+                                    and (kind, s) not in self._table.holders
                                     and s in self._held[kind])
             # what leaves first: its room is what the new symbols may need
             for kind in KINDS:
                 if gone[kind]:
                     removed[kind] = await self._unsubscribe(kind, gone[kind])
-                    self._room_freed = True
+                    self._retry.room_freed = True
             for kind in KINDS:
                 if todo[kind]:
                     added[kind] = await self._place_pinned(kind, todo[kind], evicted)
@@ -378,20 +257,15 @@ class Subscriptions:
         refused for the limit evicts leased ones first. :meth:`run` calls it."""
         now = self.clock()
         if not any(self._pinned[k] - self._held[k] for k in KINDS):
-            self._retry_delay = self.retry_initial_s
-            self._retry_at = None
-            self._room_freed = False
+            self._retry.clear()
+            self._retry.room_freed = False
             return PinDiff({}, {})
-        due = self._retry_at is None or now >= self._retry_at or (
-            self._room_freed and (self._last_retry is None
-                                  or now - self._last_retry >= self.retry_initial_s))
-        if not (due or force):
+        if not (self._retry.due(now) or force):
             return PinDiff({}, {})
         added: dict[str, dict[str, SubscriptionResult]] = {}
         evicted: dict[str, set[str]] = {}
         async with self._lock:
-            self._room_freed = False
-            self._last_retry = self.clock()
+            self._retry.tried(self.clock())
             for kind in KINDS:
                 todo = sorted(self._pinned[kind] - self._held[kind])
                 if todo:
@@ -405,18 +279,8 @@ class Subscriptions:
 
     def _after_pins(self, *, tried: bool, placed: bool = False) -> None:
         """Schedule the retry of the pinned symbols still not held; tell the pool."""
-        now = self.clock()
-        if not any(self._pinned[k] - self._held[k] for k in KINDS):
-            self._retry_delay = self.retry_initial_s
-            self._retry_at = None
-        elif tried:
-            if placed:
-                self._retry_delay = self.retry_initial_s
-            self._retry_at = now + self._retry_delay
-            if not placed:
-                self._retry_delay = min(self._retry_delay * 2, self.retry_max_s)
-        elif self._retry_at is None:
-            self._retry_at = now + self._retry_delay
+        waiting = any(self._pinned[k] - self._held[k] for k in KINDS)
+        self._retry.after(self.clock(), waiting=waiting, tried=tried, placed=placed)
         self._push_unplaced()
 
     def _push_unplaced(self) -> None:
@@ -451,45 +315,15 @@ class Subscriptions:
         the most recently leased; their leases hear it on their next renew."""
         if count <= 0:
             return 0
-        victims: list[tuple[str, str]] = []
-        for key in self._grace:
-            if len(victims) >= count:
-                break
-            kind, s = key
-            if s in self._held[kind] and s not in self._pinned[kind]:
-                victims.append(key)
-        for key in reversed(self._holders):
-            if len(victims) >= count:
-                break
-            if key[1] not in self._pinned[key[0]]:
-                victims.append(key)
-        if not victims:
-            return 0
-        by_kind: dict[str, list[str]] = {}
-        for key in victims:
-            self._drop(key, EVICTED_ERROR)
-            by_kind.setdefault(key[0], []).append(key[1])
-        self.evicted_total += len(victims)
+        by_kind = self._table.evict(count, self._held, self._pinned, EVICTED_ERROR)
+        self.evicted_total += sum(map(len, by_kind.values()))
         for kind, syms in by_kind.items():
             evicted.setdefault(kind, set()).update(syms)
             log.warning("evicted %d leased %s symbol(s) to make room for configured ones: %s",
                         len(syms), kind, ", ".join(sorted(syms)[:50]),
                         extra={"kind": kind, "evicted": len(syms)})
             await self._unsubscribe(kind, sorted(syms))
-        return len(victims)
-
-    def _drop(self, key: tuple[str, str], why: str) -> None:
-        """Take a symbol from every lease holding it (and from grace), telling them why."""
-        self._grace.pop(key, None)
-        s = key[1]
-        for lease_id in self._holders.pop(key, ()):
-            lease = self._leases.get(lease_id)
-            if lease is None:
-                continue
-            lease.symbols = lease.symbols - {s}
-            if lease.evicted is None:
-                lease.evicted = {}
-            lease.evicted[s] = why
+        return sum(map(len, by_kind.values()))
 
     def _lost(self, kind: str, symbols: list[str]) -> None:
         """The upstream dropped ``symbols`` (they fit on no key after a (re)connect):
@@ -502,24 +336,17 @@ class Subscriptions:
             if s in self._pinned[kind]:
                 retry = True
             else:
-                self._drop((kind, s), LOST_ERROR)
+                self._table.drop((kind, s), LOST_ERROR)
         if retry:
-            self._retry_at = self.clock()
+            self._retry.at = self.clock()
         self._push_unplaced()
 
     def _room(self) -> None:
         """A key may have room again (its learned limit is being re-checked): the pinned
         symbols not held are retried soon (not more often than ``retry_initial_s``)."""
-        self._room_freed = True
+        self._retry.room_freed = True
 
     # -- leases -------------------------------------------------------------------------
-
-    def _ttl(self, ttl_s: float | None) -> float:
-        ttl = self.config.default_ttl_s if ttl_s is None else float(ttl_s)
-        if not ttl > 0:  # NaN too
-            msg = "ttl_s must be a positive number of seconds"
-            raise LeaseError(msg)
-        return min(ttl, self.config.max_ttl_s)
 
     async def lease(self, kind: str, symbols: Iterable[str], ttl_s: float | None = None,
                     holder: str = "", *, owner: str = "",
@@ -536,16 +363,16 @@ class Subscriptions:
             msg = "leases are disabled (source.leases.enabled: false)"
             raise LeaseError(msg)
         _check_kind(kind)
-        ttl = self._ttl(ttl_s)
+        ttl = self._table.ttl(ttl_s)
         wanted = normalize_symbols(symbols)
         if not wanted:
             msg = "no symbol to lease"
             raise LeaseError(msg)
         # before waiting for the lock (a request over a cap is answered at once), and
         # again once it is ours (others may have leased meanwhile)
-        self._check_caps(kind, wanted, owner, max_symbols)
+        self._table.check_caps(kind, wanted, owner, max_symbols, self.clock, self._pinned)
         async with self._lock:
-            self._check_caps(kind, wanted, owner, max_symbols)
+            self._table.check_caps(kind, wanted, owner, max_symbols, self.clock, self._pinned)
             results: dict[str, SubscriptionResult] = {}
             upstream = self.upstream.subscribed().get(kind, frozenset())
             new: list[str] = []
@@ -554,9 +381,11 @@ class Subscriptions:
                     results[s] = _ACCEPTED if s in upstream else _PENDING
                 else:
                     new.append(s)
-            room = self._lease_room()
+            room = lease_room(self._placement, self._pinned, self._held,
+                              self._unsupported_pins)
             if room is not None and len(new) > room:
-                refused = SubscriptionResult(SubscriptionStatus.LIMIT, self._room_error())
+                refused = SubscriptionResult(SubscriptionStatus.LIMIT, room_error(
+                    self._placement, self._pinned, self._held, self._unsupported_pins))
                 keep = max(0, room)
                 for s in new[keep:]:
                     results[s] = refused
@@ -567,98 +396,8 @@ class Subscriptions:
             ordered = {s: results[s] for s in wanted}
             if not held:
                 return LeaseReply(None, kind, holder, ttl, None, ordered, owner)
-            lease = _Lease(uuid.uuid4().hex, owner, holder, kind, held, ttl,
-                           self.clock() + ttl)
-            self._leases[lease.id] = lease
-            self._by_owner.setdefault(owner, set()).add(lease.id)
-            for s in wanted:  # in the request's order: the last is evicted first
-                if s not in held:
-                    continue
-                self._holders.setdefault((kind, s), set()).add(lease.id)
-                self._grace.pop((kind, s), None)
+            lease = self._table.grant(kind, wanted, held, owner, holder, ttl, self.clock())
             return LeaseReply(lease.id, kind, holder, ttl, lease.expires_at, ordered, owner)
-
-    def _check_caps(self, kind: str, wanted: list[str], owner: str,
-                    max_symbols: int | None) -> None:
-        problem = self._cap_problem(kind, wanted, owner, max_symbols)
-        if problem is not None:
-            # leases the clock passed may still count until the next expire(): end them
-            self._end_due(self.clock())
-            problem = self._cap_problem(kind, wanted, owner, max_symbols)
-        if problem is not None:
-            raise problem
-
-    def _cap_problem(self, kind: str, wanted: list[str], owner: str,
-                     max_symbols: int | None) -> LeaseCapError | None:
-        cfg = self.config
-        if len(self._leases) >= cfg.max_leases:
-            return LeaseCapError(
-                "source.leases.max_leases",
-                f"{len(self._leases)} leases are live, the most this bridge keeps "
-                f"(source.leases.max_leases: {cfg.max_leases}); try again later")
-        keys = {(kind, s) for s in wanted}
-        extra = sum(1 for k in keys if k not in self._holders and k not in self._grace)
-        total = len(self._holders) + len(self._grace) + extra
-        if total > cfg.max_symbols:
-            return LeaseCapError(
-                "source.leases.max_symbols",
-                f"this lease would make {total} distinct leased symbols, more than this "
-                f"bridge keeps (source.leases.max_symbols: {cfg.max_symbols})")
-        caps: list[tuple[int, str]] = []
-        if max_symbols is not None:
-            caps.append((max_symbols, "control.auth max_symbols"))
-        if cfg.max_per_holder is not None:
-            caps.append((cfg.max_per_holder, "source.leases.max_per_holder"))
-        if not caps:
-            return None
-        cap, name = min(caps, key=lambda c: c[0])
-        if len(keys) <= cap:
-            now = self.clock()
-            for lease_id in self._by_owner.get(owner, ()):
-                lease = self._leases[lease_id]
-                if lease.expires_at > now:
-                    keys.update((lease.kind, s) for s in lease.symbols)
-                    if len(keys) > cap:
-                        break
-        if len(keys) > cap:
-            return LeaseCapError(
-                name, f"{owner!r} would hold {len(keys)} symbol(s) with this lease, more "
-                f"than it may ({name}: {cap})")
-        return None
-
-    def _lease_room(self) -> int | None:
-        """New symbols leases may still take: what the keys hold, less every pinned
-        symbol (placed or not) and what is held for leases or in grace; ``None``:
-        unknown (the upstream's limit error will say). While the capacity is unknown
-        (a learned limit being re-checked) and pinned symbols wait for room, none:
-        whatever room there is, is theirs first."""
-        if self._placement is None:
-            return None
-        reserve = self._pinned_reserve()
-        capacity = self._placement.capacity()
-        if capacity is None:
-            return 0 if reserve else None
-        return capacity - sum(map(len, self._held.values())) - reserve
-
-    def _pinned_reserve(self) -> int:
-        """Pinned symbols not held that will need room (not those rejected)."""
-        out = 0
-        for kind in KINDS:
-            missing = self._pinned[kind] - self._held[kind]
-            out += len(missing) - sum(1 for s in missing
-                                      if (kind, s) in self._unsupported_pins)
-        return out
-
-    def _room_error(self) -> str:
-        capacity = self._placement.capacity() if self._placement is not None else None
-        pinned = sum(map(len, self._pinned.values()))
-        leased = sum(len(self._held[k] - self._pinned[k]) for k in KINDS)
-        keys = "an API key's limit is being learned or re-checked" if capacity is None \
-            else f"{capacity} subscription(s) across the API keys"
-        waiting = self._pinned_reserve()
-        return (f"{LIMIT_MARK}: the capacity left after the configured symbols is used up "
-                f"({keys}, {pinned} configured, {waiting} of them waiting for room, "
-                f"{leased} held for leases)")
 
     async def renew(self, lease_id: str, ttl_s: float | None = None, *,
                     owner: str | None = None) -> LeaseReply:
@@ -669,58 +408,19 @@ class Subscriptions:
 
         It makes no request, so it does not wait for the lock: lease requests queued
         behind the upstream's pace cannot delay a renewal."""
-        ttl = self._ttl(ttl_s)
-        lease = self._live_lease(lease_id, owner)
-        lease.ttl_s = ttl
-        lease.expires_at = self.clock() + ttl
-        upstream = self.upstream.subscribed().get(lease.kind, frozenset())
-        results = {s: _ACCEPTED if s in upstream else _PENDING for s in sorted(lease.symbols)}
-        if lease.evicted:
-            for s, why in sorted(lease.evicted.items()):
-                results[s] = SubscriptionResult(SubscriptionStatus.EVICTED, why)
-            lease.evicted = None
-        return LeaseReply(lease.id, lease.kind, lease.holder, ttl, lease.expires_at,
-                          results, lease.owner)
+        ttl = self._table.ttl(ttl_s)
+        lease = self._table.live_lease(lease_id, self.clock(), owner)
+        return self._table.renew(lease, ttl, self.clock(),
+                                 self.upstream.subscribed().get(lease.kind, frozenset()))
 
     async def release(self, lease_id: str, *, owner: str | None = None) -> None:
         """End a lease now; its symbols are unsubscribed ``grace_s`` later unless held
         otherwise. Raises :class:`LeaseNotFound` for a lease that is not live, or that
         is not ``owner``'s (when given)."""
-        lease = self._live_lease(lease_id, owner)
-        self._end(lease, self.clock())
+        lease = self._table.live_lease(lease_id, self.clock(), owner)
+        self._table.end(lease, self.clock(), self._pinned)
         async with self._lock:
             await self._collect(self.clock())
-
-    def _live_lease(self, lease_id: str, owner: str | None = None) -> _Lease:
-        lease = self._leases.get(lease_id)
-        if lease is None or lease.expires_at <= self.clock() \
-                or (owner is not None and lease.owner != owner):
-            # another owner's lease is answered like no lease: no existence oracle
-            msg = f"no live lease {lease_id[:64]!r} (released, expired or never granted)"
-            raise LeaseNotFound(msg)
-        return lease
-
-    def _end(self, lease: _Lease, now: float) -> None:
-        self._leases.pop(lease.id, None)
-        mine = self._by_owner.get(lease.owner)
-        if mine is not None:
-            mine.discard(lease.id)
-            if not mine:
-                del self._by_owner[lease.owner]
-        for s in lease.symbols:
-            key = (lease.kind, s)
-            ids = self._holders.get(key)
-            if ids is None:
-                continue
-            ids.discard(lease.id)
-            if not ids:
-                del self._holders[key]
-                if s not in self._pinned[lease.kind]:
-                    self._grace[key] = now + self.config.grace_s
-
-    def _end_due(self, now: float) -> None:
-        for lease in [le for le in self._leases.values() if le.expires_at <= now]:
-            self._end(lease, now)
 
     # -- time ---------------------------------------------------------------------------
 
@@ -729,21 +429,22 @@ class Subscriptions:
         period is over; returns the number of symbols unsubscribed."""
         async with self._lock:
             now = self.clock()
-            self._end_due(now)
+            self._table.end_due(now, self._pinned)
             return await self._collect(now)
 
     async def _collect(self, now: float) -> int:
         due: dict[str, list[str]] = {}
-        for (kind, s), at in list(self._grace.items()):
+        grace = self._table.grace
+        for (kind, s), at in list(grace.items()):
             if at <= now:
-                del self._grace[(kind, s)]
-                if (kind, s) not in self._holders and s not in self._pinned[kind] \
+                del grace[(kind, s)]
+                if (kind, s) not in self._table.holders and s not in self._pinned[kind] \
                         and s in self._held[kind]:
                     due.setdefault(kind, []).append(s)
         for kind, syms in due.items():
             await self._unsubscribe(kind, sorted(syms))
         if due:
-            self._room_freed = True
+            self._retry.room_freed = True
         return sum(map(len, due.values()))
 
     async def run(self, stop: asyncio.Event, interval_s: float = 0.5) -> None:
@@ -798,6 +499,7 @@ def _check_kind(kind: str) -> None:
 __all__ = [
     "EVICTED_ERROR",
     "LOST_ERROR",
+    "Lease",
     "LeaseCapError",
     "LeaseError",
     "LeaseNotFound",

@@ -15,9 +15,9 @@ import asyncio
 from collections.abc import Sequence
 
 import pytest
-from aleno_bridge_plugins.kafka_sink import KafkaSink
-from aleno_bridge_plugins.mqtt_sink import MqttSink
-from aleno_bridge_plugins.nats_sink import NatsSink
+from aleno_bridge_plugins.kafka import KafkaSink
+from aleno_bridge_plugins.mqtt import MqttSink
+from aleno_bridge_plugins.nats import NatsSink
 
 import tests.integration.test_kafka as kafka_tests
 import tests.integration.test_mqtt as mqtt_tests

@@ -10,13 +10,13 @@ import logging
 import re
 import uuid
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 from nats.aio.client import Client
 
-import bridge.control.core as control_module
 from bridge.app import Bridge
 from bridge.config import parse_config
 from bridge.control.core import Control, NatsControl, start_nats_control
@@ -32,17 +32,17 @@ pytestmark = pytest.mark.integration
 
 TICKERS = [f"SYM{i:03d}/USD" for i in range(120)]
 EQUITIES = [f"EQ{i:02d}" for i in range(30)]
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "control-api.md"
 
 
 def recipe() -> Callable[..., Any]:
-    """The multi-shard client recipe of :mod:`bridge.control.core`'s docstring, run as is."""
-    doc = control_module.__doc__ or ""
-    block = doc.split("``next`` says where the next page starts.", 1)[1]
-    block = block.split("::\n", 1)[1].split("\n(``tests/", 1)[0]
-    code = "\n".join(line[4:] for line in block.splitlines())
+    """The multi-shard client program of ``docs/control-api.md``, run as is."""
+    doc = DOCS.read_text(encoding="utf-8")
+    block = doc.split("### Every snapshot page of every shard", 1)[1]
+    code = block.split("```python\n", 1)[1].split("\n```", 1)[0]
     code = code.replace("asyncio.run(main())", "")
     namespace: dict[str, Any] = {}
-    exec(compile(code, "bridge.control.core docstring", "exec"), namespace)
+    exec(compile(code, "docs/control-api.md (full_snapshot)", "exec"), namespace)
     fn: Callable[..., Any] = namespace["full_snapshot"]
     return fn
 

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import pytest
-from aleno_bridge_plugins.nats_sink import NatsOptions, NatsSink
+from aleno_bridge_plugins.nats import NatsOptions, NatsSink
 
 from bridge.config import SinkCommon, SinkSpec
 from bridge.core.state import SinkState

@@ -71,8 +71,8 @@ def client_tasks() -> list[asyncio.Task[Any]]:
         coro = t.get_coro()
         code = getattr(coro, "cr_code", None)
         name = getattr(code, "co_filename", "")
-        if t is not me and not t.done() and ("engineio" in name or "socketio" in name
-                                             or name.endswith("upstream/client.py")):
+        ours = name.endswith(("upstream/client.py", "upstream/transport.py"))
+        if t is not me and not t.done() and ("engineio" in name or "socketio" in name or ours):
             out.append(t)
     return out
 

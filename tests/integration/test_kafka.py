@@ -25,7 +25,7 @@ from typing import Any
 import orjson
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
-from aleno_bridge_plugins.kafka_sink import CLOSE_TIMEOUT_S, KafkaOptions, KafkaSink
+from aleno_bridge_plugins.kafka import CLOSE_TIMEOUT_S, KafkaOptions, KafkaSink
 
 from bridge.app import Bridge
 from bridge.config import SinkCommon, SinkSpec, parse_config

@@ -31,8 +31,8 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-from aleno_bridge_plugins.mqtt_sink import MqttSink
-from aleno_bridge_plugins.nats_sink import NatsOptions, NatsSink
+from aleno_bridge_plugins.mqtt import MqttSink
+from aleno_bridge_plugins.nats import NatsOptions, NatsSink
 from nats.aio.client import Client as Nats
 
 from bridge.app import Bridge

@@ -14,6 +14,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -22,7 +23,6 @@ import pytest
 from nats.aio.client import Client
 from prometheus_client import CollectorRegistry
 
-import bridge.control.core as control_module
 from bridge.config import HttpConfig, Settings, parse_config
 from bridge.config.settings import upstream_keys
 from bridge.control.core import Control, NatsControl, start_nats_control
@@ -37,6 +37,8 @@ from bridge.upstream.sharding import shard_of
 from bridge.upstream.subscriptions import Subscriptions
 
 pytestmark = pytest.mark.integration
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "control-api.md"
 
 
 class Node:
@@ -286,14 +288,13 @@ async def test_a_lease_beyond_the_limit_is_refused_and_the_rest_keeps_flowing(
 
 
 def recipe() -> dict[str, Any]:
-    """The lease recipe of :mod:`bridge.control.core`'s docstring, run as is."""
-    doc = control_module.__doc__ or ""
-    block = doc.split("Leasing over every shard, renewing and releasing, with nats-py::", 1)[1]
-    block = block.split("\n(``tests/", 1)[0]
-    code = "\n".join(line[4:] for line in block.splitlines())
+    """The lease client program of ``docs/control-api.md``, run as is."""
+    doc = DOCS.read_text(encoding="utf-8")
+    block = doc.split("### Leasing over every shard, renewing and releasing", 1)[1]
+    code = block.split("```python\n", 1)[1].split("\n```", 1)[0]
     code = code.replace("asyncio.run(main())", "")
     namespace: dict[str, Any] = {}
-    exec(compile(code, "bridge.control.core docstring (leases)", "exec"), namespace)
+    exec(compile(code, "docs/control-api.md (lease_all)", "exec"), namespace)
     return namespace
 
 

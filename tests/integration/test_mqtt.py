@@ -25,7 +25,7 @@ from typing import Any
 
 import orjson
 import pytest
-from aleno_bridge_plugins.mqtt_sink import MqttOptions, MqttSink
+from aleno_bridge_plugins.mqtt import MqttOptions, MqttSink
 
 from bridge.app import Bridge
 from bridge.config import (

@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 
 import orjson
 import pytest
-from aleno_bridge_plugins.nats_sink import CLOSE_TIMEOUT_S, NatsOptions, NatsSink
+from aleno_bridge_plugins.nats import CLOSE_TIMEOUT_S, NatsOptions, NatsSink
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.api import StorageType, StreamConfig

@@ -6,9 +6,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import pytest
-from aleno_bridge_plugins.kafka_sink import KafkaSink
-from aleno_bridge_plugins.mqtt_sink import MqttSink
-from aleno_bridge_plugins.nats_sink import NatsSink
+from aleno_bridge_plugins.kafka import KafkaSink
+from aleno_bridge_plugins.mqtt import MqttSink
+from aleno_bridge_plugins.nats import NatsSink
 
 from bridge.config import (
     ConfigError,

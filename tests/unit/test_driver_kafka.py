@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from aiokafka import codec as kafka_codec
-from aleno_bridge_plugins.kafka_sink import KafkaOptions, KafkaSink
+from aleno_bridge_plugins.kafka import KafkaOptions, KafkaSink
 from pydantic import ValidationError
 
 from bridge.config import ConfigError, load_config, parse_config
@@ -106,7 +106,7 @@ def test_batch_bytes_default_fits_one_core_batch_and_the_request_limit() -> None
 
 
 def test_headers_fast_path_matches_the_binding() -> None:
-    from aleno_bridge_plugins.kafka_sink import headers
+    from aleno_bridge_plugins.kafka import headers
 
     from bridge.pipeline.normalize import Normalizer
     from bridge.sinks import Message

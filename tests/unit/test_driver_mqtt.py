@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aleno_bridge_plugins.mqtt_sink import MqttOptions, MqttSink
+from aleno_bridge_plugins.mqtt import MqttOptions, MqttSink
 from pydantic import ValidationError
 
 from bridge.config import ConfigError, load_config, parse_config

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aleno_bridge_plugins.nats_sink import NatsOptions, NatsSink
+from aleno_bridge_plugins.nats import NatsOptions, NatsSink
 from pydantic import ValidationError
 
 from bridge.config import ConfigError, load_config, parse_config
@@ -128,7 +128,7 @@ def test_creds_need_the_nkeys_package(tmp_path: Path) -> None:
 
 
 def test_stream_last_value_options_reach_the_stream_config() -> None:
-    from aleno_bridge_plugins.nats_sink import StreamOptions, stream_config
+    from aleno_bridge_plugins.nats import StreamOptions, stream_config
 
     plain = StreamOptions.model_validate({"name": "PRICES", "subjects": ["prices.>"]})
     assert (plain.max_msgs_per_subject, plain.allow_direct) == (None, False)
@@ -165,3 +165,20 @@ routes: [{sinks: [bus], topic: "prices.{kind}.{symbol}"}]
         parse_config(text.replace("max_msgs_per_subject: 1", "max_msgs_per_subject: 0"),
                      env={})
     assert "sinks.bus.stream.max_msgs_per_subject" in str(info.value)
+
+
+@pytest.mark.parametrize(("old", "new", "name"), [
+    ("aleno_bridge_plugins.nats_sink", "aleno_bridge_plugins.nats", "NatsSink"),
+    ("aleno_bridge_plugins.kafka_sink", "aleno_bridge_plugins.kafka", "KafkaSink"),
+    ("aleno_bridge_plugins.mqtt_sink", "aleno_bridge_plugins.mqtt", "MqttSink"),
+])
+def test_the_old_driver_modules_still_work_and_say_where_the_new_ones_are(
+    old: str, new: str, name: str,
+) -> None:
+    import importlib
+    import sys
+
+    sys.modules.pop(old, None)
+    with pytest.warns(DeprecationWarning, match=new.replace(".", r"\.")):
+        module = importlib.import_module(old)
+    assert getattr(module, name) is getattr(importlib.import_module(new), name)

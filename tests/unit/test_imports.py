@@ -9,7 +9,7 @@ time), and the graph with them too (a cycle there is a knot for the reader: a mo
 that knows the one that uses it).
 
 Module names are the installed ones: ``bridge.*``, ``aleno_bridge_plugins.*`` for
-``plugins/*.py`` and the package of each example distribution under
+``plugins/aleno_bridge_plugins/**`` and the package of each example distribution under
 ``plugins/examples/<name>/``. ``from pkg import name`` is an edge to ``pkg.name`` when
 that is a module of the graph, else to ``pkg``. Importing a submodule is not counted as
 importing its parent package.
@@ -54,8 +54,12 @@ def discover() -> dict[str, tuple[Path, bool]]:
             if len(rel) < 4:
                 continue
             name = _module_name(path, plugins / rel[0] / rel[1] / rel[2], rel[2])
+        elif len(rel) > 1:
+            # plugins/<package>/...: the drivers shipped with aleno-bridge
+            # (plugins/aleno_bridge_plugins/kafka/sink.py: aleno_bridge_plugins.kafka.sink)
+            name = _module_name(path, plugins / rel[0], rel[0])
         else:
-            name = _module_name(path, plugins, "aleno_bridge_plugins")
+            continue  # a loose plugins/*.py belongs to no installed package
         modules[name] = (path, path.stem == "__init__")
     return modules
 
@@ -169,8 +173,8 @@ def _one_cycle(graph: dict[str, set[str]], members: set[str], start: str) -> lis
 def test_the_graph_covers_the_core_and_the_drivers() -> None:
     graph = import_graph()
     assert "bridge.app" in graph and "bridge.sinks" in graph
-    assert "aleno_bridge_plugins.kafka_sink" in graph
-    assert "bridge.sinks" in graph["aleno_bridge_plugins.kafka_sink"]
+    assert "aleno_bridge_plugins.kafka.sink" in graph
+    assert "bridge.sinks" in graph["aleno_bridge_plugins.kafka.sink"]
 
 
 def test_lazy_imports_count_and_type_checking_imports_do_not() -> None:

@@ -1,52 +1,7 @@
-"""``nats``: publish every envelope to a NATS subject, core NATS or JetStream (nats-py).
-
-Delivery guarantee
-------------------
-``publish(batch)`` returns only once the server accepted every message of the batch:
-
-- core NATS (``jetstream: false``, the default): the messages are written, then a
-  PING/PONG round trip (``flush``) proves the server read all of them; a publish
-  permission violation the server reports for this batch makes it fail. Core NATS
-  then delivers to the subscribers connected at that moment (at most once beyond
-  the server: a subscriber that is away misses the message).
-- JetStream (``jetstream: true``): every message gets its own publish ack from the
-  stream (publishes are pipelined, at most ``max_inflight`` awaiting their ack). Each
-  message carries ``Nats-Msg-Id`` = the envelope id, so a batch the core retries after
-  a failure, or another replica of the bridge, is stored once per id within the
-  stream's ``duplicate_window``: at-least-once publishing, effectively once in the
-  stream.
-
-Reconnection is owned by the core's runner, not by nats-py: the client is created with
-``allow_reconnect=False``. nats-py's own reconnection would buffer publishes in its
-pending buffer while disconnected (so "published" would not mean "accepted"), raise
-``OutboundBufferLimitError`` once 2 MiB are pending, and with its default
-``max_reconnect_attempts=60`` close the client for good after about two minutes of
-outage. Here a lost connection makes ``publish`` fail at once (retriable); the runner
-keeps the batch, calls ``close()`` then ``connect()`` with capped backoff, forever.
-Pings every ``ping_interval_s`` (nats-py's default is 120 s) detect a dead link.
-
-Subjects
---------
-A placeholder value is made safe by :meth:`NatsSink.safe_token`: ``.``, whitespace,
-``*``, ``>`` and control characters become ``_`` (``BRK.B`` -> ``BRK_B``), so a symbol
-can never add a token or a wildcard to the subject. ``/`` is kept (``BTC/USD``).
-:meth:`NatsSink.check_topic` refuses a rendered subject with an empty token (leading,
-trailing or double dot), whitespace or control characters, or a wildcard.
-
-Formats
--------
-``cloudevents-json``
-    body = the envelope, header ``content-type: application/cloudevents+json``.
-``cloudevents-binary``
-    body = ``data``, header ``content-type: application/json`` and one ``ce-<name>``
-    header per CloudEvents attribute (NATS protocol binding: ``ce-specversion``,
-    ``ce-id``, ``ce-source``, ``ce-type``, ``ce-subject``, ``ce-time``).
-``raw``
-    body = the upstream record, header ``content-type: application/json``.
-
-In every format the route's key travels in the header named by ``key_header``
-(``aleno-key``; NATS has no message key) and, with JetStream, ``Nats-Msg-Id`` is set.
-"""
+"""The ``nats`` driver's I/O: one nats-py client per connection (no reconnection of
+its own), core publish + flush or pipelined JetStream publishes, bounded closing. The
+guarantees, the subject rule and the formats are described in
+:mod:`aleno_bridge_plugins.nats`."""
 
 from __future__ import annotations
 
@@ -57,15 +12,13 @@ import random
 import re
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
-from pathlib import Path
-from typing import Any, Final, Literal, TypeVar
+from typing import Any, Final, TypeVar
 
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import PubAck, StorageType, StreamConfig
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from bridge.sinks import (
     Budget,
@@ -79,15 +32,14 @@ from bridge.sinks.kit import (
     BUDGET_SHARE,
     Refusals,
     TlsFilesError,
-    TlsHostnameOptions,
     budget_problems,
     ce_headers,
     derived_timeout,
-    server_urls,
-    split_list,
     timeout_problem,
     topic_problem,
 )
+
+from .options import NatsOptions, StreamOptions
 
 log = logging.getLogger("aleno_bridge.sinks.nats")
 
@@ -100,140 +52,66 @@ JS_SUBJECTS_OVERLAP: Final = 10065
 
 _UNSAFE = re.compile(r"[.*>\s\x00-\x1f\x7f-\x9f]")
 _BAD_SUBJECT_CHARS = re.compile(r"[\s\x00-\x1f\x7f-\x9f]")
-_HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
-_STREAM_NAME = re.compile(r"^[^.*>\s/\\\x00-\x1f]+$")
-_SCHEMES: Final = ("nats", "tls", "ws", "wss")
 #: the subject in nats-py's (lower-cased) permission error text
 _DENIED_SUBJECT = re.compile(r'permissions violation for publish to "([^"]+)"')
 #: how long ``close()`` may wait for nats-py before the socket is aborted
 CLOSE_TIMEOUT_S: Final = 2.0
 
 
-class StreamOptions(BaseModel):
-    """A JetStream stream the sink creates at connect if it does not exist.
+class _Events:
+    """What nats-py reports about one connection through its callbacks: its recent
+    errors (to explain a failed connect), the publish permission violations (to refuse
+    the messages of a batch) and the loss of the connection. A new one per connect, so
+    the callbacks of an abandoned client only touch their own state."""
 
-    Creating it again with the same settings is a no-op; a stream of that name with
-    other settings is left alone and makes ``connect`` fail with a clear error.
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.lost = asyncio.Event()
+        self.errors: list[BaseException] = []
+        self.denied: list[str] = []
 
-    ``max_msgs_per_subject: 1`` with ``allow_direct: true`` makes the stream the
-    bus-native last value of every subject: a consumer that starts late asks
-    ``js.get_last_msg(stream, subject)`` (or the direct-get form) and gets the
-    current price at once (docs/drivers/nats.md, "Last value per subject").
-    """
+    async def on_error(self, exc: Exception) -> None:
+        self.errors.append(exc)
+        del self.errors[:-20]
+        if _is_permission(exc):
+            self.denied.append(str(exc))
+        log.debug("sink %s: nats client error: %s: %s", self.name, type(exc).__name__, exc)
 
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    async def on_lost(self) -> None:
+        self.lost.set()
 
-    name: str = Field(pattern=_STREAM_NAME.pattern)
-    subjects: list[str] = Field(min_length=1)
-    #: drop messages older than this (``None``: keep until other limits apply)
-    max_age_s: float | None = Field(None, gt=0)
-    #: the window in which a repeated ``Nats-Msg-Id`` is recognized as a duplicate
-    duplicate_window_s: float = Field(120.0, gt=0)
-    storage: Literal["file", "memory"] = "file"
-    #: keep at most this many messages per subject (1: only the last price of each
-    #: symbol, the stream is then a last-value table); ``None``: no per-subject limit
-    max_msgs_per_subject: int | None = Field(None, ge=1)
-    #: let any server with the stream answer "last message of subject X" directly
-    #: (``js.get_last_msg(stream, subject, direct=True)``, the KV ``get``)
-    allow_direct: bool = False
+    def denied_subjects(self) -> set[str]:
+        """The subjects (lower-cased) of the permission violations reported so far."""
+        return {s for e in self.denied for s in _DENIED_SUBJECT.findall(e)}
 
-    @model_validator(mode="after")
-    def _window_fits_age(self) -> StreamOptions:
-        if self.max_age_s is not None and self.duplicate_window_s > self.max_age_s:
-            msg = "duplicate_window_s cannot be larger than max_age_s"
-            raise ValueError(msg)
-        return self
-
-
-class NatsOptions(TlsHostnameOptions):
-    """Options of the ``nats`` driver (see docs/drivers/nats.md); the ``tls_*`` options
-    come from :class:`~bridge.sinks.kit.TlsHostnameOptions`."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-    #: one URL or a list (a comma-separated string is split): ``nats://host:4222``,
-    #: ``tls://host:4222``; credentials go in ``user``/``password``/``token``, not the URL
-    servers: list[str] = Field(min_length=1)
-    #: the connection name the server shows in its monitoring
-    name: str = "aleno-bridge"
-    user: str | None = None
-    password: SecretStr | None = None
-    token: SecretStr | None = None
-    #: a ``.creds`` file (user JWT + nkey seed); needs the ``nkeys`` package
-    creds_file: Path | None = None
-    #: a file holding an nkey seed (``SU...``); needs the ``nkeys`` package
-    nkeys_seed: Path | None = None
-    #: publish with a JetStream publish ack per message instead of core publish + flush
-    jetstream: bool = False
-    stream: StreamOptions | None = None
-    ping_interval_s: float = Field(5.0, gt=0)
-    max_outstanding_pings: int = Field(3, ge=1)
-    #: per-server bound on TCP connect, TLS handshake and the CONNECT exchange
-    connect_timeout_s: float = Field(5.0, gt=0)
-    #: bound on the flush (core) or on all publish acks (JetStream) of one batch
-    flush_timeout_s: float = Field(10.0, gt=0)
-    #: JetStream publishes awaiting their ack at once
-    max_inflight: int = Field(1000, ge=1)
-    #: header carrying the route's key (NATS has no message key); ``null``: not sent
-    key_header: str | None = "aleno-key"
-
-    _split = field_validator("servers", mode="before")(split_list)
-
-    @field_validator("servers")
-    @classmethod
-    def _urls(cls, v: list[str]) -> list[str]:
-        return server_urls(v, _SCHEMES, example="nats://host:4222")
-
-    @field_validator("key_header")
-    @classmethod
-    def _header_name(cls, v: str | None) -> str | None:
-        if v is not None and not _HEADER_NAME.match(v):
-            msg = "must be a valid header name (letters, digits, - _ .)"
-            raise ValueError(msg)
-        return v
-
-    @model_validator(mode="after")
-    def _consistent(self) -> NatsOptions:
-        if (self.user is None) != (self.password is None):
-            msg = "user and password go together"
-            raise ValueError(msg)
-        chosen = {
-            "user/password": self.user is not None,
-            "token": self.token is not None,
-            "creds_file": self.creds_file is not None,
-            "nkeys_seed": self.nkeys_seed is not None,
-        }
-        methods = [name for name, on in chosen.items() if on]
-        if len(methods) > 1:
-            msg = f"choose one authentication method, not {' and '.join(methods)}"
-            raise ValueError(msg)
-        if (self.tls_cert_file is None) != (self.tls_key_file is None):
-            msg = "tls_cert_file and tls_key_file go together (client certificate)"
-            raise ValueError(msg)
-        if self.stream is not None and not self.jetstream:
-            msg = "stream is only used with jetstream: true"
-            raise ValueError(msg)
-        if self.creds_file is not None or self.nkeys_seed is not None:
-            try:
-                import nkeys  # noqa: F401
-            except ImportError:
-                msg = "creds_file and nkeys_seed need the nkeys package (pip install nkeys)"
-                raise ValueError(msg) from None
-        return self
-
-    @property
-    def uses_tls(self) -> bool:
-        return (
-            any(s.startswith(("tls://", "wss://")) for s in self.servers)
-            or self.tls_ca_file is not None
-            or self.tls_cert_file is not None
-            or not self.tls_verify
-            or self.tls_hostname is not None
-        )
+    def explain(self, exc: BaseException, connect_timeout_s: float) -> str:
+        """A one-line cause of a failed connect, without any secret."""
+        errors = self.errors
+        causes = [exc, *reversed(errors)]
+        for e in causes:
+            text = str(e)
+            if "authorization violation" in text.lower() or isinstance(
+                e, nats.errors.AuthorizationError
+            ):
+                return ("the server refused the credentials (Authorization Violation); "
+                        "check user/password, token, creds_file or nkeys_seed")
+            if isinstance(e, ssl.SSLCertVerificationError):
+                return (f"TLS verification of the server certificate failed "
+                        f"({e.verify_message}); "
+                        "set tls_ca_file to the CA that signed the server certificate")
+            if isinstance(e, ssl.SSLError):
+                return f"TLS failed: {e}"
+        if isinstance(exc, (asyncio.TimeoutError, nats.errors.NoServersError)):
+            for e in reversed(errors):
+                if not isinstance(e, nats.errors.NoServersError):
+                    return f"{type(e).__name__}: {e}"
+            if isinstance(exc, asyncio.TimeoutError):
+                return f"timed out (connect_timeout_s={connect_timeout_s:g})"
+        return f"{type(exc).__name__}: {exc}"
 
 
 class NatsSink(Sink[NatsOptions]):
-    """Publishes batches to NATS; see the module docstring for the guarantees."""
+    """Publishes batches to NATS; see :mod:`aleno_bridge_plugins.nats` for the guarantees."""
 
     options_model = NatsOptions
     retriable_errors = (*Sink.retriable_errors, nats.errors.Error)
@@ -243,8 +121,7 @@ class NatsSink(Sink[NatsOptions]):
         super().__init__(name, options)
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
-        self._lost = asyncio.Event()
-        self._denied: list[str] = []
+        self._events = _Events(name)
         self._valid_topics: set[str] = set()
 
     # -- subjects ----------------------------------------------------------------
@@ -325,52 +202,11 @@ class NatsSink(Sink[NatsOptions]):
         opts = self.options
         tls = self._tls_context() if opts.uses_tls else None
         nc = Client()
-        lost = self._lost = asyncio.Event()
-        errors: list[BaseException] = []
-        denied = self._denied = []
-
-        async def on_error(exc: Exception) -> None:
-            errors.append(exc)
-            del errors[:-20]
-            if _is_permission(exc):
-                denied.append(str(exc))
-            log.debug("sink %s: nats client error: %s: %s", self.name, type(exc).__name__, exc)
-
-        async def on_lost() -> None:
-            lost.set()
-
+        events = self._events = _Events(self.name)
         servers = list(opts.servers)
         random.shuffle(servers)
-        kwargs: dict[str, Any] = {
-            "servers": servers,
-            "name": opts.name,
-            "allow_reconnect": False,
-            # with reconnection off this only bounds the first connect: each server is
-            # tried twice, then NoServersError
-            "max_reconnect_attempts": 1,
-            "reconnect_time_wait": 0.1,
-            "dont_randomize": True,
-            "connect_timeout": self._connect_timeout_s,
-            "ping_interval": opts.ping_interval_s,
-            "max_outstanding_pings": opts.max_outstanding_pings,
-            "flush_timeout": self._flush_timeout_s,
-            "error_cb": on_error,
-            "disconnected_cb": on_lost,
-            "closed_cb": on_lost,
-        }
-        if tls is not None:
-            kwargs["tls"] = tls
-            if opts.tls_hostname:
-                kwargs["tls_hostname"] = opts.tls_hostname
-        if opts.user is not None and opts.password is not None:
-            kwargs["user"] = opts.user
-            kwargs["password"] = opts.password.get_secret_value()
-        if opts.token is not None:
-            kwargs["token"] = opts.token.get_secret_value()
-        if opts.creds_file is not None:
-            kwargs["user_credentials"] = str(opts.creds_file)
-        if opts.nkeys_seed is not None:
-            kwargs["nkeys_seed"] = str(opts.nkeys_seed)
+        kwargs = _connect_kwargs(opts, servers, events, tls, self._connect_timeout_s,
+                                 self._flush_timeout_s)
         # two attempts per server plus the waits between them, within the worker's budget
         bound = min(2 * len(servers) * (self._connect_timeout_s + 0.2) + 1.0,
                     self.budget.connect_s * BUDGET_SHARE)
@@ -381,7 +217,8 @@ class NatsSink(Sink[NatsOptions]):
             raise
         except Exception as exc:
             _abort(nc)
-            msg = f"cannot connect to {', '.join(opts.servers)}: {self._explain(exc, errors)}"
+            why = events.explain(exc, self._connect_timeout_s)
+            msg = f"cannot connect to {', '.join(opts.servers)}: {why}"
             raise SinkConnectionError(self.name, msg) from exc
         self._nc = nc
         if tls is not None and not _server_info(nc).get("tls_required", False):
@@ -403,35 +240,12 @@ class NatsSink(Sink[NatsOptions]):
         log.debug("sink %s: connected to %s (server %s)", self.name,
                   _url(nc), nc.connected_server_version)
 
+
     def _tls_context(self) -> ssl.SSLContext:
         try:
             return self.options.tls_context()
         except TlsFilesError as exc:
             raise SinkConnectionError(self.name, str(exc)) from exc
-
-    def _explain(self, exc: BaseException, errors: list[BaseException]) -> str:
-        """A one-line cause of a failed connect, without any secret."""
-        causes = [exc, *reversed(errors)]
-        for e in causes:
-            text = str(e)
-            if "authorization violation" in text.lower() or isinstance(
-                e, nats.errors.AuthorizationError
-            ):
-                return ("the server refused the credentials (Authorization Violation); "
-                        "check user/password, token, creds_file or nkeys_seed")
-            if isinstance(e, ssl.SSLCertVerificationError):
-                return (f"TLS verification of the server certificate failed "
-                        f"({e.verify_message}); "
-                        "set tls_ca_file to the CA that signed the server certificate")
-            if isinstance(e, ssl.SSLError):
-                return f"TLS failed: {e}"
-        if isinstance(exc, (asyncio.TimeoutError, nats.errors.NoServersError)):
-            for e in reversed(errors):
-                if not isinstance(e, nats.errors.NoServersError):
-                    return f"{type(e).__name__}: {e}"
-            if isinstance(exc, asyncio.TimeoutError):
-                return f"timed out (connect_timeout_s={self._connect_timeout_s:g})"
-        return f"{type(exc).__name__}: {exc}"
 
     async def _ensure_stream(self, nc: Client, stream: StreamOptions) -> None:
         config = stream_config(stream)
@@ -478,7 +292,7 @@ class NatsSink(Sink[NatsOptions]):
         :class:`SinkRejectedError` names what was refused.
         """
         nc = self._nc
-        if nc is None or not nc.is_connected or self._lost.is_set():
+        if nc is None or not nc.is_connected or self._events.lost.is_set():
             raise SinkConnectionError(self.name, "not connected to NATS")
         jetstream = self._js is not None
         refused = Refusals(self.name, batch)
@@ -533,12 +347,12 @@ class NatsSink(Sink[NatsOptions]):
         self, nc: Client, batch: Sequence[tuple[Message, dict[str, str]]],
     ) -> list[tuple[Message, str]]:
         """Write the batch, then one PING/PONG; the refused messages and why."""
-        self._denied.clear()
+        self._events.denied.clear()
         for m, headers in batch:
             await nc.publish(m.topic, m.body, headers=headers)
         await self._flush(nc)
         # the server answers a denied PUB with -ERR before the PONG of the flush
-        denied = {s for e in self._denied for s in _DENIED_SUBJECT.findall(e)}
+        denied = self._events.denied_subjects()
         return [(m, f"permission denied to publish to {m.topic!r}")
                 for m, _ in batch if m.topic.lower() in denied]
 
@@ -549,7 +363,7 @@ class NatsSink(Sink[NatsOptions]):
         """Pipeline the publishes in order, then wait for every ack; the refused ones."""
         pending: list[tuple[Message, asyncio.Future[PubAck]]] = []
         denied: set[str] = set()
-        self._denied.clear()
+        self._events.denied.clear()
         try:
             for m, headers in batch:
                 fut = await js.publish_async(m.topic, m.body, headers=headers)
@@ -557,7 +371,7 @@ class NatsSink(Sink[NatsOptions]):
             if pending:
                 # a denied publish gets no ack, only an -ERR that precedes this PONG
                 await self._flush(nc)
-                denied = {s for e in self._denied for s in _DENIED_SUBJECT.findall(e)}
+                denied = self._events.denied_subjects()
                 for m, f in pending:
                     if m.topic.lower() in denied:
                         f.cancel()
@@ -611,10 +425,10 @@ class NatsSink(Sink[NatsOptions]):
         still pending, its ``_close`` fails writing them to the dead socket and never
         calls the callbacks (nats-py 2.16), so the client's state is polled too.
         """
-        nc = self._nc
-        while nc is not None and nc.is_connected and not self._lost.is_set():
+        nc, lost = self._nc, self._events.lost
+        while nc is not None and nc.is_connected and not lost.is_set():
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._lost.wait(), 0.05)
+                await asyncio.wait_for(lost.wait(), 0.05)
 
     async def _bounded(self, aw: Awaitable[T], what: str) -> T:
         """Await ``aw`` for at most ``flush_timeout_s``; fail at once if the link drops."""
@@ -658,6 +472,44 @@ def stream_config(stream: StreamOptions) -> StreamConfig:
                               else stream.max_msgs_per_subject),
         allow_direct=stream.allow_direct or None,
     )
+
+
+def _connect_kwargs(opts: NatsOptions, servers: list[str], events: _Events,
+                    tls: ssl.SSLContext | None, connect_timeout_s: float,
+                    flush_timeout_s: float) -> dict[str, Any]:
+    """The arguments of nats-py's ``Client.connect``: no reconnection of its own, the
+    callbacks of ``events``, TLS and the credentials."""
+    kwargs: dict[str, Any] = {
+        "servers": servers,
+        "name": opts.name,
+        "allow_reconnect": False,
+        # with reconnection off this only bounds the first connect: each server is
+        # tried twice, then NoServersError
+        "max_reconnect_attempts": 1,
+        "reconnect_time_wait": 0.1,
+        "dont_randomize": True,
+        "connect_timeout": connect_timeout_s,
+        "ping_interval": opts.ping_interval_s,
+        "max_outstanding_pings": opts.max_outstanding_pings,
+        "flush_timeout": flush_timeout_s,
+        "error_cb": events.on_error,
+        "disconnected_cb": events.on_lost,
+        "closed_cb": events.on_lost,
+    }
+    if tls is not None:
+        kwargs["tls"] = tls
+        if opts.tls_hostname:
+            kwargs["tls_hostname"] = opts.tls_hostname
+    if opts.user is not None and opts.password is not None:
+        kwargs["user"] = opts.user
+        kwargs["password"] = opts.password.get_secret_value()
+    if opts.token is not None:
+        kwargs["token"] = opts.token.get_secret_value()
+    if opts.creds_file is not None:
+        kwargs["user_credentials"] = str(opts.creds_file)
+    if opts.nkeys_seed is not None:
+        kwargs["nkeys_seed"] = str(opts.nkeys_seed)
+    return kwargs
 
 
 def _is_permission(exc: BaseException) -> bool:

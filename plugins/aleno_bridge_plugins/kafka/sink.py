@@ -1,70 +1,6 @@
-"""``kafka``: CloudEvents onto Apache Kafka (or any Kafka-protocol broker) with aiokafka.
-
-Delivery guarantee
-------------------
-At least once with the default ``acks: all``: :meth:`KafkaSink.publish` puts the
-records of the batch into one aiokafka ``BatchBuilder`` per partition (partitioned by
-aiokafka's default partitioner, as ``send()`` would), hands them to the producer
-(``send_batch``), then waits for the broker's delivery report of each produce batch, and
-returns only when all of them succeeded. Any failure raises, the core
-retries the whole batch, so a record can reach the topic twice, never zero times
-while the bridge runs. Every record carries the deterministic envelope id in the
-header ``ce_id`` (in every format): that is the consumer's dedup key. ``acks: 1``
-loses what the leader acknowledged but did not replicate before it crashed;
-``acks: 0`` is at most once (no broker acknowledgement at all).
-
-``enable_idempotence: true`` makes the broker drop the duplicates the producer's own
-internal retries would create (not those of a batch the core resends after a
-reconnect: a new producer has a new producer id). It needs a broker that implements
-``InitProducerId``; the in-memory store of Tansu (the broker the tests start) does
-not, hence the default ``False``. Turn it on for a real Kafka cluster.
-
-Order: records with the same key (the route's ``key``, the symbol by default) go to
-the same partition, and aiokafka keeps one produce request in flight per partition,
-so the updates of one symbol are appended in the order the core gave them.
-
-Topic names
------------
-Kafka allows ``[A-Za-z0-9._-]`` and at most 249 characters. :meth:`KafkaSink.safe_token`
-replaces every other character of a placeholder value with ``_`` (``BTC/USD`` ->
-``BTC_USD``, ``BRK.B`` stays); :meth:`KafkaSink.check_topic` refuses at start-up a
-template whose rendered topic is empty, ``.``, ``..``, too long or holds a forbidden
-literal character.
-
-Formats (CloudEvents Kafka protocol binding)
---------------------------------------------
-``cloudevents-json``
-    structured mode: value = the envelope, header ``content-type:
-    application/cloudevents+json``, plus ``ce_id`` (a receiver in structured mode reads
-    the attributes from the body; the extra header lets brokers' tools and consumers
-    dedup without parsing it. No ``ce_specversion`` header, so no SDK mistakes the
-    record for binary mode).
-``cloudevents-binary``
-    binary mode: value = ``data``, header ``content-type: application/json`` and one
-    ``ce_<attribute>`` header per context attribute (``ce_specversion``, ``ce_id``,
-    ``ce_source``, ``ce_type``, ``ce_subject``, ``ce_time``), UTF-8.
-``raw``
-    value = the upstream record, header ``content-type: application/json`` and ``ce_id``.
-
-The record key is the rendered route key (UTF-8), or none when the route has no key.
-
-Last values: topics the sink creates (``create_topics``) get the ``topic_config`` given
-(``compact: true`` is short for ``cleanup.policy: compact``). A compacted topic keeps
-at least the last record of every key, and the key is the route's ``key`` (the symbol
-by default): read from the beginning and folded by key, it is the table of current
-prices (docs/drivers/kafka.md, "Last value per symbol").
-
-Timeouts
---------
-Nothing here waits without a bound: ``connect`` and every ``publish`` are bounded by
-``request_timeout_ms`` (plus ``linger_ms`` and a second of grace), ``close`` by
-:data:`CLOSE_TIMEOUT_S`; aiokafka's ``stop()`` waits for every pending record, which
-never comes when the broker is gone, so after that bound the producer is torn down
-without waiting. Left at its default, ``request_timeout_ms`` is lowered to fit in the
-sink's ``retry.publish_timeout_s`` and ``retry.connect_timeout_s`` so the driver's own
-error (naming the cause) comes first; set explicitly, a value that does not fit is a
-configuration error.
-"""
+"""The ``kafka`` driver's I/O: one aiokafka producer per connection, publishing with one
+``BatchBuilder`` per partition, bounded closing. The guarantees, the formats and the
+timeouts are described in :mod:`aleno_bridge_plugins.kafka`."""
 
 from __future__ import annotations
 
@@ -72,12 +8,8 @@ import asyncio
 import contextlib
 import functools
 import logging
-import re
 from collections.abc import Iterable, Sequence
-from pathlib import Path
-from typing import Any, ClassVar, Final, Literal
-
-from pydantic import ConfigDict, Field, SecretStr, field_validator, model_validator
+from typing import Any, ClassVar, Final
 
 from bridge.sinks import (
     Budget,
@@ -96,16 +28,16 @@ from bridge.sinks.kit import (
     ce_headers,
     derived_timeout,
     describe,
-    host_ports,
-    split_list,
     timeout_problem,
     tls_context,
-    topic_problem,
 )
+
+from .options import KafkaOptions
+from .options import check_topic as _check_topic
+from .options import safe_token as _safe_token
 
 try:
     from aiokafka import AIOKafkaProducer
-    from aiokafka import codec as _codec
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
     from aiokafka.errors import (
         CorruptRecordException,
@@ -132,29 +64,11 @@ except ImportError as exc:  # pragma: no cover - depends on the installation
 
 log = logging.getLogger("aleno_bridge.sinks.kafka")
 
-#: longest topic name Kafka accepts
-MAX_TOPIC_LENGTH: Final = 249
 #: how long ``close()`` lets aiokafka flush and stop before tearing it down; the whole
 #: ``close()`` takes at most 4 s (the core gives it 5)
 CLOSE_TIMEOUT_S: Final = 2.5
-#: default ``max_batch_bytes``: one core batch (500 envelopes of ~0.6 KiB with their
-#: headers) fits in one produce batch per partition. aiokafka keeps one open batch per
-#: partition and a full one (``send()``) or the next one (``send_batch``) waits until it
-#: has been delivered, so with aiokafka's own 16 KiB a 500-record publish took ~5 broker
-#: round trips per partition, each paying for turns of a busy event loop
-#: (docs/drivers/kafka.md, "Throughput")
-DEFAULT_BATCH_BYTES: Final = 524_288
 #: Kafka error code of CreateTopics for a topic that exists already
 TOPIC_ALREADY_EXISTS: Final = 36
-
-_UNSAFE: Final = re.compile(r"[^A-Za-z0-9._-]")
-
-#: codec -> (aiokafka's availability check, pip extra that installs the library)
-_CODECS: Final = {
-    "lz4": (_codec.has_lz4, "aiokafka[lz4]"),
-    "zstd": (_codec.has_zstd, "aiokafka[zstd]"),
-    "snappy": (_codec.has_snappy, "aiokafka[snappy]"),
-}
 
 #: errors of one record that resending can never fix: the batch is rejected
 _REJECTED: Final[tuple[type[BaseException], ...]] = (
@@ -167,171 +81,6 @@ _REJECTED: Final[tuple[type[BaseException], ...]] = (
     PolicyViolationError,
     UnsupportedVersionError,
 )
-
-
-class KafkaOptions(SinkOptions):
-    """Options of the ``kafka`` driver (see docs/drivers/kafka.md for the table)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-    bootstrap_servers: list[str] = Field(
-        description="host:port of one or more brokers (a list or a comma-separated string)"
-    )
-    client_id: str = "aleno-bridge"
-    acks: Literal["all", 0, 1] = "all"
-    enable_idempotence: bool = Field(
-        False,
-        description="idempotent producer; needs broker support (not Tansu's memory store)",
-    )
-    compression: Literal["none", "gzip", "lz4", "zstd", "snappy"] = "none"
-    linger_ms: int = Field(0, ge=0, description="producer-side wait to fill batches")
-    max_batch_bytes: int = Field(
-        DEFAULT_BATCH_BYTES, ge=1024,
-        description="bytes of records per partition batch (default: one worker batch)",
-    )
-    max_request_bytes: int = Field(
-        1_048_576, ge=1024, description="largest record accepted; larger ones are rejected"
-    )
-    request_timeout_ms: int = Field(10_000, ge=100)
-    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
-    sasl_username: str | None = None
-    sasl_password: SecretStr | None = None
-    ssl_cafile: Path | None = None
-    ssl_certfile: Path | None = None
-    ssl_keyfile: Path | None = None
-    ssl_check_hostname: bool = True
-    create_topics: list[str] | bool = Field(
-        False,
-        description="topics to create at connect, or true: every topic before its first record",
-    )
-    partitions: int = Field(1, ge=1, description="partitions of the topics this sink creates")
-    replication_factor: int = Field(
-        1, ge=1, description="replication factor of the topics this sink creates"
-    )
-    topic_config: dict[str, str] = Field(
-        default_factory=dict,
-        description="topic-level configs of the topics this sink creates "
-        "(cleanup.policy, retention.ms, min.compaction.lag.ms...)",
-    )
-    compact: bool = Field(
-        False,
-        description="create topics with cleanup.policy=compact: the topic keeps the last "
-        "record per key (the route's key, the symbol by default), a table of prices",
-    )
-
-    _split_servers = field_validator("bootstrap_servers", mode="before")(split_list)
-
-    @field_validator("bootstrap_servers")
-    @classmethod
-    def _host_port(cls, v: list[str]) -> list[str]:
-        return host_ports(v, "broker")
-
-    @field_validator("acks", mode="before")
-    @classmethod
-    def _acks(cls, v: Any) -> Any:
-        # YAML and ${VAR} interpolation give "1", "-1" or -1 as often as 1 or "all"
-        if v in (-1, "-1"):
-            return "all"
-        if isinstance(v, str) and v.strip() in ("0", "1"):
-            return int(v)
-        return v
-
-    @field_validator("compression")
-    @classmethod
-    def _codec_installed(cls, v: str) -> str:
-        codec = _CODECS.get(v)
-        if codec is not None and not codec[0]():
-            msg = (
-                f"compression {v!r} needs its codec library, which is not installed: "
-                f"pip install '{codec[1]}'"
-            )
-            raise ValueError(msg)
-        return v
-
-    @field_validator("create_topics")
-    @classmethod
-    def _topic_names(cls, v: list[str] | bool) -> list[str] | bool:
-        if isinstance(v, list):
-            for topic in v:
-                problem = KafkaSink.check_topic(topic)
-                if problem is not None:
-                    msg = f"{topic!r}: {problem}"
-                    raise ValueError(msg)
-        return v
-
-    @field_validator("topic_config", mode="before")
-    @classmethod
-    def _config_values_as_text(cls, v: Any) -> Any:
-        # Kafka configs are strings on the wire; YAML gives `retention.ms: 60000` as an
-        # int and `preallocate: true` as a bool: take them as Kafka writes them
-        if isinstance(v, dict):
-            return {k: (str(x).lower() if isinstance(x, bool)
-                        else str(x) if isinstance(x, int | float) else x)
-                    for k, x in v.items()}
-        return v
-
-    @field_validator("topic_config")
-    @classmethod
-    def _config_names(cls, v: dict[str, str]) -> dict[str, str]:
-        for name in v:
-            if not name.strip() or name != name.strip():
-                msg = f"{name!r} is not a Kafka config name (like cleanup.policy)"
-                raise ValueError(msg)
-        return v
-
-    @model_validator(mode="after")
-    def _coherent(self) -> KafkaOptions:
-        sasl = self.security_protocol.startswith("SASL_")
-        given = [
-            n for n in ("sasl_mechanism", "sasl_username", "sasl_password")
-            if getattr(self, n) is not None
-        ]
-        if sasl and len(given) < 3:
-            missing = sorted({"sasl_mechanism", "sasl_username", "sasl_password"} - set(given))
-            msg = f"security_protocol {self.security_protocol} needs {', '.join(missing)}"
-            raise ValueError(msg)
-        if not sasl and given:
-            msg = (
-                f"{', '.join(given)} given but security_protocol is {self.security_protocol}; "
-                "use SASL_PLAINTEXT or SASL_SSL"
-            )
-            raise ValueError(msg)
-        tls = self.security_protocol in ("SSL", "SASL_SSL")
-        files = [n for n in ("ssl_cafile", "ssl_certfile", "ssl_keyfile") if getattr(self, n)]
-        if files and not tls:
-            msg = (
-                f"{', '.join(files)} given but security_protocol is {self.security_protocol}; "
-                "use SSL or SASL_SSL"
-            )
-            raise ValueError(msg)
-        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
-            msg = "ssl_certfile and ssl_keyfile go together (client certificate and its key)"
-            raise ValueError(msg)
-        if self.enable_idempotence and self.acks != "all":
-            msg = f"enable_idempotence needs acks 'all' (got {self.acks!r})"
-            raise ValueError(msg)
-        shaping = [n for n in ("topic_config", "compact") if n in self.model_fields_set
-                   and getattr(self, n)]
-        if shaping and not self.create_topics:
-            msg = (f"{' and '.join(shaping)} apply only to topics this sink creates; set "
-                   "create_topics (a list of topics, or true)")
-            raise ValueError(msg)
-        policy = self.topic_config.get("cleanup.policy")
-        if self.compact and policy is not None and "compact" not in policy.split(","):
-            msg = (f"compact: true but topic_config sets cleanup.policy {policy!r}; remove "
-                   "one of them (or use cleanup.policy: compact,delete)")
-            raise ValueError(msg)
-        return self
-
-    @property
-    def topic_configs(self) -> dict[str, str]:
-        """The configs a created topic gets: ``topic_config``, plus
-        ``cleanup.policy=compact`` for ``compact: true``."""
-        configs = dict(self.topic_config)
-        if self.compact:
-            configs.setdefault("cleanup.policy", "compact")
-        return configs
 
 
 class KafkaSink(Sink[KafkaOptions]):
@@ -417,16 +166,12 @@ class KafkaSink(Sink[KafkaOptions]):
     @classmethod
     def safe_token(cls, value: str) -> str:
         """Replace every character Kafka forbids in a topic name with ``_``."""
-        return _UNSAFE.sub("_", value)
+        return _safe_token(value)
 
     @classmethod
     def check_topic(cls, topic: str) -> str | None:
         """Why Kafka can never accept ``topic``, or ``None``."""
-        if topic in (".", ".."):
-            return f"Kafka does not allow the topic name {topic!r}"
-        return topic_problem(topic, bus="Kafka", max_chars=MAX_TOPIC_LENGTH,
-                             control_chars=True, forbidden=_UNSAFE,
-                             allowed="A-Z a-z 0-9 . _ -")
+        return _check_topic(topic)
 
     # -- lifecycle ----------------------------------------------------------------
 
