@@ -180,7 +180,8 @@ class Bridge:
         self._reloader = Reloader(self)
         self._stale_watch: asyncio.Task[None] | None = None
         #: the control surface (``/v1/`` on the HTTP server and the NATS service)
-        self.control: Control | None = Control(self)
+        self.control: Control | None = Control(self.last_values, lambda: self.settings,
+                                               self.subscriptions)
         self.http_port: int | None = None
         #: the control listener's port (``control.http``), once it listens
         self.control_port: int | None = None

@@ -111,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         from bridge.config import ConfigError
-        from bridge.upstream.client import SourceError
+        from bridge.upstream.protocol import SourceError
 
         if isinstance(exc, CommandFailed):
             print(f"aleno-bridge: {args.command}: {logs.redact(str(exc))}", file=sys.stderr)

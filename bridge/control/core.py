@@ -102,7 +102,7 @@ from bridge.control.requests import (
 from bridge.control.thread import call_on
 from bridge.core.kinds import PRICE_KINDS
 from bridge.pipeline.market import BODY, RECEIVED, Entry, LastValue, monotonic_ms
-from bridge.upstream.client import SubscriptionResult, SubscriptionStatus, normalize_symbols
+from bridge.upstream.protocol import SubscriptionResult, SubscriptionStatus, normalize_symbols
 from bridge.upstream.sharding import shard_of
 from bridge.upstream.subscriptions import (
     LeaseCapError,
@@ -146,9 +146,7 @@ class ControlHost(Protocol):
     @property
     def settings(self) -> Settings: ...
 
-    # ``subscriptions`` (:class:`bridge.upstream.subscriptions.Subscriptions` or ``None``): the
-    # leases; read with ``getattr`` so that a host without it answers "leases are
-    # off" (409) instead of failing.
+    # ``subscriptions`` (or ``None``: leases are off), read with ``getattr``
 
 
 # -- the core function --------------------------------------------------------------
@@ -220,8 +218,13 @@ class Control:
     wherever they are awaited.
     """
 
-    def __init__(self, host: ControlHost) -> None:
-        self._host = host
+    def __init__(self, last_values: LastValuesView, settings: Callable[[], Settings],
+                 subscriptions: Subscriptions | None = None) -> None:
+        """``settings`` is read on every request (a reload is seen at once);
+        ``subscriptions`` ``None``: leases are off (409)."""
+        self._values = last_values
+        self._settings = settings
+        self._leases = subscriptions
         #: this process among the replicas: part of every lease id it grants, so
         #: ``renew`` / ``release`` over NATS find the process that holds the lease
         self.instance = secrets.token_hex(4)
@@ -233,14 +236,19 @@ class Control:
         self.in_flight = 0
         self._lock = threading.Lock()
 
+    @classmethod
+    def of(cls, host: ControlHost) -> Control:
+        """The control surface of ``host`` (its last values, settings and leases)."""
+        return cls(host.last_values, lambda: host.settings, getattr(host, "subscriptions", None))
+
     @property
     def shard(self) -> ShardConfig | None:
-        return self._host.settings.config.source.shard
+        return self._settings().config.source.shard
 
     @property
     def source(self) -> str:
         """The upstream this bridge republishes (the envelopes' ``source``)."""
-        return self._host.settings.config.source.endpoint
+        return self._settings().config.source.endpoint
 
     def answer(self, query: SnapshotQuery, max_bytes: int | None = None) -> SnapshotReply:
         """:meth:`snapshot` of a parsed query."""
@@ -267,7 +275,7 @@ class Control:
         if isinstance(after, str):
             after = parse_cursor(after)
         patterns = list(symbols) if symbols is not None else None
-        cache = self._host.last_values
+        cache = self._values
         # what matches, per kind: the symbols and their entries (read once: another
         # thread may replace entries meanwhile, each read is one whole entry)
         chosen: list[tuple[str, Sequence[str], list[Entry]]] = []
@@ -359,7 +367,7 @@ class Control:
         self._subscriptions()
 
     def _subscriptions(self) -> Subscriptions:
-        subs: Subscriptions | None = getattr(self._host, "subscriptions", None)
+        subs = self._leases
         if subs is None or not subs.config.enabled:
             raise ControlError(LEASES_OFF, None, 409)
         return subs
@@ -439,7 +447,7 @@ class Control:
     def _in_flight(self) -> Iterator[None]:
         """Count a lease request being served; 429 beyond
         ``source.leases.max_requests_in_flight`` (each may wait for the upstream)."""
-        cap = self._host.settings.config.source.leases.max_requests_in_flight
+        cap = self._settings().config.source.leases.max_requests_in_flight
         with self._lock:
             if self.in_flight >= cap:
                 msg = (f"too many lease requests in flight ({cap}, "
@@ -515,7 +523,7 @@ class Control:
     def _lease_body(self, subs: Subscriptions, reply: LeaseReply, lease: str | None,
                     results: Mapping[str, SubscriptionResult | None]) -> bytes:
         now_ms = monotonic_ms()
-        values = self._host.last_values
+        values = self._values
         symbols: dict[str, Any] = {}
         for s, r in results.items():
             if r is None:

@@ -79,7 +79,7 @@ control:
                                 drivers=Drivers(injected={"memory": MemorySink}))
         bridge = Bridge(settings, with_source=False)
         if getattr(bridge, "control", None) is None:  # until app.py builds it itself
-            bridge.control = Control(bridge)
+            bridge.control = Control.of(bridge)
         await bridge.start()
         norm = Normalizer(clock=lambda: T0_MS + 9)
         tickers, equities = symbols
@@ -216,7 +216,7 @@ control:
 """
     settings = parse_config(text, env={}, drivers=Drivers(injected={"memory": MemorySink}))
     bridge = Bridge(settings, with_source=False)
-    ctl = Control(bridge)
+    ctl = Control.of(bridge)
     cfg = settings.config.control.nats
     assert cfg is not None
     caplog.set_level(logging.DEBUG, logger="aleno_bridge.control")
@@ -274,7 +274,7 @@ control:
     cfg = settings.config.control.nats
     assert cfg is not None
     caplog.set_level(logging.DEBUG)
-    door = await start_nats_control(Control(bridge), cfg, bridge.redact)
+    door = await start_nats_control(Control.of(bridge), cfg, bridge.redact)
     try:
         # the server may reset an attempt before its -ERR is read: the door retries,
         # and an attempt that reads it explains it

@@ -549,7 +549,7 @@ def stable_matches(kind: str | None, patterns: list[str] | None) -> set[tuple[st
 
 async def test_snapshots_from_another_thread_stay_whole_while_the_data_path_writes() -> None:
     market = MarketState(lambda evs: None, stale_after_s=60.0, update_interval_s=1.0)
-    ctl = Control(Host(market.values, settings()))
+    ctl = Control.of(Host(market.values, settings()))
     clock = [T0_MS]
     norm = Normalizer(clock=lambda: clock[0] + 5)
 

@@ -52,7 +52,7 @@ class Node:
         self.pool = UpstreamPool(cfg, upstream_keys(cfg, api_key), self.on_payload)
         self.subscriptions = Subscriptions(self.pool, cfg.leases,
                                            pinned={k: set(v) for k, v in self.pool.wanted.items()})
-        self.control = Control(self)
+        self.control = Control.of(self)
         self.registry = CollectorRegistry()
         self.http: HttpServer | None = None
         self.nats: NatsControl | None = None

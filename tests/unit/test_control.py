@@ -75,7 +75,7 @@ def filled(evs: list[Event], received: float | None = None) -> LastValues:
 
 
 def control(values: LastValues, extra: str = "") -> Control:
-    return Control(Host(values, settings(extra)))
+    return Control.of(Host(values, settings(extra)))
 
 
 def decode(body: bytes) -> dict[str, Any]:
@@ -458,7 +458,7 @@ def lease_control(values: LastValues | None = None, extra: str = "", limit: int 
     subs = Subscriptions(upstream, LeaseConfig(enabled=enabled, max_ttl_s=100,
                                                default_ttl_s=30, grace_s=0),
                          clock=clock or Clock())
-    ctl = Control(LeaseHost(values or LastValues(), settings(extra), subs))
+    ctl = Control.of(LeaseHost(values or LastValues(), settings(extra), subs))
     return ctl, subs, upstream
 
 

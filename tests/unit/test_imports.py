@@ -254,6 +254,21 @@ def test_the_data_path_loads_neither_yaml_nor_driver_discovery() -> None:
     assert done.stdout.strip() == "[]", done.stdout + done.stderr
 
 
+def test_the_symbol_set_and_the_control_surface_do_without_the_socketio_client() -> None:
+    """The leases, the subscription owner and the control core share the protocol's
+    types (:mod:`bridge.upstream.protocol`), not the Socket.IO client."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "import bridge.control.core, bridge.upstream.subscriptions, bridge.upstream.leases\n"
+            "print(sorted(m for m in ('socketio', 'engineio', 'bridge.upstream.client')\n"
+            "             if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, cwd=ROOT, check=True)
+    assert done.stdout.strip() == "[]", done.stdout + done.stderr
+
+
 def test_the_layout_is_the_map() -> None:
     """At most 8 modules at the top of ``bridge/``, the rest in subpackages."""
     top = sorted(p.name for p in (ROOT / "bridge").glob("*.py"))
