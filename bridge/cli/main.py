@@ -157,7 +157,8 @@ def _run(args: argparse.Namespace) -> int:
     logs.setup(settings.config.log.level, settings.config.log.format,
                secrets=settings.secrets())
     for warning in settings.warnings:
-        log.warning("insecure setting: %s", warning)
+        kind = "deprecated" if warning in settings.deprecated else "insecure"
+        log.warning("%s setting: %s", kind, warning)
 
     async def run() -> int:
         await serve(Bridge.from_settings(settings), config_path=str(args.config))

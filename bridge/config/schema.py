@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from bridge.config.schema_base import ConfigError, _Model, key_problem
 from bridge.config.schema_control import (
     ANONYMOUS,
+    NATS_DEPRECATED_KEYS,
     SCOPES,
     AuthConfig,
     ControlConfig,
@@ -140,6 +141,7 @@ class Config(_Model):
 
 __all__ = [
     "ANONYMOUS",
+    "NATS_DEPRECATED_KEYS",
     "SCOPES",
     "ApiKeyConfig",
     "AuthConfig",

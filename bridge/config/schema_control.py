@@ -8,14 +8,22 @@ from __future__ import annotations
 import ipaddress
 import re
 from pathlib import Path
-from typing import Final, Literal
+from typing import Any, Final, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    ConfigDict,
+    Field,
+    ModelWrapValidatorHandler,
+    PrivateAttr,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 
 from bridge.config.schema_base import _Model
 from bridge.config.schema_source import BackoffConfig
-from bridge.sinks.kit import server_urls, split_list
+from bridge.sinks.natsconn import NatsConnectionOptions
 
 
 class HttpConfig(_Model):
@@ -160,7 +168,11 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
-class ControlNatsConfig(_Model):
+#: ``control.nats`` keys kept as deprecated aliases: ``old -> new``
+NATS_DEPRECATED_KEYS: Final = {"username": "user", "credentials_file": "creds_file"}
+
+
+class ControlNatsConfig(NatsConnectionOptions, _Model):
     """The NATS door of the control surface: one "micro" service (``$SRV`` discovery)
     whose endpoints live under ``subject_prefix`` (see :mod:`bridge.control.core` and
     docs/consuming-prices.md).
@@ -168,35 +180,58 @@ class ControlNatsConfig(_Model):
     The door has its own connection, independent of any NATS sink: it reconnects on
     its own (nats-py's reconnection, forever) and a bus that is down at start-up is
     retried in the background with :attr:`backoff`; the bridge runs meanwhile.
-    Credentials: ``username``/``password``, ``token`` or ``credentials_file``, one of
-    them; they are never logged.
+    The connection options are the ``nats`` driver's
+    (:class:`~bridge.sinks.natsconn.NatsConnectionOptions`): ``servers``, credentials
+    ``user``/``password``, ``token``, ``creds_file`` or ``nkeys_seed`` (one of them,
+    never logged), ``tls_ca_file``, ``tls_cert_file``/``tls_key_file``,
+    ``tls_verify``, ``tls_hostname``, ``connect_timeout_s``. The older keys
+    ``username`` and ``credentials_file`` still work as deprecated aliases of ``user``
+    and ``creds_file`` (:attr:`deprecated_keys`; both spellings at once is an error).
     """
 
-    servers: list[str] = Field(min_length=1)
+    model_config = ConfigDict(extra="forbid", frozen=False, allow_inf_nan=False)
+
     #: the endpoints' subjects: ``<subject_prefix>.snapshot`` (every shard answers)
     #: and ``<subject_prefix>.snapshot.<shard index>`` (one shard, for the next pages)
     subject_prefix: str = "aleno.bridge"
-    #: the micro service's name (``$SRV.PING.<name>``)
+    #: the micro service's name (``$SRV.PING.<name>``); the connection is named
+    #: ``<name>-control``
     name: str = "aleno-bridge"
-    username: str | None = None
-    password: SecretStr | None = None
-    token: SecretStr | None = None
-    credentials_file: Path | None = None
-    tls_ca_file: Path | None = None
-    tls_verify: bool = True
-    connect_timeout_s: float = Field(5.0, gt=0)
     #: the delays between attempts while the first connection cannot be made
     backoff: BackoffConfig = Field(default_factory=BackoffConfig)
     #: the largest snapshot reply (bytes); ``null``: the server's ``max_payload``
     #: (1 MiB by default). Never more than ``max_payload``, whatever is set here.
     snapshot_page_bytes: int | None = Field(None, ge=4096)
 
-    _split = field_validator("servers", mode="before")(split_list)
+    _deprecated: tuple[str, ...] = PrivateAttr(default=())
 
-    @field_validator("servers")
+    @model_validator(mode="wrap")
     @classmethod
-    def _urls(cls, v: list[str]) -> list[str]:
-        return server_urls(v, _NATS_SCHEMES, example="nats://host:4222")
+    def _aliases(cls, data: Any, handler: ModelWrapValidatorHandler[ControlNatsConfig],
+                 ) -> ControlNatsConfig:
+        """``username`` / ``credentials_file``: the deprecated names of ``user`` /
+        ``creds_file``, accepted and remembered (never both names at once)."""
+        used: list[str] = []
+        if isinstance(data, dict):
+            data = dict(data)
+            for old, new in NATS_DEPRECATED_KEYS.items():
+                if old not in data:
+                    continue
+                if new in data:
+                    msg = (f"{old} and {new} are both set: {old} is the deprecated name "
+                           f"of {new}; keep {new} only")
+                    raise ValueError(msg)
+                data[new] = data.pop(old)
+                used.append(old)
+        model = handler(data)
+        if used:
+            model._deprecated = tuple(used)
+        return model
+
+    @property
+    def deprecated_keys(self) -> dict[str, str]:
+        """The deprecated keys the configuration used: ``old -> new``."""
+        return {old: NATS_DEPRECATED_KEYS[old] for old in self._deprecated}
 
     @field_validator("subject_prefix")
     @classmethod
@@ -217,29 +252,7 @@ class ControlNatsConfig(_Model):
             raise ValueError(msg)
         return v
 
-    @model_validator(mode="after")
-    def _one_credential(self) -> ControlNatsConfig:
-        if (self.username is None) != (self.password is None):
-            msg = "username and password go together"
-            raise ValueError(msg)
-        chosen = [name for name, on in (
-            ("username/password", self.username is not None),
-            ("token", self.token is not None),
-            ("credentials_file", self.credentials_file is not None),
-        ) if on]
-        if len(chosen) > 1:
-            msg = f"choose one authentication method, not {' and '.join(chosen)}"
-            raise ValueError(msg)
-        return self
 
-    @property
-    def uses_tls(self) -> bool:
-        """TLS is asked for: a ``tls://``/``wss://`` server, a CA file or no verification."""
-        return (any(s.startswith(("tls://", "wss://")) for s in self.servers)
-                or self.tls_ca_file is not None or not self.tls_verify)
-
-
-_NATS_SCHEMES: Final = ("nats", "tls", "ws", "wss")
 _SUBJECT_TOKEN: Final = re.compile(r"^[A-Za-z0-9_-]+$")
 _SERVICE_NAME: Final = re.compile(r"^[A-Za-z0-9_-]+$")
 
@@ -267,6 +280,7 @@ class ControlConfig(_Model):
 __all__ = [
     "ANONYMOUS",
     "MIN_TOKEN_LEN",
+    "NATS_DEPRECATED_KEYS",
     "SCOPES",
     "AuthConfig",
     "ControlConfig",

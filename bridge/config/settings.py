@@ -6,8 +6,8 @@ accepts the sink's options and format; every route names existing sinks, once ea
 each topic template gives topics the driver can publish to; a dead-letter sink exists,
 can carry what it receives and no chain of them loops; an ``api_key_file`` is readable.
 A configuration that is valid but insecure (an API key over plain ``http://``,
-certificate checks turned off, passwords to a bus without TLS) resolves with
-:attr:`Settings.warnings`.
+certificate checks turned off, passwords to a bus without TLS), or that uses a
+deprecated key, resolves with :attr:`Settings.warnings`.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from bridge.sinks import (
     UnknownDriverError,
     topic_rules,
 )
+from bridge.sinks.natsconn import security_warnings as nats_security_warnings
 
 
 def upstream_keys(config: SourceConfig, api_key: SecretStr | str | None = None,
@@ -83,11 +84,13 @@ class Settings:
     #: every API key with its name and limit (``source.api_keys``, or the one key of
     #: ``api_key`` / ``api_key_file`` named ``default``): one upstream connection each
     api_keys: tuple[UpstreamKey, ...] = ()
-    #: valid but insecure settings, one ``path: message`` each (never a secret value);
-    #: ``validate`` prints them, ``run`` logs them at WARNING
+    #: valid but insecure or deprecated settings, one ``path: message`` each (never a
+    #: secret value); ``validate`` prints them, ``run`` logs them at WARNING
     warnings: list[str] = field(default_factory=list)
     #: the control surface's bearer tokens (``control.auth.tokens``, files read)
     tokens: tuple[Token, ...] = ()
+    #: which of :attr:`warnings` are deprecated keys (``path: deprecated, use path``)
+    deprecated: tuple[str, ...] = ()
 
     @property
     def control_http(self) -> ControlHttpConfig | None:
@@ -233,9 +236,11 @@ def _resolve(config: Config, drivers: Drivers, problems: list[str]) -> Settings:
     tokens = tuple(_tokens(config, problems))
     problems.extend(_control_problems(config, tokens))
     problems.extend(_stream_captures_control(config, specs))
-    warnings = _security_warnings(config, any_key, specs)
+    deprecated = _deprecated_keys(config)
+    warnings = [*deprecated, *_security_warnings(config, any_key, specs)]
     return Settings(config=config, sinks=specs, routes=routes, api_key=api_key,
-                    api_keys=keys, warnings=warnings, tokens=tokens)
+                    api_keys=keys, warnings=warnings, tokens=tokens,
+                    deprecated=tuple(deprecated))
 
 
 # ---------------------------------------------------------------------------
@@ -550,7 +555,18 @@ def _security_warnings(
             found = [f"driver: {spec.common.driver}.security_warnings() failed: "
                      f"{type(exc).__name__}"]
         warnings.extend(f"sinks.{name}.{w}" for w in found)
+    if config.control.nats is not None:
+        warnings.extend(f"control.nats.{w}" for w in nats_security_warnings(config.control.nats))
     return warnings
+
+
+def _deprecated_keys(config: Config) -> list[str]:
+    """The deprecated keys the configuration uses, each with the key to use instead."""
+    door = config.control.nats
+    if door is None:
+        return []
+    return [f"control.nats.{old}: deprecated, use control.nats.{new}"
+            for old, new in door.deprecated_keys.items()]
 
 
 __all__ = [

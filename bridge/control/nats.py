@@ -76,7 +76,14 @@ from bridge.control.requests import (
     renew_from_json,
 )
 from bridge.core.backoff import Backoff
-from bridge.sinks.kit import TlsFilesError, mask_secrets, tls_context
+from bridge.sinks.kit import TlsFilesError, mask_secrets
+from bridge.sinks.natsconn import (
+    CREDENTIAL_OPTIONS,
+    connect_kwargs,
+    plain_text_problem,
+    refused_credentials,
+    server_url,
+)
 
 log = logging.getLogger("aleno_bridge.control")
 
@@ -267,32 +274,21 @@ class NatsControl:
         async def on_reconnected() -> None:
             if self._service is not None:
                 self.ready.set()
-                log.info("control: NATS connection back (%s)", _server_url(nc))
+                log.info("control: NATS connection back (%s)", server_url(nc))
 
-        kwargs: dict[str, Any] = {
-            "servers": list(cfg.servers),
-            "name": f"{cfg.name}-control",
-            "allow_reconnect": True,
+        try:
+            tls = cfg.connection_tls()
+        except TlsFilesError as exc:
+            raise ControlConnectError(str(exc)) from None
+        kwargs = connect_kwargs(
+            cfg, name=f"{cfg.name}-control", tls=tls,
+            callbacks={"error_cb": on_error, "disconnected_cb": on_disconnected,
+                       "reconnected_cb": on_reconnected},
+            allow_reconnect=True,
             # once connected: reconnect forever, independent of the sinks
-            "max_reconnect_attempts": -1,
-            "reconnect_time_wait": cfg.backoff.initial_s,
-            "connect_timeout": cfg.connect_timeout_s,
-            "error_cb": on_error,
-            "disconnected_cb": on_disconnected,
-            "reconnected_cb": on_reconnected,
-        }
-        if cfg.uses_tls:
-            try:
-                kwargs["tls"] = tls_context(cfg.tls_ca_file, verify=cfg.tls_verify)
-            except TlsFilesError as exc:
-                raise ControlConnectError(str(exc)) from None
-        if cfg.username is not None and cfg.password is not None:
-            kwargs["user"] = cfg.username
-            kwargs["password"] = cfg.password.get_secret_value()
-        if cfg.token is not None:
-            kwargs["token"] = cfg.token.get_secret_value()
-        if cfg.credentials_file is not None:
-            kwargs["user_credentials"] = str(cfg.credentials_file)
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=cfg.backoff.initial_s,
+        )
         nc = Client()
         # with reconnection on, nats-py's first connect would loop forever: bound it,
         # and let this task's backoff decide when to try again
@@ -305,6 +301,11 @@ class NatsControl:
                 raise
             cause = next((e for e in reversed(errors)), exc)
             raise ControlConnectError(_explain(cause)) from None
+        # never fall back to plain text when TLS was asked for
+        plain = plain_text_problem(nc, tls)
+        if plain is not None:
+            await _discard(nc)
+            raise ControlConnectError(plain)
         try:
             service = await add_service(
                 nc, name=cfg.name, version=_semver(__version__),
@@ -320,7 +321,7 @@ class NatsControl:
         self.ready.set()
         log.info("control: NATS service %s (id %s) on %s.{snapshot,subscribe,renew,release}, "
                  "queue group %s (%s)", cfg.name, service.id, cfg.subject_prefix,
-                 queue_group(self.control.shard), _server_url(nc))
+                 queue_group(self.control.shard), server_url(nc))
 
     def _metadata(self) -> dict[str, str]:
         shard = self.control.shard
@@ -464,20 +465,12 @@ def _describe(exc: BaseException) -> str:
 
 def _explain(exc: BaseException) -> str:
     text = _describe(exc)
-    if "authorization violation" in text.lower() or type(exc).__name__ == "AuthorizationError":
+    if refused_credentials(exc):
         return ("the server refused the credentials (Authorization Violation); check "
-                "control.nats username/password, token or credentials_file")
+                f"control.nats {CREDENTIAL_OPTIONS}")
     if isinstance(exc, asyncio.TimeoutError):
         return "no server answered in time"
     return text
-
-
-def _server_url(nc: Any) -> str:
-    server = getattr(nc, "connected_url", None)
-    if server is None:
-        return "?"
-    # the URL as configured: never with credentials (refused by the schema)
-    return f"{server.scheme}://{server.hostname}:{server.port}"
 
 
 async def _discard(nc: Any) -> None:

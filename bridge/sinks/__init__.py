@@ -69,7 +69,9 @@ Lifecycle promises the runner keeps:
   :meth:`Sink.check_budget` refuses at start-up an option that cannot fit.
 
 Helpers for writing a driver (TLS and credential options, server lists, CloudEvents
-headers, partial rejections, topic checks, timeouts) are in :mod:`bridge.sinks.kit`.
+headers, partial rejections, topic checks, timeouts) are in :mod:`bridge.sinks.kit`;
+the NATS connection (options, checks, nats-py arguments) that the ``nats`` driver and
+the control surface's NATS door share is :mod:`bridge.sinks.natsconn`.
 """
 
 from __future__ import annotations

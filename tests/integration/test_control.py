@@ -291,3 +291,60 @@ control:
         await door.close()
     assert all(wrong not in r.getMessage() for r in caplog.records)
     assert wrong not in (door.last_error or "")
+
+
+async def test_the_deprecated_username_still_connects(
+    nats_servers: Callable[..., NatsServer],
+) -> None:
+    """``control.nats.username`` (deprecated alias of ``user``) still logs in."""
+    password = "pw-" + uuid.uuid4().hex
+    server = nats_servers(jetstream=False,
+                          config=f'authorization {{ user: alice, password: "{password}" }}\n')
+    text = f"""
+sinks: {{mem: {{driver: memory}}}}
+http: {{enabled: false}}
+control:
+  nats: {{servers: ["{server.url}"], username: alice, password: "{password}",
+          connect_timeout_s: 1, backoff: {{initial_s: 0.1, max_s: 0.3}}}}
+"""
+    settings = parse_config(text, env={}, drivers=Drivers(injected={"memory": MemorySink}))
+    assert "control.nats.username: deprecated, use control.nats.user" in settings.warnings
+    cfg = settings.config.control.nats
+    assert cfg is not None and cfg.user == "alice"
+    bridge = Bridge(settings, with_source=False)
+    door = await start_nats_control(Control.of(bridge), cfg, bridge.redact)
+    try:
+        await door.wait_ready(15)
+        nc = Client()
+        await nc.connect(server.url, user="alice", password=password, allow_reconnect=False)
+        reply = json.loads((await nc.request("aleno.bridge.snapshot", b"", timeout=5)).data)
+        assert reply["items"] == []
+        await nc.close()
+    finally:
+        await door.close()
+
+
+async def test_tls_asked_for_but_the_server_has_none_is_refused(nats_url: str) -> None:
+    """Like the ``nats`` sink: with a ``tls_*`` option the door never falls back to
+    plain text."""
+    text = f"""
+sinks: {{mem: {{driver: memory}}}}
+http: {{enabled: false}}
+control:
+  nats: {{servers: ["{nats_url}"], tls_verify: false, connect_timeout_s: 1,
+          backoff: {{initial_s: 0.2, max_s: 0.5}}}}
+"""
+    settings = parse_config(text, env={}, drivers=Drivers(injected={"memory": MemorySink}))
+    cfg = settings.config.control.nats
+    assert cfg is not None
+    bridge = Bridge(settings, with_source=False)
+    door = await start_nats_control(Control.of(bridge), cfg, bridge.redact)
+    try:
+        for _ in range(100):
+            if door.last_error is not None:
+                break
+            await asyncio.sleep(0.1)
+        assert door.last_error is not None and "does not require TLS" in door.last_error
+        assert not door.ready.is_set()
+    finally:
+        await door.close()

@@ -5,16 +5,14 @@ only, no I/O (the guarantees and the formats are described in
 from __future__ import annotations
 
 import re
-from pathlib import Path
-from typing import Final, Literal
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from bridge.sinks.kit import TlsHostnameOptions, server_urls, split_list
+from bridge.sinks.natsconn import NatsConnectionOptions
 
 _HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _STREAM_NAME = re.compile(r"^[^.*>\s/\\\x00-\x1f]+$")
-_SCHEMES: Final = ("nats", "tls", "ws", "wss")
 
 
 class StreamOptions(BaseModel):
@@ -53,44 +51,28 @@ class StreamOptions(BaseModel):
         return self
 
 
-class NatsOptions(TlsHostnameOptions):
-    """Options of the ``nats`` driver (see docs/drivers/nats.md); the ``tls_*`` options
-    come from :class:`~bridge.sinks.kit.TlsHostnameOptions`."""
+class NatsOptions(NatsConnectionOptions):
+    """Options of the ``nats`` driver (see docs/drivers/nats.md). The connection
+    options (``servers``, ``user``/``password``, ``token``, ``creds_file``,
+    ``nkeys_seed``, the ``tls_*`` options, ``connect_timeout_s``) and their checks are
+    :class:`~bridge.sinks.natsconn.NatsConnectionOptions`, shared with the NATS door of
+    the control surface (``control.nats``)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    #: one URL or a list (a comma-separated string is split): ``nats://host:4222``,
-    #: ``tls://host:4222``; credentials go in ``user``/``password``/``token``, not the URL
-    servers: list[str] = Field(min_length=1)
     #: the connection name the server shows in its monitoring
     name: str = "aleno-bridge"
-    user: str | None = None
-    password: SecretStr | None = None
-    token: SecretStr | None = None
-    #: a ``.creds`` file (user JWT + nkey seed); needs the ``nkeys`` package
-    creds_file: Path | None = None
-    #: a file holding an nkey seed (``SU...``); needs the ``nkeys`` package
-    nkeys_seed: Path | None = None
     #: publish with a JetStream publish ack per message instead of core publish + flush
     jetstream: bool = False
     stream: StreamOptions | None = None
     ping_interval_s: float = Field(5.0, gt=0)
     max_outstanding_pings: int = Field(3, ge=1)
-    #: per-server bound on TCP connect, TLS handshake and the CONNECT exchange
-    connect_timeout_s: float = Field(5.0, gt=0)
     #: bound on the flush (core) or on all publish acks (JetStream) of one batch
     flush_timeout_s: float = Field(10.0, gt=0)
     #: JetStream publishes awaiting their ack at once
     max_inflight: int = Field(1000, ge=1)
     #: header carrying the route's key (NATS has no message key); ``null``: not sent
     key_header: str | None = "aleno-key"
-
-    _split = field_validator("servers", mode="before")(split_list)
-
-    @field_validator("servers")
-    @classmethod
-    def _urls(cls, v: list[str]) -> list[str]:
-        return server_urls(v, _SCHEMES, example="nats://host:4222")
 
     @field_validator("key_header")
     @classmethod
@@ -102,40 +84,7 @@ class NatsOptions(TlsHostnameOptions):
 
     @model_validator(mode="after")
     def _consistent(self) -> NatsOptions:
-        if (self.user is None) != (self.password is None):
-            msg = "user and password go together"
-            raise ValueError(msg)
-        chosen = {
-            "user/password": self.user is not None,
-            "token": self.token is not None,
-            "creds_file": self.creds_file is not None,
-            "nkeys_seed": self.nkeys_seed is not None,
-        }
-        methods = [name for name, on in chosen.items() if on]
-        if len(methods) > 1:
-            msg = f"choose one authentication method, not {' and '.join(methods)}"
-            raise ValueError(msg)
-        if (self.tls_cert_file is None) != (self.tls_key_file is None):
-            msg = "tls_cert_file and tls_key_file go together (client certificate)"
-            raise ValueError(msg)
         if self.stream is not None and not self.jetstream:
             msg = "stream is only used with jetstream: true"
             raise ValueError(msg)
-        if self.creds_file is not None or self.nkeys_seed is not None:
-            try:
-                import nkeys  # noqa: F401
-            except ImportError:
-                msg = "creds_file and nkeys_seed need the nkeys package (pip install nkeys)"
-                raise ValueError(msg) from None
         return self
-
-    @property
-    def uses_tls(self) -> bool:
-        return (
-            any(s.startswith(("tls://", "wss://")) for s in self.servers)
-            or self.tls_ca_file is not None
-            or self.tls_cert_file is not None
-            or not self.tls_verify
-            or self.tls_hostname is not None
-        )
-

@@ -38,6 +38,14 @@ from bridge.sinks.kit import (
     timeout_problem,
     topic_problem,
 )
+from bridge.sinks.natsconn import (
+    CREDENTIAL_OPTIONS,
+    connect_kwargs,
+    plain_text_problem,
+    refused_credentials,
+    security_warnings,
+    server_url,
+)
 
 from .options import NatsOptions, StreamOptions
 
@@ -89,12 +97,9 @@ class _Events:
         errors = self.errors
         causes = [exc, *reversed(errors)]
         for e in causes:
-            text = str(e)
-            if "authorization violation" in text.lower() or isinstance(
-                e, nats.errors.AuthorizationError
-            ):
+            if refused_credentials(e) or isinstance(e, nats.errors.AuthorizationError):
                 return ("the server refused the credentials (Authorization Violation); "
-                        "check user/password, token, creds_file or nkeys_seed")
+                        f"check {CREDENTIAL_OPTIONS}")
             if isinstance(e, ssl.SSLCertVerificationError):
                 return (f"TLS verification of the server certificate failed "
                         f"({e.verify_message}); "
@@ -128,25 +133,11 @@ class NatsSink(Sink[NatsOptions]):
 
     @classmethod
     def security_warnings(cls, options: SinkOptions) -> list[str]:
-        """A password or token without TLS; TLS without certificate verification."""
+        """A password or token without TLS; TLS without certificate verification
+        (:func:`bridge.sinks.natsconn.security_warnings`)."""
         if not isinstance(options, NatsOptions):
             return []
-        found: list[str] = []
-        if not options.uses_tls:
-            secret = ("password" if options.password is not None
-                      else "token" if options.token is not None else None)
-            if secret is not None:
-                found.append(
-                    f"{secret}: no TLS is configured (nats:// servers, no tls_* option), so "
-                    f"the {secret} crosses the network in clear text unless the server "
-                    "demands TLS; use tls:// servers"
-                )
-        elif not options.tls_verify:
-            found.append(
-                "tls_verify: false: the server's certificate is not checked, so anyone on "
-                "the network path can impersonate it and read the credentials"
-            )
-        return found
+        return security_warnings(options)
 
     @classmethod
     def check_budget(cls, options: SinkOptions, budget: Budget) -> list[str]:
@@ -200,7 +191,7 @@ class NatsSink(Sink[NatsOptions]):
         """
         await self.close()
         opts = self.options
-        tls = self._tls_context() if opts.uses_tls else None
+        tls = self._tls_context()
         nc = Client()
         events = self._events = _Events(self.name)
         servers = list(opts.servers)
@@ -221,13 +212,11 @@ class NatsSink(Sink[NatsOptions]):
             msg = f"cannot connect to {', '.join(opts.servers)}: {why}"
             raise SinkConnectionError(self.name, msg) from exc
         self._nc = nc
-        if tls is not None and not _server_info(nc).get("tls_required", False):
-            # nats-py upgrades to TLS only when the server's INFO requires it; never
-            # fall back to plain text when TLS was asked for
+        # never fall back to plain text when TLS was asked for
+        plain = plain_text_problem(nc, tls)
+        if plain is not None:
             await self.close()
-            msg = (f"TLS is configured but {_url(nc)} does not require TLS, so the "
-                   "connection would be plain text (enable TLS on the server)")
-            raise SinkConnectionError(self.name, msg)
+            raise SinkConnectionError(self.name, plain)
         if opts.jetstream:
             self._js = nc.jetstream(timeout=self._flush_timeout_s,
                                     publish_async_max_pending=opts.max_inflight)
@@ -238,12 +227,12 @@ class NatsSink(Sink[NatsOptions]):
                     await self.close()
                     raise
         log.debug("sink %s: connected to %s (server %s)", self.name,
-                  _url(nc), nc.connected_server_version)
+                  server_url(nc), nc.connected_server_version)
 
 
-    def _tls_context(self) -> ssl.SSLContext:
+    def _tls_context(self) -> ssl.SSLContext | None:
         try:
-            return self.options.tls_context()
+            return self.options.connection_tls()
         except TlsFilesError as exc:
             raise SinkConnectionError(self.name, str(exc)) from exc
 
@@ -477,53 +466,28 @@ def stream_config(stream: StreamOptions) -> StreamConfig:
 def _connect_kwargs(opts: NatsOptions, servers: list[str], events: _Events,
                     tls: ssl.SSLContext | None, connect_timeout_s: float,
                     flush_timeout_s: float) -> dict[str, Any]:
-    """The arguments of nats-py's ``Client.connect``: no reconnection of its own, the
+    """The arguments of nats-py's ``Client.connect``
+    (:func:`bridge.sinks.natsconn.connect_kwargs`): no reconnection of its own, the
     callbacks of ``events``, TLS and the credentials."""
-    kwargs: dict[str, Any] = {
-        "servers": servers,
-        "name": opts.name,
-        "allow_reconnect": False,
+    return connect_kwargs(
+        opts, name=opts.name, tls=tls, servers=servers,
+        connect_timeout_s=connect_timeout_s,
+        callbacks={"error_cb": events.on_error, "disconnected_cb": events.on_lost,
+                   "closed_cb": events.on_lost},
+        allow_reconnect=False,
         # with reconnection off this only bounds the first connect: each server is
         # tried twice, then NoServersError
-        "max_reconnect_attempts": 1,
-        "reconnect_time_wait": 0.1,
-        "dont_randomize": True,
-        "connect_timeout": connect_timeout_s,
-        "ping_interval": opts.ping_interval_s,
-        "max_outstanding_pings": opts.max_outstanding_pings,
-        "flush_timeout": flush_timeout_s,
-        "error_cb": events.on_error,
-        "disconnected_cb": events.on_lost,
-        "closed_cb": events.on_lost,
-    }
-    if tls is not None:
-        kwargs["tls"] = tls
-        if opts.tls_hostname:
-            kwargs["tls_hostname"] = opts.tls_hostname
-    if opts.user is not None and opts.password is not None:
-        kwargs["user"] = opts.user
-        kwargs["password"] = opts.password.get_secret_value()
-    if opts.token is not None:
-        kwargs["token"] = opts.token.get_secret_value()
-    if opts.creds_file is not None:
-        kwargs["user_credentials"] = str(opts.creds_file)
-    if opts.nkeys_seed is not None:
-        kwargs["nkeys_seed"] = str(opts.nkeys_seed)
-    return kwargs
+        max_reconnect_attempts=1,
+        reconnect_time_wait=0.1,
+        dont_randomize=True,
+        ping_interval=opts.ping_interval_s,
+        max_outstanding_pings=opts.max_outstanding_pings,
+        flush_timeout=flush_timeout_s,
+    )
 
 
 def _is_permission(exc: BaseException) -> bool:
     return "permissions violation" in str(exc).lower()
-
-
-def _url(nc: Client) -> str:
-    url = nc.connected_url
-    return f"{url.scheme}://{url.hostname}:{url.port}" if url is not None else "?"
-
-
-def _server_info(nc: Client) -> dict[str, Any]:
-    info = getattr(nc, "_server_info", None)
-    return info if isinstance(info, dict) else {}
 
 
 def _abort(nc: Client) -> None:
