@@ -26,9 +26,10 @@ test: $(STAMP)
 test-own-brokers: $(STAMP)
 	ALENO_BRIDGE_TEST_OWN_BROKERS=1 $(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
-## every test that needs no broker, socket or subprocess (drivers included), in seconds
+## every test that needs no broker, socket or subprocess (drivers included), in seconds:
+## everything not marked `integration` in tests/unit and tests/drivers
 unit: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests/unit $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m 'not integration' tests/unit tests/drivers $(PYTEST_ARGS)
 
 ## ruff, and mypy --strict over bridge/ and plugins/ (files in pyproject.toml)
 lint: $(STAMP)

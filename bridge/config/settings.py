@@ -135,7 +135,7 @@ class Settings:
 
         The sizing rule of docs/reliability.md: a baseline for the interpreter, the
         drivers and the caches, plus every buffered event at its measured cost (the
-        encoded body and a small header; tests/unit/test_memory.py holds it under
+        encoded body and a small header; tests/unit/pipeline/test_memory.py holds it under
         1.5 KB) and every intake event as a whole validated event.
         """
         buffered = sum(spec.common.buffer.max_events for spec in self.sinks.values())
@@ -145,7 +145,7 @@ class Settings:
 
 #: resident memory of a running bridge with its drivers loaded and nothing buffered
 BASELINE_BYTES: Final = 80 * 2**20
-#: measured: about 950 bytes for a ticker in cloudevents-json (tests/unit/test_memory.py)
+#: measured: about 950 bytes for a ticker in cloudevents-json (tests/unit/pipeline/test_memory.py)
 BYTES_PER_BUFFERED_EVENT: Final = 1024
 #: measured: about 1.8 KB for a validated ticker event waiting for the router
 BYTES_PER_INTAKE_EVENT: Final = 2048

@@ -2,7 +2,7 @@
 
 Nothing from the wire can raise out of here: a record that fails validation is
 dropped and counted by reason (``Normalizer.invalid``), and the first record of each
-reason is logged once with a sample. ``tests/unit/test_normalize.py`` proves it with
+reason is logged once with a sample. ``tests/unit/pipeline/test_normalize.py`` proves it with
 hypothesis over arbitrary JSON.
 
 Time sanity: a send time is checked against this host's clock at receipt, not only

@@ -27,7 +27,7 @@ when it holds that many:
 A buffered event is a :class:`~bridge.sinks.Message`: its encoded body (an exact-size
 bytes object), its topic and key (shared per symbol) and the event's light header
 (shared by all the event's messages); about 0.8-1 KB per event, measured by
-``tests/unit/test_memory.py``.
+``tests/unit/pipeline/test_memory.py``.
 
 An event leaves the worker only when the driver confirmed it (``publish`` returned)
 or when it is dropped for a counted reason (``buffer_full``, ``rejected``,
