@@ -239,34 +239,37 @@ def test_nothing_below_the_command_line_and_the_wiring_imports_them() -> None:
     assert not wrong, "imports of the command line or the wiring from below:\n" + "\n".join(wrong)
 
 
-def test_the_data_path_loads_neither_yaml_nor_driver_discovery() -> None:
-    """The modules of the router, the sink worker, the normalizer and the Aleno client,
-    imported in a fresh interpreter: no YAML parser, no stevedore."""
+def loaded_by(imports: list[str], watched: tuple[str, ...]) -> list[str]:
+    """Which of ``watched`` a fresh interpreter has loaded after importing ``imports``."""
     import subprocess
     import sys
 
-    code = ("import sys\n"
-            "import bridge.pipeline.routing, bridge.sinks.worker, bridge.pipeline.normalize\n"
-            "import bridge.upstream.client\n"
-            "print(sorted(m for m in ('yaml', 'stevedore') if m in sys.modules))\n")
+    code = (f"import sys\nimport {', '.join(imports)}\n"
+            f"print(repr(sorted(m for m in {watched!r} if m in sys.modules)))\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=60, cwd=ROOT, check=True)
-    assert done.stdout.strip() == "[]", done.stdout + done.stderr
+    found: list[str] = ast.literal_eval(done.stdout.strip())
+    return found
+
+
+def test_the_data_path_loads_neither_yaml_nor_driver_discovery() -> None:
+    """The modules of the router, the sink worker, the normalizer and the Aleno client,
+    imported in a fresh interpreter: no YAML parser, no stevedore."""
+    assert loaded_by(["bridge.pipeline.routing", "bridge.sinks.worker",
+                      "bridge.pipeline.normalize", "bridge.upstream.client"],
+                     ("yaml", "stevedore")) == []
 
 
 def test_the_symbol_set_and_the_control_surface_do_without_the_socketio_client() -> None:
     """The leases, the subscription owner and the control core share the protocol's
     types (:mod:`bridge.upstream.protocol`), not the Socket.IO client."""
-    import subprocess
-    import sys
+    assert loaded_by(["bridge.control.core", "bridge.upstream.subscriptions",
+                      "bridge.upstream.leases"],
+                     ("socketio", "engineio", "bridge.upstream.client")) == []
 
-    code = ("import sys\n"
-            "import bridge.control.core, bridge.upstream.subscriptions, bridge.upstream.leases\n"
-            "print(sorted(m for m in ('socketio', 'engineio', 'bridge.upstream.client')\n"
-            "             if m in sys.modules))\n")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=60, cwd=ROOT, check=True)
-    assert done.stdout.strip() == "[]", done.stdout + done.stderr
+
+def test_the_import_probe_sees_a_loaded_module() -> None:
+    assert loaded_by(["bridge.config.loading"], ("yaml", "stevedore")) == ["yaml"]
 
 
 def test_the_layout_is_the_map() -> None:
