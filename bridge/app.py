@@ -42,7 +42,7 @@ import logging
 import signal
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final
 
@@ -57,7 +57,6 @@ from bridge.control.core import Control, NatsControl, start_nats_control
 from bridge.control.http import serve_control, serve_http
 from bridge.control.thread import ControlLoop
 from bridge.core.envelope import Event
-from bridge.core.kinds import PRICE_KINDS
 from bridge.core.logs import Redactor
 from bridge.core.metrics import Metrics
 from bridge.core.state import BridgeSnapshot, Destination, frozen_counts, readiness
@@ -76,7 +75,9 @@ from bridge.pipeline.routing import Router
 from bridge.sinks import Sink
 from bridge.sinks.worker import SinkWorker
 from bridge.upstream.pool import UpstreamPool
+from bridge.upstream.sharding import configured_symbols
 from bridge.upstream.subscriptions import Subscriptions
+from bridge.upstream.symbols import SymbolBook
 
 log = logging.getLogger("aleno_bridge.app")
 
@@ -136,17 +137,8 @@ class Bridge:
         #: upstream payloads waiting for the dispatcher, bounded, shed when full
         self.intake = Intake(cfg.intake_max_events, self.normalizer, self.metrics,
                              self._sinks_full)
-        #: the upstream connections (one per API key) and the symbols they carry
-        self.source: UpstreamPool | None = None
-        #: the desired symbol set: pinned by the configuration, or leased by consumers
-        self.subscriptions: Subscriptions | None = None
-        if with_source:
-            keys = settings.api_keys or tuple(upstream_keys(cfg.source, settings.api_key))
-            self.source = UpstreamPool(cfg.source, keys, self.intake.on_payload,
-                                       self.normalizer.reject)
-            self.subscriptions = Subscriptions(
-                self.source, cfg.source.leases,
-                pinned={k: sorted(self.source.wanted[k]) for k in PRICE_KINDS})
+        #: the symbol set: wanted, pinned or leased, placed on the keys' connections
+        self.symbols: SymbolBook | None = None
         #: the last value of every symbol and the status events (``ai.aleno.status.v1``)
         self.market = MarketState(
             self.intake.ingest,
@@ -157,22 +149,30 @@ class Bridge:
             damping=Damping(cfg.source.status_damping.max_events,
                             cfg.source.status_damping.window_s),
             clock=self.normalizer.now_ms,
+            # the router (replaced by a reload: read it when called) forgets them too
+            on_forget=lambda kind, symbols: self.router.forget(kind, symbols),
         )
         self.last_values = self.market.values
-        # the router (replaced by a reload: read it when called) forgets them too
-        self.market.on_forget = lambda kind, symbols: self.router.forget(kind, symbols)
-        if self.source is not None:
+        #: the upstream connections (one per API key) and the symbols they carry
+        self.source: UpstreamPool | None = None
+        #: the desired symbol set: pinned by the configuration, or leased by consumers
+        self.subscriptions: Subscriptions | None = None
+        if with_source:
+            keys = settings.api_keys or tuple(upstream_keys(cfg.source, settings.api_key))
             # a symbol that leaves the subscribed set (lease end, reload, a move to
             # another key's connection) is forgotten at once, even when it comes back
             # within the same step: no false gap or stale for a deliberate unsubscribe
-            for src in self.source.sources:
-                src.on_wanted = _then(src.on_wanted, self.market.sync_wanted)
-            if len(self.source.sources) > 1:
-                self.source.on_connection_link = (
-                    lambda name, up, cause: self.market.link(up, cause, name))
-                self.source.on_connection_retired = self.market.retire
-            else:
-                self.source.on_link = self.market.link
+            self.symbols = SymbolBook(configured_symbols(cfg.source),
+                                      on_change=self.market.sync_wanted)
+            several = len(keys) > 1
+            self.source = UpstreamPool(
+                cfg.source, keys, self.intake.on_payload, self.normalizer.reject,
+                symbols=self.symbols,
+                on_link=None if several else self.market.link,
+                on_connection_link=(lambda name, up, cause: self.market.link(up, cause, name))
+                if several else None,
+                on_connection_retired=self.market.retire if several else None)
+            self.subscriptions = Subscriptions(self.source, cfg.source.leases)
         #: routes the intake to the sink workers; holds them and the router
         self.dispatcher = Dispatcher(self.intake, self.normalizer, self.market, workers,
                                      router, self._wanted)
@@ -239,7 +239,7 @@ class Bridge:
         )
 
     def _wanted(self) -> Mapping[str, frozenset[str]] | None:
-        return self.source.wanted if self.source is not None else None
+        return self.symbols.wanted if self.symbols is not None else None
 
     def _sinks_full(self) -> list[str]:
         return [w.name for w in self.workers.values() if w.saturated or w.blocked]
@@ -485,17 +485,6 @@ class Bridge:
         log_shutdown(deadline, lost, retired_lost, self.pipeline_dropped, self.normalizer,
                      self.router, sinks)
         return lost
-
-
-def _then(first: Callable[[], None] | None, then: Callable[[], None]) -> Callable[[], None]:
-    """``first`` (if any), then ``then``: a listener added behind one already set."""
-    if first is None:
-        return then
-
-    def both() -> None:
-        first()
-        then()
-    return both
 
 
 def install_signals(stop: asyncio.Event) -> None:

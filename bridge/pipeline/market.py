@@ -118,6 +118,8 @@ class MarketState:
     ``damping``: the status damping (:class:`Damping`, default
     :data:`DAMP_MAX_EVENTS` per :data:`DAMP_WINDOW_S`). ``clock``: wall-clock
     milliseconds, the clock of the events' ``received_ms`` (the normalizer's).
+    ``on_forget(kind, symbols)`` is told the symbols forgotten (the router drops their
+    per-symbol gates).
     """
 
     def __init__(
@@ -130,6 +132,7 @@ class MarketState:
         wanted: Callable[[], Mapping[str, AbstractSet[str]] | None] | None = None,
         damping: Damping | None = None,
         clock: Callable[[], int] | None = None,
+        on_forget: Callable[[str, list[str]], None] | None = None,
     ) -> None:
         self.values = LastValues()
         self.emit = emit
@@ -140,7 +143,7 @@ class MarketState:
         self.damping = damping if damping is not None else Damping()
         #: told ``(kind, symbols)`` when symbols are forgotten (the router drops their
         #: per-symbol gates: a re-subscribed symbol is not "unchanged" from before)
-        self.on_forget: Callable[[str, list[str]], None] | None = None
+        self.on_forget: Callable[[str, list[str]], None] | None = on_forget
         self._clock = clock or (lambda: time.time_ns() // 1_000_000)
         self.counts: dict[str, int] = dict.fromkeys(STATUSES, 0)
         self._up_since = time.monotonic()
@@ -187,9 +190,9 @@ class MarketState:
 
         Every path that unsubscribes a symbol changes the set: a lease's end (after its
         grace), a reload, a move to another API key's connection (which removes it from
-        one connection and adds it to the other). The sources call this whenever their
-        set changes (see :class:`~bridge.app.Bridge`), so even a move made within one
-        step is seen; the data path and the stale watch look too, which costs one
+        one connection and adds it to the other). The symbol book calls this whenever
+        the set changes (:class:`~bridge.upstream.symbols.SymbolBook`), so even a move
+        made within one step is seen; the data path and the stale watch look too, which costs one
         identity test per kind while nothing changed (each kind's set is replaced whole
         on a change, never modified).
         """

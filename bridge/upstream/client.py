@@ -73,7 +73,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, Final
 
-from bridge.config.schema import SourceConfig
+from bridge.config.schema import DEFAULT_NAME, SourceConfig
 from bridge.core.backoff import Backoff
 from bridge.core.kinds import EQUITY_EVENT, TICKER_EVENT
 from bridge.core.state import UpstreamSnapshot, UpstreamState
@@ -96,6 +96,7 @@ from bridge.upstream.protocol import results_of_ack as _results
 from bridge.upstream.sharding import configured_symbols
 from bridge.upstream.snapshots import source_snapshot
 from bridge.upstream.subscribing import SubscriptionRequests
+from bridge.upstream.symbols import ConnectionSymbols, SymbolBook
 from bridge.upstream.transport import (
     MAX_FRAME_BYTES,
     REFUSED_MARK,
@@ -175,31 +176,35 @@ class AlenoSource:
         api_key: str | None,
         on_payload: Handler,
         on_invalid: InvalidHandler | None = None,
-        symbols: dict[str, list[str]] | None = None,
+        symbols: dict[str, list[str]] | ConnectionSymbols | None = None,
+        *,
+        on_link: LinkHandler | None = None,
+        on_limit: Callable[[str, list[str]], None] | None = None,
     ) -> None:
         self.config = config
         self.on_payload = on_payload
         self.on_invalid = on_invalid
         #: told when data begins to flow and when a flowing connection ends
         #: (the status events ``up`` / ``down``)
-        self.on_link: LinkHandler | None = None
-        #: told whenever :attr:`wanted` changed (an :class:`~bridge.upstream.pool.UpstreamPool`
-        #: keeps its union of every connection's set with it)
-        self.on_wanted: Callable[[], None] | None = None
+        self.on_link: LinkHandler | None = on_link
         #: told when a (re)connect subscription was refused for the per-key limit, with
         #: the kind and the symbols refused (a pool moves them to another connection)
-        self.on_limit: Callable[[str, list[str]], None] | None = None
+        self.on_limit: Callable[[str, list[str]], None] | None = on_limit
         # read here, not in SourceStats: a test may lower the bound to reach it in seconds
         self.stats = SourceStats(rejected_symbols=BoundedSet(MAX_REJECTED_SYMBOLS))
-        if symbols is None:
-            symbols = configured_symbols(config)
+        if not isinstance(symbols, ConnectionSymbols):
+            # a connection of its own: a symbol book of its own
+            symbols = SymbolBook().connection(
+                DEFAULT_NAME, configured_symbols(config) if symbols is None else symbols)
         self._stop = asyncio.Event()
         self.transport = Transport(config, api_key, self._stop, self._on_update,
                                    self._bad_packet)
+        #: this connection's desired set, in the symbol book
+        self.symbols: ConnectionSymbols = symbols
         self.requests = SubscriptionRequests(
             config, self.stats, self.transport,
             lambda sio, event, syms: self._ack(sio, event, syms),
-            self._tell_wanted, self._tell_limit, symbols)
+            self._tell_limit, symbols)
         #: the symbols this source asks for, by kind (see
         #: :attr:`SubscriptionRequests.wanted`: the same dict object for the source's life)
         self.wanted: dict[str, frozenset[str]] = self.requests.wanted
@@ -274,13 +279,6 @@ class AlenoSource:
     def _set_desired(self, kind: str, add: Iterable[str] = (),
                      remove: Iterable[str] = ()) -> None:
         self.requests.set_desired(kind, add, remove)
-
-    def _tell_wanted(self) -> None:
-        if self.on_wanted is not None:
-            try:
-                self.on_wanted()
-            except Exception:  # a listener must never break the connection
-                log.exception("upstream wanted-set listener failed")
 
     def forget(self, kind: str, symbols: Iterable[str]) -> None:
         """Drop ``symbols`` from the desired set without asking the upstream (they were

@@ -12,8 +12,9 @@ from bridge.upstream.protocol import SubscriptionResult, SubscriptionStatus
 
 
 class Placer:
-    """Places symbols on ``connections`` and keeps ``owner`` ((kind, symbol) -> the
-    connection holding it) and ``unplaced`` (the pool's, by kind) up to date.
+    """Places symbols on ``connections`` and keeps ``owner`` ((kind, symbol) -> the name
+    of the connection holding it, the symbol book's ``placed``) and ``unplaced`` (the
+    book's, by kind) up to date.
 
     ``clock()`` is the pool's; ``max_split_depth()`` bounds the halvings of a refused
     request; ``remember_unsupported(kind, symbol)`` is told each symbol the upstream
@@ -21,7 +22,7 @@ class Placer:
     """
 
     def __init__(self, connections: list[KeyConnection],
-                 owner: dict[tuple[str, str], KeyConnection],
+                 owner: dict[tuple[str, str], str],
                  unplaced: dict[str, frozenset[str]], clock: Callable[[], float],
                  max_split_depth: Callable[[], int],
                  remember_unsupported: Callable[[str, str], None]) -> None:
@@ -55,7 +56,7 @@ class Placer:
                 self.owner.pop((kind, s), None)
                 continue
             if r.held:
-                self.owner[(kind, s)] = conn
+                self.owner[(kind, s)] = conn.name
                 if s in self.unplaced[kind]:
                     self.unplaced[kind] = self.unplaced[kind] - {s}
             else:

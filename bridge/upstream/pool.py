@@ -24,13 +24,13 @@ and places every symbol on exactly one of them:
   the other kind's requests did not use) are asked for again on that connection,
   split, once the connection is live; the rest leave it (with one key too: they are
   not re-issued on every reconnect) and go to the others; those that fit nowhere are
-  in :attr:`UpstreamPool.unplaced` and told to :attr:`UpstreamPool.on_unplaced` (the
+  in :attr:`UpstreamPool.unplaced` and told to the symbol book's keeper (the
   :class:`~bridge.upstream.subscriptions.Subscriptions`, which evicts leased symbols for
   configured ones and retries the configured ones on a bounded schedule);
 - a learned limit is a guess: the upstream counts every connection of the key, other
   processes' too, and room is freed behind our back. It is re-checked: after an
   unsubscribe on that key, after its connection was re-established (and
-  :attr:`UpstreamPool.on_room` is told, for the configured symbols waiting for room to
+  the symbol book's keeper is told, for the configured symbols waiting for room to
   be asked for again), and :data:`RECHECK_S` after it was last confirmed, the next
   request may go past it: first what the learned limit leaves, then one symbol (refused:
   the limit is confirmed for one request), then the rest. :meth:`UpstreamPool.pin`
@@ -59,7 +59,9 @@ same ``wanted`` dict object, the same errors.
 The pool answers the :class:`~bridge.upstream.subscriptions.Upstream` protocol (``subscribe``,
 ``unsubscribe``, ``subscribed``) that leases and reloads drive, and the
 :class:`~bridge.upstream.subscriptions.Placement` one (``capacity``, ``pin``, ``unplaced``,
-``set_unplaced``, ``on_unplaced``, ``on_room``) that puts the configured symbols first.
+``set_unplaced``, ``symbols``) that puts the configured symbols first. The state of
+the symbol set (the placement, the learned limits, each connection's desired set) is
+in the :class:`~bridge.upstream.symbols.SymbolBook` the pool is given or makes.
 """
 
 from __future__ import annotations
@@ -90,6 +92,7 @@ from bridge.upstream.protocol import (
 )
 from bridge.upstream.sharding import configured_symbols
 from bridge.upstream.snapshots import merge_snapshots
+from bridge.upstream.symbols import SymbolBook
 
 log = logging.getLogger("aleno_bridge.upstream")
 
@@ -126,80 +129,72 @@ class UpstreamPool:
         keys: Sequence[UpstreamKey],
         on_payload: Handler,
         on_invalid: InvalidHandler | None = None,
+        *,
+        symbols: SymbolBook | None = None,
+        on_link: LinkHandler | None = None,
+        on_connection_link: ConnectionLinkHandler | None = None,
+        on_connection_retired: Callable[[str], None] | None = None,
     ) -> None:
         if not keys:
             msg = "an upstream pool needs at least one key"
             raise ValueError(msg)
         self.config = config
-        self.on_link: LinkHandler | None = None
-        self.on_connection_link: ConnectionLinkHandler | None = None
+        self.on_link: LinkHandler | None = on_link
+        self.on_connection_link: ConnectionLinkHandler | None = on_connection_link
         #: told the name of a connection that gave up (its symbols moved to the others)
-        self.on_connection_retired: Callable[[str], None] | None = None
-        #: told ``(kind, symbols)`` when symbols were dropped because they fit on no
-        #: connection (a (re)connect subscription refused for the limit, a connection
-        #: that gave up); called inside the pool's lock, must not block
-        self.on_unplaced: UnplacedHandler | None = None
-        #: told when a key whose limit was learned may have room again (its connection
-        #: was re-established): symbols waiting for room may be asked for again now
-        self.on_room: Callable[[], None] | None = None
+        self.on_connection_retired: Callable[[str], None] | None = on_connection_retired
         #: the clock of the unsupported-symbol memory (seconds, monotonic)
         self.clock: Callable[[], float] = time.monotonic
         self._lock = asyncio.Lock()
-        self._owner: dict[tuple[str, str], KeyConnection] = {}
+        #: the symbol set: what is wanted, where each symbol is placed (by connection
+        #: name), what fits nowhere, each key's limit, each connection's desired set
+        self.symbols = symbols if symbols is not None \
+            else SymbolBook(configured_symbols(config))
+        book = self.symbols
         #: (kind, symbol) -> until when it is answered ``rejected`` without a request;
         #: in insertion order, the oldest forgotten first beyond MAX_REJECTED_CACHE
         self._unsupported: dict[tuple[str, str], float] = {}
-        #: configured symbols that fit in no key's limit (logged, counted); with
-        #: :class:`~bridge.upstream.subscriptions.Subscriptions` the configured symbols it could
-        #: not place for the limit (it keeps this up to date, see :meth:`set_unplaced`)
-        self.unplaced: dict[str, frozenset[str]] = {k: frozenset() for k in KINDS}
         placement, unplaced = pack(keys, configured_symbols(config))
-        self._set_unplaced(unplaced)
+        book.set_unplaced(unplaced)
         self._connections: list[KeyConnection] = []
-        for key, symbols in zip(keys, placement, strict=True):
+        self._by_name: dict[str, KeyConnection] = {}
+        for key, syms in zip(keys, placement, strict=True):
             secret = key.key.get_secret_value() if key.key is not None else None
-            src = AlenoSource(config, secret, on_payload, on_invalid, symbols=symbols)
+            src = AlenoSource(config, secret, on_payload, on_invalid,
+                              book.connection(key.name, syms),
+                              on_link=self._link_handler(key.name),
+                              on_limit=self._limit_handler(key.name))
             conn = KeyConnection(key, src)
-            src.on_link = self._link_handler(conn)
+            book.keys[key.name] = self._by_name[key.name] = conn
             self._connections.append(conn)
-            for kind, syms in symbols.items():
-                for s in syms:
-                    self._owner[(kind, s)] = conn
+            for kind, kind_syms in syms.items():
+                for s in kind_syms:
+                    book.placed[(kind, s)] = key.name
         self._single = len(self._connections) == 1
         #: the symbols whose records are ours, by kind, across every connection: the
-        #: same dict object for the pool's life, each kind's frozenset replaced whole
-        self.wanted: dict[str, frozenset[str]]
-        if self._single:
-            self.wanted = self._connections[0].source.wanted
-        else:
-            self.wanted = {k: frozenset() for k in KINDS}
-            for conn in self._connections:
-                conn.source.on_wanted = self._refresh_wanted
-            self._refresh_wanted()
-        for conn in self._connections:
-            conn.source.on_limit = self._limit_handler(conn)
+        #: book's (the same dict object for the pool's life, each kind's frozenset
+        #: replaced whole)
+        self.wanted: dict[str, frozenset[str]] = book.wanted
         self._tasks: set[asyncio.Task[None]] = set()
-        self._placer = Placer(self._connections, self._owner, self.unplaced,
+        self._placer = Placer(self._connections, book.placed, book.unplaced,
                               lambda: self.clock(), lambda: MAX_SPLIT_DEPTH,
                               self._remember_unsupported)
 
-    def _set_unplaced(self, add: Mapping[str, Iterable[str]]) -> None:
-        for kind, syms in add.items():
-            new = set(syms) - self.unplaced[kind]
-            if not new:
-                continue
-            self.unplaced[kind] = self.unplaced[kind] | new
-            log.error("%d %s symbol(s) fit in no API key's limit and are not subscribed: %s "
-                      "(add a key to source.api_keys or raise a limit)", len(new), kind,
-                      ", ".join(sorted(new)[:50]), extra={"kind": kind})
+    @property
+    def unplaced(self) -> dict[str, frozenset[str]]:
+        """Configured symbols that fit in no key's limit (logged, counted); with
+        :class:`~bridge.upstream.subscriptions.Subscriptions` the configured symbols it
+        could not place for the limit (it keeps this up to date, see :meth:`set_unplaced`)."""
+        return self.symbols.unplaced
 
     def set_unplaced(self, unplaced: Mapping[str, Iterable[str]]) -> None:
         """Replace :attr:`unplaced` (the owner of the configured set says which of its
         symbols fit nowhere); the newly unplaced ones are logged."""
-        known = {k: frozenset(unplaced.get(k, ())) for k in KINDS}
-        for kind in KINDS:
-            self.unplaced[kind] = self.unplaced[kind] & known[kind]
-        self._set_unplaced(known)
+        self.symbols.replace_unplaced(unplaced)
+
+    def _conn(self, kind: str, symbol: str) -> KeyConnection | None:
+        name = self.symbols.placed.get((kind, symbol))
+        return self._by_name[name] if name is not None else None
 
     # -- read side ------------------------------------------------------------------
 
@@ -229,7 +224,7 @@ class UpstreamPool:
 
     def source_of(self, kind: str, symbol: str) -> AlenoSource | None:
         """The connection a symbol is placed on (``None``: on none)."""
-        conn = self._owner.get((kind, symbol.strip().upper()))
+        conn = self._conn(kind, symbol.strip().upper())
         return conn.source if conn is not None else None
 
     @property
@@ -261,13 +256,6 @@ class UpstreamPool:
                 acc |= conn.source.upstream_subscribed(kind)
             out[kind] = frozenset(acc)
         return out
-
-    def _refresh_wanted(self) -> None:
-        for kind in KINDS:
-            acc: set[str] = set()
-            for conn in self._connections:
-                acc |= conn.source.wanted[kind]
-            self.wanted[kind] = frozenset(acc)
 
     def connection_snapshots(self) -> tuple[ConnectionSnapshot, ...]:
         """Every connection now, in the order of the keys (metrics and ``/readyz`` per
@@ -313,7 +301,7 @@ class UpstreamPool:
                         out[s] = _KNOWN_UNSUPPORTED
                         continue
                     del self._unsupported[(kind, s)]
-                conn = self._owner.get((kind, s))
+                conn = self._conn(kind, s)
                 if conn is not None and conn.failed is None:
                     groups.setdefault(self._connections.index(conn), []).append(s)
                 else:
@@ -350,13 +338,15 @@ class UpstreamPool:
             out: dict[str, SubscriptionResult] = {}
             groups: dict[int, list[str]] = {}
             for s in wanted:
-                conn = self._owner.pop((kind, s), None)
+                name = self.symbols.placed.pop((kind, s), None)
+                conn = self._by_name[name] if name is not None else None
                 if conn is None:
                     out[s] = SubscriptionResult(SubscriptionStatus.ACCEPTED)
                 else:
                     groups.setdefault(self._connections.index(conn), []).append(s)
-            if kind in self.unplaced and self.unplaced[kind] & set(wanted):
-                self.unplaced[kind] = self.unplaced[kind] - set(wanted)
+            unplaced = self.symbols.unplaced
+            if kind in unplaced and unplaced[kind] & set(wanted):
+                unplaced[kind] = unplaced[kind] - set(wanted)
             for i, syms in groups.items():
                 conn = self._connections[i]
                 out.update(await conn.source.unsubscribe(kind, syms))
@@ -378,24 +368,22 @@ class UpstreamPool:
 
     # -- connections' trouble ------------------------------------------------------------
 
-    def _link_handler(self, conn: KeyConnection) -> LinkHandler:
+    def _link_handler(self, name: str) -> LinkHandler:
         def tell(up: bool, cause: str) -> None:
-            if up and conn.learned and self.on_room is not None:
+            if up and self._by_name[name].learned:
                 # re-established: its learned limit is due a re-check (see doubtful())
-                try:
-                    self.on_room()
-                except Exception:  # a listener must never break the connection
-                    log.exception("upstream room listener failed")
+                self.symbols.room()
             if self.on_connection_link is not None:
-                self.on_connection_link(conn.name, up, cause)
+                self.on_connection_link(name, up, cause)
             if self.on_link is not None:
-                named = cause if self._single or not cause else f"connection {conn.name}: {cause}"
+                named = cause if self._single or not cause else f"connection {name}: {cause}"
                 self.on_link(up, named)
         return tell
 
-    def _limit_handler(self, conn: KeyConnection) -> _LimitHandler:
+    def _limit_handler(self, name: str) -> _LimitHandler:
         def refused(kind: str, symbols: list[str]) -> None:
             # told inside the connection's subscription: move them in a task of our own
+            conn = self._by_name[name]
             task = asyncio.get_running_loop().create_task(
                 self._spill(conn, kind, symbols), name=f"upstream-spill-{conn.name}")
             self._tasks.add(task)
@@ -410,7 +398,8 @@ class UpstreamPool:
         to the other connections. A connection no longer live learns from the refusal
         only (its symbols move)."""
         async with self._lock:
-            mine = [s for s in symbols if self._owner.get((kind, s)) is conn]
+            placed = self.symbols.placed
+            mine = [s for s in symbols if placed.get((kind, s)) == conn.name]
             if not mine:
                 return
             out: dict[str, SubscriptionResult] = {}
@@ -430,18 +419,15 @@ class UpstreamPool:
             return
         conn.source.forget(kind, symbols)
         for s in symbols:
-            self._owner.pop((kind, s), None)
+            self.symbols.placed.pop((kind, s), None)
         out: dict[str, SubscriptionResult] = {}
         leftover = await self._placer.place(kind, symbols, out, exclude=conn)
         dropped = [s for s, r in out.items()
                    if not r.held and r.status != SubscriptionStatus.LIMIT]
         if leftover or dropped:
-            self._set_unplaced({kind: [*leftover, *dropped]})
-            if self.on_unplaced is not None:
-                try:
-                    self.on_unplaced(kind, [*leftover, *dropped])
-                except Exception:  # a listener must never break the connection
-                    log.exception("upstream unplaced-symbols listener failed")
+            self.symbols.set_unplaced({kind: [*leftover, *dropped]})
+            # the keeper of the desired set (the subscriptions) hears it
+            self.symbols.lost(kind, [*leftover, *dropped])
         moved = len(symbols) - len(leftover) - len(dropped)
         if moved:
             log.info("moved %d %s symbol(s) from connection %s to the others", moved, kind,

@@ -271,10 +271,6 @@ class Placement(Protocol):
     """What an upstream that places symbols on API keys also offers (the pool): the
     subscriptions use it to put the configured symbols first."""
 
-    #: told ``(kind, symbols)`` when symbols were dropped because they fit nowhere
-    on_unplaced: Callable[[str, list[str]], None] | None
-    #: told when a key may have room again that its learned limit denied (reconnected)
-    on_room: Callable[[], None] | None
     #: configured symbols that fit in no key's limit, by kind
     unplaced: dict[str, frozenset[str]]
 

@@ -26,9 +26,9 @@ from bridge.upstream.protocol import (
     RateLimit,
     SourceStats,
     SubscriptionResult,
-    normalize_symbols,
     results_of_ack,
 )
+from bridge.upstream.symbols import ConnectionSymbols
 from bridge.upstream.transport import AttemptFailed, SocketClient, Stopped, Transport
 
 log = logging.getLogger("aleno_bridge.source")
@@ -40,30 +40,27 @@ AckSender = Callable[[SocketClient, str, list[str]], Awaitable[Any]]
 class SubscriptionRequests:
     """The desired set of one connection and the requests that keep it subscribed.
 
-    ``tell_wanted()`` is called whenever :attr:`wanted` changed, ``tell_limit(kind,
-    symbols)`` with the requests of a (re)connect subscription refused for the limit.
+    The desired set is the connection's :class:`~bridge.upstream.symbols.ConnectionSymbols`
+    in the :class:`~bridge.upstream.symbols.SymbolBook`; ``tell_limit(kind, symbols)`` is
+    told the requests of a (re)connect subscription refused for the limit.
     """
 
     def __init__(self, config: SourceConfig, stats: SourceStats, transport: Transport,
-                 ack: AckSender, tell_wanted: Callable[[], None],
-                 tell_limit: Callable[[str, list[str]], None],
-                 symbols: dict[str, list[str]]) -> None:
+                 ack: AckSender, tell_limit: Callable[[str, list[str]], None],
+                 symbols: ConnectionSymbols) -> None:
         self.config = config
         self.stats = stats
         self.transport = transport
         self._ack = ack
-        self._tell_wanted = tell_wanted
         self._tell_limit = tell_limit
+        #: this connection's part of the symbol book
+        self.symbols = symbols
         #: the desired set, in subscription order: what every (re)connect re-issues
-        self.desired: dict[str, dict[str, None]] = {
-            kind: dict.fromkeys(normalize_symbols(symbols.get(kind, ()))) for kind in EVENTS
-        }
+        self.desired: dict[str, dict[str, None]] = symbols.desired
         #: the symbols this source asks for, by kind: records of any other are not ours.
         #: The dict stays the same object; each kind's frozenset is replaced, never
         #: changed, so a reader in another task always sees a whole set.
-        self.wanted: dict[str, frozenset[str]] = {
-            kind: frozenset(d) for kind, d in self.desired.items()
-        }
+        self.wanted: dict[str, frozenset[str]] = symbols.wanted
         #: serializes the (re)connect subscription and live (un)subscribe requests
         self.lock = asyncio.Lock()
         #: paces the live requests of this connection (one API key)
@@ -79,7 +76,7 @@ class SubscriptionRequests:
 
     def count(self) -> int:
         """Symbols of every kind in the desired set."""
-        return sum(map(len, self.desired.values()))
+        return self.symbols.count()
 
     def upstream_subscribed(self, kind: str) -> frozenset[str]:
         """What the last acknowledgement said is subscribed upstream (empty while not
@@ -90,13 +87,7 @@ class SubscriptionRequests:
 
     def set_desired(self, kind: str, add: Iterable[str] = (),
                     remove: Iterable[str] = ()) -> None:
-        d = self.desired[kind]
-        for s in remove:
-            d.pop(s, None)
-        for s in add:
-            d[s] = None
-        self.wanted[kind] = frozenset(d)
-        self._tell_wanted()
+        self.symbols.set(kind, add, remove)
 
     # -- acknowledgements -----------------------------------------------------------
 

@@ -36,9 +36,9 @@ differences, one ``subscribe`` / ``unsubscribe`` at a time:
 - pinned symbols still not held, whatever refused them, are retried by
   :meth:`Subscriptions.run` on a capped, doubling schedule (``retry_initial_s`` to
   ``retry_max_s``, back to the start when one is placed), and soon after leases or pins
-  freed room or a key whose limit was learned reconnected (``on_room``; not more often
-  than every ``retry_initial_s``); :meth:`Subscriptions.unplaced_pinned` names them by
-  kind (readiness, metrics), and the pool's ``unplaced`` says the same;
+  freed room or a key whose limit was learned reconnected (:meth:`Subscriptions.room`;
+  not more often than every ``retry_initial_s``); :meth:`Subscriptions.unplaced_pinned`
+  names them by kind (readiness, metrics), and the pool's ``unplaced`` says the same;
 - :meth:`Subscriptions.set_pinned` (a reload) applies the difference with the pinned
   set it replaces: removed symbols are unsubscribed first (unless a lease holds them),
   then added ones are subscribed;
@@ -79,6 +79,7 @@ from bridge.upstream.protocol import (
     normalize_symbols,
 )
 from bridge.upstream.snapshots import subscriptions_snapshot
+from bridge.upstream.symbols import SymbolBook
 
 log = logging.getLogger("aleno_bridge.subscriptions")
 
@@ -100,9 +101,11 @@ class Subscriptions:
     """The pinned-or-leased symbol set, kept subscribed on an :class:`Upstream`.
 
     ``pinned`` is the configuration's symbol set the upstream is already subscribed to
-    (the pool subscribes its configured symbols itself): no request is made for it.
-    With a :class:`Placement` upstream, its ``unplaced`` symbols are pinned too (not
-    held: retried by :meth:`run`), and the subscriptions listen to its ``on_unplaced``.
+    (the pool subscribes its configured symbols itself; by default the book's): no
+    request is made for it. With a :class:`Placement` upstream, its ``unplaced``
+    symbols are pinned too (not held: retried by :meth:`run`). ``symbols``: the
+    :class:`~bridge.upstream.symbols.SymbolBook` whose pinned and held sets this keeps
+    and whose keeper it is (:meth:`lost`, :meth:`room`); by default the upstream's.
     """
 
     def __init__(
@@ -114,6 +117,7 @@ class Subscriptions:
         clock: Callable[[], float] = time.monotonic,
         retry_initial_s: float = RETRY_INITIAL_S,
         retry_max_s: float = RETRY_MAX_S,
+        symbols: SymbolBook | None = None,
     ) -> None:
         self.upstream = upstream
         self.config = config or LeaseConfig()
@@ -121,10 +125,16 @@ class Subscriptions:
         self._lock = asyncio.Lock()
         self._placement: Placement | None = upstream if isinstance(upstream, Placement) \
             else None
-        self._pinned: dict[str, frozenset[str]] = {k: frozenset() for k in KINDS}
+        if symbols is None:
+            book = getattr(upstream, "symbols", None)
+            symbols = book if isinstance(book, SymbolBook) else SymbolBook()
+        #: the symbol set this keeps: its pinned and held sets are the book's
+        self.symbols = symbols
+        symbols.keeper = self
+        self._pinned: dict[str, frozenset[str]] = symbols.pinned
         #: what we asked the upstream for and it holds (accepted or pending)
-        self._held: dict[str, set[str]] = {k: set() for k in KINDS}
-        for kind, syms in (pinned or {}).items():
+        self._held: dict[str, set[str]] = symbols.held
+        for kind, syms in (symbols.pinned if pinned is None else pinned).items():
             _check_kind(kind)
             self._pinned[kind] = frozenset(normalize_symbols(syms))
             self._held[kind] |= self._pinned[kind]
@@ -141,8 +151,6 @@ class Subscriptions:
                 if kind in self._pinned and syms:
                     self._pinned[kind] = self._pinned[kind] | syms
                     self._held[kind] -= syms
-            self._placement.on_unplaced = self._lost
-            self._placement.on_room = self._room
             if any(self.unplaced_pinned().values()):
                 self._retry.at = clock()
 
@@ -325,7 +333,7 @@ class Subscriptions:
             await self._unsubscribe(kind, sorted(syms))
         return sum(map(len, by_kind.values()))
 
-    def _lost(self, kind: str, symbols: list[str]) -> None:
+    def lost(self, kind: str, symbols: list[str]) -> None:
         """The upstream dropped ``symbols`` (they fit on no key after a (re)connect):
         leased ones leave their leases, pinned ones are retried now."""
         if kind not in self._held:
@@ -341,7 +349,7 @@ class Subscriptions:
             self._retry.at = self.clock()
         self._push_unplaced()
 
-    def _room(self) -> None:
+    def room(self) -> None:
         """A key may have room again (its learned limit is being re-checked): the pinned
         symbols not held are retried soon (not more often than ``retry_initial_s``)."""
         self._retry.room_freed = True

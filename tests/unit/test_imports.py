@@ -264,7 +264,7 @@ def test_the_symbol_set_and_the_control_surface_do_without_the_socketio_client()
     """The leases, the subscription owner and the control core share the protocol's
     types (:mod:`bridge.upstream.protocol`), not the Socket.IO client."""
     assert loaded_by(["bridge.control.core", "bridge.upstream.subscriptions",
-                      "bridge.upstream.leases"],
+                      "bridge.upstream.leases", "bridge.upstream.symbols"],
                      ("socketio", "engineio", "bridge.upstream.client")) == []
 
 

@@ -38,6 +38,21 @@ from bridge.upstream.pool import REJECTED_TTL_S, UpstreamKey, UpstreamPool
 from bridge.upstream.sharding import shard_symbols
 
 
+class Keeper:
+    """What the keeper of the symbol book (the subscriptions) is told by the pool."""
+
+    def __init__(self, unplaced: list[tuple[str, list[str]]] | None = None,
+                 rooms: list[bool] | None = None) -> None:
+        self.unplaced = unplaced if unplaced is not None else []
+        self.rooms = rooms if rooms is not None else []
+
+    def lost(self, kind: str, symbols: list[str]) -> None:
+        self.unplaced.append((kind, symbols))
+
+    def room(self) -> None:
+        self.rooms.append(True)
+
+
 def source(**kw: Any) -> AlenoSource:
     cfg = SourceConfig.model_validate({"tickers": ["BTC/USD", "ETH/USD"], "equities": ["AAPL"],
                                        **kw})
@@ -439,7 +454,7 @@ async def test_with_one_key_symbols_a_connect_was_refused_are_told_as_unplaced()
     pool = UpstreamPool(cfg, [UpstreamKey("default", None)], lambda e, p: None)
     src = pool.sources[0]
     told: list[tuple[str, list[str]]] = []
-    pool.on_unplaced = lambda kind, syms: told.append((kind, syms))
+    pool.symbols.keeper = Keeper(unplaced=told)
     src.stats.subscribed = {"ticker": ["T1/USD", "T2/USD"]}
     assert src.on_limit is not None
     src.on_limit("ticker", ["T3/USD"])  # what the (re)connect subscription reports
@@ -550,7 +565,7 @@ async def test_a_ninth_symbol_is_unplaced_and_told() -> None:
     pool = UpstreamPool(cfg, [UpstreamKey("a", None), UpstreamKey("b", None)],
                         lambda e, p: None)
     told: list[tuple[str, list[str]]] = []
-    pool.on_unplaced = lambda kind, syms: told.append((kind, syms))
+    pool.symbols.keeper = Keeper(unplaced=told)
     a, b = pool.sources
     keys_of(pool, 4, 4)
     a.stats.subscribed = {"ticker": [], "equity": ["E0", "E1", "E2"]}
@@ -584,7 +599,7 @@ async def test_a_learned_limit_is_rechecked_after_an_unsubscribe_a_reconnect_and
     pool.clock = lambda: now[0]
     src = pool.sources[0]
     told: list[bool] = []
-    pool.on_room = lambda: told.append(True)
+    pool.symbols.keeper = Keeper(rooms=told)
     await pool.subscribe("ticker", ["T1/USD", "T2/USD", "T3/USD"])
     assert (await pool.subscribe("ticker", ["T4/USD"]))["T4/USD"].status == \
         SubscriptionStatus.LIMIT

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import pytest
@@ -39,6 +39,7 @@ from bridge.upstream.subscriptions import (
     Placement,
     Subscriptions,
 )
+from bridge.upstream.symbols import SymbolBook
 
 ACCEPTED = SubscriptionStatus.ACCEPTED
 PENDING = SubscriptionStatus.PENDING
@@ -121,8 +122,8 @@ class PlacingModel(ModelUpstream):
 
     def __init__(self, limit: int, universe: Mapping[str, Iterable[str]]) -> None:
         super().__init__(limit, universe)
-        self.on_unplaced: Callable[[str, list[str]], None] | None = None
-        self.on_room: Callable[[], None] | None = None
+        #: the symbol book the subscriptions keep (they become its keeper)
+        self.symbols = SymbolBook()
         self.unplaced: dict[str, frozenset[str]] = {k: frozenset() for k in KINDS}
         self.pins = 0
 
@@ -148,15 +149,14 @@ class PlacingModel(ModelUpstream):
 
     def shrink(self, limit: int) -> None:
         """The key's limit went down and a reconnect dropped what no longer fits (the
-        most recently subscribed first), told to ``on_unplaced``."""
+        most recently subscribed first), told to the symbol book's keeper."""
         self.limit = limit
         while self.total() > limit:
             kind = "equity" if self.desired["equity"] else "ticker"
             s = sorted(self.desired[kind])[-1]
             self.desired[kind].discard(s)
             self.subs[kind].discard(s)
-            assert self.on_unplaced is not None
-            self.on_unplaced(kind, [s])
+            self.symbols.lost(kind, [s])
 
 
 UNIVERSE = {"ticker": [f"T{i}/USD" for i in range(40)], "equity": [f"E{i}" for i in range(30)]}
@@ -801,7 +801,7 @@ async def test_symbols_a_reconnect_dropped_leave_leases_and_pinned_ones_are_retr
     subs, up, clock = placing(10, {"ticker": ["T1/USD", "T2/USD"]})
     lease = await subs.lease("equity", ["E1", "E2"], owner="a")
     assert lease.lease_id is not None
-    up.shrink(1)  # E2, E1, then T2/USD no longer fit: told through on_unplaced
+    up.shrink(1)  # E2, E1, then T2/USD no longer fit: told to the keeper
     assert subs.unplaced_pinned()["ticker"] == {"T2/USD"}
     assert up.unplaced["ticker"] == {"T2/USD"} and up.unplaced["equity"] == frozenset()
     assert subs.leased()["equity"] == frozenset()
@@ -865,8 +865,7 @@ async def test_while_a_learned_limit_is_rechecked_unplaced_pins_come_before_leas
     # a key may have room again (told by the pool): the retry comes sooner than its
     # schedule, though not sooner than retry_initial_s after the last one
     up.limit = 10
-    assert up.on_room is not None
-    up.on_room()
+    up.symbols.room()
     pins = up.pins
     await subs.retry_pinned()
     assert up.pins == pins
