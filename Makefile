@@ -44,5 +44,27 @@ bench: $(STAMP)
 bench-e2e: $(STAMP)
 	$(BIN)/python bench/e2e.py $(BENCH_ARGS)
 
+## the container image (docs/image.md). The engine is CONTAINER_ENGINE, else docker if its
+## daemon answers, else podman; PYTHON_IMAGE, IMAGE_NAME, PIP_CERT, PIP_INDEX_URL and
+## IMAGE_BUILD_ARGS (e.g. --network host) come from the environment or the command line.
+.PHONY: base-image image test-image dist
+
+## a Python base image from Debian packages (mmdebstrap), for networks without a registry
+base-image:
+	scripts/image/base-image.sh
+
+## aleno-bridge:<version>; prints its size, what it adds to the base and the build time
+image:
+	scripts/image/build.sh
+
+## build (layers cached: a reuse when nothing changed) and check the image with the engine
+test-image: $(STAMP) image
+	$(BIN)/python -m pytest -q -p no:cacheprovider scripts/image/test_image.py $(PYTEST_ARGS)
+
+## the wheel and the sdist in dist/ (python -m build)
+dist: $(STAMP)
+	rm -rf dist
+	$(BIN)/python -m build --outdir dist .
+
 clean:
 	rm -rf $(VENV) build *.egg-info
