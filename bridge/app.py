@@ -60,6 +60,7 @@ from bridge.core.envelope import Event
 from bridge.core.logs import Redactor
 from bridge.core.metrics import Metrics
 from bridge.core.state import BridgeSnapshot, Destination, frozen_counts, readiness
+from bridge.pipeline.barclock import BarClock
 from bridge.pipeline.dispatcher import Dispatcher, Tap
 from bridge.pipeline.drain import (
     Deadline,
@@ -173,9 +174,14 @@ class Bridge:
                 if several else None,
                 on_connection_retired=self.market.retire if several else None)
             self.subscriptions = Subscriptions(self.source, cfg.source.leases)
+        #: the OHLC bars (``bars``), finalized beside the data path, kept with the last values
+        bars = None if cfg.bars is None else BarClock.of(
+            cfg.bars, self.market, self.intake.ingest, self.last_values, cfg.source.endpoint)
+        if bars is not None:
+            self.metrics.attach_bars(bars.builder.counts)
         #: routes the intake to the sink workers; holds them and the router
         self.dispatcher = Dispatcher(self.intake, self.normalizer, self.market, workers,
-                                     router, self._wanted)
+                                     router, self._wanted, bars)
         #: applies reloads, one at a time, and keeps their account
         self._reloader = Reloader(self)
         self._stale_watch: asyncio.Task[None] | None = None

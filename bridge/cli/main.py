@@ -94,6 +94,12 @@ def _parser() -> argparse.ArgumentParser:
     tap.add_argument("--publish", action="store_true",
                      help="also publish to the configured sinks (default: observe only)")
 
+    spool = sub.add_parser("spool", help="inspect or verify a sink's disk spool (buffer.disk)")
+    spool.add_argument("action", choices=["inspect", "verify"],
+                       help="inspect: what it holds; verify: exit 1 on corruption")
+    spool.add_argument("path", help="a spool directory, or a directory of them")
+    spool.add_argument("--json", action="store_true", help="one JSON object per spool")
+
     top = sub.add_parser("top", help="live per-sink rates, queues, drops and lag of a bridge")
     top.add_argument("--url", default="http://127.0.0.1:9464/metrics")
     top.add_argument("--interval", type=float, default=2.0)
@@ -143,9 +149,13 @@ def _validate(args: argparse.Namespace) -> int:
     # insecure but valid settings: reported, not fatal
     for warning in settings.warnings:
         print(f"warning: {warning}", file=sys.stderr)
+    disk = settings.disk_estimate()
+    spools = (f"; disk with every spool full: at most {sum(disk.values()) / 2**20:,.0f} MiB ("
+              + ", ".join(f"{n}: {b / 2**20:,.0f} MiB" for n, b in disk.items()) + ")"
+              if disk else "")
     print(f"{args.config}: valid. sinks: {sinks}; routes: {routes}; tickers: "
           f"{len(src.tickers)}; equities: {len(src.equities)}; memory with every buffer "
-          f"full: about {settings.memory_estimate() / 2**20:.0f} MiB")
+          f"full: about {settings.memory_estimate() / 2**20:.0f} MiB{spools}")
     return EXIT_OK
 
 
@@ -452,6 +462,15 @@ def _tap(args: argparse.Namespace) -> int:
     return run_tap(args.config, options)
 
 
+def _spool(args: argparse.Namespace) -> int:
+    from bridge.cli.spool import SpoolCommandError, run_spool
+
+    try:
+        return run_spool(args.action, args.path, as_json=args.json)
+    except SpoolCommandError as exc:
+        raise CommandFailed(str(exc), EXIT_CONFIG) from exc
+
+
 def _top(args: argparse.Namespace) -> int:
     from bridge.cli.top import TopError, run_top
 
@@ -469,6 +488,7 @@ _COMMANDS = {
     "plugins": _plugins,
     "tap": _tap,
     "top": _top,
+    "spool": _spool,
 }
 
 __all__ = ["main"]

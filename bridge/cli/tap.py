@@ -10,6 +10,7 @@ runs beside the real bridge and must not take its port.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -110,6 +111,16 @@ class Tap:
                 self._on_done()
 
 
+def without_spools(settings: Settings) -> Settings:
+    """``settings`` with every sink's buffer in memory only (no ``buffer.disk``)."""
+    sinks = {}
+    for name, spec in settings.sinks.items():
+        buffer = spec.common.buffer.model_copy(update={"disk": None})
+        sinks[name] = dataclasses.replace(
+            spec, common=spec.common.model_copy(update={"buffer": buffer}))
+    return dataclasses.replace(settings, sinks=sinks)
+
+
 def run_tap(config: str, options: TapOptions) -> int:
     """Tap the bridge the configuration file ``config`` describes until the limit or
     SIGINT/SIGTERM; 0 when it ends."""
@@ -121,7 +132,10 @@ def run_tap(config: str, options: TapOptions) -> int:
         stop = asyncio.Event()
         sinks = None if options.publish else {n: DiscardSink(n, _DiscardOptions())
                                               for n in settings.sinks}
-        bridge = Bridge.from_settings(settings, sinks=sinks, http=False)
+        # an observing tap never opens the sinks' disk spools: it would take them from
+        # the running bridge, or hand what they hold to a sink that discards it
+        tapped = settings if options.publish else without_spools(settings)
+        bridge = Bridge.from_settings(tapped, sinks=sinks, http=False)
         bridge.add_tap(Tap(options, bridge.destinations, on_done=stop.set))
         await serve(bridge, stop)
         return 0
@@ -129,4 +143,4 @@ def run_tap(config: str, options: TapOptions) -> int:
     return asyncio.run(main())
 
 
-__all__ = ["DiscardSink", "Tap", "TapOptions", "run_tap"]
+__all__ = ["DiscardSink", "Tap", "TapOptions", "run_tap", "without_spools"]

@@ -150,6 +150,21 @@ def link_dead_letters(settings: Settings, workers: Mapping[str, SinkWorker]) -> 
         workers[name].dead_letter = workers.get(dead_letter) if dead_letter else None
 
 
+def spool_restart_needed(old: Settings, new: Settings) -> list[str]:
+    """The sinks with a disk spool (``buffer.disk``) that a reload would replace or
+    remove: their spool is open (and locked) by the running worker, so the change
+    needs a restart (the next start delivers what the spool holds). Adding a sink with
+    a spool, or a spool to a memory-only sink, is applied."""
+    out = []
+    for name, spec in old.sinks.items():
+        if spec.common.buffer.disk is None:
+            continue
+        now = new.sinks.get(name)
+        if now is None or not same_sink(spec, now):
+            out.append(f"sinks.{name} (it has buffer.disk: its spool is open)")
+    return out
+
+
 class ReloadHost(Protocol):
     """What a reload changes of a running bridge (:class:`bridge.app.Bridge` is one):
     its settings and redactor are replaced, its routing state swapped through its
@@ -225,7 +240,7 @@ class Reloader:
     async def _apply(self, new: Settings) -> ReloadOutcome:
         host = self.host
         old = host.settings
-        blocked = restart_needed(old, new)
+        blocked = restart_needed(old, new) + spool_restart_needed(old, new)
         if blocked:
             msg = ("configuration reload refused: " + ", ".join(blocked)
                    + " changed, which needs a restart; the running configuration stays")
@@ -375,6 +390,7 @@ __all__ = [
     "restart_needed",
     "same_sink",
     "settings_changed",
+    "spool_restart_needed",
     "symlink_chain",
     "watched_dirs",
 ]

@@ -10,13 +10,24 @@ validated by the driver's ``options_model`` when the settings are resolved
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import (
+    BaseModel,
+    ByteSize,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 # the sections are defined in sibling modules (by subject) and re-exported here: this
 # module stays the one place every model is imported from
+from bridge.config.schema_bars import BarsConfig, bar_route_problems
 from bridge.config.schema_base import ConfigError, _Model, key_problem
 from bridge.config.schema_control import (
     ANONYMOUS,
@@ -46,9 +57,42 @@ from bridge.core.templates import template_problem
 from bridge.sinks import Sink, SinkOptions
 
 
+class DiskConfig(_Model):
+    """A sink's ``buffer.disk``: the spool that keeps every accepted event on disk until
+    the bus confirmed it (:mod:`bridge.sinks.spool`). ``max_bytes`` takes a number or a
+    size with a unit (``512MiB``, ``10GB``)."""
+
+    #: the sink's own directory (created if missing); one spool per sink
+    path: str = Field(min_length=1)
+    max_bytes: ByteSize = Field(ByteSize(1 << 30), ge=1 << 20)
+    #: the longest an accepted event waits before it is written and synced to disk
+    fsync_interval_ms: float = Field(500.0, ge=0, le=60_000)
+
+
 class BufferConfig(_Model):
     max_events: int = Field(10_000, ge=1)
     when_full: Literal["block", "drop_oldest", "drop_newest", "conflate"] = "drop_oldest"
+    #: with ``disk``, the memory buffer is a cache in front of the spool and
+    #: ``when_full`` applies at ``disk.max_bytes``
+    disk: DiskConfig | None = None
+
+
+def spool_path_problems(sinks: dict[str, SinkCommon]) -> list[str]:
+    """Two sinks cannot share a spool directory (nor nest one in the other's)."""
+    problems: list[str] = []
+    seen: dict[str, str] = {}
+    for name, common in sinks.items():
+        disk = common.buffer.disk
+        if disk is None:
+            continue
+        here = os.path.normpath(os.path.abspath(disk.path))
+        for path, other in seen.items():
+            if here == path or here.startswith(path + os.sep) or path.startswith(here + os.sep):
+                problems.append(f"sinks.{name}.buffer.disk.path: {disk.path!r} is (inside) the "
+                                f"spool of sink {other!r}; give each sink a directory of its own")
+                break
+        seen[here] = name
+    return problems
 
 
 class BatchConfig(_Model):
@@ -84,9 +128,9 @@ class SinkCommon(BaseModel):
 
 
 class Match(_Model):
-    #: ``"*"`` matches prices (tickers and equities); status events are routed only by
-    #: routes that say ``kind: status``
-    kind: Literal["ticker", "equity", "status", "*"] = "*"
+    #: ``"*"`` matches prices (tickers and equities); status events and bars are routed
+    #: only by routes that say ``kind: status`` / ``kind: bar``
+    kind: Literal["ticker", "equity", "status", "bar", "*"] = "*"
     symbols: list[str] = Field(default_factory=lambda: ["*"], min_length=1)
     exclude: list[str] = Field(default_factory=list)
 
@@ -137,6 +181,15 @@ class Config(_Model):
     #: events received but not yet routed, at most (a ``block`` sink that is behind
     #: makes them wait); the ones that do not fit are dropped and counted
     intake_max_events: int = Field(10_000, ge=1)
+    #: OHLC bars built from the prices (none without this section)
+    bars: BarsConfig | None = None
+
+    @model_validator(mode="after")
+    def _bar_routes(self) -> Config:
+        problems = bar_route_problems(self.bars, self.routes, self.sinks)
+        if problems:  # each at its own path (routes[i].sinks[j]), not at the root
+            raise ValidationError.from_exception_data(type(self).__name__, problems)
+        return self
 
 
 __all__ = [
@@ -146,6 +199,7 @@ __all__ = [
     "ApiKeyConfig",
     "AuthConfig",
     "BackoffConfig",
+    "BarsConfig",
     "BatchConfig",
     "BufferConfig",
     "Config",
@@ -153,6 +207,7 @@ __all__ = [
     "ControlConfig",
     "ControlHttpConfig",
     "ControlNatsConfig",
+    "DiskConfig",
     "HttpConfig",
     "LeaseConfig",
     "LogConfig",
@@ -168,6 +223,7 @@ __all__ = [
     "TokenConfig",
     "is_loopback_host",
     "key_problem",
+    "spool_path_problems",
     "token_problem",
 ]
 

@@ -32,6 +32,7 @@ from bridge.config.schema import (
     SourceConfig,
     UpstreamKey,
     is_loopback_host,
+    spool_path_problems,
     token_problem,
 )
 from bridge.control.auth import Guard, Token, anonymous_scopes
@@ -44,6 +45,7 @@ from bridge.sinks import (
     topic_rules,
 )
 from bridge.sinks.natsconn import security_warnings as nats_security_warnings
+from bridge.sinks.spool_format import segment_size
 
 
 def upstream_keys(config: SourceConfig, api_key: SecretStr | str | None = None,
@@ -142,6 +144,13 @@ class Settings:
         return (BASELINE_BYTES + buffered * BYTES_PER_BUFFERED_EVENT
                 + self.config.intake_max_events * BYTES_PER_INTAKE_EVENT)
 
+    def disk_estimate(self) -> dict[str, int]:
+        """Bytes each sink's spool (``buffer.disk``) may take on disk at most: its
+        ``max_bytes`` plus one segment (docs/reliability.md, "Disk spool")."""
+        return {name: disk.max_bytes + segment_size(disk.max_bytes)
+                for name, spec in self.sinks.items()
+                if (disk := spec.common.buffer.disk) is not None}
+
 
 #: resident memory of a running bridge with its drivers loaded and nothing buffered
 BASELINE_BYTES: Final = 80 * 2**20
@@ -205,6 +214,7 @@ def resolve_tree(
                 except ValidationError:
                     continue  # already reported by the whole-file validation
             specs = _resolve_sinks(commons, drivers, problems)
+            problems.extend(spool_path_problems(commons))
         # and the routes' references to sinks (a missing or repeated sink, a duplicate name)
         raw_routes = tree.get("routes")
         if isinstance(raw_routes, list):
@@ -228,6 +238,7 @@ def _resolve(config: Config, drivers: Drivers, problems: list[str]) -> Settings:
 
     specs = _resolve_sinks(config.sinks, drivers, problems)
     problems.extend(_dead_letter_problems(config.sinks, specs))
+    problems.extend(spool_path_problems(config.sinks))
     routes = config.routes or [RouteConfig(sinks=list(config.sinks))]
     problems.extend(_route_problems(routes, list(config.sinks), specs, config.source))
     keys = tuple(upstream_keys(config.source, api_key, problems))

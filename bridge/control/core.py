@@ -100,7 +100,7 @@ from bridge.control.requests import (
     renew_from_json,
 )
 from bridge.control.thread import call_on
-from bridge.core.kinds import PRICE_KINDS
+from bridge.core.kinds import BAR_KIND, PRICE_KINDS
 from bridge.pipeline.market import BODY, RECEIVED, Entry, LastValue, monotonic_ms
 from bridge.upstream.protocol import SubscriptionResult, SubscriptionStatus, normalize_symbols
 from bridge.upstream.sharding import shard_of
@@ -114,8 +114,8 @@ from bridge.upstream.subscriptions import (
 
 T = TypeVar("T")
 
-#: the order of the items: tickers, then equities, each sorted by symbol
-ORDER: Final = PRICE_KINDS
+#: the order of the items: tickers, then equities (``*``), each sorted; bars by name
+ORDER: Final = (*PRICE_KINDS, BAR_KIND)
 #: the answer when the bridge takes no lease
 LEASES_OFF: Final = ("leases are off on this bridge (source.leases.enabled is false): "
                      "only the configured symbols are subscribed")
@@ -279,7 +279,7 @@ class Control:
         # what matches, per kind: the symbols and their entries (read once: another
         # thread may replace entries meanwhile, each read is one whole entry)
         chosen: list[tuple[str, Sequence[str], list[Entry]]] = []
-        for k in ORDER if kind in (None, "*") else (kind,):
+        for k in PRICE_KINDS if kind in (None, "*") else (kind,):
             if after is not None and ORDER.index(k) < ORDER.index(after[0]):
                 continue
             names = cache.select(k, patterns)

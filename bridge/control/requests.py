@@ -8,7 +8,9 @@ Both doors (:mod:`bridge.control.v1` over HTTP, :mod:`bridge.control.nats`) pars
 The query
 ---------
 ``kind``
-    ``ticker``, ``equity`` or ``*`` (default: ``*``, tickers and equities).
+    ``ticker``, ``equity``, ``*`` (default: tickers and equities) or ``bar`` (the last
+    final OHLC bar of every (symbol, interval), named ``SYMBOL@interval``; a ``symbols``
+    glob without ``@`` selects by symbol, one with ``@`` the whole name: ``BTC/*@1m``).
 ``symbols``
     shell-style globs (``BTC/*``, ``ETH/USD``, ``?APL``), case-insensitive; over HTTP
     comma-separated and/or repeated (``symbols=BTC/*&symbols=AAPL``), over NATS a JSON
@@ -58,9 +60,11 @@ from typing import Any, Final, Protocol
 
 import orjson
 
-from bridge.core.kinds import PRICE_KINDS
+from bridge.core.kinds import BAR_KIND, PRICE_KINDS
 
-KINDS: Final = ("ticker", "equity", "*")
+KINDS: Final = ("ticker", "equity", "*", BAR_KIND)
+#: the kinds a cursor names (``*`` is not one: a cursor names an item)
+CURSOR_KINDS: Final = (*PRICE_KINDS, BAR_KIND)
 #: at most this many glob patterns per query, each at most this long (bounds the cost
 #: of one request)
 MAX_PATTERNS: Final = 256
@@ -133,11 +137,15 @@ class SnapshotQuery:
 
 
 def parse_cursor(cursor: str) -> tuple[str, str]:
-    """``"ticker:BTC/USD"`` -> ``("ticker", "BTC/USD")`` (raises :class:`QueryError`)."""
+    """``"ticker:BTC/USD"`` -> ``("ticker", "BTC/USD")``, ``"bar:BTC/USD@1m"`` ->
+    ``("bar", "BTC/USD@1m")`` (raises :class:`QueryError`)."""
     kind, sep, symbol = cursor.partition(":")
-    if not sep or kind not in PRICE_KINDS or not symbol.strip():
+    if not sep or kind not in CURSOR_KINDS or not symbol.strip():
         msg = "must be the 'next' of a previous reply (kind:SYMBOL, e.g. ticker:BTC/USD)"
         raise QueryError("after", msg)
+    if kind == BAR_KIND:  # SYMBOL@interval: intervals are spelled in lower case (1m)
+        name, at, interval = symbol.strip().rpartition("@")
+        return kind, f"{name.upper()}{at}{interval.lower()}" if at else interval.upper()
     return kind, symbol.strip().upper()
 
 
@@ -158,7 +166,7 @@ def parse_query(
     if kind is None or kind == "":
         kind = "*"
     if not isinstance(kind, str) or kind.strip().lower() not in KINDS:
-        raise QueryError("kind", "must be ticker, equity or *")
+        raise QueryError("kind", "must be ticker, equity, * or bar")
     kind = kind.strip().lower()
     patterns: tuple[str, ...] | None = None
     if symbols is not None:
@@ -366,6 +374,7 @@ def release_from_json(body: bytes) -> str:
 
 
 __all__ = [
+    "CURSOR_KINDS",
     "KINDS",
     "LEASE_KINDS",
     "LEASE_PARAMETERS",

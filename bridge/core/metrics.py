@@ -14,8 +14,8 @@ seconds. Labels never carry a symbol (unbounded cardinality) nor a secret.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from typing import Final
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, Final
 
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -32,6 +32,7 @@ from bridge.core.state import (
     BridgeSnapshot,
     SinkSnapshot,
     SinkState,
+    SpoolSnapshot,
     UpstreamState,
 )
 
@@ -86,9 +87,23 @@ SINK_RECONNECTS: Final = "aleno_bridge_sink_reconnects"
 SINK_CONNECT_FAILURES: Final = "aleno_bridge_sink_connect_failures"
 SINK_DRIVER_ERRORS: Final = "aleno_bridge_sink_driver_errors"
 SINK_PUBLISH_SECONDS: Final = "aleno_bridge_sink_publish_seconds"
+SPOOL_EVENTS: Final = "aleno_bridge_spool_events"
+SPOOL_BYTES: Final = "aleno_bridge_spool_bytes"
+SPOOL_MAX_BYTES: Final = "aleno_bridge_spool_max_bytes"
+SPOOL_OLDEST_AGE: Final = "aleno_bridge_spool_oldest_age_seconds"
+SPOOL_BACKLOG: Final = "aleno_bridge_spool_backlog_events"
+SPOOL_CORRUPT: Final = "aleno_bridge_spool_corrupt_records"
+SPOOL_RESTORED: Final = "aleno_bridge_spool_restored_events"
+SPOOL_WRITE_ERRORS: Final = "aleno_bridge_spool_write_errors"
+BARS: Final = "aleno_bridge_bars"
+BAR_LATE_UPDATES: Final = "aleno_bridge_bar_late_updates"
+BAR_IGNORED_UPDATES: Final = "aleno_bridge_bar_ignored_updates"
+BARS_OPEN: Final = "aleno_bridge_bars_open"
 
 #: the bridge's state at scrape time
 SnapshotSource = Callable[[], BridgeSnapshot]
+#: the bars' counters at scrape time (:meth:`bridge.pipeline.bars.BarBuilder.counts`)
+BarsSource = Callable[[], Mapping[str, Any]]
 
 
 class Metrics:
@@ -118,6 +133,43 @@ class Metrics:
 
     def observe_publish(self, sink: str, seconds: float) -> None:
         self.publish_latency.labels(sink).observe(seconds)
+
+    def attach_bars(self, counts: BarsSource) -> None:
+        """Export the bars' counters (a bridge with a ``bars`` section)."""
+        self.registry.register(BarsCollector(counts))
+
+
+class BarsCollector(Collector):
+    """The OHLC bars' metric families, read per scrape."""
+
+    def __init__(self, counts: BarsSource) -> None:
+        self.counts = counts
+
+    def collect(self) -> Iterator[Metric]:
+        c = self.counts()
+        bars = CounterMetricFamily(BARS, "Final bars published, by interval and whether "
+                                   "they say gap: true.", labels=["interval", "gap"])
+        for interval, n in c["final"].items():
+            gaps = c["gaps"][interval]
+            bars.add_metric([interval, "false"], n - gaps)
+            bars.add_metric([interval, "true"], gaps)
+        yield bars
+        late = CounterMetricFamily(BAR_LATE_UPDATES, "Updates that arrived after their "
+                                   "bar was final (counted and dropped), by interval.",
+                                   labels=["interval"])
+        for interval, n in c["late"].items():
+            late.add_metric([interval], n)
+        yield late
+        ignored = CounterMetricFamily(BAR_IGNORED_UPDATES, "Updates not added to any bar, "
+                                      "by reason: duplicate (a send time already taken), "
+                                      "out_of_order (older than the newest taken).",
+                                      labels=["reason"])
+        for reason, n in c["ignored"].items():
+            ignored.add_metric([reason], n)
+        yield ignored
+        open_ = GaugeMetricFamily(BARS_OPEN, "Bars in progress (not final yet).")
+        open_.add_metric([], c["open"])
+        yield open_
 
 
 class SnapshotCollector(Collector):
@@ -373,3 +425,37 @@ class SnapshotCollector(Collector):
             counted(sink)
         yield from (state, up_, depth, capacity, offered, blocked, published, dropped, conflated,
                     failed, reconn, connect_failed, driver_errors, rejections)
+        yield from _spool_metrics(snap.sinks)
+
+
+def _spool_metrics(sinks: Iterable[SinkSnapshot]) -> Iterator[Metric]:
+    """The disk spools (``buffer.disk``), one series per sink that has one."""
+    gauges: list[tuple[str, str, Callable[[SpoolSnapshot], float]]] = [
+        (SPOOL_EVENTS, "Events a sink's spool holds: accepted, not yet confirmed nor dropped.",
+         lambda s: s.events),
+        (SPOOL_BYTES, "Bytes of a sink's spool files.", lambda s: s.bytes),
+        (SPOOL_MAX_BYTES, "buffer.disk.max_bytes of a sink.", lambda s: s.max_bytes),
+        (SPOOL_OLDEST_AGE, "Seconds since the oldest event a spool holds was received "
+         "(0: holds none).", lambda s: s.oldest_age_s or 0.0),
+        (SPOOL_BACKLOG, "Events a spool holds on disk only (not in the memory buffer).",
+         lambda s: s.on_disk_only),
+    ]
+    counters: list[tuple[str, str, Callable[[SpoolSnapshot], float]]] = [
+        (SPOOL_CORRUPT, "Corrupt spool records found (torn tails and bad frames cut out at "
+         "start, records that could not be read back).", lambda s: s.corrupt_records),
+        (SPOOL_RESTORED, "Events found in the spool at start (delivered before new ones).",
+         lambda s: s.restored),
+        (SPOOL_WRITE_ERRORS, "Failed writes to a spool (retried; /readyz fails meanwhile).",
+         lambda s: s.write_errors),
+    ]
+    spooled = [(s.name, s.spool) for s in sinks if s.spool is not None]
+    for name, doc, value in gauges:
+        gauge = GaugeMetricFamily(name, doc, labels=["sink"])
+        for sink, spool in spooled:
+            gauge.add_metric([sink], value(spool))
+        yield gauge
+    for name, doc, value in counters:
+        counter = CounterMetricFamily(name, doc, labels=["sink"])
+        for sink, spool in spooled:
+            counter.add_metric([sink], value(spool))
+        yield counter

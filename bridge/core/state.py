@@ -145,6 +145,29 @@ class OverloadSnapshot:
 
 
 @dataclass(frozen=True, slots=True)
+class SpoolSnapshot:
+    """The disk spool of a sink (``buffer.disk``)."""
+
+    path: str
+    #: events held (queued and in flight): accepted, not yet confirmed nor dropped
+    events: int
+    #: bytes of its segment files, and the bound (``buffer.disk.max_bytes``)
+    bytes: int
+    max_bytes: int
+    #: seconds since the oldest held event was received (``None``: holds none)
+    oldest_age_s: float | None
+    #: corrupt records found (at start, and any that could not be read back)
+    corrupt_records: int
+    #: events found in the spool at start
+    restored: int = 0
+    #: held events that are on disk only (not in the memory buffer): the backlog
+    on_disk_only: int = 0
+    #: why writing fails now (``None``: it works)
+    error: str | None = None
+    write_errors: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class SinkSnapshot:
     """One sink worker: its state, its buffer and its counters."""
 
@@ -175,6 +198,8 @@ class SinkSnapshot:
     #: ``connect()``/``publish()`` calls that failed with a bug in the driver (an exception
     #: type it did not map), by type; the batch was kept and retried
     driver_errors: Mapping[str, int] = field(default_factory=dict)
+    #: the disk spool (``buffer.disk``), ``None`` for a memory-only buffer
+    spool: SpoolSnapshot | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,12 +305,29 @@ class BridgeSnapshot:
     retired_sinks: tuple[SinkSnapshot, ...] = ()
 
 
+def _spool_check(spool: SpoolSnapshot, redact: Callable[[str], str]) -> dict[str, Any]:
+    """A sink's spool on ``/readyz``: ok while it can write, however much it holds (a
+    backlog that drains is what it is for); not ok when writing fails."""
+    age = spool.oldest_age_s
+    return {
+        "ok": spool.error is None, "path": spool.path, "events": spool.events,
+        "backlog": spool.on_disk_only, "bytes": spool.bytes, "max_bytes": spool.max_bytes,
+        "oldest_age_seconds": None if age is None else round(age, 3),
+        "corrupt_records": spool.corrupt_records, "restored": spool.restored,
+        "error": redact(spool.error) if spool.error else None,
+    }
+
+
 def readiness(snap: BridgeSnapshot,
               redact: Callable[[str], str]) -> tuple[bool, dict[str, Any]]:
     """Whether the bridge is ready, and the checks behind the answer (``/readyz``).
 
     Ready: the upstream (if any) is :attr:`UpstreamSnapshot.ready` and every required
     sink is ready. Every error text goes through ``redact``.
+
+    A sink with a disk spool has a ``spool:<name>`` check: ok however much the spool
+    holds (draining a backlog is what it is for), not ok while it cannot write; a
+    required sink's failing spool makes the bridge unready.
 
     The ``overload`` check shows whether the bridge sheds load; it never makes the
     bridge unready by itself (``ok`` stays true): an overloaded bridge still publishes
@@ -336,6 +378,10 @@ def readiness(snap: BridgeSnapshot,
         checks[f"sink:{sink.name}"] = check
         if sink.required and not sink.ready:
             ok = False
+        if sink.spool is not None:
+            checks[f"spool:{sink.name}"] = spool_check = _spool_check(sink.spool, redact)
+            if sink.required and not spool_check["ok"]:
+                ok = False
     ov = snap.overload
     if ov is not None:
         checks["overload"] = {

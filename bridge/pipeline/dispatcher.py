@@ -2,7 +2,8 @@
 
 A batch of the intake (:mod:`bridge.pipeline.intake`) is validated, encoded and
 routed in chunks of :data:`~bridge.sinks.worker.DISPATCH_CHUNK` records: normalize ->
-market (the last values and the status events they cause) -> taps -> router ->
+market (the last values and the status events they cause) -> bars (with a ``bars``
+section: :mod:`bridge.pipeline.barclock`) -> taps -> router ->
 :meth:`~bridge.sinks.worker.SinkWorker.offer`. Before each chunk the dispatcher waits
 while every connected non-``block`` sink is saturated, and after each it yields to the
 event loop, so the sink workers and the Socket.IO reader keep their share of the CPU
@@ -22,6 +23,8 @@ from collections.abc import Callable, Mapping
 from typing import Final
 
 from bridge.core.envelope import Event
+from bridge.core.kinds import PRICE_KINDS
+from bridge.pipeline.barclock import BarClock
 from bridge.pipeline.drain import Deadline
 from bridge.pipeline.intake import Intake
 from bridge.pipeline.market import STATUS_KIND, MarketState
@@ -40,12 +43,15 @@ class Dispatcher:
     """Routes the batches of ``intake`` to ``workers`` through ``router``.
 
     ``wanted`` gives the subscribed symbols by kind (``None``: no source, take all):
-    records of a symbol no longer subscribed are dropped by the normalizer.
+    records of a symbol no longer subscribed are dropped by the normalizer. ``bars``:
+    the OHLC bars' clock, fed on the path and run beside it (``None``: no bars).
     """
 
     def __init__(self, intake: Intake, normalizer: Normalizer, market: MarketState,
                  workers: dict[str, SinkWorker], router: Router,
-                 wanted: Callable[[], Mapping[str, frozenset[str]] | None]) -> None:
+                 wanted: Callable[[], Mapping[str, frozenset[str]] | None],
+                 bars: BarClock | None = None) -> None:
+        self.bars = bars
         self.intake = intake
         self.normalizer = normalizer
         self.market = market
@@ -66,6 +72,8 @@ class Dispatcher:
 
     def start(self) -> None:
         self.task = asyncio.create_task(self.run(), name="dispatcher")
+        if self.bars is not None:
+            self.bars.start()
 
     def alive(self) -> bool:
         return self.task is not None and not self.task.done()
@@ -94,6 +102,7 @@ class Dispatcher:
         batches = intake.batches
         drop = intake.drop
         observe = self.market.observe
+        bars = self.bars.builder if self.bars is not None else None
         while True:
             if not batches:
                 intake.idle.set()
@@ -130,11 +139,17 @@ class Dispatcher:
                         events = batch.events[done:end]
                     chunk = end - done
                     done = end
-                    if batch.kind != STATUS_KIND:
+                    if batch.kind in PRICE_KINDS:
                         # the last values, and the status events they cause (fresh, gap)
                         statuses = observe(batch.kind, events)
+                        if bars is not None:
+                            partial = bars.add(batch.kind, events)
+                            if partial:
+                                events = events + partial
                         if statuses:
                             events = events + statuses
+                    elif bars is not None and batch.kind == STATUS_KIND:
+                        bars.statuses(events)  # an upstream outage is a hole
                     for tap in self.taps:
                         for ev in events:
                             tap(ev)
@@ -173,6 +188,8 @@ class Dispatcher:
         it still holds is counted, offers still waiting on a ``block`` sink are
         released (each sink counts them), and the dispatcher ends (cancelled if it
         does not end in time)."""
+        if self.bars is not None:
+            await self.bars.stop()  # nothing becomes final during the drain
         task = self.task
         if task is not None and not task.done():
             with contextlib.suppress(asyncio.TimeoutError):

@@ -2,6 +2,10 @@
 (what ``/v1/snapshot`` and the NATS ``snapshot`` endpoint answer). Written by
 :class:`bridge.pipeline.market.MarketState`; :mod:`bridge.pipeline.market` re-exports
 every name here (see it for the whole picture).
+
+It also keeps the last final bar of every (symbol, interval) under the kind ``bar``
+(:meth:`LastValues.put_bar`, named ``SYMBOL@interval``: ``BTC/USD@1m``), written by the
+bars' clock (:mod:`bridge.pipeline.barclock`) and read like the prices.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from typing import Any, Final, NamedTuple
 import orjson
 
 from bridge.core.envelope import Event
-from bridge.core.kinds import PRICE_KINDS
+from bridge.core.kinds import BAR_KIND, PRICE_KINDS
 
 #: the wire format of the cached envelopes (what a snapshot splices)
 SNAPSHOT_FORMAT: Final = "cloudevents-json"
@@ -90,17 +94,19 @@ class LastValues:
     """
 
     def __init__(self) -> None:
-        self._kinds: dict[str, dict[str, Entry]] = {k: {} for k in PRICE_KINDS}
+        # the prices, and the last final bars (``bar``: ``SYMBOL@interval`` -> entry)
+        self._kinds: dict[str, dict[str, Entry]] = {k: {} for k in (*PRICE_KINDS, BAR_KIND)}
         #: the symbols of each kind marked stale (a ``stale`` event went out, no update
         #: came since)
         self._stale: dict[str, set[str]] = {k: set() for k in PRICE_KINDS}
         #: bumped whenever a symbol of the kind comes or goes
-        self._version: dict[str, int] = dict.fromkeys(PRICE_KINDS, 0)
+        self._version: dict[str, int] = dict.fromkeys(self._kinds, 0)
         #: the symbols of each kind in order, and the version they were sorted at
         self._sorted: dict[str, tuple[int, list[str]]] = {}
 
     def __len__(self) -> int:
-        return sum(map(len, self._kinds.values()))
+        """The symbols with a last price (bars aside)."""
+        return sum(len(self._kinds[k]) for k in PRICE_KINDS)
 
     @property
     def stale(self) -> int:
@@ -135,7 +141,11 @@ class LastValues:
         values = self._kinds.get(kind)
         if values is None:
             return None
-        symbol = symbol.strip().upper()
+        if kind == BAR_KIND:  # SYMBOL@interval: an interval is spelled in lower case
+            name, _, interval = symbol.strip().rpartition("@")
+            symbol = f"{name.upper()}@{interval.lower()}"
+        else:
+            symbol = symbol.strip().upper()
         entry = values.get(symbol)
         return None if entry is None else LastValue(kind, symbol, *entry)
 
@@ -144,12 +154,32 @@ class LastValues:
         values = self._kinds[kind]
         stale = self._stale[kind]
         n = 0
+        gone = set()
         for s in symbols:
             if values.pop(s, None) is not None:
                 n += 1
             stale.discard(s)
+            gone.add(s)
         self.changed(kind)
+        bars = self._kinds[BAR_KIND]
+        if bars:  # and the bars of those symbols
+            for key in [k for k in bars if k.rpartition("@")[0] in gone]:
+                del bars[key]
+            self.changed(BAR_KIND)
         return n
+
+    def put_bar(self, key: str, event: Event, received_ms: int) -> None:
+        """Keep the final bar ``event`` as the last of its (symbol, interval), ``key``
+        (``SYMBOL@interval``), unless a later one is cached. ``received_ms``: when it was
+        made (:func:`monotonic_ms`)."""
+        bars = self._kinds[BAR_KIND]
+        prev = bars.get(key)
+        sent = event.sent_ms
+        if prev is not None and prev[SENT_MS] > sent:
+            return
+        bars[key] = (event.encoded(SNAPSHOT_FORMAT).body, sent, received_ms, event.price)
+        if prev is None:
+            self.changed(BAR_KIND)
 
     def symbols(self, kind: str) -> list[str]:
         """The cached symbols of ``kind`` in order (shared: do not modify)."""
@@ -164,13 +194,22 @@ class LastValues:
     def select(self, kind: str, symbols: Sequence[str] | None = None) -> list[str]:
         """The cached symbols of ``kind`` that match one of ``symbols`` (shell-style
         globs, case-insensitive; ``None``: every symbol), in order. A symbol may be
-        gone by the time its entry is read (:meth:`by_kind`): skip it."""
+        gone by the time its entry is read (:meth:`by_kind`): skip it.
+
+        Bars (``kind`` ``bar``) are named ``SYMBOL@interval``: a pattern without ``@``
+        selects by symbol (every interval), one with ``@`` the whole name
+        (``BTC/*@1m``)."""
         values = self._kinds.get(kind)
         if not values:
             return []
         patterns = [s.strip().upper() for s in symbols] if symbols is not None else None
         if patterns is None or "*" in patterns:
             return self.symbols(kind)
+        if kind == BAR_KIND:
+            by_name = _glob_matcher([p for p in patterns if "@" in p] or ["@"])
+            by_symbol = _glob_matcher([p for p in patterns if "@" not in p] or ["@"])
+            return [k for k in self.symbols(kind)
+                    if by_symbol(k.rpartition("@")[0]) or by_name(k.upper())]
         if not any(_GLOB_CHARS.intersection(p) for p in patterns):
             return [s for s in sorted(set(patterns)) if s in values]
         match = _glob_matcher(patterns)

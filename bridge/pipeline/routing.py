@@ -4,19 +4,23 @@ Routes are compiled once. The first event of a (kind, symbol) computes its targe
 (matching routes, rendered topic and key per sink, with the sink driver's safe-token
 rule applied to every placeholder value); every later event of that pair costs one
 dict look-up. Per-route gates (``publish: on_change``, ``min_interval_s``) keep their
-state per (route, kind, symbol).
+state per (route, kind, symbol). A bar's targets are computed per (feed, symbol,
+interval), its topic may name both (``{feed}``, ``{interval}``), and its gates are kept
+per interval.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from bridge.config.schema import RouteConfig
 from bridge.core.envelope import Event
+from bridge.core.kinds import BAR_KIND
 from bridge.core.state import RouterSnapshot, frozen_counts
-from bridge.core.templates import matches, placeholder_values
+from bridge.core.templates import matches, placeholder_values, route_values
+from bridge.pipeline.bars import BarEvent
 from bridge.sinks import Message
 
 
@@ -81,6 +85,8 @@ class Router:
         self.names = [r.name or f"route{i}" for i, r in enumerate(self.routes)]
         self.workers = workers
         self._cache: dict[tuple[str, str], list[RouteHit]] = {}
+        #: the bars' targets: (feed, symbol) -> interval -> hits
+        self._bars: dict[tuple[str, str], dict[str, list[RouteHit]]] = {}
         #: events that matched no route, and events a gate filtered, by route and reason
         self.unrouted = 0
         self.filtered: dict[tuple[str, str], int] = {}
@@ -100,12 +106,24 @@ class Router:
         """Drop what the router keeps per symbol (its matched routes and their
         ``on_change`` / ``min_interval_s`` gates) for symbols no longer subscribed:
         a symbol subscribed again starts afresh, and the cache holds only what flows."""
-        cache = self._cache
+        cache, bars = self._cache, self._bars
         for s in symbols:
             cache.pop((kind, s), None)
+            bars.pop((kind, s), None)
 
-    def _compile(self, kind: str, symbol: str) -> list[RouteHit]:
-        values = placeholder_values(kind, symbol)
+    def bar_hits(self, feed: str, symbol: str, interval: str) -> list[RouteHit]:
+        """The routes of the bars of (feed, symbol) of one interval."""
+        by_interval = self._bars.get((feed, symbol))
+        if by_interval is None:
+            by_interval = self._bars[(feed, symbol)] = {}
+        hits = by_interval.get(interval)
+        if hits is None:
+            hits = by_interval[interval] = self._compile(BAR_KIND, symbol, feed, interval)
+        return hits
+
+    def _compile(self, kind: str, symbol: str, feed: str | None = None,
+                 interval: str = "") -> list[RouteHit]:
+        values = route_values(kind, symbol, feed, interval)
         out = []
         for name, route in zip(self.names, self.routes, strict=True):
             if not matches(route.match, kind, symbol):
@@ -130,7 +148,11 @@ class Router:
         Returns what the workers' ``offer`` returned that is awaitable (only sinks
         whose buffer is full under ``when_full: block`` return one).
         """
-        hits = self.hits(event.kind, event.symbol)
+        if event.kind == BAR_KIND:
+            bar = cast(BarEvent, event)
+            hits = self.bar_hits(bar.feed, bar.symbol, bar.interval)
+        else:
+            hits = self.hits(event.kind, event.symbol)
         if not hits:
             if event.kind != "status":  # status events are routed only where asked for
                 self.unrouted += 1

@@ -20,9 +20,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import OrderedDict, deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Literal, Protocol
 
+from bridge.core.state import SpoolSnapshot
 from bridge.sinks import Message
 
 #: ``buffer.when_full``
@@ -71,6 +72,10 @@ class SinkBuffer:
 
     def queued(self) -> int:
         return len(self.queue) + len(self.conflation)
+
+    def full(self, headroom: int) -> bool:
+        """No room for ``headroom`` more events."""
+        return self.depth > self.capacity - headroom
 
     async def wait_room(self, timeout_s: float) -> None:
         """Return when a batch left the buffer, or after ``timeout_s``."""
@@ -124,9 +129,20 @@ class SinkBuffer:
         return None
 
     async def _put_when_room(self, message: Message) -> None:
+        def put() -> None:
+            self.queue.append(message)
+            self.ready.set()
+
+        await self.when_room(lambda: len(self.queue) + len(self.inflight) < self.capacity,
+                             put)
+
+    async def when_room(self, has_room: Callable[[], bool], put: Callable[[], None]) -> None:
+        """A ``block`` offer: wait until ``has_room()``, then count it offered and
+        ``put()`` it; counted as offered and dropped (the stop reason) if the buffer
+        stops first."""
         self.blocked += 1
         try:
-            while len(self.queue) + len(self.inflight) >= self.capacity:
+            while not has_room():
                 if self.stopping:
                     self.stats.offered += 1
                     self.stats.drop(self.stop_reason)
@@ -134,8 +150,7 @@ class SinkBuffer:
                 self.room.clear()
                 await self.room.wait()
             self.stats.offered += 1
-            self.queue.append(message)
-            self.ready.set()
+            put()
         finally:
             self.blocked -= 1
 
@@ -181,6 +196,13 @@ class SinkBuffer:
         self.stopping = True
         self.ready.set()
         self.room.set()
+
+    def spool_snapshot(self) -> SpoolSnapshot | None:
+        """The disk spool behind this buffer (``None``: memory only)."""
+        return None
+
+    async def close(self) -> None:
+        """Release what the buffer holds outside memory (nothing here)."""
 
     def discard(self) -> int:
         """Drop everything held, counted under the stop reason; returns how many."""

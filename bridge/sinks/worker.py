@@ -24,6 +24,11 @@ when it holds that many:
     publishes the latest price of every symbol first instead of a stale backlog.
     When ``max_events`` distinct symbols are held the oldest is dropped.
 
+With ``buffer.disk`` the buffer is a :class:`~bridge.sinks.spool_buffer.SpoolBuffer`:
+every accepted event is also in the sink's disk spool until the bus confirmed it,
+``max_events`` bounds only what is held in memory, ``when_full`` applies at
+``disk.max_bytes``, and a restart delivers what the spool holds first.
+
 A buffered event is a :class:`~bridge.sinks.Message`: its encoded body (an exact-size
 bytes object), its topic and key (shared per symbol) and the event's light header
 (shared by all the event's messages); about 0.8-1 KB per event, measured by
@@ -84,6 +89,7 @@ from bridge.sinks import (
     topic_rules,
 )
 from bridge.sinks.buffer import Policy, SinkBuffer
+from bridge.sinks.spool_buffer import SpoolBuffer
 
 log = logging.getLogger("aleno_bridge.runner")
 
@@ -173,11 +179,15 @@ class SinkWorker:
         capacity = spec.common.buffer.max_events
         self.stats = SinkStats()
         #: the events this sink holds: queued and in flight (a batch is held in flight:
-        #: it can never be larger than the buffer)
-        self.buffer = SinkBuffer(
-            self.stats, spec.common.buffer.when_full, capacity,
-            batch_max=min(spec.common.batch.max_events, capacity),
-            linger_s=spec.common.batch.linger_ms / 1000.0,
+        #: it can never be larger than the buffer); with ``buffer.disk``, on disk too
+        buffer = spec.common.buffer
+        batch_max = min(spec.common.batch.max_events, capacity)
+        linger_s = spec.common.batch.linger_ms / 1000.0
+        self.buffer = (
+            SinkBuffer(self.stats, buffer.when_full, capacity, batch_max, linger_s)
+            if buffer.disk is None else
+            SpoolBuffer(self.stats, buffer.when_full, capacity, batch_max, linger_s,
+                        buffer.disk, spec.name, self.format)
         )
         #: the room :attr:`saturated` asks for: one dispatcher chunk, or half the buffer
         self.headroom = max(1, min(DISPATCH_CHUNK, capacity // 2))
@@ -228,7 +238,7 @@ class SinkWorker:
         events): routing more to it now would only drop what it holds. A sink that is
         not connected is never saturated (its policy applies: the bridge keeps routing
         to it, see :mod:`bridge.app`)."""
-        return self.connected and self.buffer.depth > self.buffer.capacity - self.headroom
+        return self.connected and self.buffer.full(self.headroom)
 
     async def wait_room(self, timeout_s: float) -> None:
         """Return when a batch left the buffer, or after ``timeout_s``."""
@@ -273,6 +283,7 @@ class SinkWorker:
             rejections=st.rejections,
             connect_failures=st.connect_failures,
             driver_errors=frozen_counts(st.driver_errors),
+            spool=self.buffer.spool_snapshot(),
             last_error=st.last_error,
             last_rejection=st.last_rejection,
             seconds_since_rejection=(
@@ -475,7 +486,7 @@ class SinkWorker:
         (:data:`CLOSE_RESERVE_S`, or a quarter of ``timeout_s`` if smaller). Returns the
         number of events that could not be delivered (counted as
         ``dropped{reason=...}``: ``shutdown``, or the reason :meth:`begin_stop` was
-        given first).
+        given first); with a disk spool none: they stay in the spool for the next start.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(0.0, timeout_s)
@@ -492,10 +503,23 @@ class SinkWorker:
                     await asyncio.wait_for(asyncio.shield(task),
                                            max(0.01, (deadline - loop.time()) / 2))
         lost = self.discard()
+        await self._close_buffer()
         if self.state != SinkState.CLOSED:
             await self._safe_close(max(0.01, deadline - loop.time()))
             self._set_state(SinkState.CLOSED)
         return lost
+
+    async def _close_buffer(self) -> None:
+        """Close the spool (if any): what it still holds waits there for the next start."""
+        try:
+            await self.buffer.close()
+        except Exception as exc:  # the shutdown must go on; the spool stays consistent
+            log.error("sink %s: closing its spool failed: %s", self.name, exc,
+                      extra={"sink": self.name})
+        kept = self.depth if self.buffer.spool_snapshot() is not None else 0
+        if kept:
+            log.info("sink %s: %d event(s) kept in its spool for the next start", self.name,
+                     kept, extra={"sink": self.name, "spooled": kept})
 
     def discard(self) -> int:
         """Drop what the worker still holds, counted under its stop reason, and end its

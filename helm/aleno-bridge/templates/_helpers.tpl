@@ -57,6 +57,32 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if or .Values.sharding.enabled (gt (int .Values.shards) 1) }}true{{ end }}
 {{- end }}
 
+{{/* "true" when the chart renders a StatefulSet: sharded, or with a persistent volume per
+pod for the sinks' disk spools (a Deployment's pods cannot each own a claim). */}}
+{{- define "aleno-bridge.statefulset" -}}
+{{- if or (include "aleno-bridge.sharded" .) .Values.persistence.enabled }}true{{ end }}
+{{- end }}
+
+{{/* Refuse a spool the pod would lose or could not write: a sink with buffer.disk needs
+persistence.enabled and its path under persistence.mountPath (the root file system is
+read-only). */}}
+{{- define "aleno-bridge.checkPersistence" -}}
+{{- $p := .Values.persistence }}
+{{- $mount := trimSuffix "/" (toString $p.mountPath) }}
+{{- range $name, $sink := (.Values.config.sinks | default dict) }}
+{{- $disk := and (kindIs "map" $sink) (dig "buffer" "disk" nil $sink) }}
+{{- if $disk }}
+{{- if not $p.enabled }}
+{{- fail (printf "config.sinks.%s.buffer.disk: a spool needs a volume that outlives the pod: set persistence.enabled: true and point buffer.disk.path under persistence.mountPath (e.g. %s/%s)" $name $mount $name) }}
+{{- end }}
+{{- $path := toString (get $disk "path") }}
+{{- if not (hasPrefix (printf "%s/" $mount) $path) }}
+{{- fail (printf "config.sinks.%s.buffer.disk.path: %q is not under persistence.mountPath (%s): the container's root file system is read-only and the spool must survive the pod; use e.g. %s/%s" $name $path $mount $mount $name) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+
 {{/* Total number of pods. */}}
 {{- define "aleno-bridge.replicas" -}}
 {{- if include "aleno-bridge.sharded" . }}
@@ -188,6 +214,7 @@ The bridge configuration (YAML) written to the ConfigMap: the user's `config`, p
 {{- end }}
 {{- $_ := set $cfg "source" $source }}
 {{- include "aleno-bridge.checkControl" . }}
+{{- include "aleno-bridge.checkPersistence" . }}
 {{- $control := deepCopy (get $cfg "control" | default dict) }}
 {{- $chttp := deepCopy (get $control "http" | default dict) }}
 {{- $_ := set $chttp "enabled" (.Values.control.enabled | default false) }}

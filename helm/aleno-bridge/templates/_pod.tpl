@@ -1,4 +1,4 @@
-{{/* The pod template shared by the Deployment and the sharded StatefulSet. */}}
+{{/* The pod template shared by the Deployment and the StatefulSet. */}}
 {{- define "aleno-bridge.podTemplate" -}}
 {{- $sharded := include "aleno-bridge.sharded" . -}}
 {{- $secretName := include "aleno-bridge.secretName" . -}}
@@ -103,6 +103,11 @@ spec:
           readOnly: true
         - name: tmp
           mountPath: /tmp
+        {{- if .Values.persistence.enabled }}
+        # the sinks' disk spools (buffer.disk.path under it); the claim of the StatefulSet
+        - name: spool
+          mountPath: {{ .Values.persistence.mountPath }}
+        {{- end }}
         {{- if $tokenSecret }}
         - name: control-tokens
           mountPath: {{ include "aleno-bridge.controlTokenDir" . }}

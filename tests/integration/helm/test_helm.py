@@ -14,6 +14,7 @@ import os
 import re
 import stat
 import subprocess
+import tomllib
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -893,8 +894,7 @@ def test_shard_entrypoint_refuses_a_pod_name_without_ordinal(chart: Any, fake_br
 def test_dockerfile_matches_the_chart(chart: Any) -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
     defaults = chart.values
-    assert re.search(r"^FROM python:3\.12-slim|^ARG PYTHON_IMAGE=python:3\.12-slim", dockerfile,
-                     re.M)
+    assert re.search(r"^ARG PYTHON_IMAGE=docker\.io/library/python:3\.12-slim$", dockerfile, re.M)
     assert re.search(r"^USER 10001(:10001)?$", dockerfile, re.M)
     assert defaults["securityContext"]["runAsUser"] == 10001
     ports = f"{defaults['metrics']['port']} {defaults['control']['port']}"
@@ -903,3 +903,8 @@ def test_dockerfile_matches_the_chart(chart: Any) -> None:
     assert 'CMD ["run", "-c", "/etc/aleno-bridge/config.yaml"]' in dockerfile
     assert chart.metadata["appVersion"] == "0.1.0"
     assert chart.metadata["apiVersion"] == "v2"
+    # the default image is what `make image` tags: aleno-bridge:<package version>
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert defaults["image"]["repository"] == "aleno-bridge"
+    assert defaults["image"]["tag"] in ("", project["version"])
+    assert chart.metadata["appVersion"] == project["version"]

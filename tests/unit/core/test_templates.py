@@ -30,7 +30,8 @@ def test_every_placeholder_is_accepted() -> None:
 
 def test_an_unknown_placeholder_names_the_allowed_ones() -> None:
     assert template_problem("a.{sym}") == (
-        "unknown placeholder {sym} in 'a.{sym}'; use {kind}, {symbol}, {base}, {quote}"
+        "unknown placeholder {sym} in 'a.{sym}'; use {kind}, {symbol}, {base}, {quote}, "
+        "{feed}, {interval}"
     )
 
 
