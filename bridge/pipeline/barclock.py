@@ -25,8 +25,19 @@ from typing import Final, Protocol
 
 from bridge.config.schema_bars import BarsConfig
 from bridge.core.envelope import DEFAULT_SOURCE, Event
-from bridge.pipeline.bars import BarBuilder, BarEvent
-from bridge.pipeline.lastvalues import monotonic_ms
+from bridge.pipeline.bars import (
+    CLOSE,
+    FEED,
+    INTERVAL,
+    START,
+    STRUCTURED,
+    SYMBOL,
+    BarBuilder,
+    BarEvent,
+    bar_key,
+    final_body,
+)
+from bridge.pipeline.lastvalues import Entry, monotonic_ms
 
 log = logging.getLogger("aleno_bridge.app")
 
@@ -47,7 +58,7 @@ class Cadence(Protocol):
 class BarCache(Protocol):
     """Where the last final bars are kept (:class:`bridge.pipeline.lastvalues.LastValues`)."""
 
-    def put_bar(self, key: str, event: Event, received_ms: int) -> None: ...
+    def put_bar_entry(self, key: str, entry: Entry) -> None: ...
 
 
 def wall_ms() -> int:
@@ -64,6 +75,10 @@ class BarClock:
         self._emit = emit
         self._cache = cache
         self._clock = clock
+        #: ``(feed, symbol, interval) ->`` whether a final bar of them goes anywhere
+        #: (set by the dispatcher: a route selects it, or a tap watches); one that goes
+        #: nowhere is only cached, never made an event. ``None``: emit every bar.
+        self.routed: Callable[[str, str, str], bool] | None = None
         self.task: asyncio.Task[None] | None = None
 
     @classmethod
@@ -79,16 +94,29 @@ class BarClock:
         return cls(builder, emit, cache, clock)
 
     def tick(self) -> list[BarEvent]:
-        """Finalize what is due now; cache and emit it. Returns the final bars."""
-        done = self.builder.close(self._clock())
+        """Finalize what is due now; cache them and emit those that go somewhere
+        (:attr:`routed`). Returns the final bar events emitted."""
+        now_ms = self._clock()
+        done = self.builder.close_bars(now_ms)
+        events: list[BarEvent] = []
         if done:
             now = monotonic_ms()
-            put = self._cache.put_bar
-            for ev in done:
-                put(ev.key, ev, now)
-            events: list[Event] = [*done]
-            self._emit(events)
-        return done
+            put = self._cache.put_bar_entry
+            routed = self.routed
+            source = self.builder.source
+            for bar in done:
+                symbol, interval = bar[SYMBOL], bar[INTERVAL]
+                if routed is None or routed(bar[FEED], symbol, interval):
+                    # encoded once, for the cache and (the same bytes) the sinks
+                    ev = BarEvent(bar, True, now_ms, source)
+                    body = ev.encoded(STRUCTURED).body
+                    events.append(ev)
+                else:  # only cached: the same bytes, without making the event
+                    body = final_body(bar, source)
+                put(bar_key(symbol, interval), (body, bar[START], now, bar[CLOSE]))
+            if events:
+                self._emit([*events])
+        return events
 
     async def run(self) -> None:
         while True:

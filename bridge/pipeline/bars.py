@@ -51,8 +51,17 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from fnmatch import translate
 from typing import Any, Final
 
-from bridge.core.envelope import DEFAULT_SOURCE, Event, EventHeader, iso_time
-from bridge.core.kinds import BAR_KIND, PRICE_KINDS
+import orjson
+
+from bridge.core.envelope import (
+    DEFAULT_SOURCE,
+    JSON,
+    SPECVERSION,
+    Event,
+    EventHeader,
+    iso_time,
+)
+from bridge.core.kinds import BAR_KIND, PRICE_KINDS, TYPES
 
 #: states of symbols silent for this long beyond the hole threshold and the grace are
 #: dropped (their next update follows a hole anyway); looked at at most this often
@@ -83,6 +92,7 @@ INTERVAL: Final = 13
 State = list[Any]
 #: where the bars start in a state
 BARS_AT: Final = 2
+BAR_TYPE: Final = TYPES[BAR_KIND]
 
 
 def bar_id(feed: str, symbol: str, interval: str, start: int) -> str:
@@ -96,6 +106,39 @@ def bar_key(symbol: str, interval: str) -> str:
     return f"{symbol}@{interval}"
 
 
+#: the wire format whose body the cache keeps and a final bar is made with
+STRUCTURED: Final = "cloudevents-json"
+
+
+def bar_data(bar: Bar, final: bool) -> dict[str, Any]:
+    """The ``data`` of the bar event of ``bar``."""
+    return {
+        "kind": BAR_KIND, "feed": bar[FEED], "symbol": bar[SYMBOL],
+        "interval": bar[INTERVAL], "start": bar[START], "end": bar[END],
+        "open": bar[OPEN], "high": bar[HIGH], "low": bar[LOW], "close": bar[CLOSE],
+        "count": bar[COUNT], "final": final, "gap": bar[GAP],
+        "firstSentMs": bar[FIRST_MS], "lastSentMs": bar[LAST_MS],
+    }
+
+
+def final_body(bar: Bar, source: str = DEFAULT_SOURCE) -> bytes:
+    """The final bar event of ``bar`` in :data:`STRUCTURED`, byte for byte what
+    ``BarEvent(bar, True, ...).encoded(STRUCTURED)`` makes, without the event: what the
+    last-value cache keeps of a final bar no route selects."""
+    body = orjson.dumps({
+        "specversion": SPECVERSION,
+        "id": bar_id(bar[FEED], bar[SYMBOL], bar[INTERVAL], bar[START]),
+        "source": source,
+        "type": BAR_TYPE,
+        "subject": bar[SYMBOL],
+        "time": iso_time(bar[START]),
+        "datacontenttype": JSON,
+        "data": bar_data(bar, True),
+    })
+    # a bytes object of its own size (orjson's is a 4 KiB buffer: see envelope._exact)
+    return memoryview(body).tobytes()
+
+
 class BarEvent(Event):
     """An ``ai.aleno.bar.v1`` event (kind ``bar``): the bar's fields in ``data``; its
     subject is the symbol. A partial bar (``final: false``) has an id of its own per
@@ -106,18 +149,13 @@ class BarEvent(Event):
 
     def __init__(self, bar: Bar, final: bool, received_ms: int,
                  source: str = DEFAULT_SOURCE) -> None:
-        start, symbol, feed, interval = bar[START], bar[SYMBOL], bar[FEED], bar[INTERVAL]
+        start, symbol = bar[START], bar[SYMBOL]
         close = bar[CLOSE]
-        self.data = self.raw = {
-            "kind": BAR_KIND, "feed": feed, "symbol": symbol, "interval": interval,
-            "start": start, "end": bar[END], "open": bar[OPEN], "high": bar[HIGH],
-            "low": bar[LOW], "close": close, "count": bar[COUNT], "final": final,
-            "gap": bar[GAP], "firstSentMs": bar[FIRST_MS], "lastSentMs": bar[LAST_MS],
-        }
-        eid = bar_id(feed, symbol, interval, start)
+        self.data = self.raw = bar_data(bar, final)
+        eid = bar_id(bar[FEED], symbol, bar[INTERVAL], start)
         self.id = eid if final else f"{eid}:partial:{bar[COUNT]}"
-        self.feed = feed
-        self.interval = interval
+        self.feed = bar[FEED]
+        self.interval = bar[INTERVAL]
         self.kind = BAR_KIND
         self.symbol = symbol
         self.sent_ms = start
@@ -145,9 +183,15 @@ class BarEvent(Event):
             h = self._header
         except AttributeError:
             h = self._header = object.__new__(EventHeader)
-            for name in ("kind", "symbol", "base", "quote", "id", "sent_ms", "received_ms",
-                         "time", "price", "source"):
-                setattr(h, name, getattr(self, name))
+            h.kind = BAR_KIND
+            h.symbol = symbol = self.symbol
+            h.base, _, h.quote = symbol.partition("/")
+            h.id = self.id
+            h.sent_ms = self.sent_ms
+            h.received_ms = self.received_ms
+            h.time = self.time
+            h.price = self.price
+            h.source = self.source
             h._body = None
             h._format = None
         return Event.header.fget(self)  # type: ignore[attr-defined,no-any-return]
@@ -321,10 +365,15 @@ class BarBuilder:
     def close(self, now_ms: int) -> list[BarEvent]:
         """Finalize every bar whose ``end + grace_ms`` the clock ``now_ms`` passed, in
         order of interval, then start, then arrival; return them as final bar events."""
-        out: list[BarEvent] = []
+        source = self.source
+        return [BarEvent(bar, True, now_ms, source) for bar in self.close_bars(now_ms)]
+
+    def close_bars(self, now_ms: int) -> list[Bar]:
+        """:meth:`close`, the final bars as they are (no events made: see
+        :class:`~bridge.pipeline.barclock.BarClock`)."""
+        out: list[Bar] = []
         hole_ms = self._hole_ms()
         edge = now_ms - self.grace_ms
-        source = self.source
         for iv in self.intervals:
             size = iv.size
             watermark = edge - edge % size
@@ -343,7 +392,7 @@ class BarBuilder:
                     iv.final += 1
                     if bar[GAP]:
                         iv.gaps += 1
-                    out.append(BarEvent(bar, True, now_ms, source))
+                    out.append(bar)
         if now_ms - self._pruned_at >= PRUNE_EVERY_MS:
             self._pruned_at = now_ms
             self._prune(now_ms - self.grace_ms - int(hole_ms))
@@ -382,4 +431,5 @@ class BarBuilder:
         return {k: len(v) for k, v in self._states.items()}
 
 
-__all__ = ["IGNORED", "Bar", "BarBuilder", "BarEvent", "State", "bar_id", "bar_key"]
+__all__ = ["IGNORED", "STRUCTURED", "Bar", "BarBuilder", "BarEvent", "State", "bar_data", "bar_id",
+           "bar_key", "final_body"]

@@ -63,12 +63,24 @@ class Dispatcher:
         self._elastic = [w for w in workers.values() if w.policy != "block"]
         self.taps: list[Tap] = []
         self.task: asyncio.Task[None] | None = None
+        if bars is not None:
+            bars.routed = self.bar_routed
 
     def use(self, workers: dict[str, SinkWorker], router: Router) -> None:
         """Route to ``workers`` through ``router`` from the next chunk on (a reload)."""
         self.workers = workers
         self._elastic = [w for w in workers.values() if w.policy != "block"]
         self.router = router
+
+    def bar_routed(self, feed: str, symbol: str, interval: str) -> bool:
+        """Whether the final bars of (feed, symbol, interval) go anywhere (a route of
+        the router now selects them, or a tap watches): the bars' clock makes events
+        only of those; the others are only cached, and counted as unrouted here as the
+        router would have counted them."""
+        if self.taps or self.router.bar_hits(feed, symbol, interval):
+            return True
+        self.router.unrouted += 1
+        return False
 
     def start(self) -> None:
         self.task = asyncio.create_task(self.run(), name="dispatcher")

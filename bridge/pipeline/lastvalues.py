@@ -172,12 +172,16 @@ class LastValues:
         """Keep the final bar ``event`` as the last of its (symbol, interval), ``key``
         (``SYMBOL@interval``), unless a later one is cached. ``received_ms``: when it was
         made (:func:`monotonic_ms`)."""
+        self.put_bar_entry(key, entry_of(event, received_ms))
+
+    def put_bar_entry(self, key: str, entry: Entry) -> None:
+        """:meth:`put_bar` of an entry made already (the bars' clock makes the body of a
+        final bar without making the event when no route selects it)."""
         bars = self._kinds[BAR_KIND]
         prev = bars.get(key)
-        sent = event.sent_ms
-        if prev is not None and prev[SENT_MS] > sent:
+        if prev is not None and prev[SENT_MS] > entry[SENT_MS]:
             return
-        bars[key] = (event.encoded(SNAPSHOT_FORMAT).body, sent, received_ms, event.price)
+        bars[key] = entry
         if prev is None:
             self.changed(BAR_KIND)
 
