@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import orjson
@@ -28,11 +29,12 @@ def cli(*args: str, timeout: float = 60, env: dict[str, str] | None = None
                           env={**os.environ, **(env or {})}, cwd=ROOT)
 
 
-@pytest.fixture
-def sim_proc(tmp_path: Path) -> Iterator[tuple[Proc, int]]:
+@pytest.fixture(scope="module")
+def sim_proc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Proc, int]]:
+    """One simulator for the module's tests: it keeps no state between connections."""
     port = free_port()
     with Proc([*CLI, "simulate", "--port", str(port), "--api-key", "cli-key", "--interval",
-               "0.2"], tmp_path / "sim.log") as p:
+               "0.2"], tmp_path_factory.mktemp("sim") / "sim.log") as p:
         wait_port(port, 20)
         yield p, port
 
@@ -40,8 +42,10 @@ def sim_proc(tmp_path: Path) -> Iterator[tuple[Proc, int]]:
 def test_validate_every_example_config() -> None:
     configs = sorted((ROOT / "config").glob("*.yaml"))
     assert len(configs) >= 2
-    for path in configs:
-        r = cli("validate", "-c", str(path))
+    # one process per file, all at once (each spends its time starting up)
+    with ThreadPoolExecutor(max_workers=len(configs)) as pool:
+        results = list(pool.map(lambda path: cli("validate", "-c", str(path)), configs))
+    for path, r in zip(configs, results, strict=True):
         assert r.returncode == 0, f"{path.name}: {r.stdout}{r.stderr}"
         assert "valid" in r.stdout
 

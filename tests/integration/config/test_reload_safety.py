@@ -337,7 +337,8 @@ def test_a_removed_sinks_buffered_events_are_accounted_on_metrics_and_at_the_end
     blocker.write_text("a file where the sink wants a directory\n")
     dead = (f"  dead: {{driver: jsonl, path: {blocker}/out.jsonl, required: false, "
             "buffer: {max_events: 20000}}\n")
-    with running(tmp_path, universe, universe=universe, interval=0.1, watch=False,
+    # 10,000 events/s: the dead sink's buffer is full within 2 s
+    with running(tmp_path, universe, universe=universe, interval=0.05, watch=False,
                  shutdown_s=shutdown_s, sinks=dead) as bridge:
         bridge.wait(lambda: bridge.metric("aleno_bridge_sink_queue_depth", 'sink="dead"')
                     == 20_000, START_S, "the dead sink holds 20,000 events")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from aleno_bridge_plugins.kafka import KafkaSink
@@ -34,6 +35,11 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 TIMEOUT_S = 3.0
 #: one child process, suite start-up included
 LIMIT_S = 150.0
+#: children at once: after its start-up (CPU) a child mostly waits on its broker and on
+#: ``TIMEOUT_S``, so more than one per core keeps both cores busy
+JOBS = 4
+#: the suites use no Hypothesis: without its pytest plugin a child starts ~0.8 s sooner
+CHILD_ARGS = ("-p", "no:hypothesispytest")
 
 
 def _with(m: Message, *, topic: str | None = None, key: str | bool | None = False) -> Message:
@@ -158,7 +164,7 @@ NATS_MUTANTS = [
 
 def test_nats_mutants_fail_the_suite() -> None:
     results = run_mutants(nats_tests.TestNatsCoreConformance, NATS_MUTANTS, timeout_s=TIMEOUT_S,
-                          limit_s=LIMIT_S, jobs=2)
+                          limit_s=LIMIT_S, jobs=JOBS, pytest_args=CHILD_ARGS)
     assert_killed(results)
     # the runner's own promise: a mutant caught by its first test costs seconds
     slow = [r for r in results if r.seconds > 60]
@@ -168,7 +174,7 @@ def test_nats_mutants_fail_the_suite() -> None:
 def test_a_key_dropping_driver_fails_with_a_probe_that_leaves_delivers_keys_unset() -> None:
     """The probe reports keys but was written before ``delivers_keys`` existed."""
     results = run_mutants(mutant_suites.TestNatsCoreUnsetKeyFlag, [Mutant(DropsKey, EACH_ONCE)],
-                          timeout_s=TIMEOUT_S, limit_s=LIMIT_S)
+                          timeout_s=TIMEOUT_S, limit_s=LIMIT_S, pytest_args=CHILD_ARGS)
     assert_killed(results)
     assert "none arrived with one" in results[0].message, results[0]
 
@@ -177,15 +183,20 @@ def test_a_jetstream_driver_without_msg_id_fails_the_idempotence_test() -> None:
     results = run_mutants(nats_tests.TestNatsJetStreamConformance,
                           [Mutant(JetStreamWithoutMsgId,
                                   "test_a_retried_batch_makes_no_duplicate")],
-                          timeout_s=TIMEOUT_S, limit_s=LIMIT_S)
+                          timeout_s=TIMEOUT_S, limit_s=LIMIT_S, pytest_args=CHILD_ARGS)
     assert_killed(results)
     assert "more than once" in results[0].message, results[0]
 
 
 def test_kafka_and_mqtt_mutants_fail_the_suite() -> None:
-    kafka = run_mutants(kafka_tests.TestKafkaConformance, [Mutant(KafkaDropsKey, EACH_ONCE)],
-                        timeout_s=TIMEOUT_S, limit_s=LIMIT_S)
-    mqtt = run_mutants(mqtt_tests.TestMqttConformance, [Mutant(MqttReversesBatch, ORDER),
-                                             Mutant(MqttPublishesTwice, EACH_ONCE)],
-                       timeout_s=TIMEOUT_S, limit_s=LIMIT_S, jobs=2)
-    assert_killed([*kafka, *mqtt])
+    # the two suites' children run side by side (each mutant in a process of its own)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        kafka = pool.submit(run_mutants, kafka_tests.TestKafkaConformance,
+                            [Mutant(KafkaDropsKey, EACH_ONCE)], timeout_s=TIMEOUT_S,
+                            limit_s=LIMIT_S, pytest_args=CHILD_ARGS)
+        mqtt = pool.submit(run_mutants, mqtt_tests.TestMqttConformance,
+                           [Mutant(MqttReversesBatch, ORDER),
+                            Mutant(MqttPublishesTwice, EACH_ONCE)],
+                           timeout_s=TIMEOUT_S, limit_s=LIMIT_S, jobs=2, pytest_args=CHILD_ARGS)
+        results = [*kafka.result(), *mqtt.result()]
+    assert_killed(results)

@@ -104,7 +104,9 @@ async def run_source(src: AlenoSource, timeout: float) -> tuple[BaseException | 
 
 
 async def test_silent_tcp_upstream_exits_3_within_the_connect_budget(tmp_path: Path) -> None:
-    """Through the real CLI: connect_timeout_s 3 x 2 attempts + backoff, not 300 s."""
+    """Through the real CLI: connect_timeout_s x 2 attempts + backoff, not 300 s."""
+    connect_s = 1.5
+    budget_s = 2 * connect_s + 1  # two attempts, one backoff of at most max_s
     async with HostileUpstream("silent_tcp") as up:
         cfg = tmp_path / "c.yaml"
         cfg.write_text(f"""
@@ -112,7 +114,7 @@ source:
   url: {up.url}
   api_key: {KEY}
   tickers: [BTC/USD]
-  connect_timeout_s: 3
+  connect_timeout_s: {connect_s}
   max_connect_attempts: 2
   backoff: {{initial_s: 0.5, max_s: 1}}
 sinks:
@@ -131,9 +133,10 @@ http: {{enabled: false}}
             proc.stop()
         out = proc.output()
         assert proc.popen is not None and proc.popen.returncode == 3, out
-        assert elapsed < 11, f"exit after {elapsed:.1f}s"
+        # the budget and 4 s for the process's start-up on a loaded machine
+        assert elapsed < budget_s + 4, f"exit after {elapsed:.1f}s"
         assert up.connections == 2
-        assert up.url in out and "within 3s" in out, out
+        assert up.url in out and f"within {connect_s:g}s" in out, out
         assert "Traceback" not in out
 
 
