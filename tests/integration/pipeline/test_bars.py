@@ -75,7 +75,9 @@ source:
   equities: [{", ".join(EQUITIES)}]
   update_interval_s: {CADENCE_S}
   symbol_stale_after_s: {10 * CADENCE_S}
-  backoff: {{initial_s: 0.1, max_s: 0.3}}
+  # at least 0.25 s to reconnect (the floor is half the first delay): a kicked
+  # connection misses a few updates of every symbol, which its bars must own up to
+  backoff: {{initial_s: 0.5, max_s: 0.6}}
 sinks:
   bus: {{driver: nats, servers: ["{nats_url}"], batch: {{linger_ms: 0}}}}
 bars: {{intervals: [{", ".join(INTERVALS)}], grace_ms: {GRACE_MS}}}
