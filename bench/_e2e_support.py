@@ -39,6 +39,20 @@ from _soak_support import Ledger  # noqa: E402
 from tests.support.mqtt import MqttBroker, MqttConsumer  # noqa: E402
 
 
+async def run_json_child(what: str, *args: str) -> dict[str, Any]:
+    """Run ``python *args`` and return the JSON object on the last line it prints;
+    a :class:`RuntimeError` naming ``what`` and the end of its stderr when it fails."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await proc.communicate()
+    if proc.returncode != 0:
+        msg = f"{what} failed: {err.decode()[-2000:]}"
+        raise RuntimeError(msg)
+    result: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
+    return result
+
+
 def symbols(n: int) -> list[str]:
     return [f"S{i:05d}/USD" for i in range(n)]
 

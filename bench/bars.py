@@ -53,6 +53,8 @@ for _p in (str(ROOT), str(ROOT / "bench")):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
+from _e2e_support import run_json_child  # noqa: E402
+
 SUPPORT = str(ROOT / "bench" / "_e2e_support.py")
 PHASES = ("off", "on", "built")
 T0 = 1_732_480_020_000
@@ -148,18 +150,11 @@ async def _tick_routed(bridge: Any, task: asyncio.Task[Any]) -> None:
 
 
 async def _child(phase: str, port: int, n: int, interval: float,
-                 args: argparse.Namespace) -> dict[str, float]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, __file__, "child", "--phase", phase, "--port", str(port),
+                 args: argparse.Namespace) -> dict[str, Any]:
+    return await run_json_child(
+        f"the {phase} bridge", __file__, "child", "--phase", phase, "--port", str(port),
         "--symbols", str(n), "--interval", str(interval), "--intervals", args.intervals,
-        "--warm", str(args.warm), "--seconds", str(args.seconds),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await proc.communicate()
-    if proc.returncode != 0:
-        msg = f"the {phase} bridge failed: {err.decode()[-2000:]}"
-        raise RuntimeError(msg)
-    result: dict[str, float] = json.loads(out.decode().strip().splitlines()[-1])
-    return result
+        "--warm", str(args.warm), "--seconds", str(args.seconds))
 
 
 async def workload(n: int, interval: float, args: argparse.Namespace) -> dict[str, Any]:

@@ -51,6 +51,8 @@ for _p in (str(ROOT), str(ROOT / "bench")):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
+from _e2e_support import run_json_child  # noqa: E402
+
 SUPPORT = str(ROOT / "bench" / "_e2e_support.py")
 PREFIX = "bench.control"
 #: the subject prefix of the bare nats-py responder
@@ -184,16 +186,9 @@ async def _raw_servers(pages: dict[bytes, bytes], nats_url: str) -> _Raw:
 
 async def _run_client(mode: str, url: str, args: argparse.Namespace,
                       prefix: str = PREFIX) -> dict[str, Any]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, __file__, "client", "--mode", mode, "--url", url,
-        "--prefix", prefix, "--seconds", str(args.seconds), "--rate", str(args.rate),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await proc.communicate()
-    if proc.returncode != 0:
-        msg = f"{mode} client failed: {err.decode()[-2000:]}"
-        raise RuntimeError(msg)
-    result: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
-    return result
+    return await run_json_child(
+        f"{mode} client", __file__, "client", "--mode", mode, "--url", url,
+        "--prefix", prefix, "--seconds", str(args.seconds), "--rate", str(args.rate))
 
 
 async def bench(args: argparse.Namespace) -> int:
