@@ -110,8 +110,6 @@ MAX_REJECTED_CACHE: Final = 10_000
 MAX_SPLIT_DEPTH: Final = 12
 #: ``(connection name, up, cause)``: the ``up`` / ``down`` of one connection
 ConnectionLinkHandler = Callable[[str, bool, str], None]
-#: ``(kind, symbols)``: symbols dropped from every connection because they fit nowhere
-UnplacedHandler = Callable[[str, list[str]], None]
 _LimitHandler = Callable[[str, list[str]], None]
 
 
@@ -504,7 +502,6 @@ __all__ = [
     "REJECTED_TTL_S",
     "ConnectionLinkHandler",
     "ConnectionSnapshot",
-    "UnplacedHandler",
     "UpstreamKey",
     "UpstreamPool",
 ]
